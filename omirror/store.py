@@ -1,0 +1,405 @@
+"""The state database: every path's current version, and the change log in its order.
+
+One SQLite file in WAL mode. Each change to the local state, made here or applied from a
+peer, gets the next sequence number of this store, so "everything since seq N" is one
+indexed range query: Heimdal's iprop log, compacted to one row per path. A store has a
+random epoch made at creation; a peer whose cursor names another epoch, or a seq below
+the floor of collected tombstones, must be sent everything.
+
+Only this module speaks SQL. The store is shared by the event loop and the scanner's
+worker thread, so every method holds one lock, and a batch holds it for the whole
+transaction: SQLite itself would serialise writers, but not without busy-waiting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import msgpack
+
+from omirror.entry import Entry, Kind, Stamp, Vector
+from omirror.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+DB_NAME = "state.db"
+#: Deletions are remembered this long, so that a peer returning within it cannot
+#: resurrect a deleted file.
+TOMBSTONE_RETENTION_NS = 30 * 24 * 3600 * 10**9
+_PAGE = 1000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS entries (
+    path BLOB PRIMARY KEY,
+    dir BLOB NOT NULL,
+    seq INTEGER NOT NULL,
+    kind INTEGER NOT NULL,
+    stamp_ns INTEGER NOT NULL,
+    origin TEXT NOT NULL,
+    vector BLOB NOT NULL,
+    mode INTEGER NOT NULL,
+    owner TEXT NOT NULL,
+    grp TEXT NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    digest BLOB NOT NULL,
+    target BLOB NOT NULL,
+    moved_from BLOB,
+    sig_ino INTEGER,
+    sig_size INTEGER,
+    sig_mtime_ns INTEGER,
+    sig_ctime_ns INTEGER
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS entries_seq ON entries (seq);
+CREATE INDEX IF NOT EXISTS entries_dir ON entries (dir);
+CREATE INDEX IF NOT EXISTS entries_ino ON entries (sig_ino) WHERE sig_ino IS NOT NULL;
+CREATE TABLE IF NOT EXISTS cursors (
+    peer TEXT PRIMARY KEY,
+    epoch TEXT NOT NULL,
+    seq INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+
+_COLUMNS = ("path, seq, kind, stamp_ns, origin, vector, mode, owner, grp, mtime_ns, size, "
+            "digest, target, moved_from, sig_ino, sig_size, sig_mtime_ns, sig_ctime_ns")
+
+
+@dataclass(frozen=True, slots=True)
+class StatSig:
+    """What the file looked like on this host when its entry was last recorded.
+
+    Equal signatures let a scan skip hashing, and let the watcher recognise the echo of
+    a change it applied itself. ctime is in it because chmod, chown and writes that
+    restore the old mtime all change ctime.
+    """
+
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> StatSig:
+        return cls(st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """An entry as this store holds it: its version, its place in the log, its local stat."""
+
+    entry: Entry
+    seq: int
+    sig: StatSig | None
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """How far this host has received a peer's log: that peer's epoch and last seq."""
+
+    epoch: str
+    seq: int
+
+
+def parent_of(path: bytes) -> bytes:
+    """The directory part of a logical path (``b""`` for a top-level name)."""
+    return path.rpartition(b"/")[0]
+
+
+def _pack_vector(vector: Vector) -> bytes:
+    return msgpack.packb([list(pair) for pair in vector])
+
+
+def _unpack_vector(blob: bytes) -> Vector:
+    return tuple((str(origin), int(t)) for origin, t in msgpack.unpackb(blob))
+
+
+def _record(row: tuple) -> Record:  # type: ignore[type-arg]
+    (path, seq, kind, stamp_ns, origin, vector, mode, owner, grp, mtime_ns, size,
+     digest, target, moved_from, ino, ssize, smtime, sctime) = row
+    entry = Entry(path=bytes(path), kind=Kind(kind), stamp=Stamp(stamp_ns, origin),
+                  vector=_unpack_vector(vector), mode=mode, owner=owner, group=grp,
+                  mtime_ns=mtime_ns, size=size, digest=bytes(digest), target=bytes(target),
+                  moved_from=None if moved_from is None else bytes(moved_from))
+    sig = None if ino is None else StatSig(ino, ssize, smtime, sctime)
+    return Record(entry, seq, sig)
+
+
+class Store:
+    """The SQLite index of one host. Open with :meth:`open`; close when done."""
+
+    def __init__(self, conn: sqlite3.Connection, where: str) -> None:
+        self._conn = conn
+        self._where = where
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._listeners: list[Callable[[int], None]] = []
+        self._pending_seq = 0
+        self.epoch: str = self._meta("epoch") or ""
+        self.floor: int = int(self._meta("floor") or 0)
+        top = conn.execute("SELECT max(seq) FROM entries").fetchone()[0] or 0
+        self._last_seq = max(top, int(self._meta("last_seq") or 0), self.floor)
+
+    # -- opening -------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Store:
+        """Open or create the store at ``path`` (``":memory:"`` for tests).
+
+        A directory is given the default file name inside it.
+        """
+        where = str(path)
+        if where != ":memory:":
+            p = Path(where)
+            if p.is_dir():
+                p = p / DB_NAME
+            try:
+                p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"cannot create state directory {p.parent}: {e.strerror}") from e
+            where = str(p)
+        try:
+            conn = sqlite3.connect(where, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=OFF")
+            conn.executescript(_SCHEMA)
+            cls._initialise(conn, where)
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"cannot open state database {where}: {e}; "
+                             "move it aside to rebuild it from a scan") from e
+        return cls(conn, where)
+
+    @staticmethod
+    def _initialise(conn: sqlite3.Connection, where: str) -> None:
+        row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is None:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', ?)", (secrets.token_hex(16),))
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('floor', 0)")
+            conn.execute("INSERT OR IGNORE INTO meta VALUES ('last_seq', 0)")
+            conn.execute("COMMIT")
+            log.info("created state database %s", where)
+        elif int(row[0]) != SCHEMA_VERSION:
+            raise StoreError(f"state database {where} has schema {row[0]}, this omirrord "
+                             f"speaks {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _meta(self, key: str) -> str | None:
+        row = self._conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    # -- transactions --------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[Store]:
+        """One transaction for a burst of changes: all of it is committed, or none.
+
+        Batches nest; only the outermost commits. Listeners hear of the new seqs after
+        the commit, never of a change that could still roll back.
+        """
+        with self._lock:
+            outer = self._depth == 0
+            if outer:
+                self._conn.execute("BEGIN IMMEDIATE")
+                self._pending_seq = 0
+            self._depth += 1
+            try:
+                yield self
+            except BaseException:
+                self._depth -= 1
+                if outer:
+                    self._conn.execute("ROLLBACK")
+                    self._last_seq = max(
+                        self._conn.execute("SELECT max(seq) FROM entries").fetchone()[0] or 0,
+                        int(self._meta("last_seq") or 0), self.floor)
+                raise
+            self._depth -= 1
+            if outer:
+                if self._pending_seq:
+                    self._conn.execute("UPDATE meta SET value=? WHERE key='last_seq'",
+                                       (self._last_seq,))
+                self._conn.execute("COMMIT")
+                seq, self._pending_seq = self._pending_seq, 0
+        if outer and seq:
+            for listener in list(self._listeners):
+                listener(seq)
+
+    def add_listener(self, listener: Callable[[int], None]) -> None:
+        """Call ``listener(last_seq)`` after each commit that logged changes."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[int], None]) -> None:
+        self._listeners.remove(listener)
+
+    # -- entries -------------------------------------------------------------------------
+
+    @property
+    def last_seq(self) -> int:
+        """The sequence number of the newest change in this store."""
+        return self._last_seq
+
+    def get(self, path: bytes) -> Record | None:
+        with self._lock:
+            row = self._conn.execute(f"SELECT {_COLUMNS} FROM entries WHERE path=?",
+                                     (path,)).fetchone()
+        return None if row is None else _record(row)
+
+    def put(self, entry: Entry, sig: StatSig | None) -> int:
+        """Record a new version of a path and log it under the next sequence number."""
+        with self.batch():
+            self._last_seq += 1
+            seq = self._last_seq
+            self._conn.execute(
+                f"INSERT OR REPLACE INTO entries (dir, {_COLUMNS}) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (parent_of(entry.path), entry.path, seq, int(entry.kind), entry.stamp.time_ns,
+                 entry.stamp.origin, _pack_vector(entry.vector), entry.mode, entry.owner,
+                 entry.group, entry.mtime_ns, entry.size, entry.digest, entry.target,
+                 entry.moved_from,
+                 *((sig.ino, sig.size, sig.mtime_ns, sig.ctime_ns) if sig else (None,) * 4)))
+            self._pending_seq = seq
+        return seq
+
+    def set_sig(self, path: bytes, sig: StatSig | None) -> None:
+        """Remember a new local stat for an unchanged version; not a change, no seq."""
+        values = (sig.ino, sig.size, sig.mtime_ns, sig.ctime_ns) if sig else (None,) * 4
+        with self.batch():
+            self._conn.execute(
+                "UPDATE entries SET sig_ino=?, sig_size=?, sig_mtime_ns=?, sig_ctime_ns=? "
+                "WHERE path=?", (*values, path))
+
+    def set_vector(self, path: bytes, vector: Vector) -> None:
+        """Record that this version's history now includes another; not a change, no seq."""
+        with self.batch():
+            self._conn.execute("UPDATE entries SET vector=? WHERE path=?",
+                               (_pack_vector(vector), path))
+
+    def signatures(self, directory: bytes) -> dict[bytes, tuple[int, int, int, int, int]]:
+        """The children of a directory as ``name -> (kind, ino, size, mtime_ns, ctime_ns)``.
+
+        This is the scanner's fast path: plain tuples, compared with one ``==`` against
+        the same tuple built from ``lstat``, because decoding whole entries for every file
+        of a large tree would cost more than the stat calls the fast path exists to save.
+        A record without a local stat has ino -1, so it never compares equal.
+        """
+        prefix = len(directory) + 1 if directory else 0
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT path, kind, ifnull(sig_ino, -1), sig_size, sig_mtime_ns, sig_ctime_ns "
+                "FROM entries WHERE dir=?", (directory,)).fetchall()
+        return {row[0][prefix:]: row[1:] for row in rows}
+
+    def children(self, directory: bytes) -> Iterator[Record]:
+        """Every record whose parent is ``directory``, tombstones included."""
+        with self._lock:
+            rows = self._conn.execute(f"SELECT {_COLUMNS} FROM entries WHERE dir=?",
+                                      (directory,)).fetchall()
+        return map(_record, rows)
+
+    def by_inode(self, ino: int) -> list[Record]:
+        """Live records last seen with this inode: candidates for a rename's source."""
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM entries WHERE sig_ino=? AND kind != 0",
+                (ino,)).fetchall()
+        return [_record(r) for r in rows]
+
+    def under(self, prefix: bytes) -> Iterator[Record]:
+        """Every record at or below a logical path, in path order, a page at a time."""
+        low, high = prefix + b"/", prefix + b"0"  # b"0" is the byte after b"/"
+        first = self.get(prefix)
+        if first is not None:
+            yield first
+        last = low
+        while True:
+            with self._lock:
+                rows = self._conn.execute(
+                    f"SELECT {_COLUMNS} FROM entries WHERE path > ? AND path < ? "
+                    "ORDER BY path LIMIT ?", (last, high, _PAGE)).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                yield _record(row)
+            last = bytes(rows[-1][0])
+
+    def since(self, seq: int) -> Iterator[Record]:
+        """Every record changed after ``seq``, oldest change first, a page at a time.
+
+        Pages are fetched without holding the lock in between, so a long catch-up of a
+        returning peer never blocks the event loop's own writes.
+        """
+        while True:
+            with self._lock:
+                rows = self._conn.execute(
+                    f"SELECT {_COLUMNS} FROM entries WHERE seq > ? ORDER BY seq LIMIT ?",
+                    (seq, _PAGE)).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                yield _record(row)
+            seq = rows[-1][1]
+
+    def count(self, *, live_only: bool = False) -> int:
+        query = "SELECT count(*) FROM entries" + (" WHERE kind != 0" if live_only else "")
+        with self._lock:
+            return int(self._conn.execute(query).fetchone()[0])
+
+    # -- tombstones ----------------------------------------------------------------------
+
+    def collect_tombstones(self, older_than_ns: int) -> int:
+        """Forget deletions stamped before the bound; return how many were collected.
+
+        The floor records the highest seq forgotten: a peer whose cursor is below it may
+        have missed a deletion and must be sent everything.
+        """
+        with self.batch():
+            top = self._conn.execute(
+                "SELECT count(*), max(seq) FROM entries WHERE kind = 0 AND stamp_ns < ?",
+                (older_than_ns,)).fetchone()
+            if not top[0]:
+                return 0
+            self._conn.execute("DELETE FROM entries WHERE kind = 0 AND stamp_ns < ?",
+                               (older_than_ns,))
+            self.floor = max(self.floor, int(top[1]))
+            self._conn.execute("UPDATE meta SET value=? WHERE key='floor'", (self.floor,))
+        log.info("collected %d tombstones older than %d; floor=%d", top[0], older_than_ns,
+                 self.floor)
+        return int(top[0])
+
+    # -- peers ---------------------------------------------------------------------------
+
+    def cursor(self, peer: str) -> Cursor | None:
+        with self._lock:
+            row = self._conn.execute("SELECT epoch, seq FROM cursors WHERE peer=?",
+                                     (peer,)).fetchone()
+        return None if row is None else Cursor(row[0], int(row[1]))
+
+    def set_cursor(self, peer: str, cursor: Cursor) -> None:
+        with self.batch():
+            self._conn.execute("INSERT OR REPLACE INTO cursors VALUES (?,?,?)",
+                               (peer, cursor.epoch, cursor.seq))
+
+    def cursors(self) -> dict[str, Cursor]:
+        with self._lock:
+            rows = self._conn.execute("SELECT peer, epoch, seq FROM cursors").fetchall()
+        return {peer: Cursor(epoch, int(seq)) for peer, epoch, seq in rows}

@@ -1,0 +1,219 @@
+"""The store: versions, the sequence, cursors, tombstones, and what survives a crash."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from omirror.entry import Entry, Kind, Stamp, first_version
+from omirror.errors import StoreError
+from omirror.store import Cursor, StatSig, Store
+
+
+def version(path: bytes, t: int, kind: Kind = Kind.FILE, origin: str = "alpha",
+            **attrs: object) -> Entry:
+    return first_version(path, kind, Stamp(t, origin), **attrs)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store.open(tmp_path / "state")
+    yield s
+    s.close()
+
+
+def test_entry_round_trips_every_field(store: Store) -> None:
+    entry = Entry(path=b"srv/www/caf\xe9.html", kind=Kind.FILE, stamp=Stamp(5, "beta"),
+                  vector=(("alpha", 3), ("beta", 5)), mode=0o640, owner="www", group="adm",
+                  mtime_ns=123, size=9, digest=b"\x01" * 16, target=b"", moved_from=b"old\xff")
+    sig = StatSig(ino=42, size=9, mtime_ns=123, ctime_ns=456)
+    seq = store.put(entry, sig)
+    got = store.get(entry.path)
+    assert got is not None
+    assert got.entry == entry and got.entry.moved_from == b"old\xff"
+    assert got.sig == sig and got.seq == seq
+
+
+def test_every_change_gets_the_next_seq_and_since_lists_latest_versions(store: Store) -> None:
+    a1 = store.put(version(b"a", 1), None)
+    b1 = store.put(version(b"b", 2), None)
+    a2 = store.put(version(b"a", 3), None)
+    assert a1 < b1 < a2 == store.last_seq
+    assert [(r.entry.path, r.seq) for r in store.since(0)] == [(b"b", b1), (b"a", a2)]
+    assert [r.entry.path for r in store.since(b1)] == [b"a"]
+    assert list(store.since(a2)) == []
+
+
+def test_since_pages_through_large_logs_in_order(store: Store) -> None:
+    with store.batch():
+        for i in range(2500):
+            store.put(version(b"f%05d" % i, i), None)
+    seqs = [r.seq for r in store.since(10)]
+    assert len(seqs) == 2490 and seqs == sorted(seqs) and seqs[0] == 11
+
+
+def test_epoch_is_random_per_store_and_kept_across_reopen(tmp_path: Path) -> None:
+    one, two = Store.open(tmp_path / "one"), Store.open(tmp_path / "two")
+    try:
+        assert one.epoch and two.epoch and one.epoch != two.epoch
+        epoch = one.epoch
+    finally:
+        one.close()
+        two.close()
+    with Store.open(tmp_path / "one") as again:
+        assert again.epoch == epoch
+
+
+def test_failed_batch_commits_nothing_and_reuses_no_seq(store: Store) -> None:
+    store.put(version(b"kept", 1), None)
+    before = store.last_seq
+    with pytest.raises(RuntimeError):
+        with store.batch():
+            store.put(version(b"lost1", 2), None)
+            store.put(version(b"lost2", 3), None)
+            raise RuntimeError("boom")
+    assert store.get(b"lost1") is None and store.get(b"lost2") is None
+    assert store.last_seq == before
+    assert store.put(version(b"next", 4), None) == before + 1
+
+
+def test_listeners_hear_of_commits_only(store: Store) -> None:
+    heard: list[int] = []
+    store.add_listener(heard.append)
+    with store.batch():
+        store.put(version(b"a", 1), None)
+        with store.batch():
+            store.put(version(b"b", 2), None)
+        assert heard == []  # the inner batch does not commit
+    assert heard == [store.last_seq]
+    with pytest.raises(ValueError):
+        with store.batch():
+            store.put(version(b"c", 3), None)
+            raise ValueError
+    store.set_sig(b"a", StatSig(1, 2, 3, 4))  # not a change: no seq, nothing to hear
+    assert heard == [2]
+
+
+def test_signatures_are_fast_path_tuples_of_one_directory(store: Store) -> None:
+    store.put(version(b"d/x", 1), StatSig(7, 10, 20, 30))
+    store.put(version(b"d/y", 2, Kind.SYMLINK), None)
+    store.put(version(b"d/sub/z", 3), StatSig(8, 1, 2, 3))
+    sigs = store.signatures(b"d")
+    assert sigs == {b"x": (Kind.FILE, 7, 10, 20, 30), b"y": (Kind.SYMLINK, -1, None, None, None)}
+
+
+def test_set_sig_and_set_vector_do_not_log_a_change(store: Store) -> None:
+    seq = store.put(version(b"a", 1), None)
+    store.set_sig(b"a", StatSig(1, 2, 3, 4))
+    store.set_vector(b"a", (("alpha", 1), ("beta", 9)))
+    got = store.get(b"a")
+    assert got is not None and got.seq == seq == store.last_seq
+    assert got.sig == StatSig(1, 2, 3, 4) and got.entry.vector == (("alpha", 1), ("beta", 9))
+
+
+def test_under_lists_a_subtree_and_nothing_beside_it(store: Store) -> None:
+    for p in (b"a/b", b"a/b/c", b"a/b/c/d", b"a/bc", b"a/b0", b"a/b.x", b"a"):
+        store.put(version(p, 1), None)
+    assert sorted(r.entry.path for r in store.under(b"a/b")) == [b"a/b", b"a/b/c", b"a/b/c/d"]
+
+
+def test_by_inode_finds_live_records_only(store: Store) -> None:
+    store.put(version(b"live", 1), StatSig(99, 1, 1, 1))
+    store.put(version(b"dead", 2, Kind.TOMBSTONE), StatSig(99, 1, 1, 1))
+    assert [r.entry.path for r in store.by_inode(99)] == [b"live"]
+
+
+def test_collecting_tombstones_records_the_floor(tmp_path: Path) -> None:
+    with Store.open(tmp_path) as store:
+        old = store.put(version(b"old", 100, Kind.TOMBSTONE), None)
+        store.put(version(b"live", 50), None)
+        young = store.put(version(b"young", 10**12, Kind.TOMBSTONE), None)
+        assert store.collect_tombstones(older_than_ns=1000) == 1
+        assert store.get(b"old") is None and store.get(b"live") is not None
+        assert store.get(b"young") is not None
+        assert store.floor == old
+        assert store.collect_tombstones(older_than_ns=1000) == 0
+    with Store.open(tmp_path) as store:
+        assert store.floor == old and store.last_seq == young
+
+
+def test_last_seq_survives_collection_of_the_newest_change(tmp_path: Path) -> None:
+    with Store.open(tmp_path) as store:
+        store.put(version(b"a", 1), None)
+        top = store.put(version(b"gone", 5, Kind.TOMBSTONE), None)
+        store.collect_tombstones(older_than_ns=10)
+    with Store.open(tmp_path) as store:
+        assert store.put(version(b"b", 7), None) == top + 1
+
+
+def test_cursors_persist(tmp_path: Path) -> None:
+    with Store.open(tmp_path) as store:
+        assert store.cursor("beta") is None
+        store.set_cursor("beta", Cursor("e1", 10))
+        store.set_cursor("beta", Cursor("e1", 12))
+        store.set_cursor("gamma", Cursor("e2", 3))
+    with Store.open(tmp_path) as store:
+        assert store.cursor("beta") == Cursor("e1", 12)
+        assert store.cursors() == {"beta": Cursor("e1", 12), "gamma": Cursor("e2", 3)}
+
+
+def test_a_file_that_is_not_a_database_is_refused_with_the_remedy(tmp_path: Path) -> None:
+    (tmp_path / "state.db").write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError, match=r"cannot open state database .*move it aside"):
+        Store.open(tmp_path)
+
+
+def test_a_store_of_another_schema_is_refused(tmp_path: Path) -> None:
+    Store.open(tmp_path).close()
+    conn = sqlite3.connect(tmp_path / "state.db")
+    conn.execute("UPDATE meta SET value=99 WHERE key='schema'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="has schema 99"):
+        Store.open(tmp_path)
+
+
+_WRITER = textwrap.dedent("""
+    import sys
+    from omirror.entry import first_version, Kind, Stamp
+    from omirror.store import Store
+    store = Store.open(sys.argv[1])
+    for b in range(10**6):
+        with store.batch():
+            for i in range(50):
+                store.put(first_version(b"f%d/%d" % (b, i), Kind.FILE, Stamp(b * 100 + i, "a")), None)
+        print(store.last_seq, flush=True)
+""")
+
+
+def test_kill_9_between_transactions_loses_nothing_committed(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        committed = 0
+        deadline = time.monotonic() + 60
+        assert proc.stdout is not None
+        while committed < 2000 and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            assert line, "the writer died before it was killed"
+            committed = int(line)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if proc.stdout:
+            proc.stdout.close()
+    assert committed >= 2000
+    with Store.open(tmp_path) as store:
+        assert store.last_seq >= committed
+        assert store.count() >= committed
+        seqs = [r.seq for r in store.since(0)]
+        assert seqs[:committed] == list(range(1, committed + 1))
