@@ -1,0 +1,543 @@
+"""Walk a mirror set, find what changed since the store last saw it, and record it.
+
+The scanner is the safety net under the watcher: it runs at startup (so edits made while
+the daemon was down go out, stamped with their real ctime), after an inotify overflow,
+and periodically. It must be cheap when nothing changed, so it trusts a file whose
+(inode, size, mtime, ctime) match the store and hashes only the rest.
+
+It runs in a worker thread: listing, stat and hashing all block. It never follows a
+symlink (unless the set says ``follow``), never descends into an excluded path, and never
+turns a missing or unmounted root into deletions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import grp
+import logging
+import os
+import pwd
+import stat
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterator
+
+import xxhash
+
+from omirror.config import MirrorSet
+from omirror.entry import Entry, Kind, first_version, is_own_name, next_stamp
+from omirror.errors import RootError
+from omirror.store import Record, StatSig, Store
+
+log = logging.getLogger(__name__)
+
+#: The marker file under each root: its absence on a root that held files means the tree
+#: is unmounted or was wiped, never that every file in it was deleted.
+MARKER = b".omirror-root"
+_MARKER_TEXT = b"omirror root marker: its absence stops this set instead of deleting files\n"
+_READ_SIZE = 1 << 20
+_FLUSH_EVERY = 500
+_HASH_TRIES = 3
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def logical(top: str) -> bytes:
+    """The logical path of a FILES entry: ``"/srv/www"`` -> ``b"srv/www"``."""
+    return os.fsencode(top.strip("/"))
+
+
+def local_path(root: bytes, path: bytes) -> bytes:
+    """Where a logical path lives on this host, under ``--root``."""
+    return os.path.join(root, path) if path else root
+
+
+class Unstable(Exception):
+    """The file changed while it was being read; its digest would describe no version."""
+
+
+def hash_file(path: bytes, expect_ino: int | None = None) -> tuple[bytes, os.stat_result]:
+    """Digest a regular file, and the stat that the digest describes.
+
+    The stat is taken on the open descriptor before and after reading; if size, mtime or
+    ctime moved, a writer was busy and the digest is refused. ``O_NOFOLLOW`` and the
+    inode check stop a file swapped for a symlink between ``lstat`` and ``open``;
+    ``O_NONBLOCK`` stops one swapped for a FIFO from hanging the scan.
+    """
+    fd = os.open(path, _OPEN_FLAGS)
+    try:
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode) or (expect_ino is not None
+                                                 and before.st_ino != expect_ino):
+            raise Unstable(path)
+        digest = xxhash.xxh3_128()
+        while chunk := os.read(fd, _READ_SIZE):
+            digest.update(chunk)
+        after = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (
+            before.st_size, before.st_mtime_ns, before.st_ctime_ns):
+        raise Unstable(path)
+    return digest.digest(), after
+
+
+@dataclass
+class ScanStats:
+    """What one scan of one set found; logged, shown in status, asserted on in tests."""
+
+    set_title: str
+    dirs: int = 0
+    files: int = 0
+    symlinks: int = 0
+    unchanged: int = 0
+    hashed: int = 0
+    hashed_bytes: int = 0
+    new: int = 0
+    changed: int = 0
+    deleted: int = 0
+    moved: int = 0
+    special: int = 0
+    unreadable: list[tuple[bytes, str]] = field(default_factory=list)
+    unstable: list[bytes] = field(default_factory=list)
+    #: With ``dry_run``: the versions a real scan would record, in the order it would.
+    changes: list[Entry] = field(default_factory=list)
+    duration_s: float = 0.0
+
+    @property
+    def recorded(self) -> int:
+        return self.new + self.changed + self.deleted
+
+
+class _Names:
+    """uid and gid to names, cached: owners travel by name, which is what rdist does."""
+
+    def __init__(self) -> None:
+        self._users: dict[int, str] = {}
+        self._groups: dict[int, str] = {}
+
+    def user(self, uid: int) -> str:
+        name = self._users.get(uid)
+        if name is None:
+            try:
+                name = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                name = str(uid)
+            self._users[uid] = name
+        return name
+
+    def group(self, gid: int) -> str:
+        name = self._groups.get(gid)
+        if name is None:
+            try:
+                name = grp.getgrgid(gid).gr_name
+            except KeyError:
+                name = str(gid)
+            self._groups[gid] = name
+        return name
+
+
+class Scanner:
+    """Scans the sets of one host into its store.
+
+    ``clock`` gives the time of deletions (a scan cannot know when a file went away, so
+    it says "now"); tests and skew injection replace it.
+    """
+
+    def __init__(self, store: Store, host: str, *,
+                 clock: Callable[[], int] = time.time_ns) -> None:
+        self.store = store
+        self.host = host
+        self.clock = clock
+        self._names = _Names()
+        self._specials_logged: set[bytes] = set()
+
+    async def scan(self, mset: MirrorSet, root: bytes, *, subtree: bytes | None = None,
+                   dry_run: bool = False) -> ScanStats:
+        """Scan in a worker thread, leaving the event loop free."""
+        return await asyncio.to_thread(self.scan_set, mset, root, subtree=subtree,
+                                       dry_run=dry_run)
+
+    def scan_set(self, mset: MirrorSet, root: bytes, *, subtree: bytes | None = None,
+                 dry_run: bool = False) -> ScanStats:
+        """Scan a whole set, or one subtree of it, and record (or with dry_run, list) changes.
+
+        Every root of the set is checked before anything is recorded: one bad root stops
+        the set with :class:`RootError`, and no deletion is recorded for any of its roots.
+        """
+        started = time.monotonic()
+        run = _Run(self, mset, root, dry_run)
+        tops = [logical(top) for top in mset.files]
+        for top in tops:
+            self.check_root(mset, root, top, dry_run=dry_run)
+        if subtree is None:
+            starts = tops
+        elif any(subtree == t or subtree.startswith(t + b"/") for t in tops):
+            starts = [subtree]
+        else:
+            raise ValueError(f"{subtree!r} is not inside set {mset.title}")
+        for start in starts:
+            run.visit_top(start)
+        run.finish()
+        run.stats.duration_s = time.monotonic() - started
+        log.info("scanned set=%s dirs=%d files=%d unchanged=%d hashed=%d new=%d changed=%d "
+                 "deleted=%d moved=%d in %.3fs%s", mset.title, run.stats.dirs,
+                 run.stats.files, run.stats.unchanged, run.stats.hashed, run.stats.new,
+                 run.stats.changed, run.stats.deleted, run.stats.moved, run.stats.duration_s,
+                 " (dry run)" if dry_run else "")
+        return run.stats
+
+    def check_root(self, mset: MirrorSet, root: bytes, top: bytes, *,
+                   dry_run: bool = False) -> None:
+        """Refuse a root that is missing, not a directory, or lost its marker.
+
+        A root seen for the first time gets its marker; one that held files before and
+        has no marker now is unmounted or wiped, and scanning it would delete everything
+        on every peer.
+        """
+        where = local_path(root, top)
+        shown = os.fsdecode(where)
+        name = "/" + os.fsdecode(top)
+        try:
+            st = os.lstat(where)
+        except FileNotFoundError:
+            raise RootError(f"set {mset.title}: root {name} is missing here ({shown}); the "
+                            "set is stopped on this host and nothing is deleted on its "
+                            "peers. Mount or restore it, then restart omirrord") from None
+        except OSError as e:
+            raise RootError(f"set {mset.title}: cannot examine root {shown}: "
+                            f"{e.strerror}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise RootError(f"set {mset.title}: root {name} ({shown}) is not a directory; "
+                            "FILES entries must be directories")
+        marker = os.path.join(where, MARKER)
+        if os.path.lexists(marker):
+            return
+        held = self.store.get(top)
+        if held is not None and not held.entry.is_tombstone:
+            raise RootError(
+                f"set {mset.title}: root {shown} has lost its marker "
+                f"{os.fsdecode(MARKER)}: it looks unmounted or wiped, so the set is stopped "
+                "here and nothing is deleted on its peers. If the tree really is meant to "
+                f"be like this, run 'touch {os.fsdecode(marker)}' and restart: its "
+                "present state, deletions included, will then be mirrored")
+        if not dry_run:
+            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            try:
+                os.write(fd, _MARKER_TEXT)
+            finally:
+                os.close(fd)
+            log.info("set=%s root %s marked as a mirrored root", mset.title, shown)
+
+
+class _Run:
+    """The state of one scan: counters, pending writes, paths that went away."""
+
+    def __init__(self, scanner: Scanner, mset: MirrorSet, root: bytes, dry_run: bool) -> None:
+        self.sc = scanner
+        self.store = scanner.store
+        self.mset = mset
+        self.root = root
+        self.dry_run = dry_run
+        self.follow = mset.options.follow
+        self.stats = ScanStats(mset.title)
+        self.pending: list[tuple[Entry, StatSig]] = []
+        self.sig_updates: list[tuple[bytes, StatSig]] = []
+        self.vanished: list[bytes] = []
+        self.visited_dirs: set[tuple[int, int]] = set()
+        self.store_empty = scanner.store.count() == 0
+
+    # -- walking -------------------------------------------------------------------------
+
+    def visit_top(self, path: bytes) -> None:
+        """Examine one path itself (a root or a subtree), then walk below it."""
+        try:
+            st = self._stat(local_path(self.root, path))
+        except FileNotFoundError:
+            held = self.store.get(path)
+            if held is not None and not held.entry.is_tombstone:
+                self.vanished.append(path)
+            return
+        except OSError as e:
+            self._unreadable(path, e)
+            return
+        kind = _kind(st.st_mode)
+        if kind is None:
+            self._special(path)
+            return
+        held = self.store.get(path)
+        self._consider(path, kind, st, None if held is None else _sig_tuple(held))
+        if kind is Kind.DIR:
+            self.walk(path, st)
+        self.flush()
+
+    def walk(self, top: bytes, top_st: os.stat_result) -> None:
+        stack = [(top, top_st)]
+        while stack:
+            directory, st = stack.pop()
+            if self.follow:
+                key = (st.st_dev, st.st_ino)
+                if key in self.visited_dirs:
+                    continue
+                self.visited_dirs.add(key)
+            self.stats.dirs += 1
+            self._walk_dir(directory, stack)
+            if len(self.pending) + len(self.sig_updates) >= _FLUSH_EVERY:
+                self.flush()
+
+    def _walk_dir(self, directory: bytes, stack: list[tuple[bytes, os.stat_result]]) -> None:
+        known = self.store.signatures(directory)
+        try:
+            listing = os.scandir(local_path(self.root, directory))
+        except FileNotFoundError:
+            listing = None  # went away after its parent was listed: its children did too
+        except OSError as e:
+            # Unreadable is not empty: keep every record below it as it is.
+            self._unreadable(directory, e)
+            return
+        seen: set[bytes] = set()
+        excluded = self.mset.is_excluded
+        stats = self.stats
+        prefix = directory + b"/"
+        with listing if listing is not None else _nothing() as entries:
+            for de in entries:
+                name = de.name
+                if name.startswith(b".omirror"):
+                    seen.add(name)
+                    continue
+                path = prefix + name
+                if excluded(path):
+                    seen.add(name)
+                    continue
+                try:
+                    st = de.stat(follow_symlinks=self.follow)
+                except FileNotFoundError:
+                    continue
+                except OSError as e:
+                    seen.add(name)
+                    self._unreadable(path, e)
+                    continue
+                mode = st.st_mode
+                if stat.S_ISREG(mode):
+                    kind = Kind.FILE
+                elif stat.S_ISDIR(mode):
+                    kind = Kind.DIR
+                    stack.append((path, st))
+                elif stat.S_ISLNK(mode):
+                    kind = Kind.SYMLINK
+                else:
+                    seen.add(name)
+                    self._special(path)
+                    continue
+                seen.add(name)
+                sig = known.get(name)
+                if sig is not None and sig == (kind, st.st_ino, st.st_size, st.st_mtime_ns,
+                                               st.st_ctime_ns):
+                    stats.unchanged += 1
+                    _count(stats, kind)
+                    continue
+                self._consider(path, kind, st, sig)
+        for name, sig in known.items():
+            if name not in seen and sig[0] != Kind.TOMBSTONE:
+                self.vanished.append(prefix + name)
+
+    # -- one changed path ----------------------------------------------------------------
+
+    def _consider(self, path: bytes, kind: Kind, st: os.stat_result,
+                  known: tuple[int, int, int, int, int] | None) -> None:
+        """Build the version of a path whose stat differs from the store's, and record it
+        if its content or attributes really changed."""
+        _count(self.stats, kind)
+        if known is not None and known == (kind, st.st_ino, st.st_size, st.st_mtime_ns,
+                                           st.st_ctime_ns):
+            self.stats.unchanged += 1
+            return
+        held = None if known is None else self.store.get(path)
+        where = local_path(self.root, path)
+        moved_from: bytes | None = None
+        attrs: dict[str, object] = {
+            "mode": stat.S_IMODE(st.st_mode),
+            "owner": self.sc._names.user(st.st_uid),
+            "group": self.sc._names.group(st.st_gid),
+        }
+        try:
+            if kind is Kind.FILE:
+                source = self._moved_source(path, kind, st, held)
+                if source is not None:
+                    moved_from, digest = source.entry.path, source.entry.digest
+                else:
+                    digest, st = self._hash(where, st)
+                attrs.update(digest=digest, size=st.st_size, mtime_ns=st.st_mtime_ns)
+            elif kind is Kind.SYMLINK:
+                attrs.update(target=os.readlink(where), mode=0)
+            else:
+                source = self._moved_source(path, kind, st, held)
+                moved_from = None if source is None else source.entry.path
+        except FileNotFoundError:
+            return  # gone since it was listed; a later event or scan will say so
+        except Unstable:
+            self.stats.unstable.append(path)
+            log.debug("set=%s path=%s changed while read; left for the next event or scan",
+                      self.mset.title, os.fsdecode(path))
+            return
+        except OSError as e:
+            self._unreadable(path, e)
+            return
+        sig = StatSig.of(st)
+        previous = None if held is None else held.entry
+        if previous is not None and not previous.is_tombstone:
+            candidate = replace(previous, kind=kind, mode=0, owner="", group="", mtime_ns=0,
+                                size=0, digest=b"", target=b"")
+            candidate = replace(candidate, **attrs)  # type: ignore[arg-type]
+            if previous.same_content(candidate):
+                self.sig_updates.append((path, sig))
+                self.stats.unchanged += 1
+                return
+        stamp = next_stamp(st.st_ctime_ns, None if previous is None else previous.stamp,
+                           self.sc.host)
+        if previous is None:
+            entry = first_version(path, kind, stamp, **attrs)
+        else:
+            entry = previous.successor(stamp, kind=kind, mode=0, owner="", group="",
+                                       mtime_ns=0, size=0, digest=b"", target=b"")
+            entry = replace(entry, **attrs)  # type: ignore[arg-type]
+        if moved_from is not None:
+            entry = replace(entry, moved_from=moved_from)
+            self.stats.moved += 1
+        if previous is None or previous.is_tombstone:
+            self.stats.new += 1
+        else:
+            self.stats.changed += 1
+        self.pending.append((entry, sig))
+
+    def _moved_source(self, path: bytes, kind: Kind, st: os.stat_result,
+                      held: Record | None) -> Record | None:
+        """The record this new path was renamed from, found by inode, or None.
+
+        A source qualifies only if its old path no longer holds that inode, so a hard
+        link is never taken for a rename. The source's digest is then reused: a renamed
+        10 GB tree is not read again.
+        """
+        if self.store_empty or (held is not None and not held.entry.is_tombstone):
+            return None
+        for record in self.store.by_inode(st.st_ino):
+            if record.entry.kind != kind or record.entry.path == path or record.sig is None:
+                continue
+            if kind is Kind.FILE and (record.sig.size, record.sig.mtime_ns) != (
+                    st.st_size, st.st_mtime_ns):
+                continue
+            try:
+                now = os.lstat(local_path(self.root, record.entry.path))
+                if now.st_ino == st.st_ino:
+                    continue
+            except FileNotFoundError:
+                pass
+            except OSError:
+                continue
+            return record
+        return None
+
+    def _hash(self, where: bytes, st: os.stat_result) -> tuple[bytes, os.stat_result]:
+        for attempt in range(_HASH_TRIES):
+            try:
+                digest, st = hash_file(where, st.st_ino)
+            except Unstable:
+                if attempt == _HASH_TRIES - 1:
+                    raise
+                st = os.lstat(where)
+                if not stat.S_ISREG(st.st_mode):
+                    raise
+                continue
+            self.stats.hashed += 1
+            self.stats.hashed_bytes += st.st_size
+            return digest, st
+        raise Unstable(where)  # not reached: the loop returns or raises
+
+    # -- recording -----------------------------------------------------------------------
+
+    def flush(self) -> None:
+        if self.dry_run:
+            self.stats.changes.extend(entry for entry, _ in self.pending)
+        elif self.pending or self.sig_updates:
+            with self.store.batch():
+                for entry, sig in self.pending:
+                    self.store.put(entry, sig)
+                for path, sig in self.sig_updates:
+                    self.store.set_sig(path, sig)
+        self.pending.clear()
+        self.sig_updates.clear()
+
+    def finish(self) -> None:
+        """Record the deletions, after every new path, so that a rename's new name is in
+        the log before its old name's tombstone and a receiver can still rename."""
+        self.flush()
+        now = self.sc.clock()
+        gone: dict[bytes, Record] = {}
+        for path in self.vanished:
+            for record in self.store.under(path):
+                if not record.entry.is_tombstone:
+                    gone[record.entry.path] = record
+        for path in sorted(gone, reverse=True):  # children before their directory
+            record = gone[path]
+            stamp = next_stamp(now, record.entry.stamp, self.sc.host)
+            tomb = record.entry.successor(stamp, kind=Kind.TOMBSTONE, mode=0, owner="",
+                                          group="", mtime_ns=0, size=0, digest=b"",
+                                          target=b"")
+            self.pending.append((tomb, None))  # type: ignore[arg-type]
+            self.stats.deleted += 1
+            if len(self.pending) >= _FLUSH_EVERY:
+                self.flush()
+        self.flush()
+
+    # -- reporting -----------------------------------------------------------------------
+
+    def _stat(self, where: bytes) -> os.stat_result:
+        return os.stat(where) if self.follow else os.lstat(where)
+
+    def _special(self, path: bytes) -> None:
+        self.stats.special += 1
+        if path not in self.sc._specials_logged:
+            self.sc._specials_logged.add(path)
+            log.info("set=%s path=%s is a special file (device, FIFO or socket): not mirrored",
+                     self.mset.title, os.fsdecode(path))
+
+    def _unreadable(self, path: bytes, error: OSError) -> None:
+        reason = error.strerror or errno.errorcode.get(error.errno or 0, str(error))
+        self.stats.unreadable.append((path, reason))
+        log.warning("set=%s path=%s cannot be read: %s; its last known version is kept",
+                    self.mset.title, os.fsdecode(path), reason)
+
+
+def _kind(mode: int) -> Kind | None:
+    if stat.S_ISREG(mode):
+        return Kind.FILE
+    if stat.S_ISDIR(mode):
+        return Kind.DIR
+    if stat.S_ISLNK(mode):
+        return Kind.SYMLINK
+    return None
+
+
+def _count(stats: ScanStats, kind: Kind) -> None:
+    if kind is Kind.FILE:
+        stats.files += 1
+    elif kind is Kind.SYMLINK:
+        stats.symlinks += 1
+
+
+def _sig_tuple(record: Record) -> tuple[int, int, int, int, int]:
+    """The fast-path tuple of :meth:`Store.signatures` for one record."""
+    sig = record.sig
+    if sig is None:
+        return (int(record.entry.kind), -1, 0, 0, 0)
+    return (int(record.entry.kind), sig.ino, sig.size, sig.mtime_ns, sig.ctime_ns)
+
+
+class _nothing:
+    """An empty directory listing, usable as a context manager like os.scandir's."""
+
+    def __enter__(self) -> Iterator[os.DirEntry[bytes]]:
+        return iter(())
+
+    def __exit__(self, *exc: object) -> None:
+        return None

@@ -1,0 +1,361 @@
+"""The scanner on real trees: what it records, what it skips, and what it refuses."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import stat
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import xxhash
+
+from omirror import config, scanner as scanner_module
+from omirror.entry import Kind
+from omirror.errors import RootError
+from omirror.scanner import MARKER, Scanner
+from omirror.store import Store
+
+DISTFILE = """HOSTS = ( alpha beta )
+FILES = ( /data )
+${{FILES}} -> ${{HOSTS}}
+    install ;
+{extra}"""
+
+
+def mirror_set(extra: str = "") -> config.MirrorSet:
+    return config.parse(DISTFILE.format(extra=extra), "test.conf").sets[0]
+
+
+class Tree:
+    """A host: a root with /data in it, a store, a scanner."""
+
+    def __init__(self, base: Path, extra: str = "") -> None:
+        self.base = base
+        self.data = base / "data"
+        self.data.mkdir(parents=True, exist_ok=True)
+        self.mset = mirror_set(extra)
+        self.store = Store.open(base / "state")
+        self.clock_ns = 10**18
+        self.scanner = Scanner(self.store, "alpha", clock=lambda: self.clock_ns)
+
+    def scan(self, **kw: object) -> scanner_module.ScanStats:
+        return self.scanner.scan_set(self.mset, os.fsencode(self.base), **kw)  # type: ignore
+
+    def entry(self, rel: str | bytes):  # type: ignore[no-untyped-def]
+        path = b"data/" + (rel if isinstance(rel, bytes) else rel.encode())
+        record = self.store.get(path.rstrip(b"/"))
+        return None if record is None else record.entry
+
+    def log(self) -> list[tuple[bytes, Kind]]:
+        return [(r.entry.path, r.entry.kind) for r in self.store.since(0)]
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Iterator[Tree]:
+    t = Tree(tmp_path)
+    yield t
+    t.store.close()
+
+
+def test_first_scan_records_every_kind_with_digest_and_ctime_stamp(tree: Tree) -> None:
+    (tree.data / "sub").mkdir()
+    (tree.data / "sub" / "a.txt").write_bytes(b"hello")
+    os.chmod(tree.data / "sub" / "a.txt", 0o640)
+    (tree.data / "link").symlink_to("sub/a.txt")
+    stats = tree.scan()
+    assert (stats.files, stats.symlinks, stats.dirs, stats.new) == (1, 1, 2, 4)
+    a = tree.entry("sub/a.txt")
+    st = os.lstat(tree.data / "sub" / "a.txt")
+    assert a.kind is Kind.FILE and a.size == 5 and a.mode == 0o640
+    assert a.digest == xxhash.xxh3_128(b"hello").digest()
+    assert a.stamp.time_ns == st.st_ctime_ns and a.stamp.origin == "alpha"
+    assert a.mtime_ns == st.st_mtime_ns and a.owner == "root"
+    assert tree.entry("link").target == b"sub/a.txt"
+    assert tree.entry("sub").kind is Kind.DIR
+    assert tree.store.get(b"data").entry.kind is Kind.DIR
+    assert (tree.data / os.fsdecode(MARKER)).exists()
+    assert tree.entry(MARKER) is None
+
+
+def test_no_change_rescan_records_and_hashes_nothing(tree: Tree) -> None:
+    for i in range(50):
+        (tree.data / f"f{i}").write_bytes(b"x" * i)
+    tree.scan()
+    seq = tree.store.last_seq
+    stats = tree.scan()
+    assert stats.recorded == 0 and stats.hashed == 0 and stats.unchanged == 51
+    assert tree.store.last_seq == seq
+
+
+def test_modified_file_gets_a_successor_version(tree: Tree) -> None:
+    f = tree.data / "f"
+    f.write_bytes(b"one")
+    tree.scan()
+    before = tree.entry("f")
+    f.write_bytes(b"two!")
+    stats = tree.scan()
+    after = tree.entry("f")
+    assert stats.changed == 1 and stats.hashed == 1
+    assert after.stamp > before.stamp and after.digest != before.digest
+    assert dict(after.vector)["alpha"] == after.stamp.time_ns
+
+
+def test_touch_without_change_updates_the_signature_only(tree: Tree) -> None:
+    f = tree.data / "f"
+    f.write_bytes(b"same")
+    tree.scan()
+    seq = tree.store.last_seq
+    st = os.stat(f)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # ctime moves, content does not
+    stats = tree.scan()
+    assert stats.recorded == 0 and stats.hashed == 1 and tree.store.last_seq == seq
+    assert tree.scan().hashed == 0  # the new signature is remembered
+
+
+def test_chmod_is_a_change_without_rehash_of_content_semantics(tree: Tree) -> None:
+    f = tree.data / "f"
+    f.write_bytes(b"x")
+    tree.scan()
+    os.chmod(f, 0o600)
+    assert tree.scan().changed == 1
+    assert tree.entry("f").mode == 0o600
+
+
+def test_deleted_directory_becomes_tombstones_children_first(tree: Tree) -> None:
+    (tree.data / "d" / "e").mkdir(parents=True)
+    (tree.data / "d" / "e" / "f").write_bytes(b"1")
+    (tree.data / "d" / "g").write_bytes(b"2")
+    tree.scan()
+    for p in ("d/e/f", "d/g"):
+        (tree.data / p).unlink()
+    (tree.data / "d" / "e").rmdir()
+    (tree.data / "d").rmdir()
+    tree.clock_ns = 2 * 10**18
+    stats = tree.scan()
+    assert stats.deleted == 4
+    tombs = [p for p, k in tree.log() if k is Kind.TOMBSTONE]
+    assert tombs.index(b"data/d/e/f") < tombs.index(b"data/d/e") < tombs.index(b"data/d")
+    assert tree.entry("d/g").stamp.time_ns == 2 * 10**18
+
+
+def test_file_renamed_in_the_tree_is_found_by_inode_and_not_rehashed(tree: Tree) -> None:
+    (tree.data / "a").write_bytes(b"content" * 1000)
+    tree.scan()
+    digest = tree.entry("a").digest
+    (tree.data / "a").rename(tree.data / "b")
+    stats = tree.scan()
+    assert stats.moved == 1 and stats.hashed == 0 and stats.deleted == 1
+    b = tree.entry("b")
+    assert b.moved_from == b"data/a" and b.digest == digest
+    order = [p for p, _ in tree.log()]
+    assert order.index(b"data/b") < order.index(b"data/a")  # new name before old tombstone
+
+
+def test_renamed_directory_moves_its_files_without_reading_them(tree: Tree) -> None:
+    (tree.data / "old" / "deep").mkdir(parents=True)
+    for i in range(20):
+        (tree.data / "old" / "deep" / f"f{i}").write_bytes(os.urandom(4096))
+    tree.scan()
+    (tree.data / "old").rename(tree.data / "new")
+    stats = tree.scan()
+    assert stats.hashed == 0 and stats.moved == 22 and stats.deleted == 22
+    assert tree.entry("new/deep/f3").moved_from == b"data/old/deep/f3"
+
+
+def test_hard_link_is_not_taken_for_a_rename(tree: Tree) -> None:
+    (tree.data / "a").write_bytes(b"x")
+    tree.scan()
+    os.link(tree.data / "a", tree.data / "b")
+    stats = tree.scan()
+    assert stats.moved == 0 and stats.deleted == 0 and tree.entry("b").moved_from is None
+
+
+def test_excluded_paths_are_neither_recorded_nor_walked(tmp_path: Path) -> None:
+    t = Tree(tmp_path, "    except /data/cache ;\n    except_pat ( \\.swp$ ) ;\n")
+    (t.data / "cache" / "x").mkdir(parents=True)
+    (t.data / "a.swp").write_bytes(b"s")
+    (t.data / "keep").write_bytes(b"k")
+    stats = t.scan()
+    assert {p for p, _ in t.log()} == {b"data", b"data/keep"}
+    assert stats.dirs == 1
+    t.store.close()
+
+
+def test_excluding_a_recorded_path_later_deletes_nothing(tmp_path: Path) -> None:
+    t = Tree(tmp_path)
+    (t.data / "a.swp").write_bytes(b"s")
+    t.scan()
+    t.store.close()
+    t2 = Tree(tmp_path, "    except_pat ( \\.swp$ ) ;\n")
+    assert t2.scan().deleted == 0
+    t2.store.close()
+
+
+def test_own_files_are_never_recorded(tree: Tree) -> None:
+    (tree.data / ".omirror-tmp-123").write_bytes(b"partial")
+    (tree.data / "x.omirror-conflict-beta-1").write_bytes(b"user data")
+    tree.scan()
+    paths = {p for p, _ in tree.log()}
+    assert b"data/.omirror-tmp-123" not in paths
+    assert b"data/x.omirror-conflict-beta-1" in paths
+
+
+def test_non_utf8_names_are_recorded_as_bytes(tree: Tree) -> None:
+    name = b"caf\xe9-\xff.txt"
+    with open(os.path.join(os.fsencode(tree.data), name), "wb") as f:
+        f.write(b"latin-1")
+    tree.scan()
+    assert tree.entry(name).size == 7
+
+
+def test_special_files_are_skipped_and_logged_once(tree: Tree,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    os.mkfifo(tree.data / "fifo")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tree.data / "sock"))
+    try:
+        with caplog.at_level(logging.INFO, logger="omirror.scanner"):
+            assert tree.scan().special == 2
+            assert tree.scan().special == 2
+    finally:
+        sock.close()
+    assert tree.entry("fifo") is None and tree.entry("sock") is None
+    notes = [r for r in caplog.records if "special file" in r.getMessage()]
+    assert len(notes) == 2
+
+
+def test_symlinks_are_never_followed(tree: Tree, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"s")
+    (tree.data / "escape").symlink_to(outside)
+    tree.scan()
+    assert tree.entry("escape").kind is Kind.SYMLINK
+    assert tree.entry("escape/secret") is None
+
+
+def test_missing_root_stops_the_set_and_records_nothing(tmp_path: Path) -> None:
+    t = Tree(tmp_path)
+    (t.data / "f").write_bytes(b"x")
+    t.scan()
+    seq = t.store.last_seq
+    (t.data / "f").unlink()
+    (t.data / os.fsdecode(MARKER)).unlink()
+    t.data.rmdir()
+    with pytest.raises(RootError, match=r"root /data is missing here .*nothing is deleted"):
+        t.scan()
+    assert t.store.last_seq == seq
+    t.store.close()
+
+
+def test_root_that_lost_its_marker_is_not_a_mass_deletion(tree: Tree) -> None:
+    for i in range(10):
+        (tree.data / f"f{i}").write_bytes(b"x")
+    tree.scan()
+    seq = tree.store.last_seq
+    for p in tree.data.iterdir():
+        p.unlink()  # what an unmounted disk looks like: an empty directory
+    with pytest.raises(RootError, match=r"lost its marker .*touch "):
+        tree.scan()
+    assert tree.store.last_seq == seq and tree.entry("f3").kind is Kind.FILE
+
+
+def test_file_changing_while_hashed_is_left_for_later(tree: Tree,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tree.data / "busy"
+    f.write_bytes(b"a" * 10)
+    real_read = os.read
+
+    def read_while_writing(fd: int, n: int) -> bytes:
+        if os.lseek(fd, 0, os.SEEK_CUR) == 0:  # every attempt sees a writer at work
+            with open(f, "ab") as w:
+                w.write(b"more")
+        return real_read(fd, n)
+
+    monkeypatch.setattr(scanner_module.os, "read", read_while_writing)
+    stats = tree.scan()
+    assert stats.unstable == [b"data/busy"] and tree.entry("busy") is None
+
+
+def test_unreadable_directory_keeps_what_is_below_it(tree: Tree,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    (tree.data / "locked").mkdir()
+    (tree.data / "locked" / "f").write_bytes(b"x")
+    tree.scan()
+    real_scandir = os.scandir
+
+    def scandir(path):  # type: ignore[no-untyped-def]
+        if path.endswith(b"/locked"):
+            raise PermissionError(13, "Permission denied")
+        return real_scandir(path)
+
+    monkeypatch.setattr(scanner_module.os, "scandir", scandir)
+    stats = tree.scan()
+    assert stats.deleted == 0 and stats.unreadable == [(b"data/locked", "Permission denied")]
+    assert tree.entry("locked/f").kind is Kind.FILE
+
+
+def test_dry_run_lists_changes_and_writes_nothing(tree: Tree) -> None:
+    (tree.data / "f").write_bytes(b"x")
+    stats = tree.scan(dry_run=True)
+    assert {e.path for e in stats.changes} == {b"data", b"data/f"}
+    assert tree.store.count() == 0 and not (tree.data / os.fsdecode(MARKER)).exists()
+
+
+def test_subtree_scan_sees_only_its_subtree(tree: Tree) -> None:
+    (tree.data / "a").mkdir()
+    (tree.data / "b").mkdir()
+    (tree.data / "b" / "old").write_bytes(b"x")
+    tree.scan()
+    (tree.data / "a" / "new").write_bytes(b"n")
+    (tree.data / "b" / "old").unlink()
+    stats = tree.scan(subtree=b"data/a")
+    assert stats.new == 1 and stats.deleted == 0
+    assert tree.entry("b/old").kind is Kind.FILE
+
+
+def test_recreated_file_continues_the_history_of_its_tombstone(tree: Tree) -> None:
+    f = tree.data / "f"
+    f.write_bytes(b"1")
+    tree.scan()
+    f.unlink()
+    tree.clock_ns = 3 * 10**18
+    tree.scan()
+    tomb = tree.entry("f")
+    f.write_bytes(b"2")
+    tree.scan()
+    again = tree.entry("f")
+    assert again.kind is Kind.FILE and again.stamp > tomb.stamp
+    assert dict(again.vector)["alpha"] == again.stamp.time_ns
+
+
+def test_file_replaced_by_directory_changes_kind(tree: Tree) -> None:
+    f = tree.data / "x"
+    f.write_bytes(b"1")
+    tree.scan()
+    f.unlink()
+    f.mkdir()
+    (f / "inner").write_bytes(b"2")
+    tree.scan()
+    assert tree.entry("x").kind is Kind.DIR and tree.entry("x/inner").kind is Kind.FILE
+
+
+def test_root_checks_on_a_fake_file_system(fs) -> None:  # type: ignore[no-untyped-def]
+    """Root checks touch only the file system; pyfakefs cannot list bytes paths, so the
+    walk itself is tested on real directories above."""
+    fs.create_file("/r/file")
+    fs.create_dir("/r/data")
+    mset = mirror_set()
+    with Store.open(":memory:") as store:
+        scanner = Scanner(store, "alpha")
+        with pytest.raises(RootError, match="root /data is missing here"):
+            scanner.check_root(mset, b"/nowhere", b"data")
+        with pytest.raises(RootError, match="is not a directory"):
+            scanner.check_root(mset, b"/r", b"file")
+        scanner.check_root(mset, b"/r", b"data", dry_run=True)
+        assert not os.path.exists("/r/data/.omirror-root")
+        scanner.check_root(mset, b"/r", b"data")
+        assert stat.S_ISREG(os.lstat("/r/data/.omirror-root").st_mode)
