@@ -82,7 +82,7 @@ def options_of(ctx: click.Context) -> Options:
     environment and the default.
     """
     values: dict[str, Any] = {}
-    parent = ctx.parent if ctx.parent is not None and ctx.parent.params else None
+    parent = ctx.find_root() if ctx.parent is not None else None
     for name in _NAMES:
         value = ctx.params.get(name)
         if parent is not None and ctx.get_parameter_source(name) != ParameterSource.COMMANDLINE \

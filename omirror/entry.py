@@ -31,6 +31,7 @@ OWN_PREFIX = b".omirror"
 #: Infix of conflict copies: ``NAME.omirror-conflict-<host>-<time_ns>``. These are user
 #: data and are mirrored like any other file.
 CONFLICT_INFIX = b".omirror-conflict-"
+NAME_MAX = 255
 
 
 class Kind(enum.IntEnum):
@@ -161,6 +162,15 @@ class Decision:
     vector: Vector = ()
 
 
+def history(entry: Entry) -> Vector:
+    """An entry's version vector, which always includes the entry's own stamp.
+
+    An entry built without a vector (by hand, or by a careless peer) must not make every
+    comparison with it look causal and so hide a conflict.
+    """
+    return merge_vectors(entry.vector, ((entry.stamp.origin, entry.stamp.time_ns),))
+
+
 def decide(local: Entry | None, incoming: Entry) -> Decision:
     """Decide between the version held here and one received from a peer.
 
@@ -169,13 +179,14 @@ def decide(local: Entry | None, incoming: Entry) -> Decision:
     differs from the winner's, is returned to be kept as a conflict copy, so that no write
     is lost silently.
     """
+    theirs = history(incoming)
     if local is None:
-        return Decision(Outcome.TAKE, False, None, incoming.vector)
-    merged = merge_vectors(local.vector, incoming.vector)
+        return Decision(Outcome.TAKE, False, None, theirs)
+    ours = history(local)
+    merged = merge_vectors(ours, theirs)
     if incoming.stamp == local.stamp:
         return Decision(Outcome.ALREADY, False, None, merged)
-    concurrent = not (dominates(incoming.vector, local.vector)
-                      or dominates(local.vector, incoming.vector))
+    concurrent = not (dominates(theirs, ours) or dominates(ours, theirs))
     if incoming.stamp > local.stamp:
         outcome, winner, loser = Outcome.TAKE, incoming, local
     else:
@@ -191,8 +202,11 @@ def conflict_name(name: bytes, loser: Stamp) -> bytes:
     Every peer that sees the same conflict derives the same name, so the copies made on
     different peers are one path, not several.
     """
-    origin = loser.origin.replace("/", "_").encode("utf-8", "surrogateescape")
-    return name + CONFLICT_INFIX + origin + b"-" + str(loser.time_ns).encode()
+    origin = loser.origin.replace("/", "_").encode("utf-8", "replace")
+    suffix = CONFLICT_INFIX + origin + b"-" + str(loser.time_ns).encode()
+    # NAME_MAX is 255 bytes on every Linux file system omirror serves: shorten the name,
+    # never the suffix that makes the copy unique.
+    return name[:max(1, NAME_MAX - len(suffix))] + suffix
 
 
 def is_own_name(name: bytes) -> bool:

@@ -152,21 +152,20 @@ class Store:
     # -- opening -------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> Store:
-        """Open or create the store at ``path`` (``":memory:"`` for tests).
+    def open(cls, state_dir: str | os.PathLike[str]) -> Store:
+        """Open or create the store in ``state_dir`` (made 0700 if missing).
 
-        A directory is given the default file name inside it.
+        ``":memory:"`` gives a private in-memory store, for tests.
         """
-        where = str(path)
+        where = str(state_dir)
         if where != ":memory:":
-            p = Path(where)
-            if p.is_dir():
-                p = p / DB_NAME
+            directory = Path(where)
             try:
-                p.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             except OSError as e:
-                raise StoreError(f"cannot create state directory {p.parent}: {e.strerror}") from e
-            where = str(p)
+                raise StoreError(f"cannot create state directory {directory}: "
+                                 f"{e.strerror}") from e
+            where = str(directory / DB_NAME)
         try:
             conn = sqlite3.connect(where, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")

@@ -668,3 +668,23 @@ def test_no_write_is_lost_silently(history: list[tuple], unique_digests: bool) -
             continue
         assert (version.digest in world.kept or version.digest in world.overwritten
                 or (winner.kind is Kind.FILE and winner.digest == version.digest)), version
+
+
+def test_an_entry_without_a_vector_still_counts_its_own_stamp() -> None:
+    from omirror.entry import Entry, Kind, Stamp, decide
+
+    base = Entry(b"p", Kind.FILE, Stamp(1, "alpha"), digest=b"0")
+    ours = Entry(b"p", Kind.FILE, Stamp(5, "beta"), digest=b"b")
+    theirs = Entry(b"p", Kind.FILE, Stamp(7, "gamma"), digest=b"g")
+    assert decide(base, theirs).concurrent  # neither knew the other
+    decision = decide(ours, theirs)
+    assert decision.concurrent and decision.loser == ours
+    assert dict(decision.vector) == {"beta": 5, "gamma": 7}
+
+
+def test_conflict_names_fit_in_a_file_name() -> None:
+    from omirror.entry import NAME_MAX, Stamp, conflict_name
+
+    name = conflict_name(b"x" * 250, Stamp(1_700_000_000_000_000_000, "host.example.org"))
+    assert len(name) <= NAME_MAX and name.endswith(b"-host.example.org-1700000000000000000")
+    assert conflict_name(b"a", Stamp(1, "\ud800")).endswith(b"-1")
