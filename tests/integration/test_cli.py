@@ -1,0 +1,161 @@
+"""omirrord as an operator runs it: a real process, real files, exit codes and messages."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from omirror import __version__
+
+GOOD = "HOSTS = ( alpha beta:2809 )\nFILES = ( /data )\n${FILES} -> ${HOSTS}\n\tinstall ;\n"
+
+
+def omirrord(*args: str, env: dict[str, str] | None = None,
+             cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("OMIRRORD_")}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "omirror", *args], capture_output=True,
+                          text=True, timeout=60, env=full_env, cwd=cwd)
+
+
+def write_conf(path: Path, text: str = GOOD, mode: int = 0o600) -> Path:
+    path.write_text(text)
+    os.chmod(path, mode)
+    return path
+
+
+def test_version_is_printed() -> None:
+    r = omirrord("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"omirrord, version {__version__}"
+    assert omirrord("-V").stdout == r.stdout
+
+
+@pytest.mark.parametrize("text, where, what", [
+    ("HOSTS = ( alpha beta \nFILES = ( /data )\n", "2:7", "expected ')'"),
+    ("FILES = ( data )\n${FILES} -> ( a )\n\tinstall ;\n", "1:11", "absolute"),
+    ("${FILES} -> ( a )\n\tinstall ;\n", "1:1", "FILES"),
+    ("FILES = ( /d )\n${FILES} -> ( a:99999 )\n\tinstall ;\n", "2:15", "port"),
+    ("FILES = ( /d )\n${FILES} -> ( a )\n\tinstall -obogus ;\n", "3:10", "bogus"),
+])
+def test_broken_config_exits_2_naming_file_line_and_column(tmp_path: Path, text: str,
+                                                           where: str, what: str) -> None:
+    conf = write_conf(tmp_path / "broken.conf", text)
+    r = omirrord("-C", str(conf), "--check")
+    assert r.returncode == 2
+    assert re.search(rf"broken\.conf:{where}: .*{re.escape(what)}", r.stderr), r.stderr
+    assert r.stdout == ""
+
+
+@pytest.mark.parametrize("mode", [0o666, 0o620, 0o602])
+def test_config_others_may_write_is_refused(tmp_path: Path, mode: int) -> None:
+    conf = write_conf(tmp_path / "omirrd.conf", mode=mode)
+    r = omirrord("-C", str(conf), "-n", "alpha", "--check")
+    assert r.returncode == 2
+    assert "group- or world-writable" in r.stderr and f"chmod go-w {conf}" in r.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the file away")
+def test_config_owned_by_someone_else_is_refused(tmp_path: Path) -> None:
+    conf = write_conf(tmp_path / "omirrd.conf")
+    os.chown(conf, 12345, 12345)
+    r = omirrord("-C", str(conf), "-n", "alpha", "--check")
+    assert r.returncode == 2 and "owned by" in r.stderr
+
+
+def test_missing_config_names_the_file(tmp_path: Path) -> None:
+    r = omirrord("-C", str(tmp_path / "nope.conf"), "--check")
+    assert r.returncode == 2 and f"{tmp_path / 'nope.conf'}" in r.stderr
+    assert "No such file" in r.stderr
+
+
+def test_host_in_no_set_is_an_error_that_says_so(tmp_path: Path) -> None:
+    conf = write_conf(tmp_path / "omirrd.conf")
+    r = omirrord("-C", str(conf), "-n", "gamma", "check")
+    assert r.returncode == 2 and "'gamma' is in no set" in r.stderr
+    assert "alpha, beta:2809" in r.stderr
+
+
+def test_options_come_from_environment_before_or_after_the_subcommand(tmp_path: Path) -> None:
+    conf = write_conf(tmp_path / "omirrd.conf")
+    env = {"OMIRRORD_CONFIG": str(conf), "OMIRRORD_NAME": "gamma"}
+    assert "'gamma' is in no set" in omirrord("--check", env=env).stderr
+    # the command line beats the environment, before or after the subcommand
+    assert "'delta' is in no set" in omirrord("-n", "delta", "check", env=env).stderr
+    assert "'omega' is in no set" in omirrord("check", "-n", "omega", env=env).stderr
+    assert "'omega' is in no set" in omirrord("-n", "x", "check", "-n", "omega",
+                                              env=env).stderr
+
+
+def test_run_scans_then_says_plainly_that_live_mirroring_is_missing(tmp_path: Path) -> None:
+    conf = write_conf(tmp_path / "omirrd.conf")
+    (tmp_path / "root" / "data" / "sub").mkdir(parents=True)
+    (tmp_path / "root" / "data" / "sub" / "f").write_text("hello")
+    state = tmp_path / "state"
+    args = ["-C", str(conf), "-n", "beta:2809", "--root", str(tmp_path / "root"),
+            "--state-dir", str(state)]
+    r = omirrord(*args)
+    assert r.returncode == 2 and "live mirroring" in r.stderr
+    assert "scanned set=" in r.stderr and "new=3" in r.stderr
+    dump = omirrord("log", "dump", "--state-dir", str(state))
+    assert dump.returncode == 0
+    lines = [ln.split("\t") for ln in dump.stdout.splitlines() if not ln.startswith("#")]
+    assert [(ln[2], ln[3], ln[4]) for ln in lines] == [
+        ("beta:2809", "dir", "/data"), ("beta:2809", "dir", "/data/sub"),
+        ("beta:2809", "file", "/data/sub/f")]
+    only = omirrord("--state-dir", str(state), "log", "dump", "--path", "/data/sub", "--since", "2")
+    assert [ln.split("\t")[4] for ln in only.stdout.splitlines()[1:]] == ["/data/sub/f"]
+
+
+def test_log_dump_without_a_store_is_an_error(tmp_path: Path) -> None:
+    r = omirrord("log", "dump", "--state-dir", str(tmp_path / "none"))
+    assert r.returncode == 2 and "no state database" in r.stderr
+    assert not (tmp_path / "none").exists()
+
+
+def test_keygen_makes_a_key_once_and_prints_the_peers_line(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    first = omirrord("keygen", "-n", "beta:2808", "--state-dir", str(state))
+    assert first.returncode == 0, first.stderr
+    line = first.stdout.strip()
+    assert re.fullmatch(r"beta ssh-ed25519 [A-Za-z0-9+/=]+", line)
+    assert (state / "host_key").stat().st_mode & 0o777 == 0o600
+    again = omirrord("keygen", "-n", "beta", "--state-dir", str(state))
+    assert again.stdout.strip() == line and "kept existing" in again.stderr
+    forced = omirrord("keygen", "-n", "beta", "--state-dir", str(state), "--force")
+    assert forced.returncode == 0 and forced.stdout.strip() != line
+
+
+def test_keygen_finds_its_name_in_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    conf = write_conf(tmp_path / "omirrd.conf", "HOSTS = ( 127.0.0.1:2900 other )\n"
+                      "FILES = ( /d )\n${FILES} -> ${HOSTS}\n\tinstall ;\n")
+    r = omirrord("keygen", "-C", str(conf), "-n", "127.0.0.1:2900",
+                 "--state-dir", str(tmp_path / "s"))
+    assert r.returncode == 0 and r.stdout.startswith("127.0.0.1:2900 ssh-ed25519 ")
+
+
+@pytest.mark.parametrize("args, what", [
+    (["status"], "control socket"),
+    (["sync", "/data/x"], "control socket"),
+    (["demo"], "live mirroring"),
+    (["log", "replay"], "peer links"),
+])
+def test_commands_without_their_machinery_say_so_and_exit_2(args: list[str], what: str) -> None:
+    r = omirrord(*args)
+    assert r.returncode == 2 and what in r.stderr and "this version" in r.stderr
+
+
+def test_check_with_a_valid_config_does_not_pretend(tmp_path: Path) -> None:
+    conf = write_conf(tmp_path / "omirrd.conf")
+    r = omirrord("-C", str(conf), "-n", "alpha", "--check")
+    assert r.returncode == 2 and "configuration is valid" in r.stderr
+    assert r.stdout == ""
+
+
+def test_unknown_subcommand_is_a_usage_error() -> None:
+    r = omirrord("frobnicate")
+    assert r.returncode == 2 and "No such command" in r.stderr
