@@ -148,6 +148,8 @@ class MirrorSet:
         regex excludes any path it matches anywhere (``re.search`` on the absolute path,
         as rdist does).
         """
+        if not (self.excepts or self._patterns):
+            return False  # the common case, on the scanner's hot path
         logical = "/" + os.fsdecode(path)
         if logical in self._except_set or logical.startswith(self._except_prefixes):
             return True

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import grp
 import logging
 import os
@@ -28,7 +29,7 @@ import xxhash
 from omirror.config import MirrorSet
 from omirror.entry import Entry, Kind, first_version, is_own_name, next_stamp
 from omirror.errors import RootError
-from omirror.store import Record, StatSig, Store
+from omirror.store import FAST, Record, StatSig, Store, fast_sig
 
 log = logging.getLogger(__name__)
 
@@ -109,32 +110,21 @@ class ScanStats:
         return self.new + self.changed + self.deleted
 
 
-class _Names:
-    """uid and gid to names, cached: owners travel by name, which is what rdist does."""
+@functools.lru_cache(maxsize=4096)
+def user_name(uid: int) -> str:
+    """Owners travel by name, as rdist sends them; a uid with no name travels as digits."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
-    def __init__(self) -> None:
-        self._users: dict[int, str] = {}
-        self._groups: dict[int, str] = {}
 
-    def user(self, uid: int) -> str:
-        name = self._users.get(uid)
-        if name is None:
-            try:
-                name = pwd.getpwuid(uid).pw_name
-            except KeyError:
-                name = str(uid)
-            self._users[uid] = name
-        return name
-
-    def group(self, gid: int) -> str:
-        name = self._groups.get(gid)
-        if name is None:
-            try:
-                name = grp.getgrgid(gid).gr_name
-            except KeyError:
-                name = str(gid)
-            self._groups[gid] = name
-        return name
+@functools.lru_cache(maxsize=4096)
+def group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 class Scanner:
@@ -149,7 +139,6 @@ class Scanner:
         self.store = store
         self.host = host
         self.clock = clock
-        self._names = _Names()
         self._specials_logged: set[bytes] = set()
 
     async def scan(self, mset: MirrorSet, root: bytes, *, subtree: bytes | None = None,
@@ -242,7 +231,7 @@ class _Run:
         self.follow = mset.options.follow
         self.stats = ScanStats(mset.title)
         self.pending: list[tuple[Entry, StatSig]] = []
-        self.sig_updates: list[tuple[bytes, StatSig]] = []
+        self.sig_updates: list[tuple[bytes, Kind, StatSig]] = []
         self.vanished: list[bytes] = []
         self.visited_dirs: set[tuple[int, int]] = set()
         self.store_empty = scanner.store.count() == 0
@@ -266,7 +255,8 @@ class _Run:
             self._special(path)
             return
         held = self.store.get(path)
-        self._consider(path, kind, st, None if held is None else _sig_tuple(held))
+        self._consider(path, kind, st,
+                       None if held is None else fast_sig(held.entry.kind, held.sig))
         if kind is Kind.DIR:
             self.walk(path, st)
         self.flush()
@@ -286,6 +276,13 @@ class _Run:
                 self.flush()
 
     def _walk_dir(self, directory: bytes, stack: list[tuple[bytes, os.stat_result]]) -> None:
+        """List one directory and compare each entry with the store.
+
+        This loop runs once per file of the tree on every rescan, so it does as little
+        as Python allows: names found on disk are popped from the store's listing (what
+        is left over went away), counters are locals, and the kind comes from one dict
+        lookup on the file type bits.
+        """
         known = self.store.signatures(directory)
         try:
             listing = os.scandir(local_path(self.root, directory))
@@ -295,61 +292,60 @@ class _Run:
             # Unreadable is not empty: keep every record below it as it is.
             self._unreadable(directory, e)
             return
-        seen: set[bytes] = set()
-        excluded = self.mset.is_excluded
-        stats = self.stats
+        excluded = self.mset.is_excluded if self.mset.excepts or self.mset.except_pats \
+            else None
+        follow = self.follow
         prefix = directory + b"/"
+        pop = known.pop
+        pack = FAST.pack
+        kind_of = _KINDS.get
+        is_dir = Kind.DIR
+        unchanged = 0
+        counts = [0, 0, 0, 0]
         with listing if listing is not None else _nothing() as entries:
             for de in entries:
                 name = de.name
+                sig = pop(name, None)
                 if name.startswith(b".omirror"):
-                    seen.add(name)
                     continue
-                path = prefix + name
-                if excluded(path):
-                    seen.add(name)
+                if excluded is not None and excluded(prefix + name):
                     continue
                 try:
-                    st = de.stat(follow_symlinks=self.follow)
+                    st = de.stat(follow_symlinks=follow)
                 except FileNotFoundError:
+                    if sig is not None:
+                        known[name] = sig  # gone between listing and stat: a deletion
                     continue
                 except OSError as e:
-                    seen.add(name)
-                    self._unreadable(path, e)
+                    self._unreadable(prefix + name, e)
                     continue
-                mode = st.st_mode
-                if stat.S_ISREG(mode):
-                    kind = Kind.FILE
-                elif stat.S_ISDIR(mode):
-                    kind = Kind.DIR
-                    stack.append((path, st))
-                elif stat.S_ISLNK(mode):
-                    kind = Kind.SYMLINK
-                else:
-                    seen.add(name)
-                    self._special(path)
+                kind = kind_of(st.st_mode & 0o170000)
+                if kind is None:
+                    self._special(prefix + name)
                     continue
-                seen.add(name)
-                sig = known.get(name)
-                if sig is not None and sig == (kind, st.st_ino, st.st_size, st.st_mtime_ns,
-                                               st.st_ctime_ns):
-                    stats.unchanged += 1
-                    _count(stats, kind)
+                if kind is is_dir:
+                    stack.append((prefix + name, st))
+                if sig == pack(kind, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+                    unchanged += 1
+                    counts[kind] += 1
                     continue
-                self._consider(path, kind, st, sig)
+                self._consider(prefix + name, kind, st, sig)
+        stats = self.stats
+        stats.unchanged += unchanged
+        stats.files += counts[Kind.FILE]
+        stats.symlinks += counts[Kind.SYMLINK]
         for name, sig in known.items():
-            if name not in seen and sig[0] != Kind.TOMBSTONE:
+            if sig[0] != Kind.TOMBSTONE:  # the first byte of a signature is the kind
                 self.vanished.append(prefix + name)
 
     # -- one changed path ----------------------------------------------------------------
 
     def _consider(self, path: bytes, kind: Kind, st: os.stat_result,
-                  known: tuple[int, int, int, int, int] | None) -> None:
+                  known: bytes | None) -> None:
         """Build the version of a path whose stat differs from the store's, and record it
         if its content or attributes really changed."""
         _count(self.stats, kind)
-        if known is not None and known == (kind, st.st_ino, st.st_size, st.st_mtime_ns,
-                                           st.st_ctime_ns):
+        if known == FAST.pack(kind, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
             self.stats.unchanged += 1
             return
         held = None if known is None else self.store.get(path)
@@ -357,8 +353,8 @@ class _Run:
         moved_from: bytes | None = None
         attrs: dict[str, object] = {
             "mode": stat.S_IMODE(st.st_mode),
-            "owner": self.sc._names.user(st.st_uid),
-            "group": self.sc._names.group(st.st_gid),
+            "owner": user_name(st.st_uid),
+            "group": group_name(st.st_gid),
         }
         try:
             if kind is Kind.FILE:
@@ -390,7 +386,7 @@ class _Run:
                                 size=0, digest=b"", target=b"")
             candidate = replace(candidate, **attrs)  # type: ignore[arg-type]
             if previous.same_content(candidate):
-                self.sig_updates.append((path, sig))
+                self.sig_updates.append((path, kind, sig))
                 self.stats.unchanged += 1
                 return
         stamp = next_stamp(st.st_ctime_ns, None if previous is None else previous.stamp,
@@ -462,8 +458,8 @@ class _Run:
             with self.store.batch():
                 for entry, sig in self.pending:
                     self.store.put(entry, sig)
-                for path, sig in self.sig_updates:
-                    self.store.set_sig(path, sig)
+                for path, kind, sig in self.sig_updates:
+                    self.store.set_sig(path, kind, sig)
         self.pending.clear()
         self.sig_updates.clear()
 
@@ -508,14 +504,11 @@ class _Run:
                     self.mset.title, os.fsdecode(path), reason)
 
 
+_KINDS = {stat.S_IFREG: Kind.FILE, stat.S_IFDIR: Kind.DIR, stat.S_IFLNK: Kind.SYMLINK}
+
+
 def _kind(mode: int) -> Kind | None:
-    if stat.S_ISREG(mode):
-        return Kind.FILE
-    if stat.S_ISDIR(mode):
-        return Kind.DIR
-    if stat.S_ISLNK(mode):
-        return Kind.SYMLINK
-    return None
+    return _KINDS.get(stat.S_IFMT(mode))
 
 
 def _count(stats: ScanStats, kind: Kind) -> None:
@@ -523,14 +516,6 @@ def _count(stats: ScanStats, kind: Kind) -> None:
         stats.files += 1
     elif kind is Kind.SYMLINK:
         stats.symlinks += 1
-
-
-def _sig_tuple(record: Record) -> tuple[int, int, int, int, int]:
-    """The fast-path tuple of :meth:`Store.signatures` for one record."""
-    sig = record.sig
-    if sig is None:
-        return (int(record.entry.kind), -1, 0, 0, 0)
-    return (int(record.entry.kind), sig.ino, sig.size, sig.mtime_ns, sig.ctime_ns)
 
 
 class _nothing:

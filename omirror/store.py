@@ -18,6 +18,7 @@ import logging
 import os
 import secrets
 import sqlite3
+import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,12 +57,10 @@ CREATE TABLE IF NOT EXISTS entries (
     target BLOB NOT NULL,
     moved_from BLOB,
     sig_ino INTEGER,
-    sig_size INTEGER,
-    sig_mtime_ns INTEGER,
-    sig_ctime_ns INTEGER
+    fast BLOB NOT NULL
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS entries_seq ON entries (seq);
-CREATE INDEX IF NOT EXISTS entries_dir ON entries (dir);
+CREATE INDEX IF NOT EXISTS entries_dir ON entries (dir, path, fast);
 CREATE INDEX IF NOT EXISTS entries_ino ON entries (sig_ino) WHERE sig_ino IS NOT NULL;
 CREATE TABLE IF NOT EXISTS cursors (
     peer TEXT PRIMARY KEY,
@@ -71,7 +70,14 @@ CREATE TABLE IF NOT EXISTS cursors (
 """
 
 _COLUMNS = ("path, seq, kind, stamp_ns, origin, vector, mode, owner, grp, mtime_ns, size, "
-            "digest, target, moved_from, sig_ino, sig_size, sig_mtime_ns, sig_ctime_ns")
+            "digest, target, moved_from, fast")
+
+_SLOTS = ",".join("?" * (2 + _COLUMNS.count(",") + 1))
+
+#: The scanner's fast-path signature, ``(kind, ino, size, mtime_ns, ctime_ns)`` packed in
+#: one value: a directory's signatures then load with ``dict(cursor)`` in C, and compare
+#: with one ``==``. A record without a local stat gets ino -1, which never matches.
+FAST = struct.Struct("<Bqqqq")
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,14 +129,22 @@ def _unpack_vector(blob: bytes) -> Vector:
     return tuple((str(origin), int(t)) for origin, t in msgpack.unpackb(blob))
 
 
+def fast_sig(kind: int, sig: StatSig | None) -> bytes:
+    """The packed fast-path signature of a record (see :data:`FAST`)."""
+    if sig is None:
+        return FAST.pack(kind, -1, 0, 0, 0)
+    return FAST.pack(kind, sig.ino, sig.size, sig.mtime_ns, sig.ctime_ns)
+
+
 def _record(row: tuple) -> Record:  # type: ignore[type-arg]
     (path, seq, kind, stamp_ns, origin, vector, mode, owner, grp, mtime_ns, size,
-     digest, target, moved_from, ino, ssize, smtime, sctime) = row
+     digest, target, moved_from, fast) = row
+    _, ino, ssize, smtime, sctime = FAST.unpack(fast)
     entry = Entry(path=bytes(path), kind=Kind(kind), stamp=Stamp(stamp_ns, origin),
                   vector=_unpack_vector(vector), mode=mode, owner=owner, group=grp,
                   mtime_ns=mtime_ns, size=size, digest=bytes(digest), target=bytes(target),
                   moved_from=None if moved_from is None else bytes(moved_from))
-    sig = None if ino is None else StatSig(ino, ssize, smtime, sctime)
+    sig = None if ino == -1 else StatSig(ino, ssize, smtime, sctime)
     return Record(entry, seq, sig)
 
 
@@ -269,23 +283,20 @@ class Store:
             self._last_seq += 1
             seq = self._last_seq
             self._conn.execute(
-                f"INSERT OR REPLACE INTO entries (dir, {_COLUMNS}) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (parent_of(entry.path), entry.path, seq, int(entry.kind), entry.stamp.time_ns,
-                 entry.stamp.origin, _pack_vector(entry.vector), entry.mode, entry.owner,
-                 entry.group, entry.mtime_ns, entry.size, entry.digest, entry.target,
-                 entry.moved_from,
-                 *((sig.ino, sig.size, sig.mtime_ns, sig.ctime_ns) if sig else (None,) * 4)))
+                f"INSERT OR REPLACE INTO entries (dir, sig_ino, {_COLUMNS}) VALUES ({_SLOTS})",
+                (parent_of(entry.path), None if sig is None else sig.ino, entry.path, seq,
+                 int(entry.kind), entry.stamp.time_ns, entry.stamp.origin,
+                 _pack_vector(entry.vector), entry.mode, entry.owner, entry.group,
+                 entry.mtime_ns, entry.size, entry.digest, entry.target, entry.moved_from,
+                 fast_sig(entry.kind, sig)))
             self._pending_seq = seq
         return seq
 
-    def set_sig(self, path: bytes, sig: StatSig | None) -> None:
+    def set_sig(self, path: bytes, kind: Kind, sig: StatSig | None) -> None:
         """Remember a new local stat for an unchanged version; not a change, no seq."""
-        values = (sig.ino, sig.size, sig.mtime_ns, sig.ctime_ns) if sig else (None,) * 4
         with self.batch():
-            self._conn.execute(
-                "UPDATE entries SET sig_ino=?, sig_size=?, sig_mtime_ns=?, sig_ctime_ns=? "
-                "WHERE path=?", (*values, path))
+            self._conn.execute("UPDATE entries SET sig_ino=?, fast=? WHERE path=?",
+                               (None if sig is None else sig.ino, fast_sig(kind, sig), path))
 
     def set_vector(self, path: bytes, vector: Vector) -> None:
         """Record that this version's history now includes another; not a change, no seq."""
@@ -293,20 +304,19 @@ class Store:
             self._conn.execute("UPDATE entries SET vector=? WHERE path=?",
                                (_pack_vector(vector), path))
 
-    def signatures(self, directory: bytes) -> dict[bytes, tuple[int, int, int, int, int]]:
-        """The children of a directory as ``name -> (kind, ino, size, mtime_ns, ctime_ns)``.
+    def signatures(self, directory: bytes) -> dict[bytes, bytes]:
+        """The children of a directory as ``name -> packed fast signature``.
 
-        This is the scanner's fast path: plain tuples, compared with one ``==`` against
-        the same tuple built from ``lstat``, because decoding whole entries for every file
-        of a large tree would cost more than the stat calls the fast path exists to save.
-        A record without a local stat has ino -1, so it never compares equal.
+        This is the scanner's fast path: the index on ``dir`` covers every column read,
+        and the dict is built by ``dict()`` from the cursor without a Python-level loop,
+        because decoding rows for every file of a large tree would cost as much as the
+        stat calls the fast path exists to save. The first byte of a signature is the
+        record's kind (0 for a tombstone).
         """
-        prefix = len(directory) + 1 if directory else 0
+        start = len(directory) + 2 if directory else 1
         with self._lock:
-            rows = self._conn.execute(
-                "SELECT path, kind, ifnull(sig_ino, -1), sig_size, sig_mtime_ns, sig_ctime_ns "
-                "FROM entries WHERE dir=?", (directory,)).fetchall()
-        return {row[0][prefix:]: row[1:] for row in rows}
+            return dict(self._conn.execute(
+                "SELECT substr(path, ?), fast FROM entries WHERE dir=?", (start, directory)))
 
     def children(self, directory: bytes) -> Iterator[Record]:
         """Every record whose parent is ``directory``, tombstones included."""

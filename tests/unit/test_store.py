@@ -15,7 +15,7 @@ import pytest
 
 from omirror.entry import Entry, Kind, Stamp, first_version
 from omirror.errors import StoreError
-from omirror.store import Cursor, StatSig, Store
+from omirror.store import FAST, Cursor, StatSig, Store
 
 
 def version(path: bytes, t: int, kind: Kind = Kind.FILE, origin: str = "alpha",
@@ -98,7 +98,7 @@ def test_listeners_hear_of_commits_only(store: Store) -> None:
         with store.batch():
             store.put(version(b"c", 3), None)
             raise ValueError
-    store.set_sig(b"a", StatSig(1, 2, 3, 4))  # not a change: no seq, nothing to hear
+    store.set_sig(b"a", Kind.FILE, StatSig(1, 2, 3, 4))  # not a change: no seq, nothing to hear
     assert heard == [2]
 
 
@@ -107,12 +107,13 @@ def test_signatures_are_fast_path_tuples_of_one_directory(store: Store) -> None:
     store.put(version(b"d/y", 2, Kind.SYMLINK), None)
     store.put(version(b"d/sub/z", 3), StatSig(8, 1, 2, 3))
     sigs = store.signatures(b"d")
-    assert sigs == {b"x": (Kind.FILE, 7, 10, 20, 30), b"y": (Kind.SYMLINK, -1, None, None, None)}
+    assert sigs == {b"x": FAST.pack(Kind.FILE, 7, 10, 20, 30),
+                    b"y": FAST.pack(Kind.SYMLINK, -1, 0, 0, 0)}
 
 
 def test_set_sig_and_set_vector_do_not_log_a_change(store: Store) -> None:
     seq = store.put(version(b"a", 1), None)
-    store.set_sig(b"a", StatSig(1, 2, 3, 4))
+    store.set_sig(b"a", Kind.FILE, StatSig(1, 2, 3, 4))
     store.set_vector(b"a", (("alpha", 1), ("beta", 9)))
     got = store.get(b"a")
     assert got is not None and got.seq == seq == store.last_seq
