@@ -1,0 +1,335 @@
+"""The peer protocol's frames and messages: bytes in, validated dataclasses out.
+
+A frame is a 4-byte big-endian length and a msgpack array ``[type, body]``. The length
+is checked against a hard bound before a byte of the body is read, and msgpack's own
+limits bound every string, array and map inside, so a hostile peer can neither make us
+allocate without bound nor hand us a value of a type we did not expect: every field is
+checked here, and anything else is a :class:`ProtocolError` that closes the link.
+
+Nothing here knows about sockets or SSH: :func:`read_message` takes any object with
+``readexactly`` (asyncio and asyncssh streams both have it), so the same protocol could
+run over a plain pipe or OpenSSH.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import msgpack
+
+from omirror.entry import Entry, Kind, Stamp
+from omirror.errors import OmirrorError
+
+PROTOCOL_VERSION = 1
+SUBSYSTEM = "omirror-1"
+#: A content chunk is at most 1 MiB; a frame carries one chunk or one small file plus
+#: its entry, so 4 MiB leaves room and still bounds what a peer can make us buffer.
+MAX_FRAME = 4 << 20
+CHUNK = 1 << 20
+#: Files up to this size travel inside their entry: no round trip for small files.
+INLINE_MAX = 64 << 10
+
+_INT64 = (1 << 63) - 1
+_MAX_PATH = 4096
+_MAX_NAME = 255
+_MAX_VECTOR = 256
+_LENGTH = struct.Struct(">I")
+
+
+class ProtocolError(OmirrorError):
+    """A peer sent something this protocol does not allow; the link is closed."""
+
+
+class Type(enum.IntEnum):
+    HELLO = 1  # both ways, first: who I am, my store's epoch, my clock
+    IHAVE = 2  # receiver -> pusher: how far I hold your log
+    START = 3  # pusher -> receiver: streaming from this seq; full = everything (new epoch)
+    ENTRY = 4  # pusher -> receiver: one version, with its content when small
+    WANT = 5  # receiver -> pusher: send me the content of this version
+    DATA = 6  # pusher -> receiver: bytes to append to the wanted content
+    COPY = 7  # pusher -> receiver: append this range of your old version (block delta)
+    NODATA = 8  # pusher -> receiver: that version is gone here; a newer entry follows
+    ACK = 9  # receiver -> pusher: everything up to this seq is applied or settled
+    BYE = 10  # either way, last: why the link is being closed
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    version: int
+    name: str
+    epoch: str
+    now_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class IHave:
+    epoch: str  # the pusher's epoch this cursor belongs to ("" = nothing held)
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    seq: int  # entries with a larger seq follow
+    full: bool  # the receiver's cursor was unusable: this is everything (TELLYOUEVERYTHING)
+
+
+@dataclass(frozen=True, slots=True)
+class EntryMsg:
+    seq: int
+    entry: Entry
+    data: bytes | None  # the whole content, for small files
+
+
+@dataclass(frozen=True, slots=True)
+class Want:
+    want_id: int
+    path: bytes
+    digest: bytes
+    block_size: int  # 0: no delta
+    blocks: tuple[bytes, ...]  # digests of the receiver's old version, block by block
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    want_id: int
+    data: bytes
+    end: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Copy:
+    want_id: int
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class NoData:
+    want_id: int
+    why: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Bye:
+    why: str
+
+
+Message = Hello | IHave | Start | EntryMsg | Want | Data | Copy | NoData | Ack | Bye
+
+
+# -- encoding ------------------------------------------------------------------------------
+
+def entry_fields(e: Entry) -> list[Any]:
+    return [e.path, int(e.kind), e.stamp.time_ns, e.stamp.origin,
+            [[o, t] for o, t in e.vector], e.mode, e.owner, e.group, e.mtime_ns, e.size,
+            e.digest, e.target, e.moved_from]
+
+
+def _body(msg: Message) -> tuple[Type, list[Any]]:
+    if isinstance(msg, Hello):
+        return Type.HELLO, [msg.version, msg.name, msg.epoch, msg.now_ns]
+    if isinstance(msg, IHave):
+        return Type.IHAVE, [msg.epoch, msg.seq]
+    if isinstance(msg, Start):
+        return Type.START, [msg.seq, msg.full]
+    if isinstance(msg, EntryMsg):
+        return Type.ENTRY, [msg.seq, entry_fields(msg.entry), msg.data]
+    if isinstance(msg, Want):
+        return Type.WANT, [msg.want_id, msg.path, msg.digest, msg.block_size, list(msg.blocks)]
+    if isinstance(msg, Data):
+        return Type.DATA, [msg.want_id, msg.data, msg.end]
+    if isinstance(msg, Copy):
+        return Type.COPY, [msg.want_id, msg.offset, msg.length]
+    if isinstance(msg, NoData):
+        return Type.NODATA, [msg.want_id, msg.why]
+    if isinstance(msg, Ack):
+        return Type.ACK, [msg.seq]
+    if isinstance(msg, Bye):
+        return Type.BYE, [msg.why]
+    raise TypeError(f"not a protocol message: {msg!r}")
+
+
+def encode(msg: Message) -> bytes:
+    """One frame: length prefix and msgpack body."""
+    kind, body = _body(msg)
+    payload = msgpack.packb([int(kind), body], use_bin_type=True)
+    if len(payload) > MAX_FRAME:
+        raise ValueError(f"{kind.name} frame of {len(payload)} bytes exceeds {MAX_FRAME}")
+    return _LENGTH.pack(len(payload)) + payload
+
+
+# -- decoding ------------------------------------------------------------------------------
+
+class Reader(Protocol):
+    async def readexactly(self, n: int) -> bytes: ...
+
+
+async def read_message(reader: Reader) -> Message:
+    """Read and validate one frame; :class:`ProtocolError` for anything malformed.
+
+    ``asyncio.IncompleteReadError`` (the peer closed the stream) passes through.
+    """
+    (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
+    if length == 0 or length > MAX_FRAME:
+        raise ProtocolError(f"frame of {length} bytes is outside 1..{MAX_FRAME}")
+    return decode(await reader.readexactly(length))
+
+
+def decode(payload: bytes) -> Message:
+    """Validate one frame's body (without its length prefix) into a message."""
+    try:
+        obj = msgpack.unpackb(payload, raw=False, use_list=True, strict_map_key=True,
+                              max_bin_len=MAX_FRAME, max_str_len=_MAX_PATH,
+                              max_array_len=max(_MAX_VECTOR, MAX_FRAME // 16),
+                              max_map_len=0, max_ext_len=0)
+    except (ValueError, msgpack.UnpackException, TypeError) as e:
+        raise ProtocolError(f"undecodable frame: {e}") from None
+    body = _array(obj, 2, "frame")
+    try:
+        kind = Type(_int(body[0], "message type", 1, 255))
+    except ValueError:
+        raise ProtocolError(f"unknown message type {body[0]!r}") from None
+    fields = body[1]
+    decoder = _DECODERS[kind]
+    return decoder(fields)
+
+
+def _array(value: object, n: int, what: str) -> list[Any]:
+    if not isinstance(value, list) or len(value) != n:
+        raise ProtocolError(f"{what}: expected an array of {n}, got {_shape(value)}")
+    return value
+
+
+def _shape(value: object) -> str:
+    if isinstance(value, list):
+        return f"an array of {len(value)}"
+    return type(value).__name__
+
+
+def _int(value: object, what: str, low: int = 0, high: int = _INT64) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise ProtocolError(f"{what}: expected an integer in {low}..{high}, got {value!r:.40}")
+    return value
+
+
+def _bool(value: object, what: str) -> bool:
+    if type(value) is not bool:
+        raise ProtocolError(f"{what}: expected a boolean, got {_shape(value)}")
+    return value
+
+
+def _str(value: object, what: str, limit: int = _MAX_NAME) -> str:
+    if type(value) is not str or len(value) > limit:
+        raise ProtocolError(f"{what}: expected a string of at most {limit}, "
+                            f"got {_shape(value)}")
+    return value
+
+
+def _bytes(value: object, what: str, limit: int, sizes: tuple[int, ...] = ()) -> bytes:
+    if type(value) is not bytes or len(value) > limit or (sizes and len(value) not in sizes):
+        raise ProtocolError(f"{what}: expected bytes of at most {limit}, got {_shape(value)}")
+    return value
+
+
+def _path(value: object, what: str = "path") -> bytes:
+    path = _bytes(value, what, _MAX_PATH)
+    if not path:
+        raise ProtocolError(f"{what}: empty")
+    return path
+
+
+def decode_entry(value: object) -> Entry:
+    """An entry from the wire: types and ranges only; path safety is apply's job."""
+    f = _array(value, 13, "entry")
+    try:
+        kind = Kind(_int(f[1], "entry kind", 0, 3))
+    except ValueError:
+        raise ProtocolError(f"entry kind {f[1]!r} is unknown") from None
+    raw_vector = f[4]
+    if not isinstance(raw_vector, list) or len(raw_vector) > _MAX_VECTOR:
+        raise ProtocolError("entry vector: expected an array of [origin, time] pairs")
+    vector = []
+    for pair in raw_vector:
+        p = _array(pair, 2, "vector element")
+        vector.append((_str(p[0], "vector origin"), _int(p[1], "vector time")))
+    digest = _bytes(f[10], "digest", 16, (0, 16))
+    if kind is Kind.FILE and len(digest) != 16:
+        raise ProtocolError("a file entry needs a 16-byte digest")
+    return Entry(
+        path=_path(f[0]), kind=kind,
+        stamp=Stamp(_int(f[2], "stamp time"), _str(f[3], "stamp origin")),
+        vector=tuple(sorted(set(vector))), mode=_int(f[5], "mode", 0, 0o7777),
+        owner=_str(f[6], "owner", 64), group=_str(f[7], "group", 64),
+        mtime_ns=_int(f[8], "mtime", -_INT64, _INT64), size=_int(f[9], "size"),
+        digest=digest, target=_bytes(f[11], "symlink target", _MAX_PATH),
+        moved_from=None if f[12] is None else _path(f[12], "moved_from"))
+
+
+def _hello(f: object) -> Hello:
+    a = _array(f, 4, "HELLO")
+    return Hello(_int(a[0], "protocol version", 1, 1 << 16), _str(a[1], "name"),
+                 _str(a[2], "epoch", 64), _int(a[3], "clock"))
+
+
+def _ihave(f: object) -> IHave:
+    a = _array(f, 2, "IHAVE")
+    return IHave(_str(a[0], "epoch", 64), _int(a[1], "seq"))
+
+
+def _start(f: object) -> Start:
+    a = _array(f, 2, "START")
+    return Start(_int(a[0], "seq"), _bool(a[1], "full"))
+
+
+def _entry(f: object) -> EntryMsg:
+    a = _array(f, 3, "ENTRY")
+    entry = decode_entry(a[1])
+    data = None if a[2] is None else _bytes(a[2], "inline data", INLINE_MAX)
+    if data is not None and (entry.kind is not Kind.FILE or len(data) != entry.size):
+        raise ProtocolError("inline data does not fit its entry")
+    return EntryMsg(_int(a[0], "seq", 1), entry, data)
+
+
+def _want(f: object) -> Want:
+    a = _array(f, 5, "WANT")
+    if not isinstance(a[4], list):
+        raise ProtocolError("WANT blocks: expected an array")
+    blocks = tuple(_bytes(b, "block digest", 16, (16,)) for b in a[4])
+    return Want(_int(a[0], "want id"), _path(a[1]), _bytes(a[2], "digest", 16, (16,)),
+                _int(a[3], "block size", 0, 1 << 30), blocks)
+
+
+def _data(f: object) -> Data:
+    a = _array(f, 3, "DATA")
+    return Data(_int(a[0], "want id"), _bytes(a[1], "data", CHUNK), _bool(a[2], "end"))
+
+
+def _copy(f: object) -> Copy:
+    a = _array(f, 3, "COPY")
+    return Copy(_int(a[0], "want id"), _int(a[1], "offset"), _int(a[2], "length", 1, 1 << 30))
+
+
+def _nodata(f: object) -> NoData:
+    a = _array(f, 2, "NODATA")
+    return NoData(_int(a[0], "want id"), _str(a[1], "reason", 1024))
+
+
+def _ack(f: object) -> Ack:
+    return Ack(_int(_array(f, 1, "ACK")[0], "seq"))
+
+
+def _bye(f: object) -> Bye:
+    return Bye(_str(_array(f, 1, "BYE")[0], "reason", 1024))
+
+
+_DECODERS = {Type.HELLO: _hello, Type.IHAVE: _ihave, Type.START: _start, Type.ENTRY: _entry,
+             Type.WANT: _want, Type.DATA: _data, Type.COPY: _copy, Type.NODATA: _nodata,
+             Type.ACK: _ack, Type.BYE: _bye}

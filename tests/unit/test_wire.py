@@ -1,0 +1,118 @@
+"""Frames and messages: every message round-trips; anything malformed is a ProtocolError."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import msgpack
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from omirror.entry import Entry, Kind, Stamp
+from omirror.wire import (MAX_FRAME, Ack, Bye, Copy, Data, EntryMsg, Hello, IHave, NoData,
+                          ProtocolError, Start, Want, decode, encode, read_message)
+
+ENTRY = Entry(path=b"srv/www/caf\xe9", kind=Kind.FILE, stamp=Stamp(10**18, "alpha"),
+              vector=(("alpha", 10**18), ("beta", 5)), mode=0o644, owner="www",
+              group="adm", mtime_ns=-5, size=3, digest=b"\x07" * 16, moved_from=b"srv/old")
+
+MESSAGES = [
+    Hello(1, "alpha", "ab" * 16, 10**18), IHave("", 0), IHave("e" * 32, 42),
+    Start(7, True), EntryMsg(3, ENTRY, b"abc"), EntryMsg(4, ENTRY, None),
+    Want(1, b"srv/x", b"\x01" * 16, 65536, (b"\x02" * 16,)), Data(1, b"x" * 1000, False),
+    Copy(1, 65536, 65536), NoData(1, "changed"), Ack(99), Bye("shutting down"),
+]
+
+
+@pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
+def test_every_message_round_trips(msg: object) -> None:
+    frame = encode(msg)  # type: ignore[arg-type]
+    assert struct.unpack(">I", frame[:4])[0] == len(frame) - 4
+    assert decode(frame[4:]) == msg
+
+
+def body(kind: int, fields: object) -> bytes:
+    return msgpack.packb([kind, fields], use_bin_type=True)
+
+
+def entry_list(**changes: object) -> list[object]:
+    fields = ["path", "kind", "time", "origin", "vector", "mode", "owner", "group", "mtime",
+              "size", "digest", "target", "moved_from"]
+    values = dict(zip(fields, [b"p", 1, 5, "a", [["a", 5]], 0o644, "u", "g", 1, 3,
+                               b"\0" * 16, b"", None]))
+    values.update(changes)
+    return [values[f] for f in fields]
+
+
+@pytest.mark.parametrize("payload, match", [
+    (b"\xc1", "undecodable"),
+    (msgpack.packb({"a": 1}), "undecodable"),
+    (msgpack.packb([1]), "expected an array of 2"),
+    (body(99, []), "unknown message type"),
+    (body(4, [1, entry_list(kind=9), None]), "entry kind"),
+    (body(4, [1, entry_list(path=b""), None]), "path: empty"),
+    (body(4, [1, entry_list(path="str"), None]), "path: expected bytes"),
+    (body(4, [1, entry_list(time=-1), None]), "stamp time"),
+    (body(4, [1, entry_list(time=1 << 63), None]), "stamp time"),
+    (body(4, [1, entry_list(mode=0o10000), None]), "mode"),
+    (body(4, [1, entry_list(digest=b"short"), None]), "digest"),
+    (body(4, [1, entry_list(), b"toolong"]), "inline data does not fit"),
+    (body(4, [0, entry_list(), None]), "seq"),
+    (body(4, [1, entry_list(vector=[["a"]]), None]), "vector element"),
+    (body(4, [1, entry_list(size=True), None]), "size"),
+    (body(9, ["1"]), "seq"),
+    (body(1, [1, "x" * 300, "e", 1]), "name"),
+    (body(5, [1, b"p", b"\0" * 16, 0, "notalist"]), "blocks"),
+])
+def test_malformed_frames_are_refused_with_a_reason(payload: bytes, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        decode(payload)
+
+
+class _Stream:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    async def readexactly(self, n: int) -> bytes:
+        if len(self.data) < n:
+            raise asyncio.IncompleteReadError(self.data, n)
+        chunk, self.data = self.data[:n], self.data[n:]
+        return chunk
+
+
+async def test_an_oversized_frame_is_refused_before_its_body_is_read() -> None:
+    stream = _Stream(struct.pack(">I", MAX_FRAME + 1))
+    with pytest.raises(ProtocolError, match="outside"):
+        await read_message(stream)
+
+
+async def test_messages_are_read_back_to_back_from_a_stream() -> None:
+    stream = _Stream(b"".join(encode(m) for m in MESSAGES))  # type: ignore[arg-type]
+    assert [await read_message(stream) for _ in MESSAGES] == MESSAGES
+    with pytest.raises(asyncio.IncompleteReadError):
+        await read_message(stream)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=512))
+def test_garbage_never_raises_anything_but_protocol_error(payload: bytes) -> None:
+    try:
+        decode(payload)
+    except ProtocolError:
+        pass
+
+
+_leaf = st.one_of(st.integers(-(1 << 63), (1 << 64) - 1), st.binary(max_size=40),
+                  st.text(max_size=10), st.booleans(), st.none())
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(0, 12), st.recursive(_leaf, lambda c: st.lists(c, max_size=14),
+                                        max_leaves=40))
+def test_well_formed_msgpack_of_any_shape_is_validated(kind: int, fields: object) -> None:
+    try:
+        msg = decode(body(kind, fields))
+    except ProtocolError:
+        return
+    assert decode(encode(msg)[4:]) == msg  # whatever is accepted is a valid message
