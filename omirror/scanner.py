@@ -176,6 +176,40 @@ class Scanner:
                  " (dry run)" if dry_run else "")
         return run.stats
 
+    def scan_paths(self, mset: MirrorSet, root: bytes,
+                   requests: list[tuple[bytes, bool]]) -> ScanStats:
+        """Examine the given logical paths, each alone or with its whole subtree.
+
+        This is how live events are indexed: a path an event named is examined exactly as
+        a full scan would examine it, so events and rescans never disagree. The roots
+        holding the paths are checked first, as for a full scan. Renames are found when
+        both the new and the old path are in one call: deletions are recorded last.
+        """
+        started = time.monotonic()
+        run = _Run(self, mset, root, dry_run=False)
+        tops = [logical(top) for top in mset.files]
+        checked: set[bytes] = set()
+        for path, recursive in requests:
+            top = next((t for t in tops if path == t or path.startswith(t + b"/")), None)
+            if top is None:
+                log.debug("set=%s path=%s is outside the set; not scanned", mset.title,
+                          os.fsdecode(path))
+                continue
+            if top not in checked:
+                self.check_root(mset, root, top)
+                checked.add(top)
+            if path != top and (mset.is_excluded(path) or any(
+                    is_own_name(part) for part in path[len(top) + 1:].split(b"/"))):
+                continue
+            run.visit_top(path, recursive=recursive)
+        run.finish()
+        run.stats.duration_s = time.monotonic() - started
+        if run.stats.recorded:
+            log.debug("indexed set=%s paths=%d new=%d changed=%d deleted=%d moved=%d",
+                      mset.title, len(requests), run.stats.new, run.stats.changed,
+                      run.stats.deleted, run.stats.moved)
+        return run.stats
+
     def check_root(self, mset: MirrorSet, root: bytes, top: bytes, *,
                    dry_run: bool = False) -> None:
         """Refuse a root that is missing, not a directory, or lost its marker.
@@ -238,8 +272,9 @@ class _Run:
 
     # -- walking -------------------------------------------------------------------------
 
-    def visit_top(self, path: bytes) -> None:
-        """Examine one path itself (a root or a subtree), then walk below it."""
+    def visit_top(self, path: bytes, *, recursive: bool = True) -> None:
+        """Examine one path itself (a root, a subtree, a path named by an event), then,
+        when it is a directory and ``recursive``, walk below it."""
         try:
             st = self._stat(local_path(self.root, path))
         except FileNotFoundError:
@@ -257,7 +292,7 @@ class _Run:
         held = self.store.get(path)
         self._consider(path, kind, st,
                        None if held is None else fast_sig(held.entry.kind, held.sig))
-        if kind is Kind.DIR:
+        if kind is Kind.DIR and recursive:
             self.walk(path, st)
         self.flush()
 

@@ -359,3 +359,35 @@ def test_root_checks_on_a_fake_file_system(fs) -> None:  # type: ignore[no-untyp
         assert not os.path.exists("/r/data/.omirror-root")
         scanner.check_root(mset, b"/r", b"data")
         assert stat.S_ISREG(os.lstat("/r/data/.omirror-root").st_mode)
+
+
+def test_scan_paths_examines_named_paths_alone_or_recursively(tree: Tree) -> None:
+    (tree.data / "d").mkdir()
+    (tree.data / "d" / "x").write_bytes(b"1")
+    tree.scan()
+    (tree.data / "d" / "x").write_bytes(b"changed")
+    (tree.data / "d" / "y").write_bytes(b"new")
+    os.chmod(tree.data / "d", 0o700)
+    alone = tree.scanner.scan_paths(tree.mset, os.fsencode(tree.base), [(b"data/d", False)])
+    assert alone.changed == 1 and tree.entry("d/y") is None  # the directory only
+    walked = tree.scanner.scan_paths(tree.mset, os.fsencode(tree.base), [(b"data/d", True)])
+    assert (walked.new, walked.changed) == (1, 1)
+
+
+def test_scan_paths_finds_a_rename_named_by_both_its_paths(tree: Tree) -> None:
+    (tree.data / "a").write_bytes(b"content")
+    tree.scan()
+    (tree.data / "a").rename(tree.data / "b")
+    stats = tree.scanner.scan_paths(tree.mset, os.fsencode(tree.base),
+                                    [(b"data/a", False), (b"data/b", False)])
+    assert stats.moved == 1 and stats.hashed == 0 and stats.deleted == 1
+    assert tree.entry("a").kind is Kind.TOMBSTONE
+
+
+def test_scan_paths_ignores_own_files_and_paths_outside_the_set(tree: Tree) -> None:
+    (tree.data / ".omirror-tmp-1").write_bytes(b"x")
+    tree.scan()
+    seq = tree.store.last_seq
+    stats = tree.scanner.scan_paths(tree.mset, os.fsencode(tree.base),
+                                    [(b"data/.omirror-tmp-1", False), (b"elsewhere/x", False)])
+    assert stats.recorded == 0 and tree.store.last_seq == seq
