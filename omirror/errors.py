@@ -48,3 +48,37 @@ class StoreError(OmirrorError):
 
 class NotImplementedYet(OmirrorError):
     """A command of the contract whose machinery this version does not have."""
+
+
+class PathRefused(OmirrorError):
+    """A path from a peer fails the safety checks: the entry is dropped and logged.
+
+    The link goes on: one hostile or mistaken path must not cut a peer off, and retrying
+    it could never succeed, so unlike :class:`ApplyError` it is not retried.
+    """
+
+    def __init__(self, path: object, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"refused path {_show_refused(path)}: {reason}")
+
+
+class ApplyError(OmirrorError):
+    """A path could not be applied here (permission denied, disk full, read-only fs...).
+
+    The cause is local and may go away, so the path is retried later with backoff while
+    the other paths and peers go on. ``errno`` is None when no system call failed (content
+    that does not match its digest).
+    """
+
+    def __init__(self, path: bytes, errno: int | None, message: str) -> None:
+        self.path = path
+        self.errno = errno
+        super().__init__(message)
+
+
+def _show_refused(path: object) -> str:
+    """A refused path as a log can show it: quoted and escaped, since it came from a peer
+    and may hold control characters or no valid UTF-8, and cut short if huge."""
+    text = repr(path.decode("utf-8", "surrogateescape") if isinstance(path, bytes) else path)
+    return text if len(text) <= 300 else text[:300] + f"... ({len(text)} characters)"

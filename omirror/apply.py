@@ -1,0 +1,1027 @@
+"""Apply versions received from peers to this host's trees: the only writer of mirrored trees.
+
+Paths come from the network, so nothing here trusts them. :func:`check_path` refuses a
+path that is malformed or outside the sets both hosts share; then every write opens the
+parent directory one component at a time from the set's root, with ``O_NOFOLLOW`` and
+``O_DIRECTORY``, and makes every later system call relative to that descriptor with the
+final name only. A symlink planted anywhere in the path (by a user, or by a peer in an
+earlier entry) therefore cannot lead a write out of the tree: opening it fails instead.
+
+Files are written to a temp file in the target directory, checked against their digest,
+fsynced, given their mode, owner and mtime, and renamed over the old name, so a reader
+sees the old file or the new one, never a half; a failure (a full disk) leaves the old
+file as it was and no temp file behind. After each change the final path's ``lstat`` is
+recorded with the entry, which is how the watcher and the scanner recognise the echo of
+this write and do not send it back.
+
+The applier does not decide anything: the receiver runs ``decide()`` and checks
+:meth:`Applier.disk_matches` first, then calls one method here per path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import grp
+import logging
+import os
+import pwd
+import secrets
+import stat
+import time
+from typing import Callable, Iterator, Sequence
+
+import xxhash
+
+from omirror.config import MirrorSet
+from omirror.entry import (NAME_MAX, Entry, Kind, Stamp, conflict_name, first_version,
+                           is_own_name, next_stamp)
+from omirror.errors import ApplyError, PathRefused
+from omirror.scanner import MARKER, group_name, local_path, logical, user_name
+from omirror.store import Record, StatSig, Store
+
+log = logging.getLogger(__name__)
+
+#: Longest logical path accepted from a peer (Linux PATH_MAX).
+PATH_MAX = 4096
+#: Temp files and temp symlinks start with the daemon's own prefix, so the scanner and the
+#: watcher ignore them and a peer can never name one.
+TEMP_PREFIX = b".omirror-tmp-"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+#: O_NONBLOCK: a local source swapped for a FIFO must not hang the tree worker.
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_CHUNK = 1 << 20
+_KINDS = {stat.S_IFREG: Kind.FILE, stat.S_IFDIR: Kind.DIR, stat.S_IFLNK: Kind.SYMLINK}
+
+
+# --------------------------------------------------------------------------- path checks
+
+
+def check_path(path: bytes, sets: Sequence[MirrorSet]) -> MirrorSet:
+    """The set that a path from a peer belongs to, or :class:`PathRefused`.
+
+    ``sets`` are the sets this host shares with that peer: a peer may only write where
+    both hosts mirror. When several sets contain the path, the first one that does not
+    exclude it is returned, so an exclusion in one set does not hide the path from
+    another set that mirrors it.
+    """
+    check_form(path)
+    excluded_by: MirrorSet | None = None
+    for mset in sets:
+        if mset.root_of(path) is None:
+            continue
+        if not mset.is_excluded(path):
+            return mset
+        excluded_by = excluded_by or mset
+    if excluded_by is not None:
+        raise PathRefused(path, f"excluded here by set {excluded_by.title}")
+    raise PathRefused(path, "is in no set this host shares with the peer")
+
+
+def check_form(path: object) -> None:
+    """Refuse a path that is not a plain relative path of real names.
+
+    Every component is checked, not the joined string: ``b"a//b"``, ``b"a/./b"`` and a
+    trailing ``/`` all name a path some other way than the scanner would, and ``..``
+    climbs out. Names of the daemon's own files (``.omirror*``: temp files, the root
+    marker) are refused so a peer cannot overwrite or forge them; conflict copies are
+    ``NAME.omirror-conflict-...`` and pass.
+    """
+    if not isinstance(path, bytes):
+        raise PathRefused(path, f"is a {type(path).__name__}, not bytes")
+    if not path:
+        raise PathRefused(path, "is empty")
+    if len(path) > PATH_MAX:
+        raise PathRefused(path, f"is {len(path)} bytes long, longer than {PATH_MAX}")
+    if path.startswith(b"/"):
+        raise PathRefused(path, "is absolute; logical paths are relative to /")
+    if b"\0" in path:
+        raise PathRefused(path, "contains a NUL byte")
+    for part in path.split(b"/"):
+        if not part:
+            raise PathRefused(path, "has an empty component (a doubled or trailing '/')")
+        if part in (b".", b".."):
+            raise PathRefused(path, f"has a {os.fsdecode(part)!r} component")
+        if len(part) > NAME_MAX:
+            raise PathRefused(path, f"has a component of {len(part)} bytes, longer "
+                                    f"than {NAME_MAX}")
+        if is_own_name(part):
+            raise PathRefused(path, f"names the daemon's own file {os.fsdecode(part)!r}; "
+                                    "names starting with .omirror are never mirrored")
+
+
+def show(path: bytes) -> str:
+    """A logical path as an operator reads it in a message: ``/srv/www/a``.
+
+    Names are not always UTF-8 nor free of control characters; those are shown escaped,
+    so that a file name cannot forge a log line.
+    """
+    text = "/" + os.fsdecode(path)
+    return text if text.isprintable() else repr(text)
+
+
+@contextlib.contextmanager
+def _os_errors(path: bytes, action: str) -> Iterator[None]:
+    """Turn a failed system call into an :class:`ApplyError` that says what failed."""
+    try:
+        yield
+    except OSError as e:
+        reason = e.strerror or errno.errorcode.get(e.errno or 0, str(e))
+        raise ApplyError(path, e.errno, f"cannot {action} {show(path)}: {reason}") from e
+
+
+def _lstat_at(dir_fd: int, name: bytes) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def _kind_of(st: os.stat_result) -> Kind | None:
+    return _KINDS.get(stat.S_IFMT(st.st_mode))
+
+
+def _temp_name() -> bytes:
+    return TEMP_PREFIX + secrets.token_hex(8).encode()
+
+
+def _split(path: bytes) -> tuple[bytes, bytes]:
+    """``b"a/b/c"`` -> ``(b"a/b", b"c")``."""
+    parent, _, name = path.rpartition(b"/")
+    return parent, name
+
+
+def _join(parent: bytes, name: bytes) -> bytes:
+    return parent + b"/" + name if parent else name
+
+
+@functools.lru_cache(maxsize=4096)
+def uid_of(name: str) -> int:
+    """The local uid of an owner name; -1 (leave as is) for an empty or unknown name.
+
+    Owners travel by name, as rdist sends them; digits are a numeric id (a uid that had
+    no name on the sending host). Cached like the scanner's reverse lookup: a user added
+    later is seen after a restart.
+    """
+    if name.isascii() and name.isdigit():
+        return int(name)
+    try:
+        return pwd.getpwnam(name).pw_uid if name else -1
+    except KeyError:
+        log.debug("user %r is unknown here: owners of that name are left as they are", name)
+        return -1
+
+
+@functools.lru_cache(maxsize=4096)
+def gid_of(name: str) -> int:
+    """The local gid of a group name; -1 (leave as is) for an empty or unknown name."""
+    if name.isascii() and name.isdigit():
+        return int(name)
+    try:
+        return grp.getgrnam(name).gr_gid if name else -1
+    except KeyError:
+        log.debug("group %r is unknown here: groups of that name are left as they are", name)
+        return -1
+
+
+# --------------------------------------------------------------------------- temp files
+
+
+class TempFile:
+    """A file being received: ``.omirror-tmp-<hex>`` in the target directory.
+
+    It is created in the target directory, not in a spool, so that the final rename is
+    atomic and the content is never copied twice. It is append-only and hashed as it
+    grows, so :meth:`finish` can check the digest without reading the file again. Use it
+    as a context manager (or call :meth:`abort`) so a failed transfer leaves nothing.
+    """
+
+    def __init__(self, dir_fd: int, entry: Entry) -> None:
+        """Create the temp file in the directory open at ``dir_fd``, which it owns from
+        now on, even when this fails."""
+        self.entry = entry
+        self.path = entry.path
+        self.name = _temp_name()
+        self.size = 0
+        self.dir_fd = dir_fd
+        self.fd = -1
+        self._hash = xxhash.xxh3_128()
+        self._finished = False
+        self._created = False
+        try:
+            self.fd = os.open(self.name, _TEMP_FLAGS, 0o600, dir_fd=dir_fd)
+            self._created = True
+            if entry.size > _CHUNK:
+                self._reserve(entry.size)
+        except BaseException:
+            self.abort()
+            raise
+
+    def __enter__(self) -> TempFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.abort()
+
+    def _reserve(self, size: int) -> None:
+        """Allocate the whole size up front: a disk too small fails now, not after
+        gigabytes were received."""
+        try:
+            os.posix_fallocate(self.fd, 0, size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                self._fail(e, "write")
+
+    @contextlib.contextmanager
+    def _guard(self, action: str) -> Iterator[None]:
+        if self.fd < 0:
+            raise ValueError(f"temp file for {show(self.path)} is closed")
+        try:
+            yield
+        except OSError as e:
+            self._fail(e, action)
+
+    def _fail(self, error: OSError, action: str) -> None:
+        self.abort()
+        reason = error.strerror or str(error)
+        raise ApplyError(self.path, error.errno,
+                         f"cannot {action} {show(self.path)}: {reason}") from error
+
+    def write(self, data: bytes) -> None:
+        """Append ``data``; more than the entry announced is refused at once, so a peer
+        cannot fill the disk through one entry."""
+        if self.size + len(data) > self.entry.size:
+            self.abort()
+            raise ApplyError(self.path, None,
+                             f"cannot write {show(self.path)}: more content than the "
+                             f"{self.entry.size} bytes its entry announced")
+        with self._guard("write"):
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+        self._hash.update(data)
+        self.size += len(data)
+
+    def copy_from(self, fd: int, offset: int, length: int) -> None:
+        """Append ``length`` bytes of another open file from ``offset``: the blocks of a
+        delta that the older local version already holds."""
+        while length > 0:
+            with self._guard("write"):
+                chunk = os.pread(fd, min(_CHUNK, length), offset)
+            if not chunk:
+                self.abort()
+                raise ApplyError(self.path, None,
+                                 f"cannot write {show(self.path)}: the local file it is "
+                                 f"built from ended {length} bytes early")
+            self.write(chunk)
+            offset += len(chunk)
+            length -= len(chunk)
+
+    def finish(self) -> None:
+        """Check size and digest against the entry, then fsync; idempotent.
+
+        On a mismatch the temp file is removed: what was received is no version at all.
+        """
+        if self._finished:
+            return
+        if self.fd < 0:
+            raise ValueError(f"temp file for {show(self.path)} is closed")
+        if self.size != self.entry.size or self._hash.digest() != self.entry.digest:
+            self.abort()
+            raise ApplyError(self.path, None,
+                             f"cannot write {show(self.path)}: content does not match its "
+                             f"digest ({self.size} bytes received, {self.entry.size} "
+                             "expected)")
+        with self._guard("write"):
+            os.fsync(self.fd)
+        self._finished = True
+
+    def abort(self) -> None:
+        """Remove the temp file and close it; idempotent, and a no-op once installed."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self._created and self.dir_fd >= 0:
+            try:
+                os.unlink(self.name, dir_fd=self.dir_fd)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("path=%s cannot remove temp file %s: %s", show(self.path),
+                            os.fsdecode(self.name), e.strerror)
+        self._created = False
+        self._close_dir()
+
+    def _installed(self) -> None:
+        """The temp name was renamed away: nothing is left to remove."""
+        self._created = False
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self._close_dir()
+
+    def _close_dir(self) -> None:
+        if self.dir_fd >= 0:
+            os.close(self.dir_fd)
+            self.dir_fd = -1
+
+
+# --------------------------------------------------------------------------- the applier
+
+
+class Applier:
+    """Writes versions received from peers into this host's trees, and records them.
+
+    ``clock`` stamps the new local versions this makes (conflict copies); ``can_chown``
+    says whether owners can be set (by default: running as root).
+
+    ``expected_absent`` holds the paths that applying a peer's rename moved away here
+    (:meth:`copy_local` with ``move``, :meth:`move`): their deletion is the peer's and
+    arrives as its tombstone, so the scanner (which shares this set) must not record one
+    of its own for them; :meth:`delete` takes a path out again.
+    """
+
+    def __init__(self, root: bytes, store: Store, host: str, *,
+                 clock: Callable[[], int] = time.time_ns,
+                 can_chown: bool | None = None) -> None:
+        self.root = root
+        self.store = store
+        self.host = host
+        self.clock = clock
+        self.can_chown = os.geteuid() == 0 if can_chown is None else can_chown
+        self.expected_absent: set[bytes] = set()
+
+    # -- checks --------------------------------------------------------------------------
+
+    def disk_matches(self, path: bytes, record: Record | None) -> bool:
+        """True when the disk at ``path`` holds what the store last recorded there.
+
+        Checked before anything is replaced: a local change the scanner has not recorded
+        yet must win, so the caller scans the path instead of applying. A directory is
+        compared by kind and inode only: every file written into it moves its mtime and
+        ctime, and its entry holds neither.
+        """
+        check_form(path)
+        gone = record is None or record.entry.is_tombstone
+        with _os_errors(path, "examine"):
+            try:
+                st = os.lstat(local_path(self.root, path))
+            except (FileNotFoundError, NotADirectoryError):
+                return gone
+        if record is None or gone or record.sig is None:
+            return False
+        kind = _kind_of(st)
+        if kind is not record.entry.kind:
+            return False
+        if kind is Kind.DIR:
+            return st.st_ino == record.sig.ino
+        return StatSig.of(st) == record.sig
+
+    # -- files ---------------------------------------------------------------------------
+
+    def write_file(self, mset: MirrorSet, entry: Entry, data: bytes) -> Record:
+        """Install a file whose whole content came with its entry."""
+        with self.begin_file(mset, entry) as temp:
+            temp.write(data)
+            return self.install_file(mset, entry, temp)
+
+    def begin_file(self, mset: MirrorSet, entry: Entry) -> TempFile:
+        """Open the temp file that streamed content (chunks, delta blocks) is written to."""
+        _expect(entry, Kind.FILE)
+        dir_fd, _ = self._parent_for_write(mset, entry.path, "write")
+        with _os_errors(entry.path, "write"):
+            return TempFile(dir_fd, entry)
+
+    def install_file(self, mset: MirrorSet, entry: Entry, temp: TempFile) -> Record:
+        """Verify the temp file (if :meth:`TempFile.finish` was not called yet) and rename
+        it over the target; the temp file is removed whatever fails."""
+        _expect(entry, Kind.FILE)
+        _check_temp(temp, entry)
+        with temp:
+            temp.finish()
+            st = self._install_temp(mset, temp, _split(entry.path)[1], entry.path, entry)
+        return self._record(entry, st)
+
+    def copy_local(self, mset: MirrorSet, entry: Entry, source: bytes, *,
+                   move: bool) -> Record:
+        """Make ``entry`` from the local file at ``source``, which holds the same content.
+
+        Used for renames (``move=True``: the file is renamed, nothing is read when the
+        store vouches for it) and for identical content found locally (a copy, checked
+        against the digest as it is made). A source whose content is not the entry's is
+        refused with :class:`ApplyError`: the caller then fetches the content. ``source``
+        must be in the same set. Its record is left as it is: its tombstone comes from
+        the same peer right after this entry.
+        """
+        _expect(entry, Kind.FILE)
+        self._top(mset, source)
+        if source == entry.path:
+            raise ValueError(f"copy_local of {show(source)} onto itself")
+        action = "move" if move else "copy"
+        src_dir, src_name, fd = self._open_source(mset, entry, source, action)
+        with contextlib.ExitStack() as close:
+            close.callback(os.close, src_dir)
+            close.callback(os.close, fd)
+            if move:
+                st = self._move(mset, entry, source, src_dir, src_name, fd)
+            else:
+                st = self._copy(mset, entry, source, fd)
+        log.debug("path=%s %s from %s", show(entry.path), "moved" if move else "copied",
+                  show(source))
+        return self._record(entry, st)
+
+    def _open_source(self, mset: MirrorSet, entry: Entry, source: bytes,
+                     action: str) -> tuple[int, bytes, int]:
+        """Open the local source file and its directory, or say that it is gone."""
+        gone = ApplyError(source, errno.ENOENT, f"cannot {action} {show(source)} to "
+                                                f"{show(entry.path)}: it is gone")
+        opened = self._open_parent(mset, source, create=False, action=action)
+        if opened is None:
+            raise gone
+        src_dir, src_name = opened
+        try:
+            with _os_errors(source, action):
+                try:
+                    return src_dir, src_name, os.open(src_name, _READ_FLAGS, dir_fd=src_dir)
+                except FileNotFoundError:
+                    raise gone from None
+        except BaseException:
+            os.close(src_dir)
+            raise
+
+    def _move(self, mset: MirrorSet, entry: Entry, source: bytes, src_dir: int,
+              src_name: bytes, fd: int) -> os.stat_result:
+        self._verify_source(entry, source, fd)
+        dst_dir, name = self._parent_for_write(mset, entry.path, "write")
+        try:
+            with _os_errors(entry.path, "write"):
+                old = _lstat_at(dst_dir, name)
+                self._set_attrs(mset, fd, entry, old)
+                if old is not None and stat.S_ISDIR(old.st_mode):
+                    self._remove_empty_dir(dst_dir, name, entry)
+                os.rename(src_name, name, src_dir_fd=src_dir, dst_dir_fd=dst_dir)
+                self.expected_absent.add(source)
+                return os.stat(name, dir_fd=dst_dir, follow_symlinks=False)
+        finally:
+            os.close(dst_dir)
+
+    def _copy(self, mset: MirrorSet, entry: Entry, source: bytes,
+              fd: int) -> os.stat_result:
+        """Copy through a temp file, which checks the digest as the bytes go by."""
+        with _os_errors(source, "copy"):
+            size = os.fstat(fd).st_size
+        if size != entry.size:
+            raise _not_the_content("copy", source, entry)
+        with self.begin_file(mset, entry) as temp:
+            temp.copy_from(fd, 0, size)
+            temp.finish()
+            return self._install_temp(mset, temp, _split(entry.path)[1], entry.path, entry)
+
+    def _verify_source(self, entry: Entry, source: bytes, fd: int) -> None:
+        """Check that the file about to be renamed holds the entry's content.
+
+        The store's digest is trusted when the file's stat signature is the one recorded
+        with it, exactly as a scan trusts it: a renamed 10 GB file is not read again.
+        Otherwise the file is hashed.
+        """
+        with _os_errors(source, "read"):
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ApplyError(source, None, f"cannot move {show(source)}: it is not a "
+                                               "regular file here")
+            held = self.store.get(source)
+            if (held is not None and held.entry.kind is Kind.FILE
+                    and held.sig == StatSig.of(st) and held.entry.digest == entry.digest
+                    and held.entry.size == entry.size):
+                return
+            digest, size = _hash_fd(fd)
+        if (digest, size) != (entry.digest, entry.size):
+            raise _not_the_content("move", source, entry)
+
+    def adopt(self, mset: MirrorSet, entry: Entry) -> Record:
+        """Record a version whose content is already in place here, with its attributes.
+
+        For a file that holds the entry's content already: its local version has the same
+        digest and an unchanged stat, or it arrived with its directory by :meth:`move`.
+        Only owner, mode and mtime are set; nothing is read. The caller vouches for the
+        content; a path that is not a regular file of the entry's size is refused.
+        """
+        _expect(entry, Kind.FILE)
+        opened = self._open_parent(mset, entry.path, create=False, action="adopt")
+        if opened is None:
+            raise ApplyError(entry.path, errno.ENOENT, f"cannot adopt {show(entry.path)}: "
+                                                       "it is not here")
+        parent, name = opened
+        try:
+            with _os_errors(entry.path, "adopt"):
+                fd = os.open(name, _READ_FLAGS, dir_fd=parent)
+                try:
+                    st = os.fstat(fd)
+                    if not stat.S_ISREG(st.st_mode) or st.st_size != entry.size:
+                        raise ApplyError(entry.path, None,
+                                         f"cannot adopt {show(entry.path)}: it is not a "
+                                         f"regular file of {entry.size} bytes here")
+                    self._set_attrs(mset, fd, entry, st)
+                finally:
+                    os.close(fd)
+                st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        finally:
+            os.close(parent)
+        return self._record(entry, st)
+
+    def move(self, mset: MirrorSet, entry: Entry, source: bytes) -> Record:
+        """Rename the local directory ``source``, with all it holds, to ``entry.path``.
+
+        A renamed tree then costs one rename here instead of a transfer per file; the
+        entries of its children follow and find their files in place (:meth:`adopt`).
+        Raises :class:`PathRefused` when the tree cannot be moved as a whole (the source
+        is not a directory of this set here, or the destination is taken): the caller
+        then applies the plain entries instead.
+        """
+        _expect(entry, Kind.DIR)
+        for path in (source, entry.path):
+            if path == self._top(mset, path):
+                raise PathRefused(path, f"is a root of set {mset.title}; a root is never "
+                                        "moved")
+        if entry.path.startswith(source + b"/") or source == entry.path:
+            raise PathRefused(entry.path, f"is inside {show(source)}, the directory moved")
+        opened = self._open_parent(mset, source, create=False, action="move")
+        if opened is None:
+            raise PathRefused(source, "is not here to be moved")
+        src_dir, src_name = opened
+        try:
+            st = self._move_dir(mset, entry, source, src_dir, src_name)
+        finally:
+            os.close(src_dir)
+        log.debug("path=%s directory moved from %s", show(entry.path), show(source))
+        return self._record(entry, st)
+
+    def _move_dir(self, mset: MirrorSet, entry: Entry, source: bytes, src_dir: int,
+                  src_name: bytes) -> os.stat_result:
+        dst_dir, name = self._parent_for_write(mset, entry.path, "move directory")
+        try:
+            with _os_errors(entry.path, "move directory"):
+                src = _lstat_at(src_dir, src_name)
+                if src is None or not stat.S_ISDIR(src.st_mode):
+                    raise PathRefused(source, "is not a directory here to be moved")
+                old = _lstat_at(dst_dir, name)
+                if old is not None and not stat.S_ISDIR(old.st_mode):
+                    raise PathRefused(entry.path, "is taken here by a file or symlink")
+                try:
+                    os.rename(src_name, name, src_dir_fd=src_dir, dst_dir_fd=dst_dir)
+                except OSError as e:
+                    if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise
+                    raise PathRefused(entry.path, "is a directory that is not empty here") \
+                        from e
+                self.expected_absent.add(source)
+                fd = os.open(name, _DIR_FLAGS, dir_fd=dst_dir)
+                try:
+                    self._set_attrs(mset, fd, entry, src, mtime=False)
+                finally:
+                    os.close(fd)
+                return os.stat(name, dir_fd=dst_dir, follow_symlinks=False)
+        finally:
+            os.close(dst_dir)
+
+    # -- directories and symlinks --------------------------------------------------------
+
+    def make_dir(self, mset: MirrorSet, entry: Entry) -> Record:
+        """Make the directory, or give an existing one its mode and owner.
+
+        A file or symlink in its place is removed first. Directory mtimes are not
+        mirrored: every change inside a directory moves its mtime anyway.
+        """
+        _expect(entry, Kind.DIR)
+        top = self._top(mset, entry.path)
+        if entry.path == top:
+            return self._set_root(mset, entry)
+        parent, name = self._parent_for_write(mset, entry.path, "make directory")
+        try:
+            with _os_errors(entry.path, "make directory"):
+                old = _lstat_at(parent, name)
+                if old is not None and not stat.S_ISDIR(old.st_mode):
+                    os.unlink(name, dir_fd=parent)
+                    old = None
+                if old is None:
+                    # 0700 until chown and chmod are done: a directory meant to be private
+                    # is never open to others in between.
+                    os.mkdir(name, 0o700, dir_fd=parent)
+                fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+                try:
+                    self._set_attrs(mset, fd, entry, old, mtime=False)
+                finally:
+                    os.close(fd)
+                st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        finally:
+            os.close(parent)
+        return self._record(entry, st)
+
+    def _set_root(self, mset: MirrorSet, entry: Entry) -> Record:
+        """A root's own entry: its mode and owner; it exists, or nothing is applied."""
+        fd = self._open_root(entry.path, entry.path)
+        try:
+            with _os_errors(entry.path, "set the attributes of"):
+                self._set_attrs(mset, fd, entry, os.fstat(fd), mtime=False)
+                st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        return self._record(entry, st)
+
+    def make_symlink(self, mset: MirrorSet, entry: Entry) -> Record:
+        """Make the symlink at a temp name, then rename it over whatever is there."""
+        _expect(entry, Kind.SYMLINK)
+        if not entry.target or b"\0" in entry.target or len(entry.target) > PATH_MAX:
+            raise PathRefused(entry.path, "symlink target is empty, too long or holds a NUL")
+        parent, name = self._parent_for_write(mset, entry.path, "make symlink")
+        temp = _temp_name()
+        try:
+            with _os_errors(entry.path, "make symlink"):
+                os.symlink(entry.target, temp, dir_fd=parent)
+                try:
+                    old = _lstat_at(parent, name)
+                    uid, gid = self._owner(mset, entry, old)
+                    if uid != -1 or gid != -1:
+                        os.chown(temp, uid, gid, dir_fd=parent, follow_symlinks=False)
+                    if old is not None and stat.S_ISDIR(old.st_mode):
+                        self._remove_empty_dir(parent, name, entry)
+                    os.rename(temp, name, src_dir_fd=parent, dst_dir_fd=parent)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(temp, dir_fd=parent)
+                    raise
+                st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        finally:
+            os.close(parent)
+        return self._record(entry, st)
+
+    # -- deletions -----------------------------------------------------------------------
+
+    def delete(self, mset: MirrorSet, entry: Entry) -> Record:
+        """Remove what is at the path, and record the tombstone.
+
+        A directory that still has children here is left: they are local files newer
+        than the deletion (their own tombstones would have come first), and a later scan
+        mirrors them. The tombstone is recorded anyway; an absent path is already deleted.
+        """
+        _expect(entry, Kind.TOMBSTONE)
+        if entry.path == self._top(mset, entry.path):
+            raise PathRefused(entry.path, f"is a root of set {mset.title}; a root is never "
+                                          "deleted by a peer")
+        opened = self._open_parent(mset, entry.path, create=False, action="delete")
+        if opened is not None:
+            parent, name = opened
+            try:
+                with _os_errors(entry.path, "delete"):
+                    self._remove(parent, name, entry.path)
+            finally:
+                os.close(parent)
+        seq = self.store.put(entry, None)
+        self.expected_absent.discard(entry.path)
+        return Record(entry, seq, None)
+
+    def _remove(self, parent: int, name: bytes, path: bytes) -> None:
+        old = _lstat_at(parent, name)
+        if old is None:
+            return
+        if not stat.S_ISDIR(old.st_mode):
+            os.unlink(name, dir_fd=parent)
+            return
+        try:
+            os.rmdir(name, dir_fd=parent)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            log.info("path=%s deleted by a peer but not empty here: kept, the local files "
+                     "below it are newer", show(path))
+
+    # -- conflicts -----------------------------------------------------------------------
+
+    def keep_conflict_copy(self, mset: MirrorSet, path: bytes, loser: Stamp) -> Record | None:
+        """Keep the local file at ``path``, which lost a conflict, as its conflict copy.
+
+        The copy is a hard link (a copy where links are refused), not a rename, so the
+        path keeps its content until the winner is installed over it: if that install
+        fails, no scan can mistake the empty name for a deletion that would beat the
+        winner. The copy is recorded as a new local version, mirrored like any user file.
+        Returns None when there is no regular file at ``path`` to keep.
+        """
+        self._top(mset, path)
+        opened = self._open_parent(mset, path, create=False, action="keep a conflict copy of")
+        if opened is None:
+            return None
+        parent, name = opened
+        copy = conflict_name(name, loser)
+        copy_path = _join(_split(path)[0], copy)
+        try:
+            with _os_errors(copy_path, "keep a conflict copy at"):
+                old = _lstat_at(parent, name)
+                if old is None or not stat.S_ISREG(old.st_mode):
+                    log.debug("path=%s no local file to keep as a conflict copy", show(path))
+                    return None
+                self._link_or_copy(parent, name, copy, path)
+                fd = os.open(copy, _READ_FLAGS, dir_fd=parent)
+                try:
+                    digest, _ = _hash_fd(fd)
+                finally:
+                    os.close(fd)
+                st = os.stat(copy, dir_fd=parent, follow_symlinks=False)
+        finally:
+            os.close(parent)
+        log.warning("path=%s lost a conflict to a peer's version: local content kept as %s",
+                    show(path), show(copy_path))
+        return self._record_local(copy_path, st, digest)
+
+    def _link_or_copy(self, parent: int, name: bytes, copy: bytes, path: bytes) -> None:
+        """Give ``name``'s inode the name ``copy`` too, replacing what ``copy`` held."""
+        temp = _temp_name()
+        try:
+            os.link(name, temp, src_dir_fd=parent, dst_dir_fd=parent, follow_symlinks=False)
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+            self._copy_at(parent, name, temp)
+            log.debug("path=%s conflict copy made by copying: %s", show(path), e.strerror)
+        try:
+            os.rename(temp, copy, src_dir_fd=parent, dst_dir_fd=parent)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=parent)
+            raise
+
+    def _copy_at(self, parent: int, name: bytes, temp: bytes) -> None:
+        """Copy a file's content, owner, mode and mtime to ``temp`` in the same directory."""
+        src = os.open(name, _READ_FLAGS, dir_fd=parent)
+        try:
+            st = os.fstat(src)
+            dst = os.open(temp, _TEMP_FLAGS, 0o600, dir_fd=parent)
+            try:
+                offset = 0
+                while chunk := os.pread(src, _CHUNK, offset):
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(dst, view):]
+                    offset += len(chunk)
+                if self.can_chown:
+                    os.fchown(dst, st.st_uid, st.st_gid)
+                os.fchmod(dst, stat.S_IMODE(st.st_mode))
+                os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+                os.fsync(dst)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp, dir_fd=parent)
+                raise
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+
+    def write_conflict_copy(self, mset: MirrorSet, entry: Entry,
+                            data_or_temp: bytes | TempFile) -> Record:
+        """Keep an incoming version that lost a conflict as its conflict copy.
+
+        The content is written at ``conflict_name(name, entry.stamp)`` beside the path,
+        with the entry's mode, owner and mtime, and recorded as a new local version.
+        """
+        _expect(entry, Kind.FILE)
+        if isinstance(data_or_temp, TempFile):
+            temp = data_or_temp
+            _check_temp(temp, entry)
+        else:
+            temp = self.begin_file(mset, entry)
+        parent_path, name = _split(entry.path)
+        copy = conflict_name(name, entry.stamp)
+        copy_path = _join(parent_path, copy)
+        with temp:
+            if not isinstance(data_or_temp, TempFile):
+                temp.write(data_or_temp)
+            temp.finish()
+            st = self._install_temp(mset, temp, copy, copy_path, entry)
+        log.warning("path=%s a peer's version lost a conflict: kept as %s", show(entry.path),
+                    show(copy_path))
+        return self._record_local(copy_path, st, entry.digest)
+
+    # -- shared steps --------------------------------------------------------------------
+
+    def _top(self, mset: MirrorSet, path: bytes) -> bytes:
+        """The logical root of the set entry holding ``path``; refuses a path outside it.
+
+        The receiver checked the path with :func:`check_path` already; this repeats the
+        cheap part, so that no caller can make the applier write outside a set.
+        """
+        check_form(path)
+        top = mset.root_of(path)
+        if top is None:
+            raise PathRefused(path, f"is not inside set {mset.title}")
+        return logical(top)
+
+    def _open_root(self, top: bytes, path: bytes) -> int:
+        """Open a set root, which must exist and carry its marker.
+
+        A root is never created here: a missing root, or an empty mount point without the
+        marker, means the disk is not mounted, and writing into the mount point would
+        hide files and later look like a mass change. The error is retried until the
+        root is back (or the scan stops the set).
+        """
+        where = local_path(self.root, top)
+        action = f"apply {show(path)}: root {show(top)}"
+        try:
+            fd = os.open(where, _DIR_FLAGS)
+        except OSError as e:
+            raise ApplyError(path, e.errno, f"cannot {action} ({os.fsdecode(where)}) is not "
+                                            f"usable: {e.strerror}") from e
+        try:
+            os.stat(MARKER, dir_fd=fd, follow_symlinks=False)
+        except OSError as e:
+            os.close(fd)
+            raise ApplyError(path, e.errno, f"cannot {action} ({os.fsdecode(where)}) has no "
+                                            f"{os.fsdecode(MARKER)} marker: it looks "
+                                            "unmounted or wiped, so nothing is written into "
+                                            "it") from e
+        return fd
+
+    def _open_parent(self, mset: MirrorSet, path: bytes, *, create: bool,
+                     action: str) -> tuple[int, bytes] | None:
+        """Open the directory holding ``path``, walking down from its set root.
+
+        Each component is opened relative to the one above with ``O_NOFOLLOW`` and
+        ``O_DIRECTORY``, so a symlink anywhere below the root is refused rather than
+        followed. Missing directories are made when ``create`` (a child can arrive for
+        a parent deleted here); otherwise None says the path cannot exist. Returns the
+        open directory (the caller closes it) and the final name.
+        """
+        top = self._top(mset, path)
+        if path == top:
+            raise PathRefused(path, f"is a root of set {mset.title}; a root is always a "
+                                    "directory")
+        parts = (path[len(top) + 1:] if top else path).split(b"/")
+        fd = self._open_root(top, path)
+        try:
+            for part in parts[:-1]:
+                child = self._step(fd, part, path, create, action)
+                os.close(fd)
+                fd = child
+                if fd < 0:
+                    return None
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            raise
+        return fd, parts[-1]
+
+    def _parent_for_write(self, mset: MirrorSet, path: bytes,
+                          action: str) -> tuple[int, bytes]:
+        """:meth:`_open_parent`, making missing directories, so it always opens one."""
+        opened = self._open_parent(mset, path, create=True, action=action)
+        if opened is None:  # not reached: with create, every missing directory is made
+            raise ApplyError(path, errno.ENOENT, f"cannot {action} {show(path)}: its "
+                                                 "directory vanished while it was made")
+        return opened
+
+    @staticmethod
+    def _step(parent: int, part: bytes, path: bytes, create: bool, action: str) -> int:
+        """Open one directory below ``parent``; -1 when it is missing and not made."""
+        with _os_errors(path, action):
+            try:
+                return os.open(part, _DIR_FLAGS, dir_fd=parent)
+            except FileNotFoundError:
+                if not create:
+                    return -1
+            except OSError as e:
+                # open(2): O_NOFOLLOW|O_DIRECTORY on a symlink fails with ENOTDIR or ELOOP,
+                # depending on the kernel; look again to say which it was.
+                if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                st = _lstat_at(parent, part)
+                if st is not None and stat.S_ISLNK(st.st_mode):
+                    raise PathRefused(path, f"component {os.fsdecode(part)!r} is a symbolic "
+                                            "link here: writes never go through one") from e
+                raise PathRefused(path, f"component {os.fsdecode(part)!r} is not a "
+                                        "directory here") from e
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, 0o755, dir_fd=parent)
+                log.debug("path=%s made missing directory %s", show(path),
+                          os.fsdecode(part))
+            return os.open(part, _DIR_FLAGS, dir_fd=parent)
+
+    def _install_temp(self, mset: MirrorSet, temp: TempFile, name: bytes, path: bytes,
+                      entry: Entry) -> os.stat_result:
+        """Give the finished temp file its attributes and rename it to ``name``."""
+        dir_fd = temp.dir_fd
+        with _os_errors(path, "write"):
+            old = _lstat_at(dir_fd, name)
+            self._set_attrs(mset, temp.fd, entry, old)
+            if old is not None and stat.S_ISDIR(old.st_mode):
+                self._remove_empty_dir(dir_fd, name, entry)
+            os.rename(temp.name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            try:
+                return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            finally:
+                temp._installed()
+
+    def _set_attrs(self, mset: MirrorSet, fd: int, entry: Entry, old: os.stat_result | None,
+                   *, mtime: bool = True) -> None:
+        """Owner, then mode (a chown may clear set-id bits), then mtime, on an open fd.
+
+        ``old`` is what the path held before: with ``nochkowner``/``nochkgroup``/
+        ``nochkmode`` its attributes are kept (the new file replaces it), and a new path
+        gets the entry's mode, as rdist gives new files the source's mode.
+        """
+        uid, gid = self._owner(mset, entry, old)
+        if uid != -1 or gid != -1:
+            os.fchown(fd, uid, gid)
+        if mset.options.nochkmode and old is not None and _kind_of(old) is entry.kind:
+            os.fchmod(fd, stat.S_IMODE(old.st_mode))
+        else:
+            os.fchmod(fd, entry.mode & 0o7777)
+        if mtime:
+            os.utime(fd, ns=(time.time_ns(), entry.mtime_ns))
+
+    def _owner(self, mset: MirrorSet, entry: Entry,
+               old: os.stat_result | None) -> tuple[int, int]:
+        """The uid and gid to set, -1 for "leave as is"."""
+        if not self.can_chown:
+            return -1, -1
+        options = mset.options
+        if options.nochkowner:
+            uid = -1 if old is None else old.st_uid
+        else:
+            uid = uid_of(entry.owner)
+        if options.nochkgroup:
+            gid = -1 if old is None else old.st_gid
+        else:
+            gid = gid_of(entry.group)
+        return uid, gid
+
+    @staticmethod
+    def _remove_empty_dir(parent: int, name: bytes, entry: Entry) -> None:
+        """Make room for a file or symlink where a directory is; only an empty one."""
+        try:
+            os.rmdir(name, dir_fd=parent)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise ApplyError(entry.path, errno.ENOTEMPTY,
+                             f"cannot replace directory {show(entry.path)} by a "
+                             f"{entry.kind.name.lower()}: it is not empty here") from e
+
+    def _record(self, entry: Entry, st: os.stat_result) -> Record:
+        """Record what was applied with the stat it left, so its echo is recognised."""
+        sig = StatSig.of(st)
+        seq = self.store.put(entry, sig)
+        log.debug("path=%s applied %s stamp=%s", show(entry.path), entry.kind.name.lower(),
+                  entry.stamp)
+        return Record(entry, seq, sig)
+
+    def _record_local(self, path: bytes, st: os.stat_result, digest: bytes) -> Record:
+        """Record a file made here (a conflict copy) as a new local version."""
+        held = self.store.get(path)
+        previous = None if held is None else held.entry
+        stamp = next_stamp(self.clock(), None if previous is None else previous.stamp,
+                           self.host)
+        attrs: dict[str, object] = {
+            "mode": stat.S_IMODE(st.st_mode), "owner": user_name(st.st_uid),
+            "group": group_name(st.st_gid), "mtime_ns": st.st_mtime_ns,
+            "size": st.st_size, "digest": digest,
+        }
+        if previous is None:
+            entry = first_version(path, Kind.FILE, stamp, **attrs)
+        else:
+            entry = previous.successor(stamp, kind=Kind.FILE, target=b"", **attrs)
+        sig = StatSig.of(st)
+        seq = self.store.put(entry, sig)
+        return Record(entry, seq, sig)
+
+
+def _expect(entry: Entry, kind: Kind) -> None:
+    if entry.kind is not kind:
+        raise ValueError(f"{show(entry.path)}: a {entry.kind.name.lower()} entry given where "
+                         f"a {kind.name.lower()} is applied")
+
+
+def _not_the_content(action: str, source: bytes, entry: Entry) -> ApplyError:
+    return ApplyError(source, None, f"cannot {action} {show(source)} to {show(entry.path)}: "
+                                    "its content does not match the digest of the entry")
+
+
+def _check_temp(temp: TempFile, entry: Entry) -> None:
+    """A temp file is installed only as the content it was verified against.
+
+    The entry may differ otherwise (the receiver records the merged version vector).
+    """
+    if (temp.path, temp.entry.size, temp.entry.digest) != (entry.path, entry.size,
+                                                           entry.digest):
+        raise ValueError(f"temp file of {show(temp.path)} given for another version or "
+                         f"path: {show(entry.path)}")
+
+
+def _hash_fd(fd: int) -> tuple[bytes, int]:
+    """xxh3-128 digest and size of an open file, read from its start."""
+    digest = xxhash.xxh3_128()
+    offset = 0
+    while chunk := os.pread(fd, _CHUNK, offset):
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.digest(), offset

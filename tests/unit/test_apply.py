@@ -1,0 +1,795 @@
+"""The applier on real trees: what it writes, what it records, and what it refuses to touch."""
+
+from __future__ import annotations
+
+import errno
+import grp
+import logging
+import os
+import pwd
+import stat
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import xxhash
+
+from omirror import apply as apply_module, config
+from omirror.apply import Applier, TempFile
+from omirror.entry import Entry, Kind, Stamp, conflict_name
+from omirror.errors import ApplyError, PathRefused
+from omirror.scanner import MARKER, Scanner
+from omirror.store import Record, StatSig, Store
+
+MTIME_NS = 1_600_000_000_123_456_789
+PEER_STAMP = Stamp(10**18, "beta")
+CLOCK_NS = 2 * 10**18
+
+
+def mirror_set(options: str = "") -> config.MirrorSet:
+    text = f"( /data ) -> ( alpha beta ) install {options} ;\n"
+    return config.parse(text, "test.conf").sets[0]
+
+
+def file_entry(path: bytes, data: bytes, *, mode: int = 0o640, owner: str = "root",
+               group: str = "root", stamp: Stamp = PEER_STAMP) -> Entry:
+    return Entry(path=path, kind=Kind.FILE, stamp=stamp, vector=((stamp.origin, stamp.time_ns),),
+                 mode=mode, owner=owner, group=group, mtime_ns=MTIME_NS, size=len(data),
+                 digest=xxhash.xxh3_128(data).digest())
+
+
+def dir_entry(path: bytes, mode: int = 0o750) -> Entry:
+    return Entry(path=path, kind=Kind.DIR, stamp=PEER_STAMP, mode=mode, owner="root",
+                 group="root")
+
+
+def link_entry(path: bytes, target: bytes) -> Entry:
+    return Entry(path=path, kind=Kind.SYMLINK, stamp=PEER_STAMP, owner="root", group="root",
+                 target=target)
+
+
+def tombstone(path: bytes) -> Entry:
+    return Entry(path=path, kind=Kind.TOMBSTONE, stamp=PEER_STAMP)
+
+
+class Host:
+    """One host: a root with a marked /data in it, a real store, an applier."""
+
+    def __init__(self, base: Path, options: str = "") -> None:
+        self.root = base / "root"
+        self.data = self.root / "data"
+        self.data.mkdir(parents=True)
+        (self.data / os.fsdecode(MARKER)).write_bytes(b"marker\n")
+        self.mset = mirror_set(options)
+        self.store = Store.open(base / "state")
+        self.applier = Applier(os.fsencode(self.root), self.store, "alpha",
+                               clock=lambda: CLOCK_NS)
+
+    def path(self, logical: bytes) -> Path:
+        return self.root / os.fsdecode(logical)
+
+    def write(self, logical: bytes, data: bytes, **kw: object) -> Record:
+        entry = file_entry(logical, data, **kw)  # type: ignore[arg-type]
+        return self.applier.write_file(self.mset, entry, data)
+
+    def leftovers(self) -> list[str]:
+        """Temp files anywhere in the tree: there must never be any after a call."""
+        return [name for _, dirs, files in os.walk(self.root) for name in dirs + files
+                if name.startswith(".omirror-tmp-")]
+
+    def scan(self) -> int:
+        """How many new versions a scan records: after an apply, none (the echo test)."""
+        stats = Scanner(self.store, "alpha").scan_set(self.mset, os.fsencode(self.root))
+        return stats.recorded
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Iterator[Host]:
+    h = Host(tmp_path)
+    yield h
+    h.store.close()
+
+
+def lstat_sig(p: Path) -> StatSig:
+    return StatSig.of(os.lstat(p))
+
+
+# -- files ---------------------------------------------------------------------------------
+
+
+def test_write_file_installs_content_mode_mtime_and_records_the_lstat(host: Host) -> None:
+    record = host.write(b"data/a.txt", b"hello", mode=0o640)
+    p = host.data / "a.txt"
+    st = os.lstat(p)
+    assert p.read_bytes() == b"hello"
+    assert stat.S_IMODE(st.st_mode) == 0o640 and st.st_mtime_ns == MTIME_NS
+    assert record.sig == StatSig.of(st) and record.entry.path == b"data/a.txt"
+    assert host.store.get(b"data/a.txt") == record
+    assert host.leftovers() == []
+
+
+def test_write_file_replaces_an_existing_file(host: Host) -> None:
+    (host.data / "a").write_bytes(b"old")
+    old_ino = os.lstat(host.data / "a").st_ino
+    record = host.write(b"data/a", b"new content", mode=0o600)
+    assert (host.data / "a").read_bytes() == b"new content"
+    assert record.sig is not None and record.sig.ino != old_ino  # renamed over, not rewritten
+    assert stat.S_IMODE(os.lstat(host.data / "a").st_mode) == 0o600
+
+
+def test_applied_versions_are_recognised_by_the_scanner(host: Host) -> None:
+    """What the applier records is what a scan would see: the echo never bounces back."""
+    assert host.scan() == 1  # the first scan records /data itself
+    host.applier.make_dir(host.mset, dir_entry(b"data/d", 0o755))
+    host.write(b"data/d/f", b"content", mode=0o644)
+    host.applier.make_symlink(host.mset, link_entry(b"data/d/l", b"f"))
+    host.write(b"data/g", b"g")
+    host.applier.delete(host.mset, tombstone(b"data/g"))
+    assert host.scan() == 0
+
+
+def test_streamed_file_in_chunks_and_delta_blocks(host: Host) -> None:
+    old = host.data / "old"
+    old.write_bytes(b"AAAABBBBCCCC")
+    new = b"AAAA" + b"xy" + b"CCCC" + b"z" * 3_000_000
+    entry = file_entry(b"data/new", new)
+    with host.applier.begin_file(host.mset, entry) as temp:
+        assert host.leftovers() == [os.fsdecode(temp.name)]
+        fd = os.open(old, os.O_RDONLY)
+        try:
+            temp.copy_from(fd, 0, 4)
+            temp.write(b"xy")
+            temp.copy_from(fd, 8, 4)
+        finally:
+            os.close(fd)
+        for i in range(3):
+            temp.write(b"z" * 1_000_000)
+        assert temp.size == len(new)
+        temp.finish()
+        record = host.applier.install_file(host.mset, entry, temp)
+    assert (host.data / "new").read_bytes() == new
+    assert record.sig == lstat_sig(host.data / "new")
+    assert host.leftovers() == []
+
+
+def test_digest_mismatch_is_refused_and_leaves_the_old_file(host: Host) -> None:
+    (host.data / "a").write_bytes(b"old")
+    entry = file_entry(b"data/a", b"what the peer announced")
+    with pytest.raises(ApplyError, match=r"^cannot write /data/a: content does not match its "
+                                         r"digest \(23 bytes received, 23 expected\)$") as e:
+        host.applier.write_file(host.mset, entry, b"what the peer sent inst")
+    assert e.value.errno is None and e.value.path == b"data/a"
+    assert (host.data / "a").read_bytes() == b"old"
+    assert host.leftovers() == [] and host.store.get(b"data/a") is None
+
+
+def test_short_stream_is_refused_at_finish_and_the_temp_removed(host: Host) -> None:
+    entry = file_entry(b"data/a", b"0123456789")
+    temp = host.applier.begin_file(host.mset, entry)
+    temp.write(b"01234")
+    with pytest.raises(ApplyError, match=r"\(5 bytes received, 10 expected\)"):
+        host.applier.install_file(host.mset, entry, temp)
+    assert host.leftovers() == [] and not (host.data / "a").exists()
+    temp.abort()  # idempotent
+    with pytest.raises(ValueError, match="is closed"):
+        temp.write(b"more")
+
+
+def test_more_content_than_announced_is_refused_at_once(host: Host) -> None:
+    temp = host.applier.begin_file(host.mset, file_entry(b"data/a", b"0123"))
+    temp.write(b"012")
+    with pytest.raises(ApplyError, match=r"^cannot write /data/a: more content than the 4 "
+                                         r"bytes its entry announced$"):
+        temp.write(b"34")
+    assert host.leftovers() == []
+
+
+def test_abort_removes_the_temp_file(host: Host) -> None:
+    temp = host.applier.begin_file(host.mset, file_entry(b"data/a", b"x"))
+    temp.write(b"x")
+    temp.abort()
+    temp.abort()
+    assert host.leftovers() == [] and not (host.data / "a").exists()
+
+
+def test_missing_parent_directories_are_made(host: Host) -> None:
+    host.write(b"data/x/y/z", b"deep")
+    assert (host.data / "x" / "y" / "z").read_bytes() == b"deep"
+    assert stat.S_ISDIR(os.lstat(host.data / "x" / "y").st_mode)
+
+
+def test_owner_and_group_by_name(host: Host) -> None:
+    try:
+        nobody, nogroup = pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid
+    except KeyError:
+        pytest.skip("no user nobody or group nogroup here")
+    if os.geteuid() != 0:
+        pytest.skip("only root can give files away")
+    host.write(b"data/a", b"x", owner="nobody", group="nogroup", mode=0o4750)
+    st = os.lstat(host.data / "a")
+    assert (st.st_uid, st.st_gid) == (nobody, nogroup)
+    assert stat.S_IMODE(st.st_mode) == 0o4750  # mode set after chown, so set-id survives
+
+
+def test_numeric_owner_and_unknown_names(host: Host, caplog: pytest.LogCaptureFixture) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only root can give files away")
+    host.write(b"data/a", b"x", owner="12345", group="54321")
+    st = os.lstat(host.data / "a")
+    assert (st.st_uid, st.st_gid) == (12345, 54321)
+    with caplog.at_level(logging.DEBUG, logger="omirror.apply"):
+        host.write(b"data/b", b"x", owner="no-such-user-7e3f", group="no-such-group-7e3f")
+    st = os.lstat(host.data / "b")
+    assert (st.st_uid, st.st_gid) == (0, 0)
+    assert "user 'no-such-user-7e3f' is unknown here" in caplog.text
+
+
+def test_without_chown_owner_is_left_alone(host: Host) -> None:
+    host.applier.can_chown = False
+    host.write(b"data/a", b"x", owner="12345", group="12345")
+    st = os.lstat(host.data / "a")
+    assert (st.st_uid, st.st_gid) == (os.geteuid(), os.getegid())
+
+
+def test_nochkmode_keeps_the_local_mode_of_an_existing_file(tmp_path: Path) -> None:
+    h = Host(tmp_path, "-onochkmode")
+    (h.data / "a").write_bytes(b"old")
+    os.chmod(h.data / "a", 0o600)
+    h.write(b"data/a", b"new", mode=0o755)
+    assert stat.S_IMODE(os.lstat(h.data / "a").st_mode) == 0o600
+    h.write(b"data/b", b"new file", mode=0o751)  # a new file gets the entry's mode
+    assert stat.S_IMODE(os.lstat(h.data / "b").st_mode) == 0o751
+    h.store.close()
+
+
+def test_nochkowner_keeps_the_local_owner_across_the_replacement(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("only root can give files away")
+    h = Host(tmp_path, "-onochkowner,nochkgroup")
+    (h.data / "a").write_bytes(b"old")
+    os.chown(h.data / "a", 4321, 4322)
+    h.write(b"data/a", b"new", owner="root", group="root")
+    st = os.lstat(h.data / "a")
+    assert (st.st_uid, st.st_gid) == (4321, 4322)
+    h.store.close()
+
+
+def test_failed_rename_is_an_apply_error_and_cleans_up(host: Host,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    (host.data / "a").write_bytes(b"old")
+
+    def refuse(*args: object, **kw: object) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(os, "rename", refuse)
+    with pytest.raises(ApplyError, match=r"^cannot write /data/a: Permission denied$") as e:
+        host.write(b"data/a", b"new")
+    monkeypatch.undo()
+    assert e.value.errno == errno.EACCES and e.value.path == b"data/a"
+    assert (host.data / "a").read_bytes() == b"old" and host.leftovers() == []
+
+
+def test_disk_full_while_writing_keeps_the_old_file(host: Host,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    (host.data / "a").write_bytes(b"old")
+    before = lstat_sig(host.data / "a")
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "write", full)
+        with pytest.raises(ApplyError, match=r"^cannot write /data/a: No space left on device$"):
+            host.write(b"data/a", b"new content")
+    assert (host.data / "a").read_bytes() == b"old" and lstat_sig(host.data / "a") == before
+    assert host.leftovers() == [] and host.store.get(b"data/a") is None
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A real 64 KiB tmpfs, so that ENOSPC comes from the kernel; skipped where mounting
+    is not allowed."""
+    where = tmp_path / "small"
+    where.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+@pytest.mark.parametrize("size", [200_000, 3_000_000], ids=["written", "reserved"])
+def test_real_disk_full_keeps_the_old_file(small_fs: Path, tmp_path: Path, size: int) -> None:
+    """200 kB fails in write(); 3 MB fails at once, when its space is reserved."""
+    data = small_fs / "data"
+    data.mkdir()
+    (data / os.fsdecode(MARKER)).write_bytes(b"m")
+    (data / "a").write_bytes(b"old")
+    with Store.open(tmp_path / "state") as store:
+        applier = Applier(os.fsencode(small_fs), store, "alpha")
+        content = b"\x01" * size
+        with pytest.raises(ApplyError, match="No space left on device") as e:
+            applier.write_file(mirror_set(), file_entry(b"data/a", content), content)
+    assert e.value.errno == errno.ENOSPC
+    assert (data / "a").read_bytes() == b"old"
+    assert sorted(os.listdir(data)) == [".omirror-root", "a"]
+
+
+# -- type changes --------------------------------------------------------------------------
+
+
+def test_type_changes_file_dir_symlink_file(host: Host) -> None:
+    p = host.data / "x"
+    host.write(b"data/x", b"a file")
+    host.applier.make_dir(host.mset, dir_entry(b"data/x", 0o711))
+    assert stat.S_ISDIR(os.lstat(p).st_mode) and stat.S_IMODE(os.lstat(p).st_mode) == 0o711
+    record = host.applier.make_symlink(host.mset, link_entry(b"data/x", b"../elsewhere"))
+    assert os.readlink(p) == "../elsewhere" and record.sig == lstat_sig(p)
+    host.write(b"data/x", b"a file again")
+    assert p.read_bytes() == b"a file again" and not p.is_symlink()
+    host.applier.make_symlink(host.mset, link_entry(b"data/x", b"t"))
+    host.applier.make_dir(host.mset, dir_entry(b"data/x"))  # a symlink is replaced too
+    assert stat.S_ISDIR(os.lstat(p).st_mode)
+    host.applier.make_symlink(host.mset, link_entry(b"data/x", b"t2"))
+    assert os.readlink(p) == "t2"
+    assert host.leftovers() == []
+
+
+def test_a_file_never_replaces_a_non_empty_directory(host: Host) -> None:
+    (host.data / "d").mkdir()
+    (host.data / "d" / "newer").write_bytes(b"local")
+    with pytest.raises(ApplyError, match=r"^cannot replace directory /data/d by a file: it "
+                                         r"is not empty here$") as e:
+        host.write(b"data/d", b"x")
+    assert e.value.errno == errno.ENOTEMPTY
+    with pytest.raises(ApplyError, match="by a symlink"):
+        host.applier.make_symlink(host.mset, link_entry(b"data/d", b"t"))
+    assert (host.data / "d" / "newer").read_bytes() == b"local" and host.leftovers() == []
+
+
+def test_make_dir_sets_mode_on_an_existing_directory(host: Host) -> None:
+    (host.data / "d").mkdir(mode=0o700)
+    before = os.lstat(host.data / "d").st_ino
+    record = host.applier.make_dir(host.mset, dir_entry(b"data/d", 0o2775))
+    st = os.lstat(host.data / "d")
+    assert st.st_ino == before and stat.S_IMODE(st.st_mode) == 0o2775
+    assert record.sig == StatSig.of(st)
+
+
+def test_the_root_gets_attributes_but_is_never_replaced(host: Host) -> None:
+    host.applier.make_dir(host.mset, dir_entry(b"data", 0o751))
+    assert stat.S_IMODE(os.lstat(host.data).st_mode) == 0o751
+    with pytest.raises(PathRefused, match="is a root of set"):
+        host.write(b"data", b"x")
+    with pytest.raises(PathRefused, match="a root is never deleted by a peer"):
+        host.applier.delete(host.mset, tombstone(b"data"))
+    assert host.data.is_dir()
+
+
+def test_symlink_with_a_bad_target_is_refused(host: Host) -> None:
+    for target in (b"", b"a\0b"):
+        with pytest.raises(PathRefused, match="symlink target"):
+            host.applier.make_symlink(host.mset, link_entry(b"data/l", target))
+
+
+# -- deletions -----------------------------------------------------------------------------
+
+
+def test_delete_file_symlink_directory_and_absent(host: Host) -> None:
+    (host.data / "f").write_bytes(b"x")
+    (host.data / "l").symlink_to(host.data / "f")
+    (host.data / "d").mkdir()
+    for name in (b"l", b"f", b"d", b"never-was", b"gone/below/x"):
+        record = host.applier.delete(host.mset, tombstone(b"data/" + name))
+        assert record.sig is None and record.entry.is_tombstone
+        assert host.store.get(b"data/" + name) == record
+    assert sorted(os.listdir(host.data)) == [".omirror-root"]
+
+
+def test_deleting_a_symlink_does_not_touch_its_target(host: Host, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_bytes(b"k")
+    (host.data / "l").symlink_to(outside)
+    host.applier.delete(host.mset, tombstone(b"data/l"))
+    assert not (host.data / "l").exists() and (outside / "keep").read_bytes() == b"k"
+
+
+def test_delete_of_a_non_empty_directory_keeps_it(host: Host,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    (host.data / "d").mkdir()
+    (host.data / "d" / "newer").write_bytes(b"local")
+    with caplog.at_level(logging.INFO, logger="omirror.apply"):
+        record = host.applier.delete(host.mset, tombstone(b"data/d"))
+    assert (host.data / "d" / "newer").read_bytes() == b"local"
+    assert host.store.get(b"data/d") == record and record.entry.is_tombstone
+    assert "path=/data/d deleted by a peer but not empty here" in caplog.text
+
+
+# -- local copies and renames --------------------------------------------------------------
+
+
+def test_copy_local_move_renames_without_reading(host: Host,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    source = host.write(b"data/old", b"payload")
+    (host.data / "sub").mkdir()
+
+    def no_reading(fd: int) -> tuple[bytes, int]:
+        raise AssertionError("the store vouches for the source: it must not be read")
+
+    monkeypatch.setattr(apply_module, "_hash_fd", no_reading)
+    entry = file_entry(b"data/sub/new", b"payload", mode=0o604)
+    ino = source.sig.ino if source.sig else -1
+    record = host.applier.copy_local(host.mset, entry, b"data/old", move=True)
+    st = os.lstat(host.data / "sub" / "new")
+    assert not (host.data / "old").exists() and st.st_ino == ino
+    assert stat.S_IMODE(st.st_mode) == 0o604 and record.sig == StatSig.of(st)
+
+
+def test_a_moved_source_is_expected_absent_until_its_tombstone(host: Host) -> None:
+    host.write(b"data/old", b"payload")
+    host.applier.copy_local(host.mset, file_entry(b"data/new", b"payload"), b"data/old",
+                            move=True)
+    assert host.applier.expected_absent == {b"data/old"}
+    host.applier.delete(host.mset, tombstone(b"data/old"))
+    assert host.applier.expected_absent == set()
+
+
+def test_copy_local_move_hashes_a_source_the_store_does_not_vouch_for(host: Host) -> None:
+    (host.data / "old").write_bytes(b"payload")  # never recorded
+    record = host.applier.copy_local(host.mset, file_entry(b"data/new", b"payload"),
+                                     b"data/old", move=True)
+    assert (host.data / "new").read_bytes() == b"payload" and not (host.data / "old").exists()
+    assert record.entry.path == b"data/new"
+
+
+def test_copy_local_move_refuses_a_changed_source(host: Host) -> None:
+    host.write(b"data/old", b"payload")
+    (host.data / "old").write_bytes(b"changed")  # after the record: the store no longer vouches
+    with pytest.raises(ApplyError, match=r"^cannot move /data/old to /data/new: its content "
+                                         r"does not match the digest of the entry$"):
+        host.applier.copy_local(host.mset, file_entry(b"data/new", b"payload"), b"data/old",
+                                move=True)
+    assert (host.data / "old").read_bytes() == b"changed" and not (host.data / "new").exists()
+
+
+def test_copy_local_copy_keeps_the_source(host: Host) -> None:
+    host.write(b"data/src", b"same bytes")
+    entry = file_entry(b"data/dup/copy", b"same bytes", mode=0o444)
+    record = host.applier.copy_local(host.mset, entry, b"data/src", move=False)
+    dst = host.data / "dup" / "copy"
+    assert dst.read_bytes() == b"same bytes" and (host.data / "src").read_bytes() == b"same bytes"
+    assert os.lstat(dst).st_ino != os.lstat(host.data / "src").st_ino
+    assert stat.S_IMODE(os.lstat(dst).st_mode) == 0o444 and os.lstat(dst).st_mtime_ns == MTIME_NS
+    assert record.sig == lstat_sig(dst) and host.leftovers() == []
+
+
+def test_copy_local_copy_refuses_other_content(host: Host) -> None:
+    (host.data / "src").write_bytes(b"other bytes")
+    with pytest.raises(ApplyError, match=r"^cannot copy /data/src to /data/copy: its content "
+                                         r"does not match the digest of the entry$"):
+        host.applier.copy_local(host.mset, file_entry(b"data/copy", b"same bytes"),
+                                b"data/src", move=False)
+    (host.data / "src").write_bytes(b"samE bytes")  # same size, other bytes
+    with pytest.raises(ApplyError, match="content does not match its digest"):
+        host.applier.copy_local(host.mset, file_entry(b"data/copy", b"same bytes"),
+                                b"data/src", move=False)
+    assert not (host.data / "copy").exists() and host.leftovers() == []
+
+
+def test_copy_local_from_a_missing_or_outside_source(host: Host) -> None:
+    with pytest.raises(ApplyError, match=r"^cannot copy /data/nope to /data/a: it is gone$"):
+        host.applier.copy_local(host.mset, file_entry(b"data/a", b"x"), b"data/nope",
+                                move=False)
+    with pytest.raises(PathRefused, match="is not inside set"):
+        host.applier.copy_local(host.mset, file_entry(b"data/a", b"x"), b"etc/passwd",
+                                move=True)
+
+
+def test_move_renames_a_directory_with_everything_in_it(host: Host) -> None:
+    host.applier.make_dir(host.mset, dir_entry(b"data/big", 0o755))
+    host.write(b"data/big/part", b"ten gigabytes")
+    ino = os.lstat(host.data / "big" / "part").st_ino
+    record = host.applier.move(host.mset, dir_entry(b"data/moved/here", 0o750), b"data/big")
+    assert not (host.data / "big").exists()
+    assert os.lstat(host.data / "moved" / "here" / "part").st_ino == ino
+    assert stat.S_IMODE(os.lstat(host.data / "moved" / "here").st_mode) == 0o750
+    assert record.sig == lstat_sig(host.data / "moved" / "here")
+    assert host.applier.expected_absent == {b"data/big"}
+
+
+def test_move_refuses_what_it_cannot_move_as_a_whole(host: Host) -> None:
+    (host.data / "d").mkdir()
+    (host.data / "f").write_bytes(b"x")
+    (host.data / "full").mkdir()
+    (host.data / "full" / "x").write_bytes(b"x")
+    cases = [
+        (b"data/gone", b"data/e", "is not a directory here to be moved"),
+        (b"data/no/parent", b"data/e", "is not here to be moved"),
+        (b"data/f", b"data/e", "is not a directory here to be moved"),
+        (b"data/d", b"data/f", "is taken here by a file or symlink"),
+        (b"data/d", b"data/full", "is a directory that is not empty here"),
+        (b"data/d", b"data/d/sub", "is inside /data/d, the directory moved"),
+        (b"data", b"data/e", "a root is never moved"),
+        (b"etc", b"data/e", "is not inside set"),
+    ]
+    for source, target, reason in cases:
+        with pytest.raises(PathRefused, match=reason):
+            host.applier.move(host.mset, dir_entry(target), source)
+    assert sorted(os.listdir(host.data)) == [".omirror-root", "d", "f", "full"]
+    assert host.applier.expected_absent == set() and host.store.count() == 0
+
+
+def test_adopt_records_content_in_place_with_its_attributes(host: Host) -> None:
+    (host.data / "f").write_bytes(b"already here")
+    os.chmod(host.data / "f", 0o600)
+    record = host.applier.adopt(host.mset, file_entry(b"data/f", b"already here", mode=0o644))
+    st = os.lstat(host.data / "f")
+    assert stat.S_IMODE(st.st_mode) == 0o644 and st.st_mtime_ns == MTIME_NS
+    assert record.sig == StatSig.of(st) and host.store.get(b"data/f") == record
+    with pytest.raises(ApplyError, match=r"^cannot adopt /data/f: it is not a regular file "
+                                         r"of 3 bytes here$"):
+        host.applier.adopt(host.mset, file_entry(b"data/f", b"abc"))
+    with pytest.raises(ApplyError, match=r"^cannot adopt /data/none: No such file"):
+        host.applier.adopt(host.mset, file_entry(b"data/none", b"abc"))
+
+
+# -- conflicts -----------------------------------------------------------------------------
+
+
+def test_keep_conflict_copy_keeps_the_local_loser_as_a_new_local_version(host: Host) -> None:
+    host.write(b"data/doc", b"local words", stamp=Stamp(5, "alpha"))
+    assert host.scan() == 1  # /data itself
+    loser = Stamp(5, "alpha")
+    record = host.applier.keep_conflict_copy(host.mset, b"data/doc", loser)
+    name = conflict_name(b"doc", loser)
+    assert record is not None and record.entry.path == b"data/" + name
+    assert name == b"doc.omirror-conflict-alpha-5"
+    copy = host.data / os.fsdecode(name)
+    assert copy.read_bytes() == b"local words"
+    assert (host.data / "doc").read_bytes() == b"local words"  # until the winner is installed
+    entry = record.entry
+    assert entry.stamp == Stamp(CLOCK_NS, "alpha") and entry.vector == (("alpha", CLOCK_NS),)
+    assert entry.digest == xxhash.xxh3_128(b"local words").digest()
+    assert (entry.mode, entry.owner, entry.size, entry.mtime_ns) == (0o640, "root", 11, MTIME_NS)
+    assert record.sig == lstat_sig(copy) and host.store.get(entry.path) == record
+    host.write(b"data/doc", b"the winner's words")
+    assert copy.read_bytes() == b"local words"
+    assert host.scan() == 0
+
+
+def test_keep_conflict_copy_of_nothing(host: Host) -> None:
+    assert host.applier.keep_conflict_copy(host.mset, b"data/none", Stamp(1, "a")) is None
+    assert host.applier.keep_conflict_copy(host.mset, b"data/no/dir", Stamp(1, "a")) is None
+    (host.data / "d").mkdir()
+    assert host.applier.keep_conflict_copy(host.mset, b"data/d", Stamp(1, "a")) is None
+
+
+def test_keep_conflict_copy_copies_where_links_are_refused(
+        host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    host.write(b"data/doc", b"local words")
+
+    def no_links(*args: object, **kw: object) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    record = host.applier.keep_conflict_copy(host.mset, b"data/doc", Stamp(7, "alpha"))
+    assert record is not None
+    copy = host.data / "doc.omirror-conflict-alpha-7"
+    assert copy.read_bytes() == b"local words"
+    assert os.lstat(copy).st_ino != os.lstat(host.data / "doc").st_ino
+    assert os.lstat(copy).st_mtime_ns == MTIME_NS and host.leftovers() == []
+
+
+def test_keep_conflict_copy_succeeds_a_held_version_of_the_copy(host: Host) -> None:
+    loser = Stamp(5, "alpha")
+    name = b"data/" + conflict_name(b"doc", loser)
+    host.write(name, b"a peer made this copy first", stamp=Stamp(CLOCK_NS + 10, "beta"))
+    host.write(b"data/doc", b"local words")
+    record = host.applier.keep_conflict_copy(host.mset, b"data/doc", loser)
+    assert record is not None and record.entry.stamp == Stamp(CLOCK_NS + 11, "alpha")
+    assert dict(record.entry.vector) == {"beta": CLOCK_NS + 10, "alpha": CLOCK_NS + 11}
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["inline", "streamed"])
+def test_write_conflict_copy_keeps_the_incoming_loser(host: Host, streamed: bool) -> None:
+    (host.data / "doc").write_bytes(b"local winner")
+    stamp = Stamp(3, "gamma")
+    entry = file_entry(b"data/doc", b"their words", stamp=stamp, mode=0o600)
+    if streamed:
+        temp = host.applier.begin_file(host.mset, entry)
+        temp.write(b"their words")
+        record = host.applier.write_conflict_copy(host.mset, entry, temp)
+    else:
+        record = host.applier.write_conflict_copy(host.mset, entry, b"their words")
+    copy = host.data / "doc.omirror-conflict-gamma-3"
+    assert copy.read_bytes() == b"their words"
+    assert (host.data / "doc").read_bytes() == b"local winner"
+    assert record.entry.path == b"data/doc.omirror-conflict-gamma-3"
+    assert record.entry.stamp == Stamp(CLOCK_NS, "alpha")
+    assert record.entry.digest == entry.digest and record.entry.mode == 0o600
+    assert os.lstat(copy).st_mtime_ns == MTIME_NS and record.sig == lstat_sig(copy)
+    assert host.leftovers() == []
+    host.store.put(file_entry(b"data/doc", b"local winner"), lstat_sig(host.data / "doc"))
+    assert host.scan() == 1  # /data itself; the copy is known
+
+
+# -- disk_matches --------------------------------------------------------------------------
+
+
+def test_disk_matches_what_was_recorded(host: Host) -> None:
+    record = host.write(b"data/a", b"x")
+    assert host.applier.disk_matches(b"data/a", record)
+    assert not host.applier.disk_matches(b"data/a", None)
+    os.utime(host.data / "a", ns=(1, 1))  # a local change the scanner has not seen yet
+    assert not host.applier.disk_matches(b"data/a", record)
+
+
+def test_disk_matches_absence(host: Host) -> None:
+    assert host.applier.disk_matches(b"data/none", None)
+    tomb = host.applier.delete(host.mset, tombstone(b"data/none"))
+    assert host.applier.disk_matches(b"data/none", tomb)
+    assert host.applier.disk_matches(b"data/none/below", None)
+    record = host.write(b"data/a", b"x")
+    (host.data / "a").unlink()
+    assert not host.applier.disk_matches(b"data/a", record)
+    (host.data / "a").write_bytes(b"new here")
+    assert not host.applier.disk_matches(b"data/a", tomb)
+
+
+def test_disk_matches_kind_and_directories(host: Host) -> None:
+    record = host.applier.make_dir(host.mset, dir_entry(b"data/d"))
+    host.write(b"data/d/child", b"x")  # moves the directory's mtime and ctime
+    assert host.applier.disk_matches(b"data/d", record)
+    (host.data / "d" / "child").unlink()
+    (host.data / "d").rmdir()
+    (host.data / "d").write_bytes(b"now a file")
+    assert not host.applier.disk_matches(b"data/d", record)
+
+
+# -- hostile trees -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def planted(host: Host, tmp_path: Path) -> Path:
+    """A symlink in the tree (data/evil -> outside), as a user or an earlier entry made it."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (host.data / "evil").symlink_to(outside)
+    return outside
+
+
+def test_planted_symlink_never_leads_a_write_outside(host: Host, planted: Path) -> None:
+    mset = host.mset
+    attempts = [
+        lambda: host.write(b"data/evil/x", b"pwned"),
+        lambda: host.write(b"data/evil/deeper/x", b"pwned"),
+        lambda: host.applier.begin_file(mset, file_entry(b"data/evil/x", b"p")),
+        lambda: host.applier.make_dir(mset, dir_entry(b"data/evil/d")),
+        lambda: host.applier.make_symlink(mset, link_entry(b"data/evil/l", b"/etc/passwd")),
+        lambda: host.applier.delete(mset, tombstone(b"data/evil/x")),
+        lambda: host.applier.keep_conflict_copy(mset, b"data/evil/x", Stamp(1, "a")),
+        lambda: host.applier.write_conflict_copy(mset, file_entry(b"data/evil/x", b"p"), b"p"),
+    ]
+    for attempt in attempts:
+        with pytest.raises(PathRefused, match=r"^refused path '?/?data/evil/.*': component "
+                                              r"'evil' is a symbolic link here"):
+            attempt()
+    assert list(planted.iterdir()) == []
+    assert host.store.count() == 0
+
+
+def test_planted_symlink_as_the_final_name_is_replaced_not_followed(host: Host,
+                                                                    planted: Path) -> None:
+    host.write(b"data/evil", b"a file now")
+    assert (host.data / "evil").read_bytes() == b"a file now"
+    assert not (host.data / "evil").is_symlink() and list(planted.iterdir()) == []
+
+
+def test_a_file_where_a_directory_is_expected_is_refused(host: Host) -> None:
+    (host.data / "f").write_bytes(b"x")
+    with pytest.raises(PathRefused, match="component 'f' is not a directory here"):
+        host.write(b"data/f/x", b"y")
+
+
+def test_paths_outside_the_set_and_malformed_ones_are_refused(host: Host,
+                                                              tmp_path: Path) -> None:
+    for path in (b"etc/x", b"data/../x", b"/data/x", b"data/.omirror-root"):
+        with pytest.raises(PathRefused):
+            host.write(path, b"x")
+    assert not (host.root / "etc").exists() and not (host.root / "x").exists()
+
+
+def test_a_root_without_its_marker_is_never_written(host: Host) -> None:
+    """An unmounted disk leaves an empty mount point: writing there would hide files."""
+    (host.data / os.fsdecode(MARKER)).unlink()
+    with pytest.raises(ApplyError, match=r"root /data \(.*\) has no \.omirror-root marker: it "
+                                         r"looks unmounted") as e:
+        host.write(b"data/a", b"x")
+    assert e.value.errno == errno.ENOENT and os.listdir(host.data) == []
+    host.data.rmdir()
+    with pytest.raises(ApplyError, match=r"root /data \(.*\) is not usable: No such file"):
+        host.applier.make_dir(host.mset, dir_entry(b"data/d"))
+    assert not host.data.exists()
+
+
+def test_wrong_kind_is_a_programming_error(host: Host) -> None:
+    with pytest.raises(ValueError, match="a dir entry given where a file is applied"):
+        host.applier.write_file(host.mset, dir_entry(b"data/a"), b"")
+    temp = host.applier.begin_file(host.mset, file_entry(b"data/a", b""))
+    with pytest.raises(ValueError, match="temp file of /data/a given for another version or "
+                                         "path: /data/b"):
+        host.applier.install_file(host.mset, file_entry(b"data/b", b""), temp)
+    with pytest.raises(ValueError, match="given for another version"):
+        host.applier.install_file(host.mset, file_entry(b"data/a", b"other"), temp)
+    temp.abort()
+    assert host.leftovers() == []
+
+
+def test_non_utf8_names_are_written_as_bytes(host: Host) -> None:
+    record = host.write(b"data/caf\xe9/\xff", b"latin")
+    assert os.lstat(os.path.join(os.fsencode(host.data), b"caf\xe9", b"\xff")).st_size == 5
+    assert record.entry.path == b"data/caf\xe9/\xff"
+
+
+def test_temp_file_is_private_while_it_is_written(host: Host) -> None:
+    with host.applier.begin_file(host.mset, file_entry(b"data/a", b"x")) as temp:
+        assert isinstance(temp, TempFile)
+        [name] = host.leftovers()
+        assert stat.S_IMODE(os.lstat(host.data / name).st_mode) == 0o600
+    assert host.leftovers() == []
+
+
+# -- pyfakefs --------------------------------------------------------------------------------
+
+
+def fake_tree(fs) -> tuple[Applier, Store]:  # type: ignore[no-untyped-def]
+    fs.create_file("/r/data/.omirror-root")
+    store = Store.open(":memory:")  # sqlite cannot be faked; :memory: touches no file
+    return Applier(b"/r", store, "alpha"), store
+
+
+def test_fake_fs_disk_matches(fs) -> None:  # type: ignore[no-untyped-def]
+    applier, store = fake_tree(fs)
+    fs.create_file("/r/data/a", contents=b"x")
+    entry = file_entry(b"data/a", b"x")
+    seq = store.put(entry, StatSig.of(os.lstat(b"/r/data/a")))
+    record = store.get(b"data/a")
+    assert record is not None and record.seq == seq
+    assert applier.disk_matches(b"data/a", record)
+    assert applier.disk_matches(b"data/b", None)
+    with open("/r/data/a", "ab") as f:
+        f.write(b"more")
+    assert not applier.disk_matches(b"data/a", record)
+    os.unlink("/r/data/a")
+    assert not applier.disk_matches(b"data/a", record)
+    store.close()
+
+
+def test_fake_fs_refuses_before_touching_anything(fs) -> None:  # type: ignore[no-untyped-def]
+    applier, store = fake_tree(fs)
+    with pytest.raises(PathRefused):
+        applier.write_file(mirror_set(), file_entry(b"data/../x", b"x"), b"x")
+    with pytest.raises(PathRefused):
+        applier.disk_matches(b"data/\0", None)
+    assert os.listdir("/r") == ["data"]
+    store.close()
+
+
+@pytest.mark.xfail(raises=TypeError, strict=True,
+                   reason="pyfakefs 6.3 joins the str path of a dir_fd with a bytes name; "
+                          "ENOSPC is tested with a real tmpfs and a failing os.write instead")
+def test_fake_fs_disk_full(fs) -> None:  # type: ignore[no-untyped-def]
+    applier, store = fake_tree(fs)
+    fs.create_file("/r/data/a", contents=b"old")
+    fs.set_disk_usage(100, "/r")
+    try:
+        with pytest.raises(ApplyError, match="No space left on device"):
+            applier.write_file(mirror_set(), file_entry(b"data/a", b"x" * 1000), b"x" * 1000)
+        assert open("/r/data/a", "rb").read() == b"old"
+    finally:
+        store.close()

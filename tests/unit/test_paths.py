@@ -1,0 +1,112 @@
+"""check_path: what a peer may name, and why everything else is refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from omirror import config
+from omirror.apply import PATH_MAX, check_path
+from omirror.entry import Stamp, conflict_name
+from omirror.errors import PathRefused
+
+DISTFILE = r"""
+www: ( /srv/www /etc/nginx ) -> ( alpha beta )
+    install ;
+    except /srv/www/cache ;
+    except_pat ( \.swp$ ) ;
+data: ( /data ) -> ( alpha gamma )
+    install ;
+cached: ( /srv/www/cache ) -> ( alpha beta )
+    install ;
+"""
+
+SETS = config.parse(DISTFILE, "test.conf").sets
+WWW, DATA, CACHED = SETS
+#: What alpha shares with beta: not /data.
+WITH_BETA = (WWW, CACHED)
+
+CONFLICT = conflict_name(b"index.html", Stamp(1_700_000_000_000_000_000, "gamma"))
+
+ACCEPTED = [
+    (b"srv/www", WWW, "a set root itself"),
+    (b"srv/www/index.html", WWW, "a file"),
+    (b"etc/nginx/sites/default", WWW, "the second root of a set"),
+    (b"srv/www/a b/c\tq", WWW, "spaces and tabs are just bytes"),
+    (b"srv/www/caf\xe9", WWW, "a Latin-1 name, not UTF-8"),
+    (b"srv/www/\xff\xfe/\x80", WWW, "bytes that decode to nothing"),
+    (b"srv/www/" + CONFLICT, WWW, "a conflict copy is user data"),
+    (b"srv/www/x.omirror", WWW, ".omirror not at the start of a name"),
+    (b"srv/www/.omirro", WWW, "a prefix of the own prefix"),
+    (b"srv/www/" + b"n" * 255, WWW, "a name of exactly 255 bytes"),
+    (b"srv/www/..a/a..", WWW, "dots inside names"),
+    (b"srv/www/cache/x", CACHED, "excluded in one set, mirrored by another"),
+    (b"srv/www/cachet", WWW, "an except path is not a string prefix"),
+    (b"srv/www/" + b"d/" * 2043 + b"xy", WWW, "4096 bytes exactly"),
+]
+
+
+@pytest.mark.parametrize(("path", "expected", "why"), ACCEPTED, ids=[a[2] for a in ACCEPTED])
+def test_accepted(path: bytes, expected: config.MirrorSet, why: str) -> None:
+    assert check_path(path, WITH_BETA) is expected
+
+
+REFUSED = [
+    ("srv/www/a", "is a str, not bytes", "a str"),
+    (bytearray(b"srv/www/a"), "is a bytearray, not bytes", "a bytearray"),
+    (None, "is a NoneType, not bytes", "None"),
+    (b"", "is empty", "empty"),
+    (b"srv/www/" + b"d/" * 2043 + b"xyz", "is 4097 bytes long, longer than 4096", "too long"),
+    (b"/srv/www/a", "is absolute; logical paths are relative to /", "absolute"),
+    (b"/", "is absolute; logical paths are relative to /", "the root"),
+    (b"srv/www/a\0b", "contains a NUL byte", "NUL"),
+    (b"srv/www//a", r"has an empty component \(a doubled or trailing '/'\)", "double slash"),
+    (b"srv/www/a/", r"has an empty component", "trailing slash"),
+    (b"srv/www/./a", "has a '.' component", "dot"),
+    (b"srv/www/../../etc/passwd", "has a '..' component", "dot-dot climbing out"),
+    (b"srv/www/a/..", "has a '..' component", "dot-dot at the end"),
+    (b"..", "has a '..' component", "dot-dot alone"),
+    (b"srv/www/" + b"n" * 256, "has a component of 256 bytes, longer than 255", "long name"),
+    (b"srv/www/.omirror-root", "names the daemon's own file '.omirror-root'", "root marker"),
+    (b"srv/www/d/.omirror-tmp-0123abcd", "names the daemon's own file", "a temp file"),
+    (b"srv/www/.omirror/x", "names the daemon's own file '.omirror'", "own directory"),
+    (b"srv/www/.omirror-conflict-x-1", "names the daemon's own file", "conflict infix at start"),
+    (b"data/a", "is in no set this host shares with the peer", "a set not shared"),
+    (b"srv", "is in no set this host shares with the peer", "above a root"),
+    (b"srv/wwwx/a", "is in no set this host shares with the peer", "root as string prefix"),
+    (b"etc/passwd", "is in no set this host shares with the peer", "outside every set"),
+    (b"etc/nginx/a.swp", "excluded here by set www", "except_pat"),
+]
+
+
+@pytest.mark.parametrize(("path", "reason", "why"), REFUSED, ids=[r[2] for r in REFUSED])
+def test_refused(path: object, reason: str, why: str) -> None:
+    with pytest.raises(PathRefused, match=r"^refused path .*: " + reason) as caught:
+        check_path(path, WITH_BETA)  # type: ignore[arg-type]
+    assert caught.value.path is path
+
+
+def test_excluded_when_no_other_set_mirrors_it() -> None:
+    with pytest.raises(PathRefused, match=r"^refused path '/?srv/www/cache/x': excluded here "
+                                          r"by set www$"):
+        check_path(b"srv/www/cache/x", (WWW,))
+
+
+def test_no_shared_set_refuses_everything() -> None:
+    with pytest.raises(PathRefused, match="is in no set this host shares"):
+        check_path(b"srv/www/a", ())
+
+
+def test_message_escapes_what_a_peer_sent() -> None:
+    """A name from a peer cannot forge a log line or flood it."""
+    with pytest.raises(PathRefused) as caught:
+        check_path(b"srv/www/a\nERROR forged\xff/../x", WITH_BETA)
+    message = str(caught.value)
+    assert "\n" not in message and r"\n" in message and r"\udcff" in message
+    with pytest.raises(PathRefused) as caught:
+        check_path(b"a" * 10_000, WITH_BETA)
+    assert len(str(caught.value)) < 400
+    assert "(10002 characters)" in str(caught.value)
+
+
+def test_longest_limits_are_the_kernel_ones() -> None:
+    assert PATH_MAX == 4096
