@@ -19,7 +19,7 @@ import click
 from click.core import ParameterSource
 
 from omirror import __version__
-from omirror.errors import NotImplementedYet, OmirrorError, RootError
+from omirror.errors import NotImplementedYet, OmirrorError
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,8 @@ def setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose < 0 else logging.INFO if verbose <= 1 else logging.DEBUG
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # asyncssh logs every channel at INFO: only with -vvv
+    logging.getLogger("asyncssh").setLevel(logging.DEBUG if verbose >= 3 else logging.WARNING)
 
 
 def fail(message: str) -> NoReturn:
@@ -168,24 +170,10 @@ def check_command(ctx: click.Context, as_json: bool, **_: Any) -> None:
 @reports_errors
 def _run(opts: Options) -> None:
     setup_logging(opts.verbose)
-    config, me = _load(opts)
-    from omirror.scanner import Scanner
-    from omirror.store import Store
+    from omirror.daemon import run_daemon
 
-    with Store.open(opts.state_dir) as store:
-        scanner = Scanner(store, me)
-        stopped = 0
-        for mset in config.sets_of(me):
-            try:
-                scanner.scan_set(mset, os.fsencode(opts.root))
-            except RootError as e:
-                stopped += 1
-                log.error("%s", e)
-        log.info("startup scan done: %d entries, last seq %d", store.count(), store.last_seq)
-    raise NotImplementedYet(
-        "the startup scan ran and its changes are in the change log ('omirrord log dump'), "
-        "but live mirroring (watcher and peer links) is not in this version, so the daemon "
-        "stops here")
+    sys.exit(run_daemon(opts.config, opts.name, opts.root, opts.state_dir, opts.peers,
+                        delay_s=opts.delay, compress=opts.compress))
 
 
 @reports_errors

@@ -140,6 +140,10 @@ class Scanner:
         self.host = host
         self.clock = clock
         self._specials_logged: set[bytes] = set()
+        #: Paths that applying a peer's rename moved away here: their deletion is the
+        #: peer's, and arrives as its tombstone. Recording one of our own first would
+        #: send every peer a second deletion for each renamed path.
+        self.expected_absent: set[bytes] = set()
 
     async def scan(self, mset: MirrorSet, root: bytes, *, subtree: bytes | None = None,
                    dry_run: bool = False) -> ScanStats:
@@ -505,6 +509,8 @@ class _Run:
         now = self.sc.clock()
         gone: dict[bytes, Record] = {}
         for path in self.vanished:
+            if self._expected(path):
+                continue
             for record in self.store.under(path):
                 if not record.entry.is_tombstone:
                     gone[record.entry.path] = record
@@ -519,6 +525,16 @@ class _Run:
             if len(self.pending) >= _FLUSH_EVERY:
                 self.flush()
         self.flush()
+
+    def _expected(self, path: bytes) -> bool:
+        expected = self.sc.expected_absent
+        if not expected:
+            return False
+        while path:
+            if path in expected:
+                return True
+            path = path.rpartition(b"/")[0]
+        return False
 
     # -- reporting -----------------------------------------------------------------------
 

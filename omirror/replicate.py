@@ -1,0 +1,713 @@
+"""One link's conversation: the pusher streams its change log, the receiver applies it.
+
+A link carries one direction. The pusher says who it is; the receiver answers IHAVE with
+how far it holds the pusher's log (the pusher's epoch and a seq); the pusher streams every
+entry after that seq, or everything when the epoch differs or the floor of collected
+tombstones has passed the cursor (Heimdal's TELLYOUEVERYTHING), then follows its log live.
+Small files travel inside their entry; larger ones are asked for with WANT and arrive in
+chunks, or as a block delta against the receiver's old version.
+
+Everything that touches the tree runs in the daemon's tree worker (``ctx.tree``), one job
+at a time, so an apply and the indexing of the same path never interleave. The receiver
+acknowledges entries once they are applied or settled, and persists the cursor, so a
+returning link resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Awaitable, Callable, Coroutine, Sequence, TypeVar
+
+import xxhash
+
+from omirror.apply import Applier, ApplyError, TempFile, check_path
+from omirror.config import MirrorSet
+from omirror.entry import Entry, Kind, Outcome, decide
+from omirror.errors import PathRefused
+from omirror.scanner import Scanner, local_path
+from omirror.store import Cursor, Record, Store
+from omirror.wire import (CHUNK, INLINE_MAX, PROTOCOL_VERSION, Ack, Bye, Copy, Data, EntryMsg,
+                          Hello, IHave, Message, NoData, ProtocolError, Start, Want, encode,
+                          read_message)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Entries in flight before the pusher waits for acknowledgements: enough to hide the
+#: round trip, small enough to bound what either side holds.
+WINDOW = 2048
+#: Files at least this large are sent as a block delta when the receiver holds an older
+#: version; the block size keeps the digest list small (16 bytes per MiB).
+DELTA_MIN = 4 << 20
+BLOCK = 1 << 20
+#: A peer whose clock differs more than this is named in the log and in status: its
+#: clock decides winners.
+SKEW_WARN_S = 2.0
+_ACK_EVERY = 64
+_PAGE = 256
+_RETRY_FIRST_S, _RETRY_MAX_S = 1.0, 60.0
+
+
+@dataclass
+class LinkStats:
+    """Counters of one peer, both directions; shown in status."""
+
+    out: str = "down"
+    inbound: str = "down"
+    out_since: float = 0.0
+    in_since: float = 0.0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    content_bytes_sent: int = 0
+    content_bytes_received: int = 0
+    entries_sent: int = 0
+    entries_received: int = 0
+    acked_seq: int = 0
+    skew_s: float = 0.0
+    last_error: str = ""
+
+
+class Context:
+    """What a link needs from its daemon."""
+
+    def __init__(self, name: str, store: Store, applier: Applier, scanner: Scanner,
+                 root: bytes, sets_with: Callable[[str], Sequence[MirrorSet]],
+                 tree: Callable[..., Awaitable[Any]]) -> None:
+        self.name = name
+        self.store = store
+        self.applier = applier
+        self.scanner = scanner
+        self.root = root
+        self.sets_with = sets_with
+        self.tree = tree  # run a callable in the tree worker
+        self.failing: dict[bytes, str] = {}
+        self.conflicts = 0
+        self._changed = asyncio.Event()
+
+    def notify(self, _seq: int = 0) -> None:
+        """Wake the pushers: the log grew. Safe to call from any thread via the loop."""
+        self._changed.set()
+
+    async def wait_for_change(self, timeout: float) -> None:
+        self._changed.clear()
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+
+class _Stream:
+    """Counts bytes both ways and sends whole frames."""
+
+    def __init__(self, reader: Any, writer: Any, stats: LinkStats) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.stats = stats
+
+    async def readexactly(self, n: int) -> bytes:
+        data = await self.reader.readexactly(n)
+        self.stats.bytes_received += n
+        return data
+
+    async def recv(self) -> Message:
+        return await read_message(self)
+
+    async def send(self, msg: Message) -> None:
+        frame = encode(msg)
+        self.writer.write(frame)
+        self.stats.bytes_sent += len(frame)
+        await self.writer.drain()
+
+    async def expect(self, kind: type[T]) -> T:
+        msg = await self.recv()
+        if isinstance(msg, Bye):
+            raise ConnectionResetError(f"peer closed the link: {msg.why}")
+        if not isinstance(msg, kind):
+            raise ProtocolError(f"expected {kind.__name__}, got {type(msg).__name__}")
+        return msg
+
+
+async def run_together(*coros: Coroutine[Any, Any, None]) -> None:
+    """Run a link's tasks until one fails; raise that failure itself.
+
+    The first error ends the link, and the caller sorts errors by type (a peer that went
+    away, a protocol error), which an ExceptionGroup would hide.
+    """
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            for coro in coros:
+                tasks.create_task(coro)
+    except BaseExceptionGroup as group:
+        first = next((e for e in _leaves(group)
+                      if not isinstance(e, asyncio.CancelledError)), None)
+        if first is None:
+            raise
+        raise first from None
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:  # type: ignore[type-arg]
+    out: list[BaseException] = []
+    for e in group.exceptions:
+        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
+    return out
+
+
+def _check_hello(hello: Hello, peer: str, stats: LinkStats) -> None:
+    if hello.name != peer:
+        raise ProtocolError(f"the peer authenticated as {peer} says it is {hello.name}")
+    if hello.version != PROTOCOL_VERSION:
+        raise ProtocolError(f"peer speaks protocol {hello.version}, this omirrord "
+                            f"{PROTOCOL_VERSION}")
+    stats.skew_s = (hello.now_ns - time.time_ns()) / 1e9
+    if abs(stats.skew_s) > SKEW_WARN_S:
+        log.warning("peer=%s clock differs from ours by %+.1f s: its clock decides which "
+                    "version wins; run NTP on every host", peer, stats.skew_s)
+
+
+# -- the pushing side --------------------------------------------------------------------
+
+class Pusher:
+    """Streams this host's log to one peer and serves that peer's WANTs."""
+
+    def __init__(self, ctx: Context, peer: str, reader: Any, writer: Any,
+                 stats: LinkStats) -> None:
+        self.ctx = ctx
+        self.peer = peer
+        self.io = _Stream(reader, writer, stats)
+        self.stats = stats
+        self.unacked: collections.deque[int] = collections.deque()
+        self.acked = asyncio.Event()
+        self.wants: asyncio.Queue[Want] = asyncio.Queue()
+
+    async def run(self) -> None:
+        store = self.ctx.store
+        await self.io.send(Hello(PROTOCOL_VERSION, self.ctx.name, store.epoch, time.time_ns()))
+        _check_hello(await self.io.expect(Hello), self.peer, self.stats)
+        ihave = await self.io.expect(IHave)
+        full = (ihave.epoch != store.epoch or ihave.seq > store.last_seq
+                or ihave.seq < store.floor)
+        start = 0 if full else ihave.seq
+        if full and ihave.epoch:
+            log.info("peer=%s holds %s of our log, which is not usable (our epoch %s, "
+                     "floor %d): sending everything", self.peer,
+                     f"{ihave.epoch}:{ihave.seq}", store.epoch, store.floor)
+        await self.io.send(Start(start, full))
+        await run_together(self._read_replies(), self._serve_wants(), self._stream(start))
+
+    async def _read_replies(self) -> None:
+        while True:
+            msg = await self.io.recv()
+            if isinstance(msg, Ack):
+                self.stats.acked_seq = max(self.stats.acked_seq, msg.seq)
+                while self.unacked and self.unacked[0] <= msg.seq:
+                    self.unacked.popleft()
+                self.acked.set()
+            elif isinstance(msg, Want):
+                self.wants.put_nowait(msg)
+            elif isinstance(msg, Bye):
+                raise ConnectionResetError(f"peer closed the link: {msg.why}")
+            else:
+                raise ProtocolError(f"a receiver does not send {type(msg).__name__}")
+
+    def _wanted(self, entry: Entry, sets: Sequence[MirrorSet]) -> bool:
+        """Entries of the sets shared with this peer, except the peer's own versions:
+        it made them, so it holds them or something newer."""
+        if entry.stamp.origin == self.peer:
+            return False
+        return any(m.root_of(entry.path) is not None for m in sets)
+
+    async def _stream(self, position: int) -> None:
+        store = self.ctx.store
+        while True:
+            sets = self.ctx.sets_with(self.peer)
+            page = [r for r in _page(store, position)]
+            if not page:
+                await self.ctx.wait_for_change(timeout=5.0)
+                continue
+            position = page[-1].seq
+            records = [r for r in page if self._wanted(r.entry, sets)]
+            inline = await asyncio.to_thread(_read_inline, self.ctx.root, records)
+            for record in records:
+                while len(self.unacked) >= WINDOW:
+                    self.acked.clear()
+                    await self.acked.wait()
+                data = inline.get(record.entry.path)
+                if data is not None:
+                    self.stats.content_bytes_sent += len(data)
+                await self.io.send(EntryMsg(record.seq, record.entry, data))
+                self.unacked.append(record.seq)
+                self.stats.entries_sent += 1
+
+    async def _serve_wants(self) -> None:
+        while True:
+            want = await self.wants.get()
+            await self._serve(want)
+
+    async def _serve(self, want: Want) -> None:
+        record = self.ctx.store.get(want.path)
+        if record is None or record.entry.kind is not Kind.FILE \
+                or record.entry.digest != want.digest:
+            await self.io.send(NoData(want.want_id, "that version is no longer here"))
+            return
+        where = local_path(self.ctx.root, want.path)
+        try:
+            fd = await asyncio.to_thread(os.open, where, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            await self.io.send(NoData(want.want_id, e.strerror or "cannot open"))
+            return
+        try:
+            if want.block_size and want.blocks:
+                await self._send_delta(fd, want)
+            else:
+                await self._send_whole(fd, want)
+        finally:
+            os.close(fd)
+
+    async def _send_whole(self, fd: int, want: Want) -> None:
+        digest = xxhash.xxh3_128()
+        while True:
+            chunk = await asyncio.to_thread(os.read, fd, CHUNK)
+            digest.update(chunk)
+            end = len(chunk) < CHUNK
+            self.stats.content_bytes_sent += len(chunk)
+            await self.io.send(Data(want.want_id, chunk, end and digest.digest() == want.digest))
+            if end:
+                break
+        if digest.digest() != want.digest:
+            await self.io.send(NoData(want.want_id, "the file changed while it was sent"))
+
+    async def _send_delta(self, fd: int, want: Want) -> None:
+        """Send only the blocks that differ from the receiver's old version.
+
+        The whole file is hashed first: if it no longer is the wanted version, nothing
+        is sent. Unchanged blocks become COPY instructions, merged when adjacent.
+        """
+        size = want.block_size
+        ours, whole = await asyncio.to_thread(block_digests, fd, size)
+        if whole != want.digest:
+            await self.io.send(NoData(want.want_id, "the file changed before it was sent"))
+            return
+        digest = xxhash.xxh3_128()
+        run_start, run_len = 0, 0
+        for index, block in enumerate(ours):
+            offset = index * size
+            if index < len(want.blocks) and want.blocks[index] == block:
+                if run_len and run_start + run_len == offset:
+                    run_len += size
+                else:
+                    if run_len:
+                        await self.io.send(Copy(want.want_id, run_start, run_len))
+                    run_start, run_len = offset, size
+                data = None
+            else:
+                if run_len:
+                    await self.io.send(Copy(want.want_id, run_start, run_len))
+                    run_len = 0
+                data = await asyncio.to_thread(os.pread, fd, size, offset)
+                for part in range(0, len(data), CHUNK):
+                    piece = data[part:part + CHUNK]
+                    self.stats.content_bytes_sent += len(piece)
+                    await self.io.send(Data(want.want_id, piece, False))
+            if data is None:
+                data = await asyncio.to_thread(os.pread, fd, size, offset)
+            digest.update(data)
+        if run_len:
+            await self.io.send(Copy(want.want_id, run_start, run_len))
+        if digest.digest() == want.digest:
+            await self.io.send(Data(want.want_id, b"", True))
+        else:
+            await self.io.send(NoData(want.want_id, "the file changed while it was sent"))
+
+
+def _page(store: Store, position: int) -> list[Record]:
+    out = []
+    for record in store.since(position):
+        out.append(record)
+        if len(out) >= _PAGE:
+            break
+    return out
+
+
+def _read_inline(root: bytes, records: list[Record]) -> dict[bytes, bytes]:
+    """Read the small files of a page in one thread hop; a file that no longer matches
+    its entry is left out (the receiver will ask, and be told it changed)."""
+    out: dict[bytes, bytes] = {}
+    for record in records:
+        entry = record.entry
+        if entry.kind is not Kind.FILE or entry.size > INLINE_MAX:
+            continue
+        try:
+            fd = os.open(local_path(root, entry.path),
+                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            data = os.read(fd, INLINE_MAX + 1)
+        finally:
+            os.close(fd)
+        if len(data) == entry.size and xxhash.xxh3_128_digest(data) == entry.digest:
+            out[entry.path] = data
+    return out
+
+
+def block_digests(fd: int, size: int) -> tuple[list[bytes], bytes]:
+    """Digests of each block of an open file, and of the whole file."""
+    whole = xxhash.xxh3_128()
+    blocks = []
+    offset = 0
+    while True:
+        data = os.pread(fd, size, offset)
+        if not data:
+            break
+        whole.update(data)
+        blocks.append(xxhash.xxh3_128_digest(data))
+        offset += len(data)
+        if len(data) < size:
+            break
+    return blocks, whole.digest()
+
+
+# -- the receiving side ------------------------------------------------------------------
+
+class Purpose(enum.Enum):
+    INSTALL = "install"  # the incoming version wins: it becomes the file here
+    CONFLICT = "conflict"  # the incoming version lost a concurrent edit: keep it beside
+
+
+@dataclass
+class Need:
+    """An entry that waits for its content from the pusher."""
+
+    mset: MirrorSet
+    entry: Entry
+    purpose: Purpose
+    old: Record | None = None  # the local version a delta is built against
+
+
+@dataclass
+class _Failing:
+    msg: EntryMsg
+    error: str
+    delay_s: float = _RETRY_FIRST_S
+    due: float = field(default_factory=time.monotonic)
+
+
+class Receiver:
+    """Applies one peer's log here, in order, and acknowledges it."""
+
+    def __init__(self, ctx: Context, peer: str, reader: Any, writer: Any,
+                 stats: LinkStats) -> None:
+        self.ctx = ctx
+        self.peer = peer
+        self.io = _Stream(reader, writer, stats)
+        self.stats = stats
+        self.entries: asyncio.Queue[EntryMsg | None] = asyncio.Queue(maxsize=WINDOW * 2)
+        self.content: asyncio.Queue[Data | Copy | NoData] = asyncio.Queue()
+        self.epoch = ""
+        self.done_seq = 0
+        self.saved_seq = 0
+        self.retry: dict[bytes, _Failing] = {}
+        self._want_id = 0
+
+    async def run(self) -> None:
+        store = self.ctx.store
+        hello = await self.io.expect(Hello)
+        _check_hello(hello, self.peer, self.stats)
+        await self.io.send(Hello(PROTOCOL_VERSION, self.ctx.name, store.epoch, time.time_ns()))
+        cursor = store.cursor(self.peer) or Cursor("", 0)
+        await self.io.send(IHave(cursor.epoch, cursor.seq))
+        start = await self.io.expect(Start)
+        self.epoch = hello.epoch
+        self.done_seq = self.saved_seq = start.seq
+        if start.full:
+            log.info("peer=%s sends everything it has (new epoch %s)", self.peer, hello.epoch)
+        await run_together(self._read_frames(), self._apply_all(), self._retry_failing())
+
+    async def _read_frames(self) -> None:
+        while True:
+            msg = await self.io.recv()
+            if isinstance(msg, EntryMsg):
+                self.stats.entries_received += 1
+                if msg.data is not None:
+                    self.stats.content_bytes_received += len(msg.data)
+                await self.entries.put(msg)
+            elif isinstance(msg, (Data, Copy, NoData)):
+                if isinstance(msg, Data):
+                    self.stats.content_bytes_received += len(msg.data)
+                self.content.put_nowait(msg)
+            elif isinstance(msg, Bye):
+                raise ConnectionResetError(f"peer closed the link: {msg.why}")
+            else:
+                raise ProtocolError(f"a pusher does not send {type(msg).__name__}")
+
+    async def _apply_all(self) -> None:
+        count = 0
+        while True:
+            if self.entries.empty():
+                await self._save_cursor()
+            msg = await self.entries.get()
+            assert msg is not None
+            await self._apply(msg)
+            self.done_seq = msg.seq
+            count += 1
+            if count % _ACK_EVERY == 0:
+                await self._save_cursor()
+
+    async def _save_cursor(self) -> None:
+        """Acknowledge what is settled; persist the cursor below the oldest failing entry
+        so that a restart retries it."""
+        if self.done_seq == self.saved_seq:
+            return
+        durable = self.done_seq
+        if self.retry:
+            durable = min(durable, min(f.msg.seq for f in self.retry.values()) - 1)
+        cursor = Cursor(self.epoch, durable)
+        await self.ctx.tree(self.ctx.store.set_cursor, self.peer, cursor)
+        await self.io.send(Ack(self.done_seq))
+        self.saved_seq = self.done_seq
+
+    async def _apply(self, msg: EntryMsg) -> None:
+        try:
+            need = await self.ctx.tree(self._apply_entry, msg)
+            if need is not None:
+                await self._fetch(need, msg)
+        except ApplyError as e:
+            self._fail(msg, str(e))
+        else:
+            if self.retry.pop(msg.entry.path, None) is not None:
+                self.ctx.failing.pop(msg.entry.path, None)
+                log.info("peer=%s path=/%s applied after earlier failures", self.peer,
+                         os.fsdecode(msg.entry.path))
+
+    def _fail(self, msg: EntryMsg, error: str) -> None:
+        previous = self.retry.get(msg.entry.path)
+        delay = _RETRY_FIRST_S if previous is None else min(previous.delay_s * 2, _RETRY_MAX_S)
+        self.retry[msg.entry.path] = _Failing(msg, error, delay, time.monotonic() + delay)
+        self.ctx.failing[msg.entry.path] = error
+        log.warning("peer=%s %s; retrying in %.0f s", self.peer, error, delay)
+
+    async def _retry_failing(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)  # a timer: retries are due on their own schedule
+            now = time.monotonic()
+            for path, failing in list(self.retry.items()):
+                if failing.due <= now and self.retry.get(path) is failing:
+                    await self._apply(failing.msg)
+
+    # -- deciding and applying (in the tree worker) ---------------------------------------
+
+    def _apply_entry(self, msg: EntryMsg) -> Need | None:
+        """Decide between the local version and the incoming one, and apply the winner.
+
+        A local change the scanner has not recorded yet is recorded first (by scanning
+        that path), so that it takes part in the decision instead of being overwritten.
+        """
+        ctx, incoming = self.ctx, msg.entry
+        try:
+            mset = check_path(incoming.path, ctx.sets_with(self.peer))
+        except PathRefused as e:
+            log.warning("peer=%s sent a path that is refused here: %s", self.peer, e)
+            return None
+        for _ in range(3):
+            record = ctx.store.get(incoming.path)
+            local = None if record is None else record.entry
+            decision = decide(local, incoming)
+            if decision.outcome is not Outcome.TAKE:
+                if record is not None and record.entry.vector != decision.vector:
+                    ctx.store.set_vector(incoming.path, decision.vector)
+                if decision.loser is None:
+                    return None
+                ctx.conflicts += 1
+                log.warning("peer=%s path=/%s concurrent edits: ours (%s) wins, theirs (%s) "
+                            "is kept as a conflict copy", self.peer,
+                            os.fsdecode(incoming.path), local.stamp if local else "-",
+                            incoming.stamp)
+                if msg.data is not None:
+                    ctx.applier.write_conflict_copy(mset, incoming, msg.data)
+                    return None
+                return Need(mset, incoming, Purpose.CONFLICT)
+            winner = replace(incoming, vector=decision.vector)
+            if ctx.applier.disk_matches(incoming.path, record):
+                return self._take(mset, winner, record, decision.loser, msg.data)
+            if self._settle_without_disk(mset, winner, record):
+                return None
+            ctx.scanner.scan_paths(mset, ctx.root, [(incoming.path, False)])
+        raise ApplyError(incoming.path, None,
+                         f"cannot apply /{os.fsdecode(incoming.path)}: it keeps changing here")
+
+    def _settle_without_disk(self, mset: MirrorSet, winner: Entry,
+                             record: Record | None) -> bool:
+        """Cases where the disk already is what the incoming version says: record only.
+
+        A deletion of a path that is already gone, or a file that is already in place
+        because its directory was renamed here as a whole.
+        """
+        applier = self.ctx.applier
+        where = local_path(self.ctx.root, winner.path)
+        if winner.kind is Kind.TOMBSTONE and not os.path.lexists(where):
+            self.ctx.store.put(winner, None)
+            applier.expected_absent.discard(winner.path)
+            return True
+        if winner.kind is Kind.FILE and winner.moved_from is not None:
+            source = self.ctx.store.get(winner.moved_from)
+            if source is not None and source.sig is not None \
+                    and source.entry.digest == winner.digest:
+                try:
+                    st = os.lstat(where)
+                except OSError:
+                    return False
+                if stat.S_ISREG(st.st_mode) and (st.st_ino, st.st_size) == (
+                        source.sig.ino, source.sig.size):
+                    applier.adopt(mset, winner)
+                    return True
+        return False
+
+    def _take(self, mset: MirrorSet, winner: Entry, record: Record | None,
+              loser: Entry | None, data: bytes | None) -> Need | None:
+        ctx, applier = self.ctx, self.ctx.applier
+        local = None if record is None else record.entry
+        if loser is not None and local is not None and local.kind is Kind.FILE:
+            ctx.conflicts += 1
+            log.warning("peer=%s path=/%s concurrent edits: theirs (%s) wins, ours (%s) is "
+                        "kept as a conflict copy", self.peer, os.fsdecode(winner.path),
+                        winner.stamp, local.stamp)
+            applier.keep_conflict_copy(mset, winner.path, local.stamp)
+            record, local = None, None
+        if winner.kind is Kind.DIR:
+            if winner.moved_from is not None and local is None \
+                    and self._move_dir(mset, winner):
+                return None
+            applier.make_dir(mset, winner)
+        elif winner.kind is Kind.SYMLINK:
+            applier.make_symlink(mset, winner)
+        elif winner.kind is Kind.TOMBSTONE:
+            applier.delete(mset, winner)
+            applier.expected_absent.discard(winner.path)
+        elif data is not None:
+            applier.write_file(mset, winner, data)
+        elif local is not None and local.kind is Kind.FILE and local.digest == winner.digest:
+            applier.adopt(mset, winner)
+        elif winner.moved_from is not None and self._move_file(mset, winner):
+            return None
+        else:
+            old = record if local is not None and local.kind is Kind.FILE else None
+            return Need(mset, winner, Purpose.INSTALL, old)
+        return None
+
+    def _move_file(self, mset: MirrorSet, winner: Entry) -> bool:
+        source = self.ctx.store.get(winner.moved_from)  # type: ignore[arg-type]
+        if source is None or source.entry.kind is not Kind.FILE \
+                or source.entry.digest != winner.digest \
+                or not self.ctx.applier.disk_matches(source.entry.path, source):
+            return False
+        self.ctx.applier.copy_local(mset, winner, source.entry.path, move=True)
+        return True
+
+    def _move_dir(self, mset: MirrorSet, winner: Entry) -> bool:
+        source = self.ctx.store.get(winner.moved_from)  # type: ignore[arg-type]
+        if source is None or source.entry.kind is not Kind.DIR \
+                or not self.ctx.applier.disk_matches(source.entry.path, source):
+            return False
+        try:
+            self.ctx.applier.move(mset, winner, source.entry.path)
+        except PathRefused:
+            return False
+        return True
+
+    # -- content ---------------------------------------------------------------------------
+
+    async def _fetch(self, need: Need, msg: EntryMsg) -> None:
+        """Ask for the content of a version and build it in a temp file, then install it
+        if it still wins when it is complete."""
+        self._want_id += 1
+        want_id = self._want_id
+        entry = need.entry
+        old_fd = -1
+        blocks: tuple[bytes, ...] = ()
+        if need.old is not None and need.old.entry.size >= DELTA_MIN and entry.size >= DELTA_MIN:
+            try:
+                old_fd = await self.ctx.tree(_open_old, self.ctx.root, need.old)
+                digests, _ = await asyncio.to_thread(block_digests, old_fd, BLOCK)
+                blocks = tuple(digests)
+            except OSError:
+                old_fd = -1
+        temp: TempFile | None = None
+        try:
+            temp = await self.ctx.tree(self._begin, need)
+            await self.io.send(Want(want_id, entry.path, entry.digest,
+                                    BLOCK if blocks else 0, blocks))
+            while True:
+                part = await self.content.get()
+                if part.want_id != want_id:
+                    raise ProtocolError(f"content for request {part.want_id} while "
+                                        f"{want_id} is open")
+                if isinstance(part, NoData):
+                    log.debug("peer=%s path=/%s no longer available: %s", self.peer,
+                              os.fsdecode(entry.path), part.why)
+                    await self.ctx.tree(temp.abort)
+                    return
+                if isinstance(part, Copy):
+                    if old_fd < 0:
+                        raise ProtocolError("COPY without a delta base")
+                    await self.ctx.tree(temp.copy_from, old_fd, part.offset, part.length)
+                    continue
+                if part.data:
+                    await self.ctx.tree(temp.write, part.data)
+                if part.end:
+                    break
+            await self.ctx.tree(self._install, need, temp)
+        except BaseException:
+            if temp is not None:
+                await asyncio.shield(self.ctx.tree(temp.abort))
+            raise
+        finally:
+            if old_fd >= 0:
+                os.close(old_fd)
+
+    def _begin(self, need: Need) -> TempFile:
+        return self.ctx.applier.begin_file(need.mset, need.entry)
+
+    def _install(self, need: Need, temp: TempFile) -> None:
+        """Install completed content, deciding again: the local version may have changed
+        while the content travelled."""
+        temp.finish()
+        ctx, entry = self.ctx, need.entry
+        if need.purpose is Purpose.CONFLICT:
+            ctx.applier.write_conflict_copy(need.mset, entry, temp)
+            return
+        for _ in range(3):
+            record = ctx.store.get(entry.path)
+            if ctx.applier.disk_matches(entry.path, record):
+                break
+            ctx.scanner.scan_paths(need.mset, ctx.root, [(entry.path, False)])
+        else:
+            temp.abort()
+            raise ApplyError(entry.path, None,
+                             f"cannot apply /{os.fsdecode(entry.path)}: it keeps changing here")
+        local = None if record is None else record.entry
+        decision = decide(local, entry)
+        if decision.outcome is not Outcome.TAKE:
+            if record is not None and record.entry.vector != decision.vector:
+                ctx.store.set_vector(entry.path, decision.vector)
+            if decision.loser is not None:
+                ctx.conflicts += 1
+                ctx.applier.write_conflict_copy(need.mset, entry, temp)
+            else:
+                temp.abort()
+            return
+        if decision.loser is not None and local is not None and local.kind is Kind.FILE:
+            ctx.conflicts += 1
+            ctx.applier.keep_conflict_copy(need.mset, entry.path, local.stamp)
+        ctx.applier.install_file(need.mset, replace(entry, vector=decision.vector), temp)
+
+
+def _open_old(root: bytes, record: Record) -> int:
+    return os.open(local_path(root, record.entry.path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
