@@ -35,8 +35,8 @@ from typing import Callable, Iterator, Sequence
 import xxhash
 
 from omirror.config import MirrorSet
-from omirror.entry import (NAME_MAX, Entry, Kind, Stamp, conflict_name, first_version,
-                           is_own_name, next_stamp)
+from omirror.entry import (NAME_MAX, TEMP_PREFIX, Entry, Kind, Stamp, conflict_name,
+                           first_version, is_own_name, next_stamp)
 from omirror.errors import ApplyError, PathRefused
 from omirror.scanner import MARKER, group_name, local_path, logical, user_name
 from omirror.store import Record, StatSig, Store
@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 PATH_MAX = 4096
 #: Temp files and temp symlinks start with the daemon's own prefix, so the scanner and the
 #: watcher ignore them and a peer can never name one.
-TEMP_PREFIX = b".omirror-tmp-"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 #: O_NONBLOCK: a local source swapped for a FIFO must not hang the tree worker.

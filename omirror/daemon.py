@@ -167,7 +167,8 @@ class Daemon:
     async def _scan_all(self, why: str) -> None:
         for mset in self.my_sets():
             try:
-                stats = await self.tree(self.scanner.scan_set, mset, self.root)
+                stats = await self.tree(functools.partial(
+                    self.scanner.scan_set, mset, self.root, sweep=why == "startup"))
             except RootError as e:
                 self._stop_set(mset, e)
                 continue

@@ -27,6 +27,8 @@ Vector = tuple[tuple[str, int], ...]
 
 #: Prefix of the daemon's own files inside a tree (temp files, the root marker).
 OWN_PREFIX = b".omirror"
+#: Prefix of the temp files a transfer writes; what a crash leaves is swept at startup.
+TEMP_PREFIX = b".omirror-tmp-"
 
 #: Infix of conflict copies: ``NAME.omirror-conflict-<host>-<time_ns>``. These are user
 #: data and are mirrored like any other file.

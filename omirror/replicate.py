@@ -224,8 +224,36 @@ class Pusher:
             return False
         return any(m.root_of(entry.path) is not None for m in sets)
 
+    def _with_parents(self, records: list[Record], sets: Sequence[MirrorSet],
+                      ahead: dict[bytes, int]) -> list[tuple[Record, bool]]:
+        """Put a directory's entry before its children's when its own change is later in
+        the log (a chmod after the files were made), so the receiver never has to make a
+        parent up; an entry already sent ahead is not sent again at its place. Entries
+        sent ahead are marked: they are not a position in the log."""
+        out: list[tuple[Record, bool]] = []
+        for record in records:
+            if ahead.get(record.entry.path) == record.seq:
+                continue
+            chain: list[Record] = []
+            path = record.entry.path
+            while True:
+                path = path.rpartition(b"/")[0]
+                if not path or not any(m.root_of(path) is not None for m in sets):
+                    break
+                parent = self.ctx.store.get(path)
+                if parent is None or parent.seq < record.seq or ahead.get(path) == parent.seq:
+                    break
+                if self._wanted(parent.entry, sets):
+                    chain.append(parent)
+            for parent in reversed(chain):
+                ahead[parent.entry.path] = parent.seq
+                out.append((parent, True))
+            out.append((record, False))
+        return out
+
     async def _stream(self, position: int) -> None:
         store = self.ctx.store
+        ahead: dict[bytes, int] = {}
         while True:
             sets = self.ctx.sets_with(self.peer)
             page = [r for r in _page(store, position)]
@@ -233,17 +261,21 @@ class Pusher:
                 await self.ctx.wait_for_change(timeout=5.0)
                 continue
             position = page[-1].seq
-            records = [r for r in page if self._wanted(r.entry, sets)]
-            inline = await asyncio.to_thread(_read_inline, self.ctx.root, records)
-            for record in records:
+            records = self._with_parents([r for r in page if self._wanted(r.entry, sets)],
+                                         sets, ahead)
+            inline = await asyncio.to_thread(_read_inline, self.ctx.root,
+                                             [r for r, _ in records])
+            for record, out_of_order in records:
                 while len(self.unacked) >= WINDOW:
                     self.acked.clear()
                     await self.acked.wait()
                 data = inline.get(record.entry.path)
                 if data is not None:
                     self.stats.content_bytes_sent += len(data)
-                await self.io.send(EntryMsg(record.seq, record.entry, data))
-                self.unacked.append(record.seq)
+                await self.io.send(EntryMsg(0 if out_of_order else record.seq,
+                                            record.entry, data))
+                if not out_of_order:
+                    self.unacked.append(record.seq)
                 self.stats.entries_sent += 1
 
     async def _serve_wants(self) -> None:
@@ -456,7 +488,8 @@ class Receiver:
             msg = await self.entries.get()
             assert msg is not None
             await self._apply(msg)
-            self.done_seq = msg.seq
+            if msg.seq:  # 0: a parent sent ahead of its place in the log
+                self.done_seq = msg.seq
             count += 1
             if count % _ACK_EVERY == 0:
                 await self._save_cursor()
@@ -468,7 +501,8 @@ class Receiver:
             return
         durable = self.done_seq
         if self.retry:
-            durable = min(durable, min(f.msg.seq for f in self.retry.values()) - 1)
+            durable = min(durable, min((f.msg.seq for f in self.retry.values() if f.msg.seq),
+                                       default=durable + 1) - 1)
         cursor = Cursor(self.epoch, durable)
         await self.ctx.tree(self.ctx.store.set_cursor, self.peer, cursor)
         await self.io.send(Ack(self.done_seq))

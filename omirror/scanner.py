@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 import xxhash
 
 from omirror.config import MirrorSet
-from omirror.entry import Entry, Kind, first_version, is_own_name, next_stamp
+from omirror.entry import TEMP_PREFIX, Entry, Kind, first_version, is_own_name, next_stamp
 from omirror.errors import RootError
 from omirror.store import FAST, Record, StatSig, Store, fast_sig
 
@@ -152,14 +152,17 @@ class Scanner:
                                        dry_run=dry_run)
 
     def scan_set(self, mset: MirrorSet, root: bytes, *, subtree: bytes | None = None,
-                 dry_run: bool = False) -> ScanStats:
+                 dry_run: bool = False, sweep: bool = False) -> ScanStats:
         """Scan a whole set, or one subtree of it, and record (or with dry_run, list) changes.
 
         Every root of the set is checked before anything is recorded: one bad root stops
         the set with :class:`RootError`, and no deletion is recorded for any of its roots.
+        With ``sweep`` (at startup, when no transfer can be in flight), temp files left by
+        a crash during a transfer are removed.
         """
         started = time.monotonic()
         run = _Run(self, mset, root, dry_run)
+        run.sweep = sweep and not dry_run
         tops = [logical(top) for top in mset.files]
         for top in tops:
             self.check_root(mset, root, top, dry_run=dry_run)
@@ -272,6 +275,7 @@ class _Run:
         self.sig_updates: list[tuple[bytes, Kind, StatSig]] = []
         self.vanished: list[bytes] = []
         self.visited_dirs: set[tuple[int, int]] = set()
+        self.sweep = False
         self.store_empty = scanner.store.count() == 0
 
     # -- walking -------------------------------------------------------------------------
@@ -346,6 +350,8 @@ class _Run:
                 name = de.name
                 sig = pop(name, None)
                 if name.startswith(b".omirror"):
+                    if self.sweep and name.startswith(TEMP_PREFIX):
+                        self._sweep(prefix + name)
                     continue
                 if excluded is not None and excluded(prefix + name):
                     continue
@@ -525,6 +531,15 @@ class _Run:
             if len(self.pending) >= _FLUSH_EVERY:
                 self.flush()
         self.flush()
+
+    def _sweep(self, path: bytes) -> None:
+        try:
+            os.unlink(local_path(self.root, path))
+            log.info("set=%s removed %s, left by an interrupted transfer", self.mset.title,
+                     os.fsdecode(path))
+        except OSError as e:
+            log.warning("set=%s cannot remove %s: %s", self.mset.title, os.fsdecode(path),
+                        e.strerror)
 
     def _expected(self, path: bytes) -> bool:
         expected = self.sc.expected_absent

@@ -78,7 +78,7 @@ class Start:
 
 @dataclass(frozen=True, slots=True)
 class EntryMsg:
-    seq: int
+    seq: int  # 0: sent ahead of its place in the log (a parent before its children)
     entry: Entry
     data: bytes | None  # the whole content, for small files
 
@@ -295,7 +295,7 @@ def _entry(f: object) -> EntryMsg:
     data = None if a[2] is None else _bytes(a[2], "inline data", INLINE_MAX)
     if data is not None and (entry.kind is not Kind.FILE or len(data) != entry.size):
         raise ProtocolError("inline data does not fit its entry")
-    return EntryMsg(_int(a[0], "seq", 1), entry, data)
+    return EntryMsg(_int(a[0], "seq"), entry, data)
 
 
 def _want(f: object) -> Want:

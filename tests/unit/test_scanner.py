@@ -391,3 +391,14 @@ def test_scan_paths_ignores_own_files_and_paths_outside_the_set(tree: Tree) -> N
     stats = tree.scanner.scan_paths(tree.mset, os.fsencode(tree.base),
                                     [(b"data/.omirror-tmp-1", False), (b"elsewhere/x", False)])
     assert stats.recorded == 0 and tree.store.last_seq == seq
+
+
+def test_startup_sweep_removes_temp_files_of_interrupted_transfers(tree: Tree) -> None:
+    (tree.data / "d").mkdir()
+    (tree.data / "d" / ".omirror-tmp-0123abcd").write_bytes(b"half a file")
+    (tree.data / ".omirror-root-not-a-temp").write_bytes(b"kept")
+    tree.scan()
+    assert (tree.data / "d" / ".omirror-tmp-0123abcd").exists()  # only when asked
+    tree.scan(sweep=True)
+    assert not (tree.data / "d" / ".omirror-tmp-0123abcd").exists()
+    assert (tree.data / ".omirror-root-not-a-temp").exists()

@@ -58,7 +58,7 @@ def entry_list(**changes: object) -> list[object]:
     (body(4, [1, entry_list(mode=0o10000), None]), "mode"),
     (body(4, [1, entry_list(digest=b"short"), None]), "digest"),
     (body(4, [1, entry_list(), b"toolong"]), "inline data does not fit"),
-    (body(4, [0, entry_list(), None]), "seq"),
+    (body(4, [-1, entry_list(), None]), "seq"),
     (body(4, [1, entry_list(vector=[["a"]]), None]), "vector element"),
     (body(4, [1, entry_list(size=True), None]), "size"),
     (body(9, ["1"]), "seq"),
