@@ -129,6 +129,8 @@ class BytesINotify(pyinotify._CtypesLibcINotifyWrapper):  # type: ignore[misc]
 
     def add_watch(self, fd: int, path: bytes, mask: int) -> int:
         """Watch ``path``; the watch descriptor, or OSError with the kernel's errno."""
+        if b"\0" in path:  # C would see a shorter path, and watch something else
+            raise ValueError(f"embedded null byte in path {path!r}")
         wd = self.inotify_add_watch(fd, path, mask)
         if wd < 0:
             code = self.get_errno() or errno.EIO
