@@ -14,6 +14,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import ipaddress
 import json
 import logging
 import os
@@ -127,12 +128,16 @@ class Daemon:
             self.store.collect_tombstones(time.time_ns() - TOMBSTONE_RETENTION_NS)
             self.watcher.start()
             self._watch_all()
-            listener = await peers.listen(self.me.address if self.me.address != "localhost"
-                                          else "127.0.0.1", self.me.port, self.host_key,
-                                          lambda: self.keys, self._inbound_session,
-                                          compress=self.compress)
+            address = listen_address(self.me)
+            try:
+                listener = await peers.listen(address, self.me.port, self.host_key,
+                                              lambda: self.keys, self._inbound_session,
+                                              compress=self.compress)
+            except OSError as e:
+                raise OmirrorError(f"cannot listen on {address or '*'}:{self.me.port}: "
+                                   f"{e.strerror or e}") from None
             log.info("omirrord %s listening on %s:%d; sets: %s", self.me.name,
-                     self.me.address, self.me.port,
+                     address or "*", self.me.port,
                      ", ".join(m.title for m in self.my_sets()) or "none")
             self._start_links()
             background = [asyncio.create_task(self._index_loop(), name="indexer"),
@@ -235,6 +240,8 @@ class Daemon:
             requests, rescan = self.coalescer.take_due()
             if rescan:
                 log.warning("the inotify queue overflowed: rescanning every set")
+                # directories made during the overflow may have no watch yet
+                self._watch_all()
                 await self._scan_all("overflow")
                 continue
             if requests:
@@ -286,6 +293,8 @@ class Daemon:
             stats.out_since = time.time()
 
         async def run(peer: str, reader: Any, writer: Any) -> None:
+            conn = writer.get_extra_info("connection")
+            stats.compression = conn.get_extra_info("send_compression") or "none"
             await Pusher(self.ctx, peer, reader, writer, stats).run()
 
         await peers.keep_linked(host, self.host_key, self.keys.get, run, on_state,
@@ -346,7 +355,7 @@ class Daemon:
             "watched_dirs": self.watcher.watched_count,
             "polled": sorted(os.fsdecode(p) for p in self.watcher.polled),
             "stopped_sets": sorted(self.stopped_sets), "last_scan": self._last_scan,
-            "peers": {name: {**asdict(s), "in": s.inbound} for name, s in self.stats.items()},
+            "peers": {name: _link_status(s) for name, s in self.stats.items()},
             "conflicts": self.ctx.conflicts,
             "failing": {"/" + os.fsdecode(p): e for p, e in self.ctx.failing.items()},
         }
@@ -365,6 +374,23 @@ class Daemon:
         while True:
             self._write_status()
             await asyncio.sleep(STATUS_EVERY_S)  # the status file's refresh period
+
+
+def listen_address(me: Host) -> str:
+    """Where to listen: the address itself when the identity is an IP address (several
+    peers on one machine, tests), else every address, as sshd does: a host name in HOSTS
+    is how the others reach this host, not necessarily an address of this host."""
+    try:
+        ipaddress.ip_address(me.address)
+    except ValueError:
+        return ""
+    return me.address
+
+
+def _link_status(stats: LinkStats) -> dict[str, Any]:
+    fields = asdict(stats)
+    fields["in"] = fields.pop("inbound")
+    return fields
 
 
 def run_daemon(config_path: str, name: str | None, root: str, state_dir: str,

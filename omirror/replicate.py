@@ -72,6 +72,7 @@ class LinkStats:
     entries_received: int = 0
     acked_seq: int = 0
     skew_s: float = 0.0
+    compression: str = "none"
     last_error: str = ""
 
 

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -91,24 +94,58 @@ def test_options_come_from_environment_before_or_after_the_subcommand(tmp_path: 
                                               env=env).stderr
 
 
-def test_run_scans_then_says_plainly_that_live_mirroring_is_missing(tmp_path: Path) -> None:
+def test_run_without_a_peers_file_refuses_to_start_naming_it(tmp_path: Path) -> None:
     conf = write_conf(tmp_path / "omirrd.conf")
+    (tmp_path / "root" / "data").mkdir(parents=True)
+    r = omirrord("-C", str(conf), "-n", "alpha", "--root", str(tmp_path / "root"),
+                 "--state-dir", str(tmp_path / "state"), "--peers", str(tmp_path / "nopeers"))
+    assert r.returncode == 2
+    assert f"{tmp_path / 'nopeers'}: cannot read peers file" in r.stderr
+
+
+def test_run_scans_serves_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    conf = write_conf(tmp_path / "omirrd.conf",
+                      GOOD.replace("beta:2809", f"127.0.0.1:{_free_port()}"))
+    name = conf.read_text().split()[4]
+    state = tmp_path / "state"
+    key = omirrord("keygen", "-n", name, "--state-dir", str(state))
+    write_conf(tmp_path / "peers", key.stdout)
     (tmp_path / "root" / "data" / "sub").mkdir(parents=True)
     (tmp_path / "root" / "data" / "sub" / "f").write_text("hello")
-    state = tmp_path / "state"
-    args = ["-C", str(conf), "-n", "beta:2809", "--root", str(tmp_path / "root"),
-            "--state-dir", str(state)]
-    r = omirrord(*args)
-    assert r.returncode == 2 and "live mirroring" in r.stderr
-    assert "scanned set=" in r.stderr and "new=3" in r.stderr
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMIRRORD_")}
+    proc = subprocess.Popen([sys.executable, "-m", "omirror", "-C", str(conf), "-n", name,
+                             "--root", str(tmp_path / "root"), "--state-dir", str(state),
+                             "--peers", str(tmp_path / "peers")], env=env,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (state / "status.json").exists() and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.05)
+        assert (state / "status.json").exists(), "the daemon never came up"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        err = proc.stderr.read() if proc.stderr else ""
+        if proc.stderr:
+            proc.stderr.close()
+    assert "listening on 127.0.0.1:" in err and "stopped" in err
     dump = omirrord("log", "dump", "--state-dir", str(state))
-    assert dump.returncode == 0
     lines = [ln.split("\t") for ln in dump.stdout.splitlines() if not ln.startswith("#")]
     assert [(ln[2], ln[3], ln[4]) for ln in lines] == [
-        ("beta:2809", "dir", "/data"), ("beta:2809", "dir", "/data/sub"),
-        ("beta:2809", "file", "/data/sub/f")]
-    only = omirrord("--state-dir", str(state), "log", "dump", "--path", "/data/sub", "--since", "2")
+        (name, "dir", "/data"), (name, "dir", "/data/sub"), (name, "file", "/data/sub/f")]
+    only = omirrord("--state-dir", str(state), "log", "dump", "--path", "/data/sub",
+                    "--since", "2")
     assert [ln.split("\t")[4] for ln in only.stdout.splitlines()[1:]] == ["/data/sub/f"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def test_log_dump_without_a_store_is_an_error(tmp_path: Path) -> None:
@@ -141,7 +178,7 @@ def test_keygen_finds_its_name_in_the_config(tmp_path: Path, monkeypatch: pytest
 @pytest.mark.parametrize("args, what", [
     (["status"], "control socket"),
     (["sync", "/data/x"], "control socket"),
-    (["demo"], "live mirroring"),
+    (["demo"], "demo"),
     (["log", "replay"], "peer links"),
 ])
 def test_commands_without_their_machinery_say_so_and_exit_2(args: list[str], what: str) -> None:

@@ -7,14 +7,10 @@ test needs one edit to be stamped later than another, and says so.
 
 Every daemon still running at the end gets SIGTERM and must exit 0 (the fixture's
 teardown), so each test also checks a clean shutdown.
-
-These tests run once the live engine exists (``omirror.daemon``), or with
-``OMIRROR_LIVE_TESTS=1`` to see how far an unfinished engine gets.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import threading
@@ -25,13 +21,6 @@ from pathlib import Path
 import pytest
 
 from cluster import Cluster, Peer
-
-LIVE = (os.environ.get("OMIRROR_LIVE_TESTS") == "1"
-        or importlib.util.find_spec("omirror.daemon") is not None)
-
-pytestmark = pytest.mark.skipif(
-    not LIVE, reason="live mirroring (omirror.daemon) is not in this version; "
-                     "set OMIRROR_LIVE_TESTS=1 to run these anyway")
 
 MakeCluster = Callable[..., Cluster]
 MB = 1 << 20

@@ -1,0 +1,122 @@
+"""Properties of the live engine beyond the acceptance list: no echo, parents first,
+compressed links, configuration reload."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+
+from cluster import Cluster
+
+MakeCluster = Callable[..., Cluster]
+CONVERGE_S = 30
+
+
+def origins_in_log(c: Cluster, i: int) -> set[str]:
+    """The origins of every version in peer i's change log (``omirrord log dump``)."""
+    out = subprocess.run([sys.executable, "-m", "omirror", "log", "dump", "--state-dir",
+                          str(c[i].state)], capture_output=True, text=True, timeout=30,
+                         check=True).stdout
+    return {line.split("\t")[2] for line in out.splitlines() if not line.startswith("#")}
+
+
+def received(status: dict) -> int:
+    return sum(link.get("entries_received", 0) for link in status.get("peers", {}).values())
+
+
+def test_no_entry_goes_back_to_its_origin(make_cluster: MakeCluster) -> None:
+    c = make_cluster(3)
+    c.start()
+    # each peer's startup scan records its root directory: those versions settle first,
+    # the latest on every peer
+    c.wait_until(lambda: len({frozenset(origins_in_log(c, i)) for i in range(3)}) == 1
+                 and len(origins_in_log(c, 0)) == 1, CONVERGE_S, "the roots settle")
+    root_origin = origins_in_log(c, 0)
+    baseline = received(c.fresh_status(0))
+    a = c[0].data
+    for n in range(20):
+        (a / f"f{n}").write_bytes(b"%d\n" % n)
+    (a / "d").mkdir()
+    (a / "d" / "x").write_bytes(b"x")
+    os.symlink("f1", a / "ln")
+    c.wait_converged(CONVERGE_S)
+    (a / "f3").write_bytes(b"changed")
+    os.chmod(a / "f4", 0o600)
+    (a / "f5").unlink()
+    os.rename(a / "d", a / "e")
+    c.wait_converged(CONVERGE_S)
+    statuses = [c.fresh_status(i) for i in range(3)]
+    assert received(statuses[0]) == baseline, \
+        f"the origin received entries back: {statuses[0]['peers']}"
+    for i in (1, 2):  # the receivers applied A's versions and made none of their own
+        assert origins_in_log(c, i) == {c[0].name} | root_origin
+    c.assert_stays(lambda: c.fresh_status(0)["last_seq"] == statuses[0]["last_seq"]
+                   and received(c.status(0)) == baseline, 2, "nothing bounces back later")
+
+
+def test_directory_changed_after_its_files_reaches_a_new_peer_with_its_mode(
+        make_cluster: MakeCluster) -> None:
+    c = make_cluster(3)
+    c.start(0)
+    c.start(1)
+    a = c[0].data
+    (a / "d" / "sub").mkdir(parents=True)
+    (a / "d" / "sub" / "f").write_bytes(b"f")
+    os.chmod(a / "d", 0o700)  # the directory's version is now later than its files'
+    os.chmod(a / "d" / "sub", 0o711)
+    c.wait_converged(CONVERGE_S, peers=[0, 1])
+    c.start(2)  # a peer that never held the directory catches up from the log
+    c.wait_converged(CONVERGE_S)
+    for p in c.peers:
+        assert (p.data / "d").stat().st_mode & 0o7777 == 0o700, p.name
+        assert (p.data / "d" / "sub").stat().st_mode & 0o7777 == 0o711, p.name
+    # C made up no parent of its own: its only version is its root's, from its start
+    assert origins_in_log(c, 2) <= {c[0].name, c[1].name, c[2].name}
+    log_c = subprocess.run([sys.executable, "-m", "omirror", "log", "dump", "--state-dir",
+                            str(c[2].state), "--origin", c[2].name], capture_output=True,
+                           text=True, timeout=30, check=True).stdout
+    assert [ln.split("\t")[4] for ln in log_c.splitlines()[1:]] in ([], ["/data"])
+
+
+def test_compressed_links_mirror(make_cluster: MakeCluster) -> None:
+    c = make_cluster(2, extra_args=("-z",))
+    c.start()
+    big = b"compressible line of text\n" * 100_000
+    (c[0].data / "big.txt").write_bytes(big)
+    (c[1].data / "small.txt").write_bytes(b"the other way\n")
+    c.wait_converged(CONVERGE_S)
+    assert (c[1].data / "big.txt").read_bytes() == big
+    status = c.fresh_status(0)["peers"][c[1].name]
+    assert status["content_bytes_sent"] >= len(big)
+    assert status["compression"] == "zlib@openssh.com"
+
+
+def test_links_are_not_compressed_unless_asked(make_cluster: MakeCluster) -> None:
+    c = make_cluster(2)
+    c.start()
+    (c[0].data / "f").write_bytes(b"x")
+    c.wait_converged(CONVERGE_S)
+    assert c.fresh_status(0)["peers"][c[1].name]["compression"] == "none"
+
+
+def test_sighup_rereads_the_distfile(make_cluster: MakeCluster) -> None:
+    c = make_cluster(2)
+    c.start()
+    (c[0].data / "before.tmp").write_bytes(b"mirrored while no rule excludes it")
+    c.wait_converged(CONVERGE_S)
+    text = c.conf.read_text().replace("\tinstall ;\n", "\tinstall ;\n\texcept_pat ( \\.tmp$ ) ;\n")
+    c.conf.write_text(text)
+    for p in c.peers:
+        os.kill(p.proc.pid, signal.SIGHUP)
+    c.wait_until(lambda: all("reloading" in c.log_text(i) for i in range(2)), 10,
+                 "both daemons reload")
+    (c[0].data / "after.tmp").write_bytes(b"excluded now")
+    (c[0].data / "after.txt").write_bytes(b"still mirrored")
+    c.wait_until(lambda: (c[1].data / "after.txt").exists(), CONVERGE_S,
+                 "a file the new rules keep is mirrored")
+    c.assert_stays(lambda: not (c[1].data / "after.tmp").exists(), 1,
+                   "a file the new rules exclude stays where it was made")
+    assert (c[1].data / "before.tmp").exists()  # an exclusion deletes nothing
