@@ -242,7 +242,10 @@ class Pusher:
                 if not path or not any(m.root_of(path) is not None for m in sets):
                     break
                 parent = self.ctx.store.get(path)
-                if parent is None or parent.seq < record.seq or ahead.get(path) == parent.seq:
+                # only a directory that must exist goes ahead: a deletion of the parent
+                # must stay after the deletions of its children
+                if parent is None or parent.entry.kind is not Kind.DIR \
+                        or parent.seq < record.seq or ahead.get(path) == parent.seq:
                     break
                 if self._wanted(parent.entry, sets):
                     chain.append(parent)

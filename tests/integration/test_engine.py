@@ -120,3 +120,22 @@ def test_sighup_rereads_the_distfile(make_cluster: MakeCluster) -> None:
     c.assert_stays(lambda: not (c[1].data / "after.tmp").exists(), 1,
                    "a file the new rules exclude stays where it was made")
     assert (c[1].data / "before.tmp").exists()  # an exclusion deletes nothing
+
+
+def test_a_deleted_tree_reaches_a_returning_peer_completely(make_cluster: MakeCluster) -> None:
+    c = make_cluster(2)
+    c.start()
+    a = c[0].data
+    (a / "tree" / "sub").mkdir(parents=True)
+    for n in range(5):
+        (a / "tree" / "sub" / f"f{n}").write_bytes(b"%d" % n)
+    os.chmod(a / "tree", 0o750)  # the directory's version is later than its files'
+    c.wait_converged(CONVERGE_S)
+    c.stop(1)
+    import shutil
+    shutil.rmtree(a / "tree")
+    c.wait_until(lambda: "deleted=7" in c.log_text(0) or not (a / "tree").exists(), 10,
+                 "A records the deletion")
+    c.start(1)  # catches up: children's tombstones, then the directories'
+    c.wait_converged(CONVERGE_S)
+    assert not (c[1].data / "tree").exists()
