@@ -4,10 +4,13 @@ compressed links, configuration reload."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 from cluster import Cluster
 
@@ -132,10 +135,55 @@ def test_a_deleted_tree_reaches_a_returning_peer_completely(make_cluster: MakeCl
     os.chmod(a / "tree", 0o750)  # the directory's version is later than its files'
     c.wait_converged(CONVERGE_S)
     c.stop(1)
-    import shutil
     shutil.rmtree(a / "tree")
     c.wait_until(lambda: "deleted=7" in c.log_text(0) or not (a / "tree").exists(), 10,
                  "A records the deletion")
     c.start(1)  # catches up: children's tombstones, then the directories'
     c.wait_converged(CONVERGE_S)
     assert not (c[1].data / "tree").exists()
+
+
+def sent(c: Cluster, i: int) -> int:
+    return sum(link["content_bytes_sent"] for link in c.fresh_status(i)["peers"].values())
+
+
+def test_a_change_in_the_middle_of_a_large_file_travels_as_a_block_delta(
+        make_cluster: MakeCluster) -> None:
+    c = make_cluster(2)
+    c.start()
+    size = 32 << 20
+    data = bytearray(os.urandom(size))
+    (c[0].data / "big.bin").write_bytes(data)
+    c.wait_converged(60)
+    before = sent(c, 0)
+    data[size // 2 + 12345: size // 2 + 12345 + (1 << 20)] = os.urandom(1 << 20)
+    with open(c[0].data / "big.bin", "r+b") as f:  # in place, as a database would
+        f.seek(size // 2 + 12345)
+        f.write(data[size // 2 + 12345: size // 2 + 12345 + (1 << 20)])
+    c.wait_until(lambda: (c[1].data / "big.bin").read_bytes() == bytes(data), 60,
+                 "the changed file arrives")
+    c.wait_converged(30)
+    delta = sent(c, 0) - before
+    assert 0 < delta <= 2 * (1 << 20) + 4096, f"{delta} bytes of content for 1 MiB changed"
+
+
+def test_a_large_file_that_lost_a_conflict_is_fetched_and_kept(
+        make_cluster: MakeCluster) -> None:
+    c = make_cluster(2)
+    c.start()
+    (c[0].data / "doc.bin").write_bytes(b"base" * 1000)
+    c.wait_converged(CONVERGE_S)
+    c.stop(1)
+    ours = os.urandom(1 << 20)  # past the inline limit: the loser's content is fetched
+    (c[0].data / "doc.bin").write_bytes(ours)
+    time.sleep(0.05)  # not synchronisation: B's edit must be stamped later than A's
+    theirs = os.urandom(1 << 20)
+    (c[1].data / "doc.bin").write_bytes(theirs)
+    c.start(1)
+    c.wait_until(lambda: all(len(c.conflict_copies(i)) == 1 for i in range(2)), CONVERGE_S,
+                 "a conflict copy on both peers")
+    c.wait_converged(CONVERGE_S)
+    for p in c.peers:
+        assert (p.data / "doc.bin").read_bytes() == theirs
+        (copy,) = c.conflict_copies(p.index)
+        assert Path(os.fsdecode(os.path.join(os.fsencode(p.root), copy))).read_bytes() == ours
