@@ -175,8 +175,8 @@ def _check_hello(hello: Hello, peer: str, stats: LinkStats) -> None:
 
 # -- the pushing side --------------------------------------------------------------------
 
-class Pusher:
-    """Streams this host's log to one peer and serves that peer's WANTs."""
+class _Side:
+    """One end of a link: its daemon's context, the peer, the stream, the counters."""
 
     def __init__(self, ctx: Context, peer: str, reader: Any, writer: Any,
                  stats: LinkStats) -> None:
@@ -184,6 +184,13 @@ class Pusher:
         self.peer = peer
         self.io = _Stream(reader, writer, stats)
         self.stats = stats
+
+
+class Pusher(_Side):
+    """Streams this host's log to one peer and serves that peer's WANTs."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
         self.unacked: collections.deque[int] = collections.deque()
         self.acked = asyncio.Event()
         self.wants: asyncio.Queue[Want] = asyncio.Queue()
@@ -436,15 +443,11 @@ class _Failing:
     due: float = field(default_factory=time.monotonic)
 
 
-class Receiver:
+class Receiver(_Side):
     """Applies one peer's log here, in order, and acknowledges it."""
 
-    def __init__(self, ctx: Context, peer: str, reader: Any, writer: Any,
-                 stats: LinkStats) -> None:
-        self.ctx = ctx
-        self.peer = peer
-        self.io = _Stream(reader, writer, stats)
-        self.stats = stats
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
         self.entries: asyncio.Queue[EntryMsg | None] = asyncio.Queue(maxsize=WINDOW * 2)
         self.content: asyncio.Queue[Data | Copy | NoData] = asyncio.Queue()
         self.epoch = ""
