@@ -5,7 +5,7 @@ omirror against lsyncd (rsync over ssh), side by side in the same run.
 Run from the project root with the project's virtualenv (as root, so that apt-get can
 install lsyncd, openssh-server and rsync if they are missing)::
 
-    .venv/bin/python bench/latency.py [--files 300] [--rounds 3] [--delay 0] [--gap-ms 20]
+    .venv/bin/python bench/latency.py [--files 300] [--rounds 3] [--delay S] [--gap-ms 20]
                                       [--timeout 10] [--warmup 5] [--workdir DIR]
                                       [--keep] [--no-lsyncd] [--json]
 
@@ -13,7 +13,7 @@ What runs, all on 127.0.0.1 and all started by this script:
 
 * omirror: two ``omirrord`` daemons set up as an operator would (an ``ssh-keygen`` host
   key per peer, one peers file, one Distfile with ``FILES = ( /data )``, each peer with
-  its own ``--root``), with ``-d 0`` (no coalescing delay) unless ``--delay`` is given.
+  its own ``--root``), with omirrord's default coalescing delay unless ``--delay`` is given.
   Files are written under peer A's tree and awaited under peer B's.
 * lsyncd: a private ``sshd`` (own config, host key, authorized_keys and pid file in the
   work directory, ``-D`` in the foreground) and ``lsyncd -nodaemon`` with
@@ -72,6 +72,9 @@ from typing import IO, Callable
 
 HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
+sys.path.insert(0, str(PROJECT))
+
+from omirror.cli import DEFAULT_DELAY_S  # noqa: E402
 
 SEED = 20240602
 MIN_SIZE, MAX_SIZE = 1024, 4096
@@ -697,8 +700,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--files", type=int, default=300,
                     help="measured files per tool, spread over the rounds (300)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds; tool order rotated (3)")
-    ap.add_argument("--delay", type=float, default=0.0,
-                    help="omirrord's -d coalescing delay in seconds (0)")
+    ap.add_argument("--delay", type=float, default=DEFAULT_DELAY_S,
+                    help=f"omirrord's -d coalescing delay in seconds (its default, "
+                         f"{DEFAULT_DELAY_S:g})")
     ap.add_argument("--gap-ms", type=float, default=20.0,
                     help="pause after a file arrived before writing the next (20)")
     ap.add_argument("--timeout", type=float, default=10.0,
