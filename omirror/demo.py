@@ -48,7 +48,6 @@ WELCOME = "README.txt"
 CONF_NAME = "omirrd.conf"
 PEERS_NAME = "peers"
 LOCK_NAME = ".demo.lock"
-DELAY_S = 0.02
 #: How often the trees are looked at; a slow walk (a big tree) stretches it up to the cap.
 POLL_S = 0.2
 POLL_MAX_S = 5.0
@@ -269,7 +268,7 @@ class Daemons:
         return [sys.executable, "-m", "omirror", "-C", str(self.layout.conf.resolve()),
                 "-n", p.name, "--root", str(p.root.resolve()),
                 "--state-dir", str(p.state.resolve()),
-                "--peers", str(self.layout.peers_file.resolve()), "-d", str(DELAY_S)]
+                "--peers", str(self.layout.peers_file.resolve())]
 
     def start(self) -> None:
         """Start the three daemons, each writing its log; none waits for the others.

@@ -147,6 +147,11 @@ async def run_together(*coros: Coroutine[Any, Any, None]) -> None:
             for coro in coros:
                 tasks.create_task(coro)
     except BaseExceptionGroup as group:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # we are being stopped: a peer that went away at the same moment must not
+            # turn the stop into a link error (and a reconnect)
+            raise asyncio.CancelledError() from None
         first = next((e for e in _leaves(group)
                       if not isinstance(e, asyncio.CancelledError)), None)
         if first is None:
@@ -632,12 +637,12 @@ class Receiver(_Side):
         elif winner.kind is Kind.TOMBSTONE:
             applier.delete(mset, winner)
             applier.expected_absent.discard(winner.path)
-        elif data is not None:
-            applier.write_file(mset, winner, data)
         elif local is not None and local.kind is Kind.FILE and local.digest == winner.digest:
             applier.adopt(mset, winner)
         elif winner.moved_from is not None and self._move_file(mset, winner):
-            return None
+            return None  # a rename stays a rename, even for a file small enough to send
+        elif data is not None:
+            applier.write_file(mset, winner, data)
         else:
             old = record if local is not None and local.kind is Kind.FILE else None
             return Need(mset, winner, Purpose.INSTALL, old)

@@ -14,6 +14,7 @@ once instead of letting it run out its clock.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -36,6 +37,15 @@ LOG_TAIL_LINES = 40
 _READ_CHUNK = 1 << 20
 
 Snapshot = dict[bytes, tuple]
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it if the test process dies without teardown
+    (pytest killed by a CI timeout), so that no daemon outlives its test run."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 @dataclass(eq=False)
@@ -269,7 +279,8 @@ class Cluster:
                 log.flush()
                 p.proc = subprocess.Popen(self.command(p), stdin=subprocess.DEVNULL,
                                           stdout=log, stderr=subprocess.STDOUT,
-                                          cwd=p.base, env=env)
+                                          cwd=p.base, env=env,
+                                          preexec_fn=_die_with_parent)
             p.expected_exit = False
             started.append(p)
         if wait:

@@ -178,7 +178,6 @@ def test_keygen_finds_its_name_in_the_config(tmp_path: Path, monkeypatch: pytest
 @pytest.mark.parametrize("args, what", [
     (["status"], "control socket"),
     (["sync", "/data/x"], "control socket"),
-    (["demo"], "demo"),
     (["log", "replay"], "peer links"),
 ])
 def test_commands_without_their_machinery_say_so_and_exit_2(args: list[str], what: str) -> None:

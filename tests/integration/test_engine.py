@@ -187,3 +187,21 @@ def test_a_large_file_that_lost_a_conflict_is_fetched_and_kept(
         assert (p.data / "doc.bin").read_bytes() == theirs
         (copy,) = c.conflict_copies(p.index)
         assert Path(os.fsdecode(os.path.join(os.fsencode(p.root), copy))).read_bytes() == ours
+
+
+def test_a_renamed_small_file_is_renamed_on_the_peers_not_rewritten(
+        make_cluster: MakeCluster) -> None:
+    c = make_cluster(3)
+    c.start()
+    (c[0].data / "old.txt").write_bytes(b"small enough to travel inline\n")
+    (c[0].data / "d").mkdir()
+    (c[0].data / "d" / "x").write_bytes(b"x\n")
+    c.wait_converged(CONVERGE_S)
+    inodes = {i: ((c[i].data / "old.txt").stat().st_ino, (c[i].data / "d").stat().st_ino)
+              for i in (1, 2)}
+    os.rename(c[0].data / "old.txt", c[0].data / "new.txt")
+    os.rename(c[0].data / "d", c[0].data / "e")
+    c.wait_converged(CONVERGE_S)
+    for i in (1, 2):
+        assert ((c[i].data / "new.txt").stat().st_ino,
+                (c[i].data / "e").stat().st_ino) == inodes[i], f"{c[i].name} rewrote"
