@@ -75,6 +75,7 @@ PROJECT = HERE.parent
 sys.path.insert(0, str(PROJECT))
 
 from omirror.cli import DEFAULT_DELAY_S  # noqa: E402
+from omirror.demo import free_ports  # noqa: E402
 
 SEED = 20240602
 MIN_SIZE, MAX_SIZE = 1024, 4096
@@ -90,20 +91,6 @@ def note(msg: str) -> None:
 
 
 # -- processes ---------------------------------------------------------------------------
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct ports free on 127.0.0.1 now (all held open until all are chosen)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class Proc:

@@ -130,7 +130,7 @@ def prepare(directory: Path) -> Layout:
     if ports is None or not all(_is_free(p) for p in ports):
         if ports is not None:
             log.info("ports of the last run are taken now: picking new ones old=%s", ports)
-        ports = _free_ports(len(LABELS))
+        ports = free_ports(len(LABELS))
     peers = tuple(DemoPeer(label, directory / label, port)
                   for label, port in zip(LABELS, ports))
     lines = []
@@ -183,7 +183,7 @@ def _is_free(port: int) -> bool:
     return True
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
     """``n`` distinct free ports on 127.0.0.1 (all held until all are chosen)."""
     socks = []
     try:

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import xxhash
 
+from omirror.demo import free_ports
+
 #: Names the daemon owns inside a tree (temp files, the root marker): never compared.
 DAEMON_PREFIX = b".omirror"
 TEMP_PREFIX = b".omirror-tmp"
@@ -97,20 +99,6 @@ class Peer:
 
     def __repr__(self) -> str:
         return f"Peer({self.index}, {self.name})"
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct ports free on 127.0.0.1 now (all held open until all are chosen)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def file_digest(path: bytes | str | os.PathLike[str]) -> bytes:
