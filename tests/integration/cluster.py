@@ -18,7 +18,6 @@ import ctypes
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
