@@ -168,8 +168,6 @@ async def keep_linked(host: Host, host_key: asyncssh.SSHKey,
         except asyncio.CancelledError:
             raise
         except _LINK_ERRORS as e:
-            if _stopping():
-                raise asyncio.CancelledError() from None
             log.info("peer=%s link out down: %s", host.name, _describe(e))
         except Exception as e:  # a protocol error: the link closes, the daemon goes on
             log.warning("peer=%s link out closed: %s", host.name, _describe(e))
@@ -180,11 +178,6 @@ async def keep_linked(host: Host, host_key: asyncssh.SSHKey,
         if time.monotonic() - started > BACKOFF_MAX_S:
             backoff.reset()
         await asyncio.sleep(backoff.next())
-
-
-def _stopping() -> bool:
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0
 
 
 def _describe(error: BaseException) -> str:

@@ -140,30 +140,22 @@ async def run_together(*coros: Coroutine[Any, Any, None]) -> None:
     """Run a link's tasks until one fails; raise that failure itself.
 
     The first error ends the link, and the caller sorts errors by type (a peer that went
-    away, a protocol error), which an ExceptionGroup would hide.
+    away, a protocol error), which an ExceptionGroup would hide. A stop of the caller
+    arrives as CancelledError; one that races a link error is not lost either, since a
+    pending cancellation is delivered at the caller's next await. (asyncio.TaskGroup is
+    not used: on Python 3.11 a child's failure can leave the parent task marked as
+    being cancelled, which makes a lost peer look like a stop.)
     """
+    tasks = [asyncio.ensure_future(coro) for coro in coros]
     try:
-        async with asyncio.TaskGroup() as tasks:
-            for coro in coros:
-                tasks.create_task(coro)
-    except BaseExceptionGroup as group:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            # we are being stopped: a peer that went away at the same moment must not
-            # turn the stop into a link error (and a reconnect)
-            raise asyncio.CancelledError() from None
-        first = next((e for e in _leaves(group)
-                      if not isinstance(e, asyncio.CancelledError)), None)
-        if first is None:
-            raise
-        raise first from None
-
-
-def _leaves(group: BaseExceptionGroup) -> list[BaseException]:  # type: ignore[type-arg]
-    out: list[BaseException] = []
-    for e in group.exceptions:
-        out.extend(_leaves(e) if isinstance(e, BaseExceptionGroup) else [e])
-    return out
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+    for task in done:
+        if not task.cancelled() and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
 
 
 def _check_hello(hello: Hello, peer: str, stats: LinkStats) -> None:
