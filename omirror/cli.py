@@ -7,6 +7,7 @@ because operators script all three. Exit codes: 0 ok, 1 differences (check), 2 e
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_DIFFERENCES, EXIT_ERROR = 0, 1, 2
 DEFAULT_DELAY_S = 0.001
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+SYSLOG_SOCKET = "/dev/log"
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -42,6 +45,7 @@ class Options:
     compress: bool
     force: bool
     verbose: int
+    syslog: str | None
 
 
 _OPTIONS = [
@@ -65,6 +69,9 @@ _OPTIONS = [
                  help="With --check/--once: compare contents, not only stamps."),
     click.option("-v", "--verbose", envvar="OMIRRORD_VERBOSE", count=True,
                  help="More log output (-vv for every file)."),
+    click.option("--syslog", envvar="OMIRRORD_SYSLOG", default=None, metavar="FACILITY",
+                 callback=lambda ctx, param, value: syslog_facility(value),
+                 help="Log to syslog (/dev/log) with this facility, e.g. local7, daemon."),
 ]
 _NAMES = [f.name for f in fields(Options)]
 
@@ -92,12 +99,58 @@ def options_of(ctx: click.Context) -> Options:
     return Options(**values)
 
 
-def setup_logging(verbose: int) -> None:
+def setup_logging(verbose: int, syslog: str | None = None) -> None:
+    """Plain lines on stderr; with their syslog priority ("<4>") and without a time
+    stamp when stderr is the journal, so ``journalctl -p warning`` works; or, with
+    ``syslog`` (a facility name), to the local syslog daemon instead of stderr."""
+    from omirror import systemd
+
     level = logging.WARNING if verbose < 0 else logging.INFO if verbose <= 1 else logging.DEBUG
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if syslog is not None:
+        handler = syslog_handler(syslog)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(systemd.JournalFormatter() if systemd.stderr_is_journal()
+                             else logging.Formatter(LOG_FORMAT))
+    logging.basicConfig(level=level, handlers=[handler])
     # asyncssh logs every channel at INFO: only with -vvv
     logging.getLogger("asyncssh").setLevel(logging.DEBUG if verbose >= 3 else logging.WARNING)
+
+
+def syslog_facility(value: str | None) -> str | None:
+    """A syslog facility name as logging.handlers knows it: "local7", also "LOG_LOCAL7"
+    as omirr's configuration spelled it; anything else is a usage error (exit 2)."""
+    if value is None:
+        return None
+    from logging.handlers import SysLogHandler
+
+    name = value.lower().removeprefix("log_")
+    if name not in SysLogHandler.facility_names:
+        raise click.BadParameter(f"unknown syslog facility {value!r}; one of: "
+                                 + ", ".join(sorted(SysLogHandler.facility_names)))
+    return name
+
+
+def syslog_handler(facility: str) -> logging.Handler:
+    """A handler that sends to the local syslog daemon; refuses (exit 2) when none
+    listens, because logging.handlers would otherwise drop every line in silence."""
+    import socket
+    from logging.handlers import SysLogHandler
+
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):  # as SysLogHandler tries them
+        with socket.socket(socket.AF_UNIX, kind) as probe:
+            try:
+                probe.connect(SYSLOG_SOCKET)
+                break
+            except OSError as e:
+                error = e
+    else:
+        raise OmirrorError(f"--syslog {facility}: no syslog daemon listens on "
+                           f"{SYSLOG_SOCKET}: {error.strerror or error}")
+    handler = SysLogHandler(SYSLOG_SOCKET, SysLogHandler.facility_names[facility])
+    handler.setFormatter(logging.Formatter(
+        "omirrord[%(process)d]: %(levelname)s %(name)s: %(message)s"))
+    return handler
 
 
 def fail(message: str) -> NoReturn:
@@ -131,9 +184,11 @@ def reports_errors(func: F) -> F:
               help="Dry reconciliation: print what differs, change nothing.")
 @click.option("--once", "once_mode", is_flag=True,
               help="Reconcile with every reachable peer, then exit.")
+@click.option("--json", "as_json", is_flag=True, help="With --check: the plan as JSON.")
 @click.version_option(__version__, "-V", "--version", prog_name="omirrord")
 @click.pass_context
-def main(ctx: click.Context, check_mode: bool, once_mode: bool, **_: Any) -> None:
+def main(ctx: click.Context, check_mode: bool, once_mode: bool, as_json: bool,
+         **_: Any) -> None:
     """omirrord: keep directory trees identical across hosts, live, over SSH."""
     if ctx.invoked_subcommand is not None:
         if check_mode or once_mode:
@@ -143,7 +198,7 @@ def main(ctx: click.Context, check_mode: bool, once_mode: bool, **_: Any) -> Non
         raise click.UsageError("--check and --once exclude each other")
     opts = Options(**{name: ctx.params[name] for name in _NAMES})
     if check_mode:
-        _check(opts)
+        _check(opts, as_json)
     elif once_mode:
         _once(opts)
     else:
@@ -164,12 +219,12 @@ def run_command(ctx: click.Context, **_: Any) -> None:
 @click.pass_context
 def check_command(ctx: click.Context, as_json: bool, **_: Any) -> None:
     """Dry reconciliation: compare with the peers, print the plan, change nothing."""
-    _check(options_of(ctx))
+    _check(options_of(ctx), as_json)
 
 
 @reports_errors
 def _run(opts: Options) -> None:
-    setup_logging(opts.verbose)
+    setup_logging(opts.verbose, opts.syslog)
     from omirror.daemon import run_daemon
 
     sys.exit(run_daemon(opts.config, opts.name, opts.root, opts.state_dir, opts.peers,
@@ -177,19 +232,30 @@ def _run(opts: Options) -> None:
 
 
 @reports_errors
-def _check(opts: Options) -> None:
+def _check(opts: Options, as_json: bool = False) -> None:
     setup_logging(opts.verbose - 1)
-    _load(opts)
-    raise NotImplementedYet("--check compares with the peers' indexes over the peer links, "
-                            "which this version does not have; the configuration is valid")
+    from omirror.reconcile import Checker, render
+
+    checker = Checker(opts.config, opts.name, opts.root, opts.state_dir, opts.peers,
+                      force=opts.force, compress=opts.compress)
+    report = asyncio.run(checker.check())
+    click.echo(render(report, as_json))
+    sys.exit(report.exit_code)
 
 
 @reports_errors
 def _once(opts: Options) -> None:
-    setup_logging(opts.verbose)
-    _load(opts)
-    raise NotImplementedYet("--once reconciles over the peer links, which this version "
-                            "does not have; the configuration is valid")
+    setup_logging(opts.verbose, opts.syslog)
+    from omirror import control
+    from omirror.daemon import run_once
+
+    pid = control.daemon_running(opts.state_dir)
+    if pid is not None:
+        raise OmirrorError(f"omirrord (pid {pid}) runs with --state-dir {opts.state_dir} and "
+                           "keeps this host in sync already; use 'omirrord sync PATH' to "
+                           "push paths now")
+    sys.exit(run_once(opts.config, opts.name, opts.root, opts.state_dir, opts.peers,
+                      compress=opts.compress, report=click.echo))
 
 
 def _load(opts: Options) -> tuple[Any, str]:
@@ -209,9 +275,16 @@ def _load(opts: Options) -> tuple[Any, str]:
 @click.pass_context
 @reports_errors
 def status_command(ctx: click.Context, as_json: bool, **_: Any) -> None:
-    """Ask the running daemon how it is doing."""
-    raise NotImplementedYet("status asks the daemon over its control socket, which this "
-                            "version does not have")
+    """Ask the running daemon how it is doing: peers, links, lag, queue, last scan,
+    conflicts and failing paths."""
+    import json
+
+    from omirror import control
+    from omirror.status import render
+
+    opts = options_of(ctx)
+    status = control.request(opts.state_dir, "status")["status"]
+    click.echo(json.dumps(status, indent=2, sort_keys=True) if as_json else render(status))
 
 
 @main.command("keygen")
@@ -302,12 +375,23 @@ def log_truncate(ctx: click.Context, days: float, **_: Any) -> None:
 
 @log_group.command("replay")
 @shared_options
+@click.option("--peer", required=True, metavar="HOST", help="The peer to send to again.")
+@click.option("--from", "from_seq", required=True, type=click.IntRange(min=0),
+              metavar="SEQ", help="Send every entry after this sequence number.")
 @click.pass_context
 @reports_errors
-def log_replay(ctx: click.Context, **_: Any) -> None:
-    """Send entries from a sequence number to a peer again."""
-    raise NotImplementedYet("log replay sends over the peer links, which this version "
-                            "does not have")
+def log_replay(ctx: click.Context, peer: str, from_seq: int, **_: Any) -> None:
+    """Send entries from a sequence number to a peer again.
+
+    The running daemon restarts its link to the peer and streams its log from SEQ, as
+    if the peer had lost what came after it; the peer applies what it lacks.
+    """
+    from omirror import control
+
+    opts = options_of(ctx)
+    reply = control.request(opts.state_dir, "replay", peer=peer, from_seq=from_seq)
+    click.echo(f"replaying to {reply['peer']} from seq {reply['from_seq']} (log at seq "
+               f"{reply['last_seq']}): the link restarts now; `omirrord status` shows it")
 
 
 @main.command("sync")
@@ -316,9 +400,28 @@ def log_replay(ctx: click.Context, **_: Any) -> None:
 @click.pass_context
 @reports_errors
 def sync_command(ctx: click.Context, paths: tuple[str, ...], **_: Any) -> None:
-    """Push these paths out now."""
-    raise NotImplementedYet("sync asks the running daemon over its control socket, which "
-                            "this version does not have")
+    """Push these paths out now: the running daemon rescans each (a directory with
+    everything below it) and sends what changed.
+
+    PATH is absolute, as the Distfile names it (/srv/www/index.html), whatever --root
+    is. Waits until the rescan is done; Ctrl-C leaves it running in the daemon.
+    """
+    from omirror import control
+
+    opts = options_of(ctx)
+    r = control.request(opts.state_dir, "sync", timeout=None, paths=list(paths))
+    click.echo(f"rescanned {', '.join(paths)}: {r['files']} files, {r['dirs']} directories, "
+               f"{r['symlinks']} symlinks; recorded {r['recorded']} changes ({r['new']} new, "
+               f"{r['changed']} changed, {r['deleted']} deleted, {r['moved']} moved); "
+               f"log at seq {r['last_seq']}")
+    for problem in r.get("unreadable", []):
+        click.echo(f"unreadable: {problem}", err=True)
+    links = r.get("links_out", {})
+    down = sorted(name for name, state in links.items() if state != "up")
+    if r["recorded"]:
+        up = sorted(set(links) - set(down))
+        click.echo(f"sending now to {', '.join(up) or 'no peer'}"
+                   + (f"; later to {', '.join(down)} (link not up)" if down else ""))
 
 
 @main.command("demo")

@@ -18,16 +18,18 @@ import ipaddress
 import json
 import logging
 import os
+import posixpath
 import random
 import signal
+import threading
 import time
-from dataclasses import asdict
 from typing import Any, Callable, TypeVar
 
 import asyncssh
 
 from omirror import config as config_module
-from omirror import peerkeys, peers
+from omirror import control
+from omirror import peerkeys, peers, systemd
 from omirror.apply import Applier
 from omirror.config import Config, Host, MirrorSet
 from omirror.entry import is_own_name
@@ -35,8 +37,10 @@ from omirror.errors import OmirrorError, RootError
 from omirror.events import Coalescer, ScanRequest
 from omirror.replicate import Context, LinkStats, Pusher, Receiver
 from omirror.scanner import Scanner, logical
+from omirror.status import SeqTimes, link_status
 from omirror.store import TOMBSTONE_RETENTION_NS, Store
 from omirror.watcher import EventKind, PathEvent, Watcher
+from omirror.wire import INDEX_SUBSYSTEM, PULL_SUBSYSTEM, SUBSYSTEM
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,8 @@ STATUS_EVERY_S = 0.5
 POLL_EVERY_S = 2.0
 RESCAN_EVERY_S = 3600.0
 STOP_GRACE_S = 10.0
+REPORT_EVERY_S = 1.0  # STATUS= lines for systemd
+SCAN_LOG_EVERY_S = 60.0  # a progress line in the log during a long scan
 
 
 class Daemon:
@@ -76,6 +82,8 @@ class Daemon:
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self._last_scan: dict[str, Any] = {}
+        self._ready = False  # whether systemd has been told READY=1 (and no reload since)
+        self._shown = ""  # the STATUS= line systemd shows
 
     # -- configuration -------------------------------------------------------------------
 
@@ -107,8 +115,9 @@ class Daemon:
 
     # -- running -------------------------------------------------------------------------
 
-    async def run(self) -> int:
-        loop = asyncio.get_running_loop()
+    def _open(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The store, the scanner, the applier and the tree worker: what both the daemon
+        and ``--once`` need."""
         self._worker = concurrent.futures.ThreadPoolExecutor(1, "omirror-tree")
         self.store = Store.open(self.state_dir)
         self.scanner = Scanner(self.store, self.me.name)
@@ -117,12 +126,79 @@ class Daemon:
         self.ctx = Context(self.me.name, self.store, self.applier, self.scanner, self.root,
                            self.sets_with, self.tree)
         self.store.add_listener(lambda seq: loop.call_soon_threadsafe(self.ctx.notify))
+
+    async def run_once(self, report: Callable[[str], None]) -> int:
+        """``--once``: scan, then with every peer at once push our log and pull theirs
+        until both are caught up; exit 0, or 1 naming the peers that were not reached."""
+        loop = asyncio.get_running_loop()
+        self._open(loop)
+        try:
+            await self._scan_all("startup")
+            hosts = list(self.peer_hosts().values())
+            results = await asyncio.gather(*(self._once_with(h) for h in hosts),
+                                           return_exceptions=True)
+        finally:
+            self._worker.shutdown(wait=True)
+            self.store.close()
+        failed = 0
+        for host, result in zip(hosts, results):
+            stats = self._stats(host.name)
+            if isinstance(result, BaseException):
+                if isinstance(result, (asyncio.CancelledError, KeyboardInterrupt)):
+                    raise result
+                failed += 1
+                report(f"{host.name}: not reconciled: {result or type(result).__name__}")
+            else:
+                report(f"{host.name}: reconciled: sent {stats.entries_sent} entries "
+                       f"({stats.content_bytes_sent} bytes of content), received "
+                       f"{stats.entries_received} ({stats.content_bytes_received} bytes)")
+        if self.ctx.failing:
+            report(f"{len(self.ctx.failing)} paths could not be applied: " + ", ".join(
+                "/" + os.fsdecode(p) for p in sorted(self.ctx.failing)))
+        return 1 if failed or self.ctx.failing else 0
+
+    async def _once_with(self, host: Host) -> None:
+        key = self.keys.get(host.name)
+        if key is None:
+            raise OmirrorError("no line in the peers file")
+        stats = self._stats(host.name)
+
+        async def push() -> None:
+            conn, reader, writer = await peers.open_link(host, self.host_key, key,
+                                                         compress=self.compress)
+            try:
+                await Pusher(self.ctx, host.name, reader, writer, stats, once=True).run()
+            finally:
+                conn.close()
+
+        async def pull() -> None:
+            conn, reader, writer = await peers.open_link(host, self.host_key, key,
+                                                         compress=self.compress,
+                                                         subsystem=PULL_SUBSYSTEM)
+            try:
+                await Receiver(self.ctx, host.name, reader, writer, stats).run()
+            finally:
+                conn.close()
+
+        await asyncio.gather(push(), pull())
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        # first, before the store is touched: a daemon that answers here owns this state
+        # directory, and this one stops; no handler runs before the next await
+        self._control = await control.serve_control(control.socket_path(self.state_dir),
+                                                    self._control_handlers())
+        self._open(loop)
+        self._seq_times = SeqTimes(self.store.last_seq, time.time())
+        self.store.add_listener(
+            lambda seq: loop.call_soon_threadsafe(self._seq_times.note, seq, time.time()))
         self.coalescer = Coalescer(self.delay_s)
         self.watcher = Watcher(loop, self._on_events)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
         listener = None
+        self._supervision = self._supervise()
         try:
             await self._scan_all("startup")
             self.store.collect_tombstones(time.time_ns() - TOMBSTONE_RETENTION_NS)
@@ -139,6 +215,7 @@ class Daemon:
             log.info("omirrord %s listening on %s:%d; sets: %s", self.me.name,
                      address or "*", self.me.port,
                      ", ".join(m.title for m in self.my_sets()) or "none")
+            self._tell_ready()  # watches and listener are up
             self._start_links()
             background = [asyncio.create_task(self._index_loop(), name="indexer"),
                           asyncio.create_task(self._status_loop(), name="status"),
@@ -152,6 +229,10 @@ class Daemon:
         return 0
 
     async def _shutdown(self, listener: asyncssh.SSHAcceptor | None) -> None:
+        systemd.stopping()
+        await control.close_control(self._control, control.socket_path(self.state_dir))
+        for task in self._supervision:
+            task.cancel()
         for task in [*self._tasks.values(), *self._inbound.values()]:
             task.cancel()
         tasks = [*self._tasks.values(), *self._inbound.values()]
@@ -171,6 +252,7 @@ class Daemon:
 
     async def _scan_all(self, why: str) -> None:
         for mset in self.my_sets():
+            self._show(f"scanning set {mset.title} ({why})")
             try:
                 stats = await self.tree(functools.partial(
                     self.scanner.scan_set, mset, self.root, sweep=why == "startup"))
@@ -285,7 +367,7 @@ class Daemon:
             if name not in self._tasks:
                 self._tasks[name] = asyncio.create_task(self._link_out(host), name=f"out:{name}")
 
-    async def _link_out(self, host: Host) -> None:
+    async def _link_out(self, host: Host, replay_from: int | None = None) -> None:
         stats = self._stats(host.name)
 
         def on_state(state: str) -> None:
@@ -293,16 +375,26 @@ class Daemon:
             stats.out_since = time.time()
 
         async def run(peer: str, reader: Any, writer: Any) -> None:
+            nonlocal replay_from
             conn = writer.get_extra_info("connection")
             stats.compression = conn.get_extra_info("send_compression") or "none"
-            await Pusher(self.ctx, peer, reader, writer, stats).run()
+            pusher = Pusher(self.ctx, peer, reader, writer, stats, replay_from=replay_from)
+            try:
+                await pusher.run()
+            finally:
+                if pusher.examined is not None:
+                    replay_from = None  # started: the peer's cursor carries it on
 
         await peers.keep_linked(host, self.host_key, self.keys.get, run, on_state,
                                 compress=self.compress)
 
-    async def _inbound_session(self, peer: str, reader: Any, writer: Any) -> None:
+    async def _inbound_session(self, peer: str, subsystem: str, reader: Any,
+                               writer: Any) -> None:
         if not self.sets_with(peer):
             log.warning("peer=%s connected but shares no set with this host", peer)
+            return
+        if subsystem != SUBSYSTEM:
+            await self._serve_once(peer, subsystem, reader, writer)
             return
         previous = self._inbound.get(peer)
         if previous is not None and not previous.done():
@@ -327,10 +419,136 @@ class Daemon:
                 del self._inbound[peer]
                 stats.inbound, stats.in_since = "down", time.time()
 
+    async def _serve_once(self, peer: str, subsystem: str, reader: Any, writer: Any) -> None:
+        """A peer's ``--once`` pulls our log, or its ``--check`` reads our index."""
+        index = subsystem == INDEX_SUBSYSTEM
+        log.info("peer=%s asks for our %s", peer, "index (--check)" if index else
+                 "log once (--once)")
+        try:
+            await Pusher(self.ctx, peer, reader, writer, self._stats(peer),
+                         once=True, index=index).run()
+        except asyncio.CancelledError:
+            raise
+        except (OSError, asyncio.IncompleteReadError, ConnectionError, asyncssh.Error,
+                OmirrorError) as e:
+            log.info("peer=%s %s session ended: %s", peer, subsystem, e or type(e).__name__)
+
+    # -- the control socket (omirrord status, sync, log replay) ---------------------------
+
+    def _control_handlers(self) -> dict[str, control.Handler]:
+        return {"status": self._control_status, "sync": self._control_sync,
+                "replay": self._control_replay}
+
+    async def _control_status(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"status": self.status()}
+
+    async def _control_sync(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Rescan the named paths and their subtrees now; what changed goes out at once.
+
+        Every path is checked before anything is scanned, and all bad ones are named.
+        """
+        paths = request.get("paths")
+        if not isinstance(paths, list) or not paths \
+                or not all(isinstance(p, str) for p in paths):
+            raise OmirrorError('sync needs "paths": a list of absolute paths')
+        by_set: dict[str, tuple[MirrorSet, list[tuple[bytes, bool]]]] = {}
+        problems = []
+        for text in paths:
+            try:
+                mset, path = self._sync_target(text)
+            except OmirrorError as e:
+                problems.append(str(e))
+                continue
+            by_set.setdefault(mset.title, (mset, []))[1].append((path, True))
+        if problems:
+            raise OmirrorError("; ".join(problems))
+        counts = dict.fromkeys(("new", "changed", "deleted", "moved", "dirs", "files",
+                                "symlinks", "hashed"), 0)
+        unreadable: list[str] = []
+        for mset, requests in by_set.values():
+            try:
+                stats = await self.tree(self.scanner.scan_paths, mset, self.root, requests)
+            except RootError as e:
+                self._stop_set(mset, e)
+                raise OmirrorError(str(e)) from None
+            self._last_scan = {"why": "sync", "at": time.time(),
+                               "seconds": stats.duration_s, "set": mset.title,
+                               "recorded": stats.recorded}
+            for key in counts:
+                counts[key] += getattr(stats, key)
+            unreadable += [f"/{os.fsdecode(p)}: {why}" for p, why in stats.unreadable]
+        recorded = counts["new"] + counts["changed"] + counts["deleted"]
+        log.info("sync of %s: recorded=%d new=%d changed=%d deleted=%d moved=%d",
+                 ", ".join(paths), recorded, counts["new"], counts["changed"],
+                 counts["deleted"], counts["moved"])
+        links = {name: self._stats(name).out for name in self.peer_hosts()}
+        return {"recorded": recorded, **counts, "unreadable": unreadable,
+                "last_seq": self.store.last_seq, "links_out": links}
+
+    def _sync_target(self, text: str) -> tuple[MirrorSet, bytes]:
+        """The running set and logical path of a path as the Distfile names it."""
+        if not text.startswith("/") or "\0" in text:
+            raise OmirrorError(f"{text!r} is not an absolute path (name it as the Distfile "
+                               "does, e.g. /srv/www/index.html)")
+        path = os.fsencode(posixpath.normpath(text).strip("/"))
+        for mset in self.config.sets_of(self.me.name):
+            if mset.root_of(path) is None:
+                continue
+            if mset.title in self.stopped_sets:
+                raise OmirrorError(f"{text} is in set {mset.title}, which is stopped on this "
+                                   "host (see the log)")
+            if mset.is_excluded(path) or any(is_own_name(p) for p in path.split(b"/")):
+                raise OmirrorError(f"{text} is excluded from set {mset.title}")
+            return mset, path
+        tops = sorted({top for m in self.config.sets_of(self.me.name) for top in m.files})
+        raise OmirrorError(f"{text} is in no set of {self.me.name} (its sets hold "
+                           f"{', '.join(tops) or 'nothing'})")
+
+    async def _control_replay(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Restart the link to a peer with its stream starting at ``from_seq``."""
+        peer, from_seq = request.get("peer"), request.get("from_seq")
+        if not isinstance(peer, str) or not peer:
+            raise OmirrorError('replay needs "peer", the name of a peer')
+        if not isinstance(from_seq, int) or isinstance(from_seq, bool) or from_seq < 0:
+            raise OmirrorError('replay needs "from_seq", a whole number >= 0')
+        hosts = self.peer_hosts()
+        name = peer
+        with contextlib.suppress(OmirrorError):
+            name = config_module.parse_host(peer, "--peer").name
+        if name not in hosts:
+            raise OmirrorError(f"{peer} is not a peer of {self.me.name}; its peers are "
+                               f"{', '.join(sorted(hosts)) or 'none'}")
+        if not self._tasks or self._stop.is_set():
+            raise OmirrorError("omirrord is starting or stopping; its links are not up")
+        old = self._tasks.pop(name, None)
+        if old is not None:
+            old.cancel()
+
+        async def relink() -> None:
+            if old is not None:
+                await asyncio.wait([old])  # its last state change comes before ours
+            await self._link_out(hosts[name], replay_from=from_seq)
+
+        self._tasks[name] = asyncio.create_task(relink(), name=f"out:{name}")
+        log.info("peer=%s replay of our log from seq %d requested", name, from_seq)
+        return {"peer": name, "from_seq": from_seq, "last_seq": self.store.last_seq}
+
     # -- reload and status ---------------------------------------------------------------
 
     async def reload(self) -> None:
-        """SIGHUP: read the Distfile and the peers file again; keep the old ones on error."""
+        """SIGHUP: read the Distfile and the peers file again; keep the old ones on error.
+
+        systemd hears RELOADING=1 first and READY=1 once done, so ``systemctl reload``
+        returns when the new configuration is in force (or was refused).
+        """
+        systemd.reloading()
+        self._ready = False
+        try:
+            await self._reload()
+        finally:
+            self._tell_ready()
+
+    async def _reload(self) -> None:
         log.info("reloading %s and %s", self.config_path, self.peers_path)
         try:
             cfg, me = self._read_config()
@@ -351,11 +569,14 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         return {
             "name": self.me.name, "pid": os.getpid(), "started": self.started,
+            "phase": "stopping" if self._stop.is_set() else "scanning"
+            if self.scanner.current is not None else "running",
             "last_seq": self.store.last_seq, "queue": self.coalescer.pending,
             "watched_dirs": self.watcher.watched_count,
             "polled": sorted(os.fsdecode(p) for p in self.watcher.polled),
             "stopped_sets": sorted(self.stopped_sets), "last_scan": self._last_scan,
-            "peers": {name: _link_status(s) for name, s in self.stats.items()},
+            "peers": {name: link_status(s, self.store.last_seq, self._seq_times)
+                      for name, s in self.stats.items()},
             "conflicts": self.ctx.conflicts,
             "failing": {"/" + os.fsdecode(p): e for p, e in self.ctx.failing.items()},
         }
@@ -375,6 +596,107 @@ class Daemon:
             self._write_status()
             await asyncio.sleep(STATUS_EVERY_S)  # the status file's refresh period
 
+    # -- systemd -------------------------------------------------------------------------
+
+    def _supervise(self) -> list[asyncio.Task[None]]:
+        """The tasks that keep systemd informed, from before the startup scan: STATUS=
+        lines, and the watchdog when the unit sets WatchdogSec=. Outside systemd both
+        cost a check a second and send nothing."""
+        tasks = [asyncio.create_task(self._report_loop(), name="systemd-status")]
+        interval = systemd.watchdog_interval()
+        if interval is not None:
+            dog = systemd.Watchdog(interval, self._probe, self._progress)
+            tasks.append(asyncio.create_task(dog.run(), name="watchdog"))
+        return tasks
+
+    async def _probe(self) -> None:
+        """The watchdog's proof: a store read done by the tree worker, so the event loop,
+        the worker and the store have each done a job."""
+        await self.tree(self.store.get, b"")
+
+    def _progress(self) -> tuple[Any, ...]:
+        """What moves while the tree worker is busy with one long job (a scan of a large
+        tree, a large file): the scan's counters, the bytes the worker thread has read
+        and written, the store's sequence."""
+        scan = self.scanner.current
+        counters = None if scan is None else (scan.dirs, scan.files, scan.hashed_bytes)
+        io = (0, 0)
+        for thread in threading.enumerate():
+            if thread.name.startswith("omirror-tree"):
+                io = systemd.thread_io(thread.native_id)
+        return counters, io, self.store.last_seq
+
+    def _tell_ready(self) -> None:
+        self._shown = self._summary()
+        systemd.ready(self._shown)
+        self._ready = True
+
+    def _show(self, text: str) -> None:
+        """STATUS= for systemd, sent when it changes."""
+        if text != self._shown:
+            self._shown = text
+            systemd.status(text)
+
+    def _summary(self) -> str:
+        """The one line ``systemctl status`` shows while nothing is being scanned."""
+        hosts = self.peer_hosts()
+        links = [self.stats.get(name) for name in hosts]
+        out = sum(1 for s in links if s is not None and s.out == "up")
+        inbound = sum(1 for s in links if s is not None and s.inbound == "up")
+        text = (f"mirroring {_plural(len(self.my_sets()), 'set')} with "
+                f"{_plural(len(hosts), 'peer')}; links up: {out} out, {inbound} in; "
+                f"queue {self.coalescer.pending}")
+        if self.ctx.failing:
+            text += f"; {len(self.ctx.failing)} failing"
+        if self.stopped_sets:
+            text += "; stopped: " + ", ".join(sorted(self.stopped_sets))
+        return text
+
+    async def _report_loop(self) -> None:
+        """Every second a STATUS= line: a scan's progress while one runs, else the
+        summary. A scan that moves also holds off systemd's start or reload timeout
+        (a first scan of a large tree may take longer than any fixed timeout; one that
+        hangs does not move, and times out), and logs its progress once a minute."""
+        progress = self._progress()
+        scan = None
+        scan_started = logged = time.monotonic()
+        while True:
+            await asyncio.sleep(REPORT_EVERY_S)
+            previous, progress = progress, self._progress()
+            now = time.monotonic()
+            if self.scanner.current is not scan:
+                scan, scan_started, logged = self.scanner.current, now, now
+            if scan is None:
+                if not self._ready:
+                    continue  # starting or reloading: the scans say what happens
+                text = self._summary()
+            else:
+                text = (f"scanning set {scan.set_title}: {scan.files} files in {scan.dirs} "
+                        f"directories, {scan.hashed} hashed ({_size(scan.hashed_bytes)})")
+                if not self._ready and progress != previous:
+                    systemd.extend_timeout(systemd.EXTEND_TIMEOUT_S)
+                if now - logged >= SCAN_LOG_EVERY_S:
+                    logged = now
+                    log.info("scanning set=%s files=%d dirs=%d hashed=%d hashed_bytes=%d "
+                             "for %.0fs", scan.set_title, scan.files, scan.dirs, scan.hashed,
+                             scan.hashed_bytes, now - scan_started)
+            self._show(text)
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    size = float(n)
+    for unit in ("KiB", "MiB", "GiB"):
+        size /= 1024
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+    return f"{size / 1024:.1f} TiB"
+
 
 def listen_address(me: Host) -> str:
     """Where to listen: the address itself when the identity is an IP address (several
@@ -387,10 +709,12 @@ def listen_address(me: Host) -> str:
     return me.address
 
 
-def _link_status(stats: LinkStats) -> dict[str, Any]:
-    fields = asdict(stats)
-    fields["in"] = fields.pop("inbound")
-    return fields
+def run_once(config_path: str, name: str | None, root: str, state_dir: str,
+             peers_path: str, *, compress: bool, report: Callable[[str], None]) -> int:
+    """``omirrord --once``: reconcile with every reachable peer, then exit."""
+    daemon = Daemon(config_path, name, root, state_dir, peers_path, delay_s=0.0,
+                    compress=compress)
+    return asyncio.run(daemon.run_once(report))
 
 
 def run_daemon(config_path: str, name: str | None, root: str, state_dir: str,

@@ -136,6 +136,16 @@ def ensure_host_key(state_dir: str | os.PathLike[str],
     return key, True
 
 
+def load_host_key(state_dir: str | os.PathLike[str]) -> asyncssh.SSHKey:
+    """This host's key, without making one: for commands that must change nothing."""
+    path = host_key_path(state_dir)
+    key = _load_host_key(path)
+    if key is None:
+        raise ConfigError("no host key here; run 'omirrord keygen' (or start the daemon "
+                          "once) and give its line to the peers", str(path))
+    return key
+
+
 def _public_path(path: Path) -> Path:
     return path.with_name(path.name + ".pub")
 

@@ -23,7 +23,7 @@ import asyncssh
 
 from omirror.config import Host
 from omirror.peerkeys import PeerKey
-from omirror.wire import SUBSYSTEM
+from omirror.wire import SUBSYSTEM, SUBSYSTEMS
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,9 @@ CONNECT_TIMEOUT_S = 10.0
 
 #: What a link runs once its channel is open: (peer name, reader, writer).
 SessionHandler = Callable[[str, asyncssh.SSHReader, asyncssh.SSHWriter], Awaitable[None]]
+#: What the listener runs for an accepted channel: (peer, subsystem, reader, writer).
+InboundHandler = Callable[[str, str, asyncssh.SSHReader, asyncssh.SSHWriter],
+                          Awaitable[None]]
 
 _LINK_ERRORS = (OSError, asyncssh.Error, asyncio.IncompleteReadError, asyncio.TimeoutError,
                 ConnectionError, EOFError)
@@ -83,7 +86,7 @@ class _Server(asyncssh.SSHServer):
 
 
 async def listen(address: str, port: int, host_key: asyncssh.SSHKey,
-                 keys: Callable[[], dict[str, PeerKey]], on_session: SessionHandler,
+                 keys: Callable[[], dict[str, PeerKey]], on_session: InboundHandler,
                  *, compress: bool = False) -> asyncssh.SSHAcceptor:
     """Accept peers on ``address:port``; each authenticated omirror channel runs
     ``on_session``. Shells, exec, SFTP and forwarding are all refused."""
@@ -91,11 +94,11 @@ async def listen(address: str, port: int, host_key: asyncssh.SSHKey,
     async def process(proc: asyncssh.SSHServerProcess) -> None:
         server = proc.get_extra_info("connection").get_owner()
         peer = getattr(server, "peer", None)
-        if proc.subsystem != SUBSYSTEM or peer is None:
+        if proc.subsystem not in SUBSYSTEMS or peer is None:
             proc.exit(1)
             return
         try:
-            await on_session(peer, proc.stdin, proc.stdout)
+            await on_session(peer, proc.subsystem, proc.stdin, proc.stdout)
         finally:
             proc.exit(0)
 
@@ -109,7 +112,8 @@ async def listen(address: str, port: int, host_key: asyncssh.SSHKey,
 
 
 async def open_link(host: Host, host_key: asyncssh.SSHKey, peer_key: PeerKey, *,
-                    compress: bool = False) -> tuple[asyncssh.SSHClientConnection,
+                    compress: bool = False, subsystem: str = SUBSYSTEM
+                    ) -> tuple[asyncssh.SSHClientConnection,
                                                      asyncssh.SSHReader, asyncssh.SSHWriter]:
     """Connect to a peer, check its host key against the peers file, open the channel."""
     conn = await asyncio.wait_for(asyncssh.connect(
@@ -119,7 +123,7 @@ async def open_link(host: Host, host_key: asyncssh.SSHKey, peer_key: PeerKey, *,
         compression_algs=_compression(compress), keepalive_interval=KEEPALIVE_S,
         keepalive_count_max=KEEPALIVE_COUNT, gss_host=None), CONNECT_TIMEOUT_S)
     try:
-        writer, reader, _ = await conn.open_session(subsystem=SUBSYSTEM, encoding=None,
+        writer, reader, _ = await conn.open_session(subsystem=subsystem, encoding=None,
                                                     window=WINDOW, max_pktsize=MAX_PACKET)
     except BaseException:
         conn.close()

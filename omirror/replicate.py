@@ -71,6 +71,9 @@ class LinkStats:
     entries_sent: int = 0
     entries_received: int = 0
     acked_seq: int = 0
+    #: Every entry of our log up to this seq that the peer is to get has been acked (the
+    #: ones not for it, e.g. its own versions, count once the pusher has read past them).
+    settled_seq: int = 0
     skew_s: float = 0.0
     compression: str = "none"
     last_error: str = ""
@@ -137,9 +140,9 @@ class _Stream:
 
 
 async def run_together(*coros: Coroutine[Any, Any, None]) -> None:
-    """Run a link's tasks until one fails; raise that failure itself.
+    """Run a link's tasks until one ends; raise its failure, if it failed.
 
-    The first error ends the link, and the caller sorts errors by type (a peer that went
+    The first to end ends the link (a reader that saw BYE, or any error), and the caller sorts errors by type (a peer that went
     away, a protocol error), which an ExceptionGroup would hide. A stop of the caller
     arrives as CancelledError; one that races a link error is not lost either, since a
     pending cancellation is delivered at the caller's next await. (asyncio.TaskGroup is
@@ -148,7 +151,7 @@ async def run_together(*coros: Coroutine[Any, Any, None]) -> None:
     """
     tasks = [asyncio.ensure_future(coro) for coro in coros]
     try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for task in tasks:
             task.cancel()
@@ -184,10 +187,24 @@ class _Side:
 
 
 class Pusher(_Side):
-    """Streams this host's log to one peer and serves that peer's WANTs."""
+    """Streams this host's log to one peer and serves that peer's WANTs.
 
-    def __init__(self, *args: Any) -> None:
+    Live links follow the log for ever. With ``once`` the pusher stops when the peer has
+    acknowledged everything the log held at the start, and says BYE (``--once``, and
+    the index a ``--check`` reads). An ``index`` pusher sends every entry, the peer's
+    own versions too, and no content: the reader only compares. ``replay_from``
+    (``omirrord log replay``) starts the stream at that seq when the peer holds more:
+    the entries after it are sent again, as if the peer's cursor were there.
+    """
+
+    def __init__(self, *args: Any, once: bool = False, index: bool = False,
+                 replay_from: int | None = None) -> None:
         super().__init__(*args)
+        self.once = once or index
+        self.index = index
+        self.replay_from = replay_from
+        #: How far the stream has read the log; None until START is sent.
+        self.examined: int | None = None
         self.unacked: collections.deque[int] = collections.deque()
         self.acked = asyncio.Event()
         self.wants: asyncio.Queue[Want] = asyncio.Queue()
@@ -200,11 +217,17 @@ class Pusher(_Side):
         full = (ihave.epoch != store.epoch or ihave.seq > store.last_seq
                 or ihave.seq < store.floor)
         start = 0 if full else ihave.seq
+        if self.replay_from is not None and self.replay_from < start:
+            log.info("peer=%s replaying our log from seq %d (it holds up to %d)", self.peer,
+                     self.replay_from, start)
+            start = self.replay_from
         if full and ihave.epoch:
             log.info("peer=%s holds %s of our log, which is not usable (our epoch %s, "
                      "floor %d): sending everything", self.peer,
                      f"{ihave.epoch}:{ihave.seq}", store.epoch, store.floor)
-        await self.io.send(Start(start, full))
+        await self.io.send(Start(start, full, store.count_since(start)))
+        self.examined = start
+        self._settle()
         await run_together(self._read_replies(), self._serve_wants(), self._stream(start))
 
     async def _read_replies(self) -> None:
@@ -214,6 +237,7 @@ class Pusher(_Side):
                 self.stats.acked_seq = max(self.stats.acked_seq, msg.seq)
                 while self.unacked and self.unacked[0] <= msg.seq:
                     self.unacked.popleft()
+                self._settle()
                 self.acked.set()
             elif isinstance(msg, Want):
                 self.wants.put_nowait(msg)
@@ -225,7 +249,7 @@ class Pusher(_Side):
     def _wanted(self, entry: Entry, sets: Sequence[MirrorSet]) -> bool:
         """Entries of the sets shared with this peer, except the peer's own versions:
         it made them, so it holds them or something newer."""
-        if entry.stamp.origin == self.peer:
+        if entry.stamp.origin == self.peer and not self.index:
             return False
         return any(m.root_of(entry.path) is not None for m in sets)
 
@@ -266,13 +290,16 @@ class Pusher(_Side):
             sets = self.ctx.sets_with(self.peer)
             page = [r for r in _page(store, position)]
             if not page:
+                if self.once:
+                    await self._finish()
+                    return
                 await self.ctx.wait_for_change(timeout=5.0)
                 continue
             position = page[-1].seq
             records = self._with_parents([r for r in page if self._wanted(r.entry, sets)],
                                          sets, ahead)
-            inline = await asyncio.to_thread(_read_inline, self.ctx.root,
-                                             [r for r, _ in records])
+            inline = {} if self.index else await asyncio.to_thread(
+                _read_inline, self.ctx.root, [r for r, _ in records])
             for record, out_of_order in records:
                 while len(self.unacked) >= WINDOW:
                     self.acked.clear()
@@ -282,9 +309,24 @@ class Pusher(_Side):
                     self.stats.content_bytes_sent += len(data)
                 await self.io.send(EntryMsg(0 if out_of_order else record.seq,
                                             record.entry, data))
-                if not out_of_order:
-                    self.unacked.append(record.seq)
+                if not out_of_order and not self.index:  # an index reader applies nothing
+                    self.unacked.append(record.seq)     # and acknowledges nothing
                 self.stats.entries_sent += 1
+            self.examined = position
+            self._settle()
+
+    def _settle(self) -> None:
+        """Status: everything read from the log and not waiting for an ack is settled."""
+        if self.examined is not None:
+            self.stats.settled_seq = self.unacked[0] - 1 if self.unacked else self.examined
+
+    async def _finish(self) -> None:
+        """Once everything sent is acknowledged, say goodbye. An entry is acknowledged
+        only once applied, its content fetched included, so no WANT is left open."""
+        while self.unacked:
+            self.acked.clear()
+            await self.acked.wait()
+        await self.io.send(Bye("caught up"))
 
     async def _serve_wants(self) -> None:
         while True:
@@ -480,7 +522,9 @@ class Receiver(_Side):
                     self.stats.content_bytes_received += len(msg.data)
                 self.content.put_nowait(msg)
             elif isinstance(msg, Bye):
-                raise ConnectionResetError(f"peer closed the link: {msg.why}")
+                # the pusher sends BYE only when everything it sent is acknowledged
+                log.info("peer=%s ended its stream: %s", self.peer, msg.why)
+                return
             else:
                 raise ProtocolError(f"a pusher does not send {type(msg).__name__}")
 

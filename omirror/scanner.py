@@ -144,6 +144,9 @@ class Scanner:
         #: peer's, and arrives as its tombstone. Recording one of our own first would
         #: send every peer a second deletion for each renamed path.
         self.expected_absent: set[bytes] = set()
+        #: The counters of the full scan in progress, None between scans: the daemon
+        #: reads them from its loop for progress reports and as the watchdog's proof.
+        self.current: ScanStats | None = None
 
     async def scan(self, mset: MirrorSet, root: bytes, *, subtree: bytes | None = None,
                    dry_run: bool = False) -> ScanStats:
@@ -152,17 +155,21 @@ class Scanner:
                                        dry_run=dry_run)
 
     def scan_set(self, mset: MirrorSet, root: bytes, *, subtree: bytes | None = None,
-                 dry_run: bool = False, sweep: bool = False) -> ScanStats:
+                 dry_run: bool = False, sweep: bool = False,
+                 force: bool = False) -> ScanStats:
         """Scan a whole set, or one subtree of it, and record (or with dry_run, list) changes.
 
         Every root of the set is checked before anything is recorded: one bad root stops
         the set with :class:`RootError`, and no deletion is recorded for any of its roots.
         With ``sweep`` (at startup, when no transfer can be in flight), temp files left by
-        a crash during a transfer are removed.
+        a crash during a transfer are removed. With ``force`` every file is hashed, even
+        one whose stat is unchanged (``--check -f``: content that changed behind an
+        unchanged stat, as bit rot or a tool that restores mtimes leaves it).
         """
         started = time.monotonic()
         run = _Run(self, mset, root, dry_run)
         run.sweep = sweep and not dry_run
+        run.force = force
         tops = [logical(top) for top in mset.files]
         for top in tops:
             self.check_root(mset, root, top, dry_run=dry_run)
@@ -172,9 +179,13 @@ class Scanner:
             starts = [subtree]
         else:
             raise ValueError(f"{subtree!r} is not inside set {mset.title}")
-        for start in starts:
-            run.visit_top(start)
-        run.finish()
+        self.current = run.stats
+        try:
+            for start in starts:
+                run.visit_top(start)
+            run.finish()
+        finally:
+            self.current = None
         run.stats.duration_s = time.monotonic() - started
         log.info("scanned set=%s dirs=%d files=%d unchanged=%d hashed=%d new=%d changed=%d "
                  "deleted=%d moved=%d in %.3fs%s", mset.title, run.stats.dirs,
@@ -240,6 +251,14 @@ class Scanner:
         if not stat.S_ISDIR(st.st_mode):
             raise RootError(f"set {mset.title}: root {name} ({shown}) is not a directory; "
                             "FILES entries must be directories")
+        if not dry_run and os.statvfs(where).f_flag & os.ST_RDONLY:
+            # systemd's ProtectSystem=strict mounts every path read-only for the service
+            # but those in ReadWritePaths=; mirroring out but never in would be worse
+            raise RootError(
+                f"set {mset.title}: root {shown} is on a read-only mount here, so nothing "
+                "from the peers could be applied; the set is stopped on this host. Under "
+                "systemd, list it in ReadWritePaths= ('systemctl edit omirrord', see "
+                "docs/operations.rst), then restart omirrord")
         marker = os.path.join(where, MARKER)
         if os.path.lexists(marker):
             return
@@ -276,6 +295,7 @@ class _Run:
         self.vanished: list[bytes] = []
         self.visited_dirs: set[tuple[int, int]] = set()
         self.sweep = False
+        self.force = False
         self.store_empty = scanner.store.count() == 0
 
     # -- walking -------------------------------------------------------------------------
@@ -340,7 +360,7 @@ class _Run:
         follow = self.follow
         prefix = directory + b"/"
         pop = known.pop
-        pack = FAST.pack
+        pack = FAST.pack if not self.force else _never
         kind_of = _KINDS.get
         is_dir = Kind.DIR
         unchanged = 0
@@ -390,7 +410,8 @@ class _Run:
         """Build the version of a path whose stat differs from the store's, and record it
         if its content or attributes really changed."""
         _count(self.stats, kind)
-        if known == FAST.pack(kind, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+        if not self.force and known == FAST.pack(kind, st.st_ino, st.st_size, st.st_mtime_ns,
+                                                 st.st_ctime_ns):
             self.stats.unchanged += 1
             return
         held = None if known is None else self.store.get(path)
@@ -582,6 +603,11 @@ def _count(stats: ScanStats, kind: Kind) -> None:
         stats.files += 1
     elif kind is Kind.SYMLINK:
         stats.symlinks += 1
+
+
+def _never(*_: object) -> None:
+    """A fast-path signature that equals no stored one: with ``force``, nothing is trusted."""
+    return None
 
 
 class _nothing:

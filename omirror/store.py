@@ -192,6 +192,29 @@ class Store:
                              "move it aside to rebuild it from a scan") from e
         return cls(conn, where)
 
+    @classmethod
+    def open_readonly(cls, state_dir: str | os.PathLike[str]) -> Store:
+        """Open an existing store without writing anything, not even SQLite's side files.
+
+        With no daemon writing (no WAL file), the database is opened immutable: no lock
+        file, no shared-memory file. With a daemon running, a read-only connection reads
+        a consistent snapshot beside it. A missing store is a StoreError; ``--check``
+        then compares as a host that holds nothing.
+        """
+        where = Path(state_dir) / DB_NAME
+        if not where.exists():
+            raise StoreError(f"no state database at {where}")
+        mode = "ro" if Path(f"{where}-wal").exists() else "ro&immutable=1"
+        try:
+            conn = sqlite3.connect(f"file:{where}?mode={mode}", uri=True,
+                                   isolation_level=None, check_same_thread=False)
+            row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"cannot read state database {where}: {e}") from e
+        if row is None or int(row[0]) != SCHEMA_VERSION:
+            raise StoreError(f"state database {where} is not one this omirrord reads")
+        return cls(conn, str(where))
+
     @staticmethod
     def _initialise(conn: sqlite3.Connection, where: str) -> None:
         row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
@@ -367,6 +390,11 @@ class Store:
             for row in rows:
                 yield _record(row)
             seq = rows[-1][1]
+
+    def count_since(self, seq: int) -> int:
+        with self._lock:
+            return int(self._conn.execute("SELECT count(*) FROM entries WHERE seq > ?",
+                                          (seq,)).fetchone()[0])
 
     def count(self, *, live_only: bool = False) -> int:
         query = "SELECT count(*) FROM entries" + (" WHERE kind != 0" if live_only else "")

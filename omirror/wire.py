@@ -24,7 +24,13 @@ from omirror.entry import Entry, Kind, Stamp
 from omirror.errors import OmirrorError
 
 PROTOCOL_VERSION = 1
+#: The channel that carries one direction of live replication: the connecting side pushes.
 SUBSYSTEM = "omirror-1"
+#: The connecting side asks to be pushed to once, until caught up (``omirrord --once``).
+PULL_SUBSYSTEM = "omirror-pull-1"
+#: The connecting side asks for the index only, entries without content (``--check``).
+INDEX_SUBSYSTEM = "omirror-index-1"
+SUBSYSTEMS = (SUBSYSTEM, PULL_SUBSYSTEM, INDEX_SUBSYSTEM)
 #: A content chunk is at most 1 MiB; a frame carries one chunk or one small file plus
 #: its entry, so 4 MiB leaves room and still bounds what a peer can make us buffer.
 MAX_FRAME = 4 << 20
@@ -74,6 +80,7 @@ class IHave:
 class Start:
     seq: int  # entries with a larger seq follow
     full: bool  # the receiver's cursor was unusable: this is everything (TELLYOUEVERYTHING)
+    total: int = 0  # how many entries of the log follow now, for progress (live ones come on)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +146,7 @@ def _body(msg: Message) -> tuple[Type, list[Any]]:
     if isinstance(msg, IHave):
         return Type.IHAVE, [msg.epoch, msg.seq]
     if isinstance(msg, Start):
-        return Type.START, [msg.seq, msg.full]
+        return Type.START, [msg.seq, msg.full, msg.total]
     if isinstance(msg, EntryMsg):
         return Type.ENTRY, [msg.seq, entry_fields(msg.entry), msg.data]
     if isinstance(msg, Want):
@@ -285,8 +292,8 @@ def _ihave(f: object) -> IHave:
 
 
 def _start(f: object) -> Start:
-    a = _array(f, 2, "START")
-    return Start(_int(a[0], "seq"), _bool(a[1], "full"))
+    a = _array(f, 3, "START")
+    return Start(_int(a[0], "seq"), _bool(a[1], "full"), _int(a[2], "total"))
 
 
 def _entry(f: object) -> EntryMsg:

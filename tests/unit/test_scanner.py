@@ -402,3 +402,16 @@ def test_startup_sweep_removes_temp_files_of_interrupted_transfers(tree: Tree) -
     tree.scan(sweep=True)
     assert not (tree.data / "d" / ".omirror-tmp-0123abcd").exists()
     assert (tree.data / ".omirror-root-not-a-temp").exists()
+
+
+def test_force_rehashes_files_whose_stat_did_not_change(tree: Tree) -> None:
+    from omirror.store import StatSig
+
+    f = tree.data / "f"
+    f.write_bytes(b"original")
+    tree.scan()
+    f.write_bytes(b"ORIGINAL")  # same size; the store is then told this stat is known,
+    tree.store.set_sig(b"data/f", Kind.FILE, StatSig.of(os.lstat(f)))  # as bit rot hides
+    assert tree.scan(dry_run=True).changes == []  # the stat fast path trusts it
+    forced = tree.scan(dry_run=True, force=True)
+    assert forced.hashed >= 1 and [e.path for e in forced.changes] == [b"data/f"]

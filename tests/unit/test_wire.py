@@ -19,7 +19,7 @@ ENTRY = Entry(path=b"srv/www/caf\xe9", kind=Kind.FILE, stamp=Stamp(10**18, "alph
 
 MESSAGES = [
     Hello(1, "alpha", "ab" * 16, 10**18), IHave("", 0), IHave("e" * 32, 42),
-    Start(7, True), EntryMsg(3, ENTRY, b"abc"), EntryMsg(4, ENTRY, None),
+    Start(7, True, 1234), EntryMsg(3, ENTRY, b"abc"), EntryMsg(4, ENTRY, None),
     Want(1, b"srv/x", b"\x01" * 16, 65536, (b"\x02" * 16,)), Data(1, b"x" * 1000, False),
     Copy(1, 65536, 65536), NoData(1, "changed"), Ack(99), Bye("shutting down"),
 ]
