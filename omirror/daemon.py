@@ -35,6 +35,7 @@ from omirror.config import Config, Host, MirrorSet
 from omirror.entry import is_own_name
 from omirror.errors import OmirrorError, RootError
 from omirror.events import Coalescer, ScanRequest
+from omirror.progress import Progress
 from omirror.replicate import Context, LinkStats, Pusher, Receiver
 from omirror.scanner import Scanner, logical
 from omirror.status import SeqTimes, link_status
@@ -132,12 +133,16 @@ class Daemon:
         until both are caught up; exit 0, or 1 naming the peers that were not reached."""
         loop = asyncio.get_running_loop()
         self._open(loop)
+        progress = Progress("reconciling")
+        shower = asyncio.create_task(self._show_progress(progress))
         try:
             await self._scan_all("startup")
             hosts = list(self.peer_hosts().values())
             results = await asyncio.gather(*(self._once_with(h) for h in hosts),
                                            return_exceptions=True)
         finally:
+            shower.cancel()
+            progress.close()
             self._worker.shutdown(wait=True)
             self.store.close()
         failed = 0
@@ -156,6 +161,15 @@ class Daemon:
             report(f"{len(self.ctx.failing)} paths could not be applied: " + ", ".join(
                 "/" + os.fsdecode(p) for p in sorted(self.ctx.failing)))
         return 1 if failed or self.ctx.failing else 0
+
+    async def _show_progress(self, progress: Progress) -> None:
+        while True:
+            links = list(self.stats.values())
+            progress.update(sum(s.entries_sent + s.entries_received for s in links),
+                            sum(s.content_bytes_sent + s.content_bytes_received
+                                for s in links),
+                            sum(s.expected_out + s.expected_in for s in links))
+            await asyncio.sleep(0.2)  # the refresh period of the progress line
 
     async def _once_with(self, host: Host) -> None:
         key = self.keys.get(host.name)
@@ -252,7 +266,7 @@ class Daemon:
 
     async def _scan_all(self, why: str) -> None:
         for mset in self.my_sets():
-            self._show(f"scanning set {mset.title} ({why})")
+            self._show(f"scanning {_set_label(mset.title)} ({why})")
             try:
                 stats = await self.tree(functools.partial(
                     self.scanner.scan_set, mset, self.root, sweep=why == "startup"))

@@ -75,6 +75,8 @@ class LinkStats:
     #: ones not for it, e.g. its own versions, count once the pusher has read past them).
     settled_seq: int = 0
     skew_s: float = 0.0
+    expected_out: int = 0  # entries the log held to send when the link began
+    expected_in: int = 0  # entries the peer announced it would send
     compression: str = "none"
     last_error: str = ""
 
@@ -225,7 +227,9 @@ class Pusher(_Side):
             log.info("peer=%s holds %s of our log, which is not usable (our epoch %s, "
                      "floor %d): sending everything", self.peer,
                      f"{ihave.epoch}:{ihave.seq}", store.epoch, store.floor)
-        await self.io.send(Start(start, full, store.count_since(start)))
+        total = store.count_since(start)
+        self.stats.expected_out += total
+        await self.io.send(Start(start, full, total))
         self.examined = start
         self._settle()
         await run_together(self._read_replies(), self._serve_wants(), self._stream(start))
@@ -503,6 +507,7 @@ class Receiver(_Side):
         cursor = store.cursor(self.peer) or Cursor("", 0)
         await self.io.send(IHave(cursor.epoch, cursor.seq))
         start = await self.io.expect(Start)
+        self.stats.expected_in += start.total
         self.epoch = hello.epoch
         self.done_seq = self.saved_seq = start.seq
         if start.full:

@@ -1,0 +1,96 @@
+"""How far a long reconciliation is, told the way the place it runs in can show it.
+
+On a terminal: one line redrawn in place, with a bar, files, bytes, rate and ETA. Under
+systemd: ``STATUS=`` (what ``systemctl status`` shows) and a log line now and then.
+Anywhere else: a log line now and then, since a redrawn line in a log file is noise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Callable, TextIO
+
+from omirror import systemd
+
+log = logging.getLogger(__name__)
+
+LOG_EVERY_S = 10.0
+DRAW_EVERY_S = 0.1
+_BAR = 24
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def human_time(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+class Progress:
+    """Progress of one job, in files (entries) and bytes; the total of files may grow."""
+
+    def __init__(self, label: str, *, stream: TextIO | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.label = label
+        self.stream = stream if stream is not None else sys.stderr
+        self.clock = clock
+        self.started = clock()
+        self.files = self.total_files = 0
+        self.bytes = 0
+        self._drawn = 0.0
+        self._logged = self.started
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.under_systemd = bool(os.environ.get("NOTIFY_SOCKET"))
+
+    def line(self) -> str:
+        """``label [####----] 120/400 files, 3.2 MB, 1.1 MB/s, ETA 0:04``"""
+        elapsed = max(self.clock() - self.started, 1e-9)
+        parts = [self.label]
+        if self.total_files:
+            done = min(self.files / self.total_files, 1.0)
+            fill = int(done * _BAR)
+            parts.append(f"[{'#' * fill}{'-' * (_BAR - fill)}] "
+                         f"{self.files:,}/{self.total_files:,} files")
+        else:
+            parts.append(f"{self.files:,} files")
+        text = " ".join(parts) + f", {human_bytes(self.bytes)}, " \
+                                 f"{human_bytes(self.bytes / elapsed)}/s"
+        if self.total_files and 0 < self.files < self.total_files:
+            eta = elapsed * (self.total_files - self.files) / self.files
+            text += f", ETA {human_time(eta)}"
+        return text
+
+    def update(self, files: int, bytes_: int, total_files: int | None = None) -> None:
+        self.files, self.bytes = files, bytes_
+        if total_files is not None:
+            self.total_files = max(total_files, files)
+        now = self.clock()
+        if self.tty:
+            if now - self._drawn >= DRAW_EVERY_S:
+                self._drawn = now
+                self.stream.write("\r\x1b[K" + self.line())
+                self.stream.flush()
+            return
+        if self.under_systemd:
+            systemd.status(self.line())
+        if now - self._logged >= LOG_EVERY_S:
+            self._logged = now
+            log.info("%s", self.line())
+
+    def close(self) -> None:
+        """Leave the final figures: a finished line on a terminal, a log line elsewhere."""
+        if self.tty:
+            self.stream.write("\r\x1b[K" + self.line() + "\n")
+            self.stream.flush()
+        elif self.files or self.bytes:
+            log.info("%s", self.line())
