@@ -35,7 +35,7 @@ from omirror.config import Config, Host, MirrorSet
 from omirror.entry import is_own_name
 from omirror.errors import OmirrorError, RootError
 from omirror.events import Coalescer, ScanRequest
-from omirror.progress import Progress
+from omirror.progress import Progress, human_bytes
 from omirror.replicate import Context, LinkStats, Pusher, Receiver
 from omirror.scanner import Scanner, logical
 from omirror.status import SeqTimes, link_status
@@ -685,8 +685,9 @@ class Daemon:
                     continue  # starting or reloading: the scans say what happens
                 text = self._summary()
             else:
-                text = (f"scanning set {scan.set_title}: {scan.files} files in {scan.dirs} "
-                        f"directories, {scan.hashed} hashed ({_size(scan.hashed_bytes)})")
+                text = (f"scanning {_set_label(scan.set_title)}: {scan.files} files in "
+                        f"{scan.dirs} directories, {scan.hashed} hashed "
+                        f"({human_bytes(scan.hashed_bytes)})")
                 if not self._ready and progress != previous:
                     systemd.extend_timeout(systemd.EXTEND_TIMEOUT_S)
                 if now - logged >= SCAN_LOG_EVERY_S:
@@ -697,19 +698,13 @@ class Daemon:
             self._show(text)
 
 
+def _set_label(title: str) -> str:
+    """"set web" for a labelled set; an unlabelled one is titled "set at line 3" already."""
+    return title if title.startswith("set ") else f"set {title}"
+
+
 def _plural(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
-
-
-def _size(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    size = float(n)
-    for unit in ("KiB", "MiB", "GiB"):
-        size /= 1024
-        if size < 1024:
-            return f"{size:.1f} {unit}"
-    return f"{size / 1024:.1f} TiB"
 
 
 def listen_address(me: Host) -> str:
