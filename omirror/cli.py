@@ -407,11 +407,13 @@ def sync_command(ctx: click.Context, paths: tuple[str, ...], **_: Any) -> None:
     is. Waits until the rescan is done; Ctrl-C leaves it running in the daemon.
     """
     from omirror import control
+    from omirror.status import plural
 
     opts = options_of(ctx)
     r = control.request(opts.state_dir, "sync", timeout=None, paths=list(paths))
-    click.echo(f"rescanned {', '.join(paths)}: {r['files']} files, {r['dirs']} directories, "
-               f"{r['symlinks']} symlinks; recorded {r['recorded']} changes ({r['new']} new, "
+    click.echo(f"rescanned {', '.join(paths)}: {plural(r['files'], 'file')}, "
+               f"{plural(r['dirs'], 'directory')}, {plural(r['symlinks'], 'symlink')}; "
+               f"recorded {plural(r['recorded'], 'change')} ({r['new']} new, "
                f"{r['changed']} changed, {r['deleted']} deleted, {r['moved']} moved); "
                f"log at seq {r['last_seq']}")
     for problem in r.get("unreadable", []):

@@ -175,16 +175,6 @@ def test_keygen_finds_its_name_in_the_config(tmp_path: Path, monkeypatch: pytest
     assert r.returncode == 0 and r.stdout.startswith("127.0.0.1:2900 ssh-ed25519 ")
 
 
-@pytest.mark.parametrize("args, what", [
-    (["status"], "control socket"),
-    (["sync", "/data/x"], "control socket"),
-    (["log", "replay"], "peer links"),
-])
-def test_commands_without_their_machinery_say_so_and_exit_2(args: list[str], what: str) -> None:
-    r = omirrord(*args)
-    assert r.returncode == 2 and what in r.stderr and "this version" in r.stderr
-
-
 def test_check_with_a_valid_config_does_not_pretend(tmp_path: Path) -> None:
     conf = write_conf(tmp_path / "omirrd.conf")
     r = omirrord("-C", str(conf), "-n", "alpha", "--check")
