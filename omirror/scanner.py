@@ -251,7 +251,7 @@ class Scanner:
         if not stat.S_ISDIR(st.st_mode):
             raise RootError(f"set {mset.title}: root {name} ({shown}) is not a directory; "
                             "FILES entries must be directories")
-        if not dry_run and os.statvfs(where).f_flag & os.ST_RDONLY:
+        if not dry_run and _read_only(where):
             # systemd's ProtectSystem=strict mounts every path read-only for the service
             # but those in ReadWritePaths=; mirroring out but never in would be worse
             raise RootError(
@@ -592,6 +592,15 @@ class _Run:
 
 
 _KINDS = {stat.S_IFREG: Kind.FILE, stat.S_IFDIR: Kind.DIR, stat.S_IFLNK: Kind.SYMLINK}
+
+
+def _read_only(where: bytes) -> bool:
+    """Whether ``where`` is on a read-only mount (statvfs(3) ST_RDONLY); unknown counts
+    as writable, and the writes themselves then report what is wrong."""
+    try:
+        return bool(os.statvfs(where).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def _kind(mode: int) -> Kind | None:
