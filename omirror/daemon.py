@@ -555,6 +555,9 @@ class Daemon:
         systemd hears RELOADING=1 first and READY=1 once done, so ``systemctl reload``
         returns when the new configuration is in force (or was refused).
         """
+        if not self._ready:  # still starting (READY=1 comes after listen), or reloading
+            await self._reload()
+            return
         systemd.reloading()
         self._ready = False
         try:
