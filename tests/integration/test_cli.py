@@ -175,13 +175,6 @@ def test_keygen_finds_its_name_in_the_config(tmp_path: Path, monkeypatch: pytest
     assert r.returncode == 0 and r.stdout.startswith("127.0.0.1:2900 ssh-ed25519 ")
 
 
-def test_check_with_a_valid_config_does_not_pretend(tmp_path: Path) -> None:
-    conf = write_conf(tmp_path / "omirrd.conf")
-    r = omirrord("-C", str(conf), "-n", "alpha", "--check")
-    assert r.returncode == 2 and "configuration is valid" in r.stderr
-    assert r.stdout == ""
-
-
 def test_unknown_subcommand_is_a_usage_error() -> None:
     r = omirrord("frobnicate")
     assert r.returncode == 2 and "No such command" in r.stderr
