@@ -90,10 +90,10 @@ def render(status: dict[str, Any], now: float | None = None) -> str:
         warn = "  <- decides winners: run NTP" if abs(skew) > 2.0 else ""
         lines.append(f"  skew      {skew:+.3f} s{warn}")
         lines.append(f"  sent      {_size(peer.get('bytes_sent', 0))} "
-                     f"({peer.get('entries_sent', 0)} entries, "
+                     f"({plural(peer.get('entries_sent', 0), 'entry')}, "
                      f"{_size(peer.get('content_bytes_sent', 0))} content)")
         lines.append(f"  received  {_size(peer.get('bytes_received', 0))} "
-                     f"({peer.get('entries_received', 0)} entries, "
+                     f"({plural(peer.get('entries_received', 0), 'entry')}, "
                      f"{_size(peer.get('content_bytes_received', 0))} content)")
         if peer.get("compression", "none") != "none":
             lines.append(f"  compression {peer['compression']}")
