@@ -180,6 +180,13 @@ class Store:
                 raise StoreError(f"cannot create state directory {directory}: "
                                  f"{e.strerror}") from e
             where = str(directory / DB_NAME)
+            try:  # the database lists every path: readable by the daemon's user only
+                os.close(os.open(where, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                 0o600))
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise StoreError(f"cannot create state database {where}: {e.strerror}") from e
         try:
             conn = sqlite3.connect(where, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")

@@ -178,3 +178,18 @@ def test_keygen_finds_its_name_in_the_config(tmp_path: Path, monkeypatch: pytest
 def test_unknown_subcommand_is_a_usage_error() -> None:
     r = omirrord("frobnicate")
     assert r.returncode == 2 and "No such command" in r.stderr
+
+
+def test_log_truncate_collects_old_deletions_and_records_the_floor(tmp_path: Path) -> None:
+    from omirror.entry import Kind, Stamp, first_version
+    from omirror.store import Store
+
+    state = tmp_path / "state"
+    with Store.open(state) as store:
+        store.put(first_version(b"data/old", Kind.TOMBSTONE, Stamp(1, "alpha")), None)
+        store.put(first_version(b"data/kept", Kind.FILE, Stamp(2, "alpha"),
+                                digest=b"\0" * 16), None)
+    r = omirrord("log", "truncate", "--state-dir", str(state), "--older-than", "1")
+    assert r.returncode == 0 and r.stdout.strip() == "collected 1 deletions; floor is now seq 1"
+    dump = omirrord("log", "dump", "--state-dir", str(state)).stdout
+    assert "floor 1" in dump.splitlines()[0] and "/data/old" not in dump and "/data/kept" in dump

@@ -77,7 +77,7 @@ def test_unit_settings(unit: str) -> None:
     for key, value in [("Type", "notify"), ("NotifyAccess", "main"),
                        ("ExecReload", "/bin/kill -HUP $MAINPID"), ("Restart", "on-failure"),
                        ("WatchdogSec", "30"), ("TimeoutStopSec", "30"),
-                       ("LimitNOFILE", "65536"), ("StateDirectoryMode", "0700"),
+                       ("LimitNOFILE", "65536"), ("StateDirectoryMode", "0710"),
                        ("ProtectSystem", "strict"), ("ProtectHome", "read-only"),
                        ("NoNewPrivileges", "yes"), ("MemoryDenyWriteExecute", "yes"),
                        ("RestrictAddressFamilies", "AF_UNIX AF_INET AF_INET6")]:

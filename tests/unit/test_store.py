@@ -218,3 +218,8 @@ def test_kill_9_between_transactions_loses_nothing_committed(tmp_path: Path) -> 
         assert store.count() >= committed
         seqs = [r.seq for r in store.since(0)]
         assert seqs[:committed] == list(range(1, committed + 1))
+
+
+def test_the_database_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    Store.open(tmp_path / "state").close()
+    assert (tmp_path / "state" / "state.db").stat().st_mode & 0o777 == 0o600
