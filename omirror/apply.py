@@ -34,6 +34,7 @@ from typing import Callable, Iterator, Sequence
 
 import xxhash
 
+from omirror.clock import now_ns
 from omirror.config import MirrorSet
 from omirror.entry import (NAME_MAX, TEMP_PREFIX, Entry, Kind, Stamp, conflict_name,
                            first_version, is_own_name, next_stamp)
@@ -343,7 +344,7 @@ class Applier:
     """
 
     def __init__(self, root: bytes, store: Store, host: str, *,
-                 clock: Callable[[], int] = time.time_ns,
+                 clock: Callable[[], int] = now_ns,
                  can_chown: bool | None = None) -> None:
         self.root = root
         self.store = store

@@ -100,6 +100,15 @@ class Daemon:
         """The sets this host shares with ``peer``: the only ones a link may carry."""
         return tuple(m for m in self.my_sets() if m.has_host(peer))
 
+    def _stopped_set_of(self, peer: str, path: bytes) -> str | None:
+        """The stopped set shared with ``peer`` that holds ``path``, if any: what a peer
+        sends for it waits (is retried), it is not refused and acknowledged for good."""
+        for mset in self.config.sets_of(self.me.name):
+            if mset.title in self.stopped_sets and mset.has_host(peer) \
+                    and mset.root_of(path) is not None:
+                return mset.title
+        return None
+
     def peer_hosts(self) -> dict[str, Host]:
         out: dict[str, Host] = {}
         for mset in self.my_sets():
@@ -126,6 +135,7 @@ class Daemon:
         self.scanner.expected_absent = self.applier.expected_absent
         self.ctx = Context(self.me.name, self.store, self.applier, self.scanner, self.root,
                            self.sets_with, self.tree)
+        self.ctx.stopped = self._stopped_set_of
         self.store.add_listener(lambda seq: loop.call_soon_threadsafe(self.ctx.notify))
 
     async def run_once(self, report: Callable[[str], None]) -> int:

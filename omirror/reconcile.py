@@ -19,6 +19,7 @@ from typing import Any
 
 from omirror import config as config_module
 from omirror import peerkeys, peers
+from omirror.clock import now_ns
 from omirror.config import Config, Host, MirrorSet
 from omirror.entry import Entry, Kind, Outcome, Stamp, decide
 from omirror.errors import OmirrorError, RootError, StoreError
@@ -201,7 +202,7 @@ class Checker:
         try:
             io = _Stream(reader, writer, LinkStats())
             _check_hello(await io.expect(Hello), host.name, io.stats)
-            await io.send(Hello(PROTOCOL_VERSION, self.me.name, "", time.time_ns()))
+            await io.send(Hello(PROTOCOL_VERSION, self.me.name, "", now_ns()))
             await io.send(IHave("", 0))
             await io.expect(Start)
             index: dict[bytes, Entry] = {}

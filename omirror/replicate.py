@@ -28,6 +28,7 @@ from typing import Any, Awaitable, Callable, Coroutine, Sequence, TypeVar
 import xxhash
 
 from omirror.apply import Applier, ApplyError, TempFile, check_path
+from omirror.clock import now_ns
 from omirror.config import MirrorSet
 from omirror.entry import Entry, Kind, Outcome, decide
 from omirror.errors import PathRefused
@@ -95,6 +96,9 @@ class Context:
         self.sets_with = sets_with
         self.tree = tree  # run a callable in the tree worker
         self.failing: dict[bytes, str] = {}
+        #: ``(peer, path)`` -> the title of a set holding ``path`` that this host shares
+        #: with ``peer`` but has stopped (its root is missing or unmounted), or None.
+        self.stopped: Callable[[str, bytes], str | None] = lambda peer, path: None
         self.conflicts = 0
         self._changed = asyncio.Event()
 
@@ -169,7 +173,7 @@ def _check_hello(hello: Hello, peer: str, stats: LinkStats) -> None:
     if hello.version != PROTOCOL_VERSION:
         raise ProtocolError(f"peer speaks protocol {hello.version}, this omirrord "
                             f"{PROTOCOL_VERSION}")
-    stats.skew_s = (hello.now_ns - time.time_ns()) / 1e9
+    stats.skew_s = (hello.now_ns - now_ns()) / 1e9
     if abs(stats.skew_s) > SKEW_WARN_S:
         log.warning("peer=%s clock differs from ours by %+.1f s: its clock decides which "
                     "version wins; run NTP on every host", peer, stats.skew_s)
@@ -213,7 +217,7 @@ class Pusher(_Side):
 
     async def run(self) -> None:
         store = self.ctx.store
-        await self.io.send(Hello(PROTOCOL_VERSION, self.ctx.name, store.epoch, time.time_ns()))
+        await self.io.send(Hello(PROTOCOL_VERSION, self.ctx.name, store.epoch, now_ns()))
         _check_hello(await self.io.expect(Hello), self.peer, self.stats)
         ihave = await self.io.expect(IHave)
         full = (ihave.epoch != store.epoch or ihave.seq > store.last_seq
@@ -503,7 +507,7 @@ class Receiver(_Side):
         store = self.ctx.store
         hello = await self.io.expect(Hello)
         _check_hello(hello, self.peer, self.stats)
-        await self.io.send(Hello(PROTOCOL_VERSION, self.ctx.name, store.epoch, time.time_ns()))
+        await self.io.send(Hello(PROTOCOL_VERSION, self.ctx.name, store.epoch, now_ns()))
         cursor = store.cursor(self.peer) or Cursor("", 0)
         await self.io.send(IHave(cursor.epoch, cursor.seq))
         start = await self.io.expect(Start)
@@ -569,8 +573,10 @@ class Receiver(_Side):
         except ApplyError as e:
             self._fail(msg, str(e))
         else:
-            if self.retry.pop(msg.entry.path, None) is not None:
-                self.ctx.failing.pop(msg.entry.path, None)
+            # the status entry may be an earlier link's (this peer reconnected, or
+            # another peer's link failed it): the path is applied now, whoever failed it
+            retried = self.retry.pop(msg.entry.path, None) is not None
+            if self.ctx.failing.pop(msg.entry.path, None) is not None or retried:
                 log.info("peer=%s path=/%s applied after earlier failures", self.peer,
                          os.fsdecode(msg.entry.path))
 
@@ -601,6 +607,14 @@ class Receiver(_Side):
         try:
             mset = check_path(incoming.path, ctx.sets_with(self.peer))
         except PathRefused as e:
+            stopped = ctx.stopped(self.peer, incoming.path)
+            if stopped is not None:
+                # not refused for good: it applies once the set runs again, so it is
+                # retried and the persisted cursor stays below it (a restart resends it)
+                raise ApplyError(incoming.path, None,
+                                 f"cannot apply /{os.fsdecode(incoming.path)}: its set "
+                                 f"({stopped}) is stopped on this host (see the log)") \
+                    from None
             log.warning("peer=%s sent a path that is refused here: %s", self.peer, e)
             return None
         for _ in range(3):

@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 
 import xxhash
 
+from omirror.clock import now_ns, offset_ns
 from omirror.config import MirrorSet
 from omirror.entry import TEMP_PREFIX, Entry, Kind, first_version, is_own_name, next_stamp
 from omirror.errors import RootError
@@ -135,7 +136,7 @@ class Scanner:
     """
 
     def __init__(self, store: Store, host: str, *,
-                 clock: Callable[[], int] = time.time_ns) -> None:
+                 clock: Callable[[], int] = now_ns) -> None:
         self.store = store
         self.host = host
         self.clock = clock
@@ -455,8 +456,8 @@ class _Run:
                 self.sig_updates.append((path, kind, sig))
                 self.stats.unchanged += 1
                 return
-        stamp = next_stamp(st.st_ctime_ns, None if previous is None else previous.stamp,
-                           self.sc.host)
+        stamp = next_stamp(st.st_ctime_ns + offset_ns(),
+                           None if previous is None else previous.stamp, self.sc.host)
         if previous is None:
             entry = first_version(path, kind, stamp, **attrs)
         else:

@@ -59,6 +59,9 @@ WATCH_MASK = (IN_CREATE | IN_DELETE | IN_CLOSE_WRITE | IN_ATTRIB | IN_MODIFY
 READ_SIZE = 512 * 1024
 _HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then name
 _LIMIT_FILE = "/proc/sys/fs/inotify/max_user_watches"
+#: For tests only (tests/fault): a watch limit this watcher believes in, so the poll
+#: fallback can be tried without lowering the machine-wide sysctl.
+_TEST_MAX_WATCHES = "OMIRROR_TEST_MAX_WATCHES"
 
 #: One parsed ``struct inotify_event``: (wd, mask, cookie, name without its NUL padding).
 RawEvent = tuple[int, int, int, bytes]
@@ -232,6 +235,8 @@ class Watcher:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._limit_warned = False
+        limit = os.environ.get(_TEST_MAX_WATCHES)
+        self._test_max_watches = int(limit) if limit else None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -320,6 +325,9 @@ class Watcher:
 
     def _watch_dir(self, directory: bytes, unwatched: list[bytes]) -> bool:
         try:
+            if self._test_max_watches is not None and directory not in self._path_wd \
+                    and len(self._path_wd) >= self._test_max_watches:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), directory)
             wd = self._inotify.add_watch(self._fd, directory, WATCH_MASK)
         except OSError as error:
             if error.errno == errno.ENOSPC:
