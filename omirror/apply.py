@@ -189,6 +189,11 @@ def gid_of(name: str) -> int:
 # --------------------------------------------------------------------------- temp files
 
 
+class LocalChanged(ApplyError):
+    """The local file changed since the store recorded it (a write the scanner has not
+    seen yet): record it, then decide again."""
+
+
 class TempFile:
     """A file being received: ``.omirror-tmp-<hex>`` in the target directory.
 
@@ -699,14 +704,20 @@ class Applier:
 
     # -- conflicts -----------------------------------------------------------------------
 
-    def keep_conflict_copy(self, mset: MirrorSet, path: bytes, loser: Stamp) -> Record | None:
+    def keep_conflict_copy(self, mset: MirrorSet, path: bytes, loser: Stamp,
+                           digest: bytes | None = None) -> Record | None:
         """Keep the local file at ``path``, which lost a conflict, as its conflict copy.
 
-        The copy is a hard link (a copy where links are refused), not a rename, so the
-        path keeps its content until the winner is installed over it: if that install
-        fails, no scan can mistake the empty name for a deletion that would beat the
-        winner. The copy is recorded as a new local version, mirrored like any user file.
-        Returns None when there is no regular file at ``path`` to keep.
+        The copy is a copy, not a rename, so the path keeps its content until the winner
+        is installed over it: if that install fails, no scan can mistake the empty name
+        for a deletion that would beat the winner. Nor a hard link: a program writing
+        the path in place (O_TRUNC) would rewrite the copy too, unseen by the watcher,
+        which reports the name written (found by tests/fault: copies of one name held
+        different contents on different peers, for ever). With ``digest`` (the losing
+        version's), a copy whose content differs is not kept: the path changed since it
+        was recorded, and :class:`LocalChanged` says to record that first. The copy is
+        recorded as a new local version, mirrored like any user file. Returns None when
+        there is no regular file at ``path`` to keep.
         """
         self._top(mset, path)
         opened = self._open_parent(mset, path, create=False, action="keep a conflict copy of")
@@ -721,35 +732,28 @@ class Applier:
                 if old is None or not stat.S_ISREG(old.st_mode):
                     log.debug("path=%s no local file to keep as a conflict copy", show(path))
                     return None
-                self._link_or_copy(parent, name, copy, path)
-                fd = os.open(copy, _READ_FLAGS, dir_fd=parent)
+                temp = _temp_name()
+                self._copy_at(parent, name, temp)
                 try:
-                    digest, _ = _hash_fd(fd)
-                finally:
-                    os.close(fd)
+                    fd = os.open(temp, _READ_FLAGS, dir_fd=parent)
+                    try:
+                        kept, _ = _hash_fd(fd)
+                    finally:
+                        os.close(fd)
+                    if digest is not None and kept != digest:
+                        raise LocalChanged(path, None, f"{show(path)} changed here since "
+                                           "it was recorded; not kept as its conflict copy")
+                    os.rename(temp, copy, src_dir_fd=parent, dst_dir_fd=parent)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(temp, dir_fd=parent)
+                    raise
                 st = os.stat(copy, dir_fd=parent, follow_symlinks=False)
         finally:
             os.close(parent)
         log.warning("path=%s lost a conflict to a peer's version: local content kept as %s",
                     show(path), show(copy_path))
-        return self._record_local(copy_path, st, digest)
-
-    def _link_or_copy(self, parent: int, name: bytes, copy: bytes, path: bytes) -> None:
-        """Give ``name``'s inode the name ``copy`` too, replacing what ``copy`` held."""
-        temp = _temp_name()
-        try:
-            os.link(name, temp, src_dir_fd=parent, dst_dir_fd=parent, follow_symlinks=False)
-        except OSError as e:
-            if e.errno not in (errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.ENOTSUP):
-                raise
-            self._copy_at(parent, name, temp)
-            log.debug("path=%s conflict copy made by copying: %s", show(path), e.strerror)
-        try:
-            os.rename(temp, copy, src_dir_fd=parent, dst_dir_fd=parent)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp, dir_fd=parent)
-            raise
+        return self._record_local(copy_path, st, kept)
 
     def _copy_at(self, parent: int, name: bytes, temp: bytes) -> None:
         """Copy a file's content, owner, mode and mtime to ``temp`` in the same directory."""

@@ -335,7 +335,8 @@ def log_dump(ctx: click.Context, since_seq: int, path_prefix: str | None,
     if not os.path.exists(db):
         raise OmirrorError(f"no state database at {db}: has omirrord run with "
                            f"--state-dir {opts.state_dir}?")
-    prefix = None if path_prefix is None else os.fsencode(path_prefix.strip("/"))
+    # "--path /" is every path (stripped, it would be b"" and match none)
+    prefix = os.fsencode((path_prefix or "").strip("/")) or None
     with Store.open(opts.state_dir) as store:
         click.echo(f"# epoch {store.epoch} last_seq {store.last_seq} floor {store.floor}")
         for record in store.since(since_seq):

@@ -27,7 +27,7 @@ from typing import Any, Awaitable, Callable, Coroutine, Sequence, TypeVar
 
 import xxhash
 
-from omirror.apply import Applier, ApplyError, TempFile, check_path
+from omirror.apply import Applier, ApplyError, LocalChanged, TempFile, check_path
 from omirror.clock import now_ns
 from omirror.config import MirrorSet
 from omirror.entry import Entry, Kind, Outcome, decide
@@ -636,11 +636,15 @@ class Receiver(_Side):
                     return None
                 return Need(mset, incoming, Purpose.CONFLICT)
             winner = replace(incoming, vector=decision.vector)
+            force = False
             if ctx.applier.disk_matches(incoming.path, record):
-                return self._take(mset, winner, record, decision.loser, msg.data)
-            if self._settle_without_disk(mset, winner, record):
+                try:
+                    return self._take(mset, winner, record, decision.loser, msg.data)
+                except LocalChanged:  # new content, maybe not yet a new stat: rehash it
+                    force = True
+            elif self._settle_without_disk(mset, winner, record):
                 return None
-            ctx.scanner.scan_paths(mset, ctx.root, [(incoming.path, False)])
+            ctx.scanner.scan_paths(mset, ctx.root, [(incoming.path, False)], force=force)
         raise ApplyError(incoming.path, None,
                          f"cannot apply /{os.fsdecode(incoming.path)}: it keeps changing here")
 
@@ -680,7 +684,7 @@ class Receiver(_Side):
             log.warning("peer=%s path=/%s concurrent edits: theirs (%s) wins, ours (%s) is "
                         "kept as a conflict copy", self.peer, os.fsdecode(winner.path),
                         winner.stamp, local.stamp)
-            applier.keep_conflict_copy(mset, winner.path, local.stamp)
+            applier.keep_conflict_copy(mset, winner.path, local.stamp, local.digest)
             record, local = None, None
         if winner.kind is Kind.DIR:
             if winner.moved_from is not None and local is None \
@@ -806,7 +810,11 @@ class Receiver(_Side):
             return
         if decision.loser is not None and local is not None and local.kind is Kind.FILE:
             ctx.conflicts += 1
-            ctx.applier.keep_conflict_copy(need.mset, entry.path, local.stamp)
+            try:
+                ctx.applier.keep_conflict_copy(need.mset, entry.path, local.stamp, local.digest)
+            except LocalChanged:  # record the new content now; the retry decides again
+                ctx.scanner.scan_paths(need.mset, ctx.root, [(entry.path, False)], force=True)
+                raise
         ctx.applier.install_file(need.mset, replace(entry, vector=decision.vector), temp)
 
 

@@ -196,16 +196,18 @@ class Scanner:
         return run.stats
 
     def scan_paths(self, mset: MirrorSet, root: bytes,
-                   requests: list[tuple[bytes, bool]]) -> ScanStats:
+                   requests: list[tuple[bytes, bool]], *, force: bool = False) -> ScanStats:
         """Examine the given logical paths, each alone or with its whole subtree.
 
         This is how live events are indexed: a path an event named is examined exactly as
         a full scan would examine it, so events and rescans never disagree. The roots
         holding the paths are checked first, as for a full scan. Renames are found when
-        both the new and the old path are in one call: deletions are recorded last.
+        both the new and the old path are in one call: deletions are recorded last. With
+        ``force`` every file is hashed, even one whose stat is unchanged.
         """
         started = time.monotonic()
         run = _Run(self, mset, root, dry_run=False)
+        run.force = force
         tops = [logical(top) for top in mset.files]
         checked: set[bytes] = set()
         for path, recursive in requests:

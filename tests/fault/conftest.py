@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import pytest
 
 _INTEGRATION = Path(__file__).resolve().parent.parent / "integration"
 if str(_INTEGRATION) not in sys.path:
@@ -32,6 +35,9 @@ def _load_integration_conftest():  # type: ignore[no-untyped-def]
 
 _integration = _load_integration_conftest()
 
+from cluster import Cluster  # noqa: E402  (needs the sys.path entry above)
+from faults import Mesh  # noqa: E402
+
 # re-exported: pytest collects fixtures and hooks by name from this module
 cluster = _integration.cluster
 make_cluster = _integration.make_cluster
@@ -39,3 +45,18 @@ no_daemon_left_behind = _integration.no_daemon_left_behind
 pytest_runtest_makereport = _integration.pytest_runtest_makereport
 omirror_children = _integration.omirror_children
 
+
+@pytest.fixture
+def proxies() -> Iterator[Callable[[Cluster], Mesh]]:
+    """``proxies(cluster)`` routes every link of a (not yet started) cluster through a
+    proxy the test can cut (tests/fault/faults.py); every proxy stops at teardown."""
+    meshes: list[Mesh] = []
+
+    def make(c: Cluster) -> Mesh:
+        mesh = Mesh(c)
+        meshes.append(mesh)
+        return mesh
+
+    yield make
+    for mesh in meshes:
+        mesh.close()
