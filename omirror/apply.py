@@ -384,6 +384,17 @@ class Applier:
             return st.st_ino == record.sig.ino
         return StatSig.of(st) == record.sig
 
+    def check_parents(self, mset: MirrorSet, path: bytes) -> None:
+        """Refuse a path that lies beyond a symlink (or a file) here, with
+        :class:`PathRefused`: what the disk shows at such a path is outside the tree, so
+        it is neither examined nor replaced. The parents are walked as a write walks
+        them; a missing one is fine (the path is simply absent)."""
+        if path == self._top(mset, path):
+            return
+        opened = self._open_parent(mset, path, create=False, action="examine")
+        if opened is not None:
+            os.close(opened[0])
+
     # -- files ---------------------------------------------------------------------------
 
     def write_file(self, mset: MirrorSet, entry: Entry, data: bytes) -> Record:

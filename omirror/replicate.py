@@ -45,6 +45,15 @@ T = TypeVar("T")
 #: Entries in flight before the pusher waits for acknowledgements: enough to hide the
 #: round trip, small enough to bound what either side holds.
 WINDOW = 2048
+#: Inline content in flight before the pusher waits for acknowledgements, and (twice
+#: that) what a receiver queues before it stops reading: 2,048 small files of 64 KiB
+#: would otherwise be 128 MiB held per link, twice that from a peer that ignores the
+#: window. The receiver's bound must stay above the pusher's, or the content of a large
+#: file could wait behind entries the receiver no longer reads.
+WINDOW_BYTES = 16 << 20
+QUEUE_BYTES = 2 * WINDOW_BYTES
+#: Content chunks (1 MiB) a receiver holds for the request it has open.
+_CONTENT_QUEUE = 8
 #: Files at least this large are sent as a block delta when the receiver holds an older
 #: version; the block size keeps the digest list small (16 bytes per MiB).
 DELTA_MIN = 4 << 20
@@ -212,8 +221,13 @@ class Pusher(_Side):
         #: How far the stream has read the log; None until START is sent.
         self.examined: int | None = None
         self.unacked: collections.deque[int] = collections.deque()
+        #: (seq, bytes) of the entries in flight that carry content, and their sum
+        self.unacked_inline: collections.deque[tuple[int, int]] = collections.deque()
+        self.inflight_bytes = 0
         self.acked = asyncio.Event()
-        self.wants: asyncio.Queue[Want] = asyncio.Queue()
+        #: A receiver has one request open at a time; one that sends more and never
+        #: reads what it asked for is not read further (its requests are not queued).
+        self.wants: asyncio.Queue[Want] = asyncio.Queue(maxsize=4)
 
     async def run(self) -> None:
         store = self.ctx.store
@@ -245,10 +259,12 @@ class Pusher(_Side):
                 self.stats.acked_seq = max(self.stats.acked_seq, msg.seq)
                 while self.unacked and self.unacked[0] <= msg.seq:
                     self.unacked.popleft()
+                while self.unacked_inline and self.unacked_inline[0][0] <= msg.seq:
+                    self.inflight_bytes -= self.unacked_inline.popleft()[1]
                 self._settle()
                 self.acked.set()
             elif isinstance(msg, Want):
-                self.wants.put_nowait(msg)
+                await self.wants.put(msg)
             elif isinstance(msg, Bye):
                 raise ConnectionResetError(f"peer closed the link: {msg.why}")
             else:
@@ -309,16 +325,21 @@ class Pusher(_Side):
             inline = {} if self.index else await asyncio.to_thread(
                 _read_inline, self.ctx.root, [r for r, _ in records])
             for record, out_of_order in records:
-                while len(self.unacked) >= WINDOW:
+                data = inline.get(record.entry.path)
+                size = 0 if data is None else len(data)
+                while len(self.unacked) >= WINDOW or (
+                        self.inflight_bytes and self.inflight_bytes + size > WINDOW_BYTES):
                     self.acked.clear()
                     await self.acked.wait()
-                data = inline.get(record.entry.path)
                 if data is not None:
                     self.stats.content_bytes_sent += len(data)
                 await self.io.send(EntryMsg(0 if out_of_order else record.seq,
                                             record.entry, data))
                 if not out_of_order and not self.index:  # an index reader applies nothing
                     self.unacked.append(record.seq)     # and acknowledges nothing
+                    if size:
+                        self.unacked_inline.append((record.seq, size))
+                        self.inflight_bytes += size
                 self.stats.entries_sent += 1
             self.examined = position
             self._settle()
@@ -342,6 +363,11 @@ class Pusher(_Side):
             await self._serve(want)
 
     async def _serve(self, want: Want) -> None:
+        if not any(m.root_of(want.path) is not None for m in self.ctx.sets_with(self.peer)):
+            log.warning("peer=%s asked for /%s, which is in no set this host shares with "
+                        "it: refused", self.peer, os.fsdecode(want.path))
+            await self.io.send(NoData(want.want_id, "not in a set we share"))
+            return
         record = self.ctx.store.get(want.path)
         if record is None or record.entry.kind is not Kind.FILE \
                 or record.entry.digest != want.digest:
@@ -496,7 +522,13 @@ class Receiver(_Side):
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.entries: asyncio.Queue[EntryMsg | None] = asyncio.Queue(maxsize=WINDOW * 2)
-        self.content: asyncio.Queue[Data | Copy | NoData] = asyncio.Queue()
+        self.queued_bytes = 0  # inline content in ``entries``, at most QUEUE_BYTES
+        self._dequeued = asyncio.Event()
+        #: Content for the one request open at a time (``_open``); other content is
+        #: dropped if it is the rest of a request given up, refused if never asked for.
+        self.content: asyncio.Queue[Data | Copy | NoData] = asyncio.Queue(_CONTENT_QUEUE)
+        self._open: int | None = None
+        self._fetching = asyncio.Lock()
         self.epoch = ""
         self.done_seq = 0
         self.saved_seq = 0
@@ -523,13 +555,21 @@ class Receiver(_Side):
             msg = await self.io.recv()
             if isinstance(msg, EntryMsg):
                 self.stats.entries_received += 1
-                if msg.data is not None:
-                    self.stats.content_bytes_received += len(msg.data)
+                size = 0 if msg.data is None else len(msg.data)
+                self.stats.content_bytes_received += size
+                while self.queued_bytes and self.queued_bytes + size > QUEUE_BYTES:
+                    self._dequeued.clear()  # a peer beyond the window: stop reading it
+                    await self._dequeued.wait()
+                self.queued_bytes += size
                 await self.entries.put(msg)
             elif isinstance(msg, (Data, Copy, NoData)):
                 if isinstance(msg, Data):
                     self.stats.content_bytes_received += len(msg.data)
-                self.content.put_nowait(msg)
+                if msg.want_id == self._open:
+                    await self.content.put(msg)
+                elif not 0 < msg.want_id <= self._want_id:
+                    raise ProtocolError(f"content for request {msg.want_id}, which was "
+                                        "never made")
             elif isinstance(msg, Bye):
                 # the pusher sends BYE only when everything it sent is acknowledged
                 log.info("peer=%s ended its stream: %s", self.peer, msg.why)
@@ -544,6 +584,9 @@ class Receiver(_Side):
                 await self._save_cursor()
             msg = await self.entries.get()
             assert msg is not None
+            if msg.data is not None:
+                self.queued_bytes -= len(msg.data)
+                self._dequeued.set()
             await self._apply(msg)
             if msg.seq:  # 0: a parent sent ahead of its place in the log
                 self.done_seq = msg.seq
@@ -572,6 +615,13 @@ class Receiver(_Side):
                 await self._fetch(need, msg)
         except ApplyError as e:
             self._fail(msg, str(e))
+        except PathRefused as e:
+            # found while applying: a symlink or a file where the path needs a directory,
+            # a set root. Skipped like a path check_path refuses: retrying cannot help,
+            # and closing the link would refuse it again on every reconnect
+            log.warning("peer=%s sent a path that is refused here: %s", self.peer, e)
+            if self.retry.pop(msg.entry.path, None) is not None:
+                self.ctx.failing.pop(msg.entry.path, None)
         else:
             # the status entry may be an earlier link's (this peer reconnected, or
             # another peer's link failed it): the path is applied now, whoever failed it
@@ -583,7 +633,10 @@ class Receiver(_Side):
     def _fail(self, msg: EntryMsg, error: str) -> None:
         previous = self.retry.get(msg.entry.path)
         delay = _RETRY_FIRST_S if previous is None else min(previous.delay_s * 2, _RETRY_MAX_S)
-        self.retry[msg.entry.path] = _Failing(msg, error, delay, time.monotonic() + delay)
+        # without its content: a retry asks for it again, so that a disk full under a
+        # stream of small files does not hold all of them in memory
+        self.retry[msg.entry.path] = _Failing(replace(msg, data=None), error, delay,
+                                              time.monotonic() + delay)
         self.ctx.failing[msg.entry.path] = error
         log.warning("peer=%s %s; retrying in %.0f s", self.peer, error, delay)
 
@@ -617,6 +670,11 @@ class Receiver(_Side):
                     from None
             log.warning("peer=%s sent a path that is refused here: %s", self.peer, e)
             return None
+        if msg.data is not None and xxhash.xxh3_128_digest(msg.data) != incoming.digest:
+            # what came is no version at all, and it would come the same on a retry
+            log.warning("peer=%s path=/%s sent content that does not match its digest: "
+                        "refused", self.peer, os.fsdecode(incoming.path))
+            return None
         for _ in range(3):
             record = ctx.store.get(incoming.path)
             local = None if record is None else record.entry
@@ -644,6 +702,9 @@ class Receiver(_Side):
                     force = True
             elif self._settle_without_disk(mset, winner, record):
                 return None
+            # the disk differs from the record: a local change, unless the path lies
+            # beyond a symlink, where what the disk shows is outside the tree (refused)
+            ctx.applier.check_parents(mset, incoming.path)
             ctx.scanner.scan_paths(mset, ctx.root, [(incoming.path, False)], force=force)
         raise ApplyError(incoming.path, None,
                          f"cannot apply /{os.fsdecode(incoming.path)}: it keeps changing here")
@@ -708,6 +769,10 @@ class Receiver(_Side):
         return None
 
     def _move_file(self, mset: MirrorSet, winner: Entry) -> bool:
+        if mset.root_of(winner.moved_from) is None:  # type: ignore[arg-type]
+            # a rename is applied within one set only: taking a file out of another
+            # set (one the peer may not even share) would move it out of that set
+            return False
         source = self.ctx.store.get(winner.moved_from)  # type: ignore[arg-type]
         if source is None or source.entry.kind is not Kind.FILE \
                 or source.entry.digest != winner.digest \
@@ -731,9 +796,23 @@ class Receiver(_Side):
 
     async def _fetch(self, need: Need, msg: EntryMsg) -> None:
         """Ask for the content of a version and build it in a temp file, then install it
-        if it still wins when it is complete."""
+        if it still wins when it is complete. One request is open at a time (a retry
+        waits for the fetch in progress): content frames carry no path, only the id."""
+        async with self._fetching:
+            self._drop_content()
+            try:
+                await self._fetch_one(need, msg)
+            finally:
+                self._open = None
+                self._drop_content()  # what came for it after it was given up
+
+    def _drop_content(self) -> None:
+        while not self.content.empty():
+            self.content.get_nowait()
+
+    async def _fetch_one(self, need: Need, msg: EntryMsg) -> None:
         self._want_id += 1
-        want_id = self._want_id
+        want_id = self._open = self._want_id
         entry = need.entry
         old_fd = -1
         blocks: tuple[bytes, ...] = ()
@@ -751,6 +830,8 @@ class Receiver(_Side):
                                     BLOCK if blocks else 0, blocks))
             while True:
                 part = await self.content.get()
+                if part.want_id < want_id:
+                    continue  # queued for a request given up just before this one
                 if part.want_id != want_id:
                     raise ProtocolError(f"content for request {part.want_id} while "
                                         f"{want_id} is open")

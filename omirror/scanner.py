@@ -307,6 +307,8 @@ class _Run:
         """Examine one path itself (a root, a subtree, a path named by an event), then,
         when it is a directory and ``recursive``, walk below it."""
         try:
+            if not self.follow and self._below_a_link(path):
+                raise FileNotFoundError(path)
             st = self._stat(local_path(self.root, path))
         except FileNotFoundError:
             held = self.store.get(path)
@@ -326,6 +328,26 @@ class _Run:
         if kind is Kind.DIR and recursive:
             self.walk(path, st)
         self.flush()
+
+    def _below_a_link(self, path: bytes) -> bool:
+        """True when a directory between the path's set root and the path is a symlink
+        (or a file) here: the path is then not in the tree, as a walk, which never
+        follows a symlink, sees it. Examining it would record, and send to the peers,
+        whatever lies beyond the link, outside the tree (a path named by a peer's entry,
+        behind a symlink the peer planted earlier, is examined before it is applied)."""
+        top = self.mset.root_of(path)
+        if top is None:
+            return False
+        top_path = logical(top)
+        where = local_path(self.root, top_path)
+        for part in path[len(top_path) + 1:].split(b"/")[:-1] if path != top_path else ():
+            where = os.path.join(where, part)
+            try:
+                if not stat.S_ISDIR(os.lstat(where).st_mode):
+                    return True
+            except OSError:
+                return False  # the path's own stat says what is wrong
+        return False
 
     def walk(self, top: bytes, top_st: os.stat_result) -> None:
         stack = [(top, top_st)]
@@ -488,6 +510,8 @@ class _Run:
         for record in self.store.by_inode(st.st_ino):
             if record.entry.kind != kind or record.entry.path == path or record.sig is None:
                 continue
+            if self.mset.root_of(record.entry.path) is None:
+                continue  # moved in from another set: a new path here, not a rename
             if kind is Kind.FILE and (record.sig.size, record.sig.mtime_ns) != (
                     st.st_size, st.st_mtime_ns):
                 continue

@@ -13,6 +13,7 @@ run over a plain pipe or OpenSSH.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import struct
 from dataclasses import dataclass
@@ -42,6 +43,10 @@ _INT64 = (1 << 63) - 1
 _MAX_PATH = 4096
 _MAX_NAME = 255
 _MAX_VECTOR = 256
+#: No message holds more arrays than an ENTRY with a full vector (frame, fields, entry,
+#: vector and its pairs); 4 MiB of empty arrays would otherwise unpack into four million
+#: lists (about 280 MB and a second of the event loop) before the shape is checked.
+_MAX_ARRAYS = _MAX_VECTOR + 8
 _LENGTH = struct.Struct(">I")
 
 
@@ -180,14 +185,23 @@ class Reader(Protocol):
 
 
 async def read_message(reader: Reader) -> Message:
-    """Read and validate one frame; :class:`ProtocolError` for anything malformed.
+    """Read and validate one frame; :class:`ProtocolError` for anything malformed,
+    a frame cut short included.
 
-    ``asyncio.IncompleteReadError`` (the peer closed the stream) passes through.
+    ``asyncio.IncompleteReadError`` (the peer closed the stream between two frames)
+    passes through.
     """
     (length,) = _LENGTH.unpack(await reader.readexactly(_LENGTH.size))
     if length == 0 or length > MAX_FRAME:
         raise ProtocolError(f"frame of {length} bytes is outside 1..{MAX_FRAME}")
-    return decode(await reader.readexactly(length))
+    try:
+        payload = await reader.readexactly(length)
+    except asyncio.IncompleteReadError as e:
+        # an SSH channel ends in the middle of a frame only if the peer ended it there:
+        # a lost connection is reported as such, not as an end of stream
+        raise ProtocolError(f"frame cut short: the stream ended after {len(e.partial)} "
+                            f"of its {length} bytes") from None
+    return decode(payload)
 
 
 def decode(payload: bytes) -> Message:
@@ -196,7 +210,7 @@ def decode(payload: bytes) -> Message:
         obj = msgpack.unpackb(payload, raw=False, use_list=True, strict_map_key=True,
                               max_bin_len=MAX_FRAME, max_str_len=_MAX_PATH,
                               max_array_len=max(_MAX_VECTOR, MAX_FRAME // 16),
-                              max_map_len=0, max_ext_len=0)
+                              max_map_len=0, max_ext_len=0, list_hook=_ArrayBudget())
     except (ValueError, msgpack.UnpackException, TypeError) as e:
         raise ProtocolError(f"undecodable frame: {e}") from None
     body = _array(obj, 2, "frame")
@@ -207,6 +221,22 @@ def decode(payload: bytes) -> Message:
     fields = body[1]
     decoder = _DECODERS[kind]
     return decoder(fields)
+
+
+class _ArrayBudget:
+    """msgpack's ``list_hook``: stops unpacking a frame at its ``_MAX_ARRAYS + 1``-th
+    array, as it is built."""
+
+    __slots__ = ("left",)
+
+    def __init__(self) -> None:
+        self.left = _MAX_ARRAYS
+
+    def __call__(self, value: list[Any]) -> list[Any]:
+        self.left -= 1
+        if self.left < 0:
+            raise ValueError(f"more than {_MAX_ARRAYS} arrays")
+        return value
 
 
 def _array(value: object, n: int, what: str) -> list[Any]:

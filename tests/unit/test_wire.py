@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import time
 
 import msgpack
 import pytest
@@ -116,3 +117,44 @@ def test_well_formed_msgpack_of_any_shape_is_validated(kind: int, fields: object
     except ProtocolError:
         return
     assert decode(encode(msg)[4:]) == msg  # whatever is accepted is a valid message
+
+
+async def test_a_frame_cut_short_by_the_end_of_the_stream_is_a_protocol_error() -> None:
+    stream = _Stream(struct.pack(">I", 100) + b"\x92" * 10)
+    with pytest.raises(ProtocolError, match=r"^frame cut short: the stream ended after 10 "
+                                            r"of its 100 bytes$"):
+        await read_message(stream)
+
+
+def test_a_frame_of_millions_of_empty_arrays_is_refused_before_they_are_built() -> None:
+    # 4 MiB that msgpack would unpack into four million lists (~280 MB, ~1 s)
+    inner = b"\xdd" + struct.pack(">I", 262_000) + b"\x90" * 262_000
+    payload = b"\x92\x04\xdd" + struct.pack(">I", 15) + inner * 15
+    assert len(payload) <= MAX_FRAME
+    started = time.monotonic()
+    with pytest.raises(ProtocolError, match="undecodable frame: more than .* arrays"):
+        decode(payload)
+    assert time.monotonic() - started < 0.1
+
+
+def test_an_entry_with_the_longest_vector_still_decodes() -> None:
+    vector = tuple((f"host{i:03d}", i + 1) for i in range(256))
+    entry = Entry(path=b"a", kind=Kind.DIR, stamp=Stamp(1, "host000"), vector=vector)
+    msg = EntryMsg(1, entry, None)
+    assert decode(encode(msg)[4:]) == msg
+
+
+_nested = st.recursive(_leaf, lambda c: st.lists(c, max_size=6), max_leaves=400)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 12), _nested, st.integers(0, 50))
+def test_frames_cut_anywhere_or_nested_deeply_raise_only_protocol_errors(
+        kind: int, fields: object, cut: int) -> None:
+    payload = body(kind, fields)
+    for candidate in (payload, payload[:max(1, len(payload) - cut)],
+                      b"\x91" * (cut * 40) + payload):
+        try:
+            decode(candidate)
+        except ProtocolError:
+            pass
