@@ -439,6 +439,12 @@ def assert_sound(c: Cluster, peers: list[int] | None = None) -> None:
     c.check_alive()
     for i in idx:
         assert c[i].running, f"{c[i].name} is not running"
+    # a transfer of a version already superseded may still be finishing: let the
+    # cluster quiesce (bounded), then hold it to the same conditions
+    c.wait_until(lambda: not any(c.temp_files(i) for i in idx)
+                 and len({frozenset(log_stamps(c, i).items()) for i in idx}) == 1,
+                 30, "no transfer in flight and every log agrees")
+    for i in idx:
         assert c.temp_files(i) == [], f"{c[i].name} has leftover temp files: " \
                                       f"{c.temp_files(i)}"
     logs = {i: log_stamps(c, i) for i in idx}
