@@ -147,6 +147,19 @@ def _temp_name() -> bytes:
     return TEMP_PREFIX + secrets.token_hex(8).encode()
 
 
+@contextlib.contextmanager
+def _temp_at(parent: int) -> Iterator[bytes]:
+    """A fresh temp name in a directory; whatever the block made under it is removed if
+    the block fails, so no ``.omirror-tmp-*`` outlives an error."""
+    temp = _temp_name()
+    try:
+        yield temp
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temp, dir_fd=parent)
+        raise
+
+
 def _split(path: bytes) -> tuple[bytes, bytes]:
     """``b"a/b/c"`` -> ``(b"a/b", b"c")``."""
     parent, _, name = path.rpartition(b"/")
@@ -652,11 +665,10 @@ class Applier:
         if not entry.target or b"\0" in entry.target or len(entry.target) > PATH_MAX:
             raise PathRefused(entry.path, "symlink target is empty, too long or holds a NUL")
         parent, name = self._parent_for_write(mset, entry.path, "make symlink")
-        temp = _temp_name()
         try:
             with _os_errors(entry.path, "make symlink"):
-                os.symlink(entry.target, temp, dir_fd=parent)
-                try:
+                with _temp_at(parent) as temp:
+                    os.symlink(entry.target, temp, dir_fd=parent)
                     old = _lstat_at(parent, name)
                     uid, gid = self._owner(mset, entry, old)
                     if uid != -1 or gid != -1:
@@ -664,10 +676,6 @@ class Applier:
                     if old is not None and stat.S_ISDIR(old.st_mode):
                         self._remove_empty_dir(parent, name, entry)
                     os.rename(temp, name, src_dir_fd=parent, dst_dir_fd=parent)
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        os.unlink(temp, dir_fd=parent)
-                    raise
                 st = os.stat(name, dir_fd=parent, follow_symlinks=False)
         finally:
             os.close(parent)
@@ -743,9 +751,8 @@ class Applier:
                 if old is None or not stat.S_ISREG(old.st_mode):
                     log.debug("path=%s no local file to keep as a conflict copy", show(path))
                     return None
-                temp = _temp_name()
-                self._copy_at(parent, name, temp)
-                try:
+                with _temp_at(parent) as temp:
+                    self._copy_at(parent, name, temp)
                     fd = os.open(temp, _READ_FLAGS, dir_fd=parent)
                     try:
                         kept, _ = _hash_fd(fd)
@@ -755,10 +762,6 @@ class Applier:
                         raise LocalChanged(path, None, f"{show(path)} changed here since "
                                            "it was recorded; not kept as its conflict copy")
                     os.rename(temp, copy, src_dir_fd=parent, dst_dir_fd=parent)
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        os.unlink(temp, dir_fd=parent)
-                    raise
                 st = os.stat(copy, dir_fd=parent, follow_symlinks=False)
         finally:
             os.close(parent)
@@ -767,7 +770,9 @@ class Applier:
         return self._record_local(copy_path, st, kept)
 
     def _copy_at(self, parent: int, name: bytes, temp: bytes) -> None:
-        """Copy a file's content, owner, mode and mtime to ``temp`` in the same directory."""
+        """Copy a file's content, owner, mode and mtime to ``temp`` in the same directory.
+
+        The caller's ``_temp_at`` removes ``temp`` if this fails."""
         src = os.open(name, _READ_FLAGS, dir_fd=parent)
         try:
             st = os.fstat(src)
@@ -784,10 +789,6 @@ class Applier:
                 os.fchmod(dst, stat.S_IMODE(st.st_mode))
                 os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
                 os.fsync(dst)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(temp, dir_fd=parent)
-                raise
             finally:
                 os.close(dst)
         finally:
