@@ -135,6 +135,8 @@ def _compare_one(peer: str, path: bytes, ours: Entry | None, theirs: Entry | Non
             return item(DIFFERS, f"the same version {when(ours.stamp)} has different "
                                  "content on each side (found by -f)")
         return None
+    if ours.same_content(theirs):
+        return None  # two stamps for what is the same on disk: nothing would change
     decision = decide(ours, theirs)
     if decision.outcome is Outcome.ALREADY:
         return None

@@ -27,8 +27,8 @@ BASE = v(10)
     (BASE, None, SEND),
     (None, BASE, RECEIVE),
     (BASE, BASE, None),
-    (v(20, base=BASE), BASE, SEND),
-    (BASE, v(20, "b", base=BASE), RECEIVE),
+    (v(20, digest=b"\2" * 16, base=BASE), BASE, SEND),
+    (BASE, v(20, "b", digest=b"\3" * 16, base=BASE), RECEIVE),
     (BASE, v(20, "b", Kind.TOMBSTONE, b"", base=BASE), DELETE_HERE),
     (v(20, "a", Kind.TOMBSTONE, b"", base=BASE), BASE, DELETE_THERE),
     (v(20, "a", digest=b"\2" * 16, base=BASE), v(30, "b", digest=b"\3" * 16, base=BASE),
@@ -72,3 +72,12 @@ def test_exit_codes_and_summary() -> None:
     report.unreachable["c"] = "Connection refused"
     assert report.exit_code == 1
     assert report.summary() == "1 difference with 1 peer: 1 send; not reached: c"
+
+
+def test_two_versions_that_leave_the_same_thing_on_disk_are_not_a_difference() -> None:
+    root = first_version(b"data", Kind.DIR, Stamp(5, "a"), mode=0o755)
+    other = first_version(b"data", Kind.DIR, Stamp(9, "b"), mode=0o755)
+    assert compare("b", {b"data": root}, {b"data": other}, SETS) == []
+    chmodded = first_version(b"data", Kind.DIR, Stamp(9, "b"), mode=0o700)
+    assert [i.action for i in compare("b", {b"data": root}, {b"data": chmodded}, SETS)] \
+        == [RECEIVE]
