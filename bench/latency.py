@@ -47,19 +47,14 @@ SIGTERM, then SIGKILL) and the work directory is removed unless ``--keep``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
-import getpass
 import importlib.metadata
 import json
 import math
 import os
-import platform
 import random
 import select
 import shutil
-import signal
-import socket
 import statistics
 import struct
 import subprocess
@@ -68,135 +63,19 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import IO, Callable
 
 HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
 sys.path.insert(0, str(PROJECT))
+sys.path.insert(0, str(HERE))
 
+from _common import (STARTUP_TIMEOUT_S, OmirrorPair, Proc, Sshd, ensure_tools,  # noqa: E402
+                     first_line, lua_str, machine_info, note, wait_for)
 from omirror.cli import DEFAULT_DELAY_S  # noqa: E402
-from omirror.demo import free_ports  # noqa: E402
 
 SEED = 20240602
 MIN_SIZE, MAX_SIZE = 1024, 4096
 TARGET_P50_MS, TARGET_P99_MS = 5.0, 25.0
-STARTUP_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 10.0
-
-_T0 = time.perf_counter()
-
-
-def note(msg: str) -> None:
-    print(f"[{time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-# -- processes ---------------------------------------------------------------------------
-
-
-class Proc:
-    """A process started in its own process group, output to a log file."""
-
-    def __init__(self, name: str, argv: list[str], log: Path, **kw: object) -> None:
-        self.name = name
-        self.log = log
-        self._logf: IO[bytes] = open(log, "ab")
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._logf,
-                                     stderr=subprocess.STDOUT, start_new_session=True,
-                                     **kw)  # type: ignore[call-overload]
-
-    @property
-    def running(self) -> bool:
-        return self.proc.poll() is None
-
-    def tail(self, lines: int = 15) -> str:
-        try:
-            text = self.log.read_text(errors="replace").splitlines()[-lines:]
-        except OSError:
-            return ""
-        return "\n".join(f"    {line}" for line in text)
-
-    def stop(self) -> None:
-        """SIGTERM the process group, wait, then SIGKILL whatever is left of it.
-
-        Descendants that left the group (sshd's per-connection children call setsid) are
-        noted first and signalled by pid as well.
-        """
-        pgid = self.proc.pid
-        strays = descendants(pgid)
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        for pid in strays:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        try:
-            self.proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            note(f"{self.name} did not stop within {STOP_TIMEOUT_S:.0f} s of SIGTERM: killing")
-        try:  # the leader may be gone while children of its group are not
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        for pid in strays:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        try:
-            self.proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            note(f"{self.name} (pid {pgid}) survived SIGKILL?")
-        self._logf.close()
-
-
-def descendants(pid: int) -> list[int]:
-    """Pids of every live descendant of ``pid`` (from /proc), children first."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rfind(b")") + 2:].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str,
-             procs: tuple[Proc, ...] = ()) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        for p in procs:
-            if not p.running:
-                raise RuntimeError(f"{p.name} exited with status {p.proc.returncode} while "
-                                   f"waiting until {what}:\n{p.tail()}")
-        if time.monotonic() >= end:
-            raise RuntimeError(f"timed out after {timeout:.0f} s waiting until {what}")
-        time.sleep(0.05)
-
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def first_line(argv: list[str]) -> str:
-    try:
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    lines = (r.stdout + r.stderr).strip().splitlines()
-    return " ".join(lines[0].split()) if lines else "unknown"
 
 
 # -- detecting arrival -------------------------------------------------------------------
@@ -326,65 +205,22 @@ class Tool:
         self.procs = []
 
 
-def omirrord_argv() -> list[str]:
-    """The ``omirrord`` next to this interpreter (the venv's), else ``python -m omirror``."""
-    exe = Path(sys.executable).parent / "omirrord"
-    if exe.exists():
-        return [str(exe)]
-    found = shutil.which("omirrord")
-    return [found] if found else [sys.executable, "-m", "omirror"]
-
-
 class Omirror(Tool):
     key = "omirror"
 
     def __init__(self, work: Path, delay: float) -> None:
         self.label = f"omirror (-d {delay:g})"
         self.procs = []
-        base = work / "omirror"
-        base.mkdir()
-        names = [f"127.0.0.1:{p}" for p in free_ports(2)]
-        conf, peers = base / "omirrd.conf", base / "peers"
-        conf.write_text(f"HOSTS = ( {' '.join(names)} )\nFILES = ( /data )\n"
-                        "${FILES} -> ${HOSTS}\n\tinstall ;\n")
-        lines, self.argvs, self.states = [], [], []
-        for i, name in enumerate(names):
-            peer = base / f"p{i}"
-            (peer / "root" / "data").mkdir(parents=True)
-            state = peer / "state"
-            state.mkdir()
-            os.chmod(state, 0o700)
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name,
-                            "-f", str(state / "host_key")], check=True,
-                           stdin=subprocess.DEVNULL, timeout=30)
-            lines.append(f"{name} " + " ".join(
-                (state / "host_key.pub").read_text().split()[:2]) + "\n")
-            self.argvs.append(omirrord_argv() + [
-                "-C", str(conf), "-n", name, "--root", str(peer / "root"),
-                "--state-dir", str(state), "--peers", str(peers), "-d", str(delay)])
-            self.states.append(state)
-        peers.write_text("".join(lines))
-        for f in (conf, peers):
-            os.chmod(f, 0o600)
-        self.base = base
-        self.src = base / "p0" / "root" / "data"
-        self.dst = base / "p1" / "root" / "data"
-        self.version = first_line(omirrord_argv() + ["-V"])
+        self.pair = OmirrorPair(work / "omirror", delay)
+        self.src, self.dst = self.pair.data
+        self.version = self.pair.version
 
     def start(self) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OMIRRORD_")}
-        for i, argv in enumerate(self.argvs):
-            self.procs.append(Proc(f"omirrord p{i}", argv, self.base / f"p{i}.log",
-                                   env=env, cwd=self.base))
-        for proc, state in zip(self.procs, self.states):
-            def up(proc: Proc = proc, state: Path = state) -> bool:
-                try:
-                    return json.loads((state / "status.json").read_text()).get(
-                        "pid") == proc.proc.pid
-                except (OSError, ValueError):
-                    return False
-            wait_for(up, STARTUP_TIMEOUT_S, f"{proc.name} writes its status.json",
-                     tuple(self.procs))
+        for i in range(2):
+            self.procs.append(self.pair.start(i))
+        for i in range(2):
+            wait_for(lambda i=i: self.pair.up(i), STARTUP_TIMEOUT_S,  # type: ignore[misc]
+                     f"{self.procs[i].name} writes its status.json", tuple(self.procs))
         self.mode = "two omirrord on 127.0.0.1, asyncssh link"
 
 
@@ -404,61 +240,6 @@ class Lsyncd(Tool):
         self.label = "lsyncd"
         self.mode = ""
         self.version = first_line([bins["lsyncd"], "--version"])
-
-    # the private sshd ------------------------------------------------------------------
-
-    def _start_sshd(self) -> tuple[int, Path]:
-        ssh = self.base / "ssh"
-        ssh.mkdir()
-        os.chmod(ssh, 0o700)
-        for name in ("host_key", "client_key"):
-            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C",
-                            f"omirror-bench-{name}", "-f", str(ssh / name)], check=True,
-                           stdin=subprocess.DEVNULL, timeout=30)
-        auth = ssh / "authorized_keys"
-        auth.write_text((ssh / "client_key.pub").read_text())
-        os.chmod(auth, 0o600)
-        (port,) = free_ports(1)
-        cfg = ssh / "sshd_config"
-        cfg.write_text("\n".join([
-            f"Port {port}",
-            "ListenAddress 127.0.0.1",
-            f"HostKey {ssh / 'host_key'}",
-            f"PidFile {ssh / 'sshd.pid'}",
-            f"AuthorizedKeysFile {auth}",
-            "StrictModes no",
-            "UsePAM no",
-            "PermitRootLogin prohibit-password",
-            "PubkeyAuthentication yes",
-            "PasswordAuthentication no",
-            "KbdInteractiveAuthentication no",
-            "X11Forwarding no",
-            "PrintMotd no",
-            "LogLevel ERROR",
-            "",
-        ]))
-        if os.geteuid() == 0 and not os.path.isdir("/run/sshd"):
-            # sshd's privilege separation directory (Debian's init script makes it)
-            os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
-        check = subprocess.run([self.bins["sshd"], "-t", "-f", str(cfg)],
-                               capture_output=True, text=True, timeout=30)
-        if check.returncode != 0:
-            raise RuntimeError(f"sshd -t rejects the config: {check.stderr.strip()}")
-        sshd = Proc("sshd", [self.bins["sshd"], "-D", "-e", "-f", str(cfg)],
-                    self.base / "sshd.log")
-        self.procs.append(sshd)
-        wait_for(lambda: port_open(port), 15, f"sshd listens on 127.0.0.1:{port}", (sshd,))
-        key = ssh / "client_key"
-        probe = subprocess.run(
-            [self.bins["ssh"], "-p", str(port), "-i", str(key), "-o", "BatchMode=yes",
-             "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-             "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10",
-             f"{getpass.getuser()}@127.0.0.1", "rsync --version"],
-            capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
-        if probe.returncode != 0:
-            raise RuntimeError(f"ssh into the private sshd failed ({probe.returncode}): "
-                               f"{probe.stderr.strip()[-300:]}\n{sshd.tail()}")
-        return port, key
 
     # lsyncd ------------------------------------------------------------------------------
 
@@ -483,8 +264,13 @@ class Lsyncd(Tool):
         try:
             if "sshd" not in self.bins or "ssh" not in self.bins:
                 raise RuntimeError("sshd or ssh is not installed")
-            port, key = self._start_sshd()
-            user = getpass.getuser()
+            sshd = Sshd(self.base, self.bins)
+            try:
+                sshd.start()
+            finally:
+                if sshd.proc is not None:
+                    self.procs.append(sshd.proc)
+            port, key, user = sshd.port, sshd.key, sshd.user
             self._start_lsyncd(
                 "  default.rsyncssh,\n" + common
                 + f"  host = {lua_str(user + '@127.0.0.1' if user != 'root' else '127.0.0.1')},\n"
@@ -518,40 +304,6 @@ class Lsyncd(Tool):
         probe.write_bytes(b"probe\n")
         wait_for(lambda: (self.dst / "probe-start").exists(), STARTUP_TIMEOUT_S,
                  "lsyncd's start-up sync carries a probe file", tuple(self.procs))
-
-
-def lua_str(value: object) -> str:
-    s = str(value)
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def ensure_tools() -> dict[str, str]:
-    """Paths of lsyncd, sshd, ssh and rsync, installing them with apt-get if missing."""
-    names = {"lsyncd": "lsyncd", "sshd": "sshd", "ssh": "ssh", "rsync": "rsync"}
-
-    def find() -> dict[str, str]:
-        found = {}
-        for key, name in names.items():
-            path = shutil.which(name) or next(
-                (p for p in (f"/usr/sbin/{name}", f"/usr/bin/{name}") if os.access(p, os.X_OK)),
-                None)
-            if path:
-                found[key] = path
-        return found
-
-    found = find()
-    if len(found) == len(names):
-        return found
-    missing = sorted(set(names) - set(found))
-    note(f"missing {', '.join(missing)}: installing lsyncd openssh-server rsync with apt-get")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    try:
-        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "lsyncd", "openssh-server",
-                        "openssh-client", "rsync"], check=True, env=env, timeout=900)
-    except (OSError, subprocess.SubprocessError) as e:
-        note(f"apt-get failed: {e}")
-    return find()
 
 
 # -- measuring ---------------------------------------------------------------------------
@@ -645,23 +397,6 @@ def fmt_ms(v: object) -> str:
     if v is None:
         return "miss"
     return f"{v:.2f}" if v < 100 else f"{v:.1f}"  # type: ignore[operator]
-
-
-def machine(work: Path, bins: dict[str, str]) -> dict[str, str]:
-    info = {
-        "nproc": str(os.cpu_count()),
-        "python": sys.version.split()[0] + " (" + platform.python_implementation() + ")",
-        "kernel": platform.release(),
-        "filesystem": first_line(["findmnt", "-n", "-o", "FSTYPE", "-T", str(work)]),
-    }
-    try:
-        cpu = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-               if line.startswith("model name")]
-        if cpu:
-            info["cpu"] = cpu[0]
-    except OSError:
-        pass
-    return info
 
 
 def versions(tools: list[Tool], bins: dict[str, str]) -> dict[str, str]:
@@ -793,7 +528,7 @@ def bench(args: argparse.Namespace, work: Path, tools: list[Tool],
         "p50_met": isinstance(o50, float) and o50 <= TARGET_P50_MS,
         "p99_met": isinstance(o99, float) and o99 <= TARGET_P99_MS,
     }
-    info = machine(work, bins)
+    info = machine_info(work)
     info["loadavg"] = (f"{load_start[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end "
                        "(1-min; other work on the machine shows in the tails)")
     vers = versions(tools, bins)
