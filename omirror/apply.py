@@ -382,20 +382,12 @@ class Applier:
         ctime, and its entry holds neither.
         """
         check_form(path)
-        gone = record is None or record.entry.is_tombstone
         with _os_errors(path, "examine"):
             try:
-                st = os.lstat(local_path(self.root, path))
+                st: os.stat_result | None = os.lstat(local_path(self.root, path))
             except (FileNotFoundError, NotADirectoryError):
-                return gone
-        if record is None or gone or record.sig is None:
-            return False
-        kind = _kind_of(st)
-        if kind is not record.entry.kind:
-            return False
-        if kind is Kind.DIR:
-            return st.st_ino == record.sig.ino
-        return StatSig.of(st) == record.sig
+                st = None
+        return _matches(st, record)
 
     def check_parents(self, mset: MirrorSet, path: bytes) -> None:
         """Refuse a path that lies beyond a symlink (or a file) here, with
@@ -410,11 +402,13 @@ class Applier:
 
     # -- files ---------------------------------------------------------------------------
 
-    def write_file(self, mset: MirrorSet, entry: Entry, data: bytes) -> Record:
-        """Install a file whose whole content came with its entry."""
+    def write_file(self, mset: MirrorSet, entry: Entry, data: bytes, *,
+                   guard: bool = False) -> Record:
+        """Install a file whose whole content came with its entry (``guard``: see
+        :meth:`_install_temp`)."""
         with self.begin_file(mset, entry) as temp:
             temp.write(data)
-            return self.install_file(mset, entry, temp)
+            return self.install_file(mset, entry, temp, guard=guard)
 
     def begin_file(self, mset: MirrorSet, entry: Entry) -> TempFile:
         """Open the temp file that streamed content (chunks, delta blocks) is written to."""
@@ -423,18 +417,20 @@ class Applier:
         with _os_errors(entry.path, "write"):
             return TempFile(dir_fd, entry)
 
-    def install_file(self, mset: MirrorSet, entry: Entry, temp: TempFile) -> Record:
+    def install_file(self, mset: MirrorSet, entry: Entry, temp: TempFile, *,
+                     guard: bool = False) -> Record:
         """Verify the temp file (if :meth:`TempFile.finish` was not called yet) and rename
         it over the target; the temp file is removed whatever fails."""
         _expect(entry, Kind.FILE)
         _check_temp(temp, entry)
         with temp:
             temp.finish()
-            st = self._install_temp(mset, temp, _split(entry.path)[1], entry.path, entry)
+            st = self._install_temp(mset, temp, _split(entry.path)[1], entry.path, entry,
+                                    guard=guard)
         return self._record(entry, st)
 
     def copy_local(self, mset: MirrorSet, entry: Entry, source: bytes, *,
-                   move: bool) -> Record:
+                   move: bool, guard: bool = False) -> Record:
         """Make ``entry`` from the local file at ``source``, which holds the same content.
 
         Used for renames (``move=True``: the file is renamed, nothing is read when the
@@ -454,9 +450,9 @@ class Applier:
             close.callback(os.close, src_dir)
             close.callback(os.close, fd)
             if move:
-                st = self._move(mset, entry, source, src_dir, src_name, fd)
+                st = self._move(mset, entry, source, src_dir, src_name, fd, guard)
             else:
-                st = self._copy(mset, entry, source, fd)
+                st = self._copy(mset, entry, source, fd, guard)
         log.debug("path=%s %s from %s", show(entry.path), "moved" if move else "copied",
                   show(source))
         return self._record(entry, st)
@@ -481,23 +477,25 @@ class Applier:
             raise
 
     def _move(self, mset: MirrorSet, entry: Entry, source: bytes, src_dir: int,
-              src_name: bytes, fd: int) -> os.stat_result:
+              src_name: bytes, fd: int, guard: bool) -> os.stat_result:
         self._verify_source(entry, source, fd)
         dst_dir, name = self._parent_for_write(mset, entry.path, "write")
         try:
             with _os_errors(entry.path, "write"):
                 old = _lstat_at(dst_dir, name)
+                if guard:
+                    self._guard_target(entry.path, old)
                 self._set_attrs(mset, fd, entry, old)
                 if old is not None and stat.S_ISDIR(old.st_mode):
                     self._remove_empty_dir(dst_dir, name, entry)
                 os.rename(src_name, name, src_dir_fd=src_dir, dst_dir_fd=dst_dir)
                 self.expected_absent.add(source)
-                return os.stat(name, dir_fd=dst_dir, follow_symlinks=False)
+                return os.fstat(fd)  # not by name: what is there now may be someone else's
         finally:
             os.close(dst_dir)
 
     def _copy(self, mset: MirrorSet, entry: Entry, source: bytes,
-              fd: int) -> os.stat_result:
+              fd: int, guard: bool) -> os.stat_result:
         """Copy through a temp file, which checks the digest as the bytes go by."""
         with _os_errors(source, "copy"):
             size = os.fstat(fd).st_size
@@ -506,7 +504,8 @@ class Applier:
         with self.begin_file(mset, entry) as temp:
             temp.copy_from(fd, 0, size)
             temp.finish()
-            return self._install_temp(mset, temp, _split(entry.path)[1], entry.path, entry)
+            return self._install_temp(mset, temp, _split(entry.path)[1], entry.path, entry,
+                                      guard=guard)
 
     def _verify_source(self, entry: Entry, source: bytes, fd: int) -> None:
         """Check that the file about to be renamed holds the entry's content.
@@ -553,72 +552,18 @@ class Applier:
                                          f"cannot adopt {show(entry.path)}: it is not a "
                                          f"regular file of {entry.size} bytes here")
                     self._set_attrs(mset, fd, entry, st)
+                    st = os.fstat(fd)
                 finally:
                     os.close(fd)
-                st = os.stat(name, dir_fd=parent, follow_symlinks=False)
         finally:
             os.close(parent)
         return self._record(entry, st)
 
-    def move(self, mset: MirrorSet, entry: Entry, source: bytes) -> Record:
-        """Rename the local directory ``source``, with all it holds, to ``entry.path``.
-
-        A renamed tree then costs one rename here instead of a transfer per file; the
-        entries of its children follow and find their files in place (:meth:`adopt`).
-        Raises :class:`PathRefused` when the tree cannot be moved as a whole (the source
-        is not a directory of this set here, or the destination is taken): the caller
-        then applies the plain entries instead.
-        """
-        _expect(entry, Kind.DIR)
-        for path in (source, entry.path):
-            if path == self._top(mset, path):
-                raise PathRefused(path, f"is a root of set {mset.title}; a root is never "
-                                        "moved")
-        if entry.path.startswith(source + b"/") or source == entry.path:
-            raise PathRefused(entry.path, f"is inside {show(source)}, the directory moved")
-        opened = self._open_parent(mset, source, create=False, action="move")
-        if opened is None:
-            raise PathRefused(source, "is not here to be moved")
-        src_dir, src_name = opened
-        try:
-            st = self._move_dir(mset, entry, source, src_dir, src_name)
-        finally:
-            os.close(src_dir)
-        log.debug("path=%s directory moved from %s", show(entry.path), show(source))
-        return self._record(entry, st)
-
-    def _move_dir(self, mset: MirrorSet, entry: Entry, source: bytes, src_dir: int,
-                  src_name: bytes) -> os.stat_result:
-        dst_dir, name = self._parent_for_write(mset, entry.path, "move directory")
-        try:
-            with _os_errors(entry.path, "move directory"):
-                src = _lstat_at(src_dir, src_name)
-                if src is None or not stat.S_ISDIR(src.st_mode):
-                    raise PathRefused(source, "is not a directory here to be moved")
-                old = _lstat_at(dst_dir, name)
-                if old is not None and not stat.S_ISDIR(old.st_mode):
-                    raise PathRefused(entry.path, "is taken here by a file or symlink")
-                try:
-                    os.rename(src_name, name, src_dir_fd=src_dir, dst_dir_fd=dst_dir)
-                except OSError as e:
-                    if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                        raise
-                    raise PathRefused(entry.path, "is a directory that is not empty here") \
-                        from e
-                self.expected_absent.add(source)
-                fd = os.open(name, _DIR_FLAGS, dir_fd=dst_dir)
-                try:
-                    self._set_attrs(mset, fd, entry, src, mtime=False)
-                finally:
-                    os.close(fd)
-                return os.stat(name, dir_fd=dst_dir, follow_symlinks=False)
-        finally:
-            os.close(dst_dir)
-
     # -- directories and symlinks --------------------------------------------------------
 
-    def make_dir(self, mset: MirrorSet, entry: Entry) -> Record:
-        """Make the directory, or give an existing one its mode and owner.
+    def make_dir(self, mset: MirrorSet, entry: Entry, *, guard: bool = False) -> Record:
+        """Make the directory, or give an existing one its mode and owner (``guard``:
+        see :meth:`_install_temp`).
 
         A file or symlink in its place is removed first. Directory mtimes are not
         mirrored: every change inside a directory moves its mtime anyway.
@@ -631,6 +576,8 @@ class Applier:
         try:
             with _os_errors(entry.path, "make directory"):
                 old = _lstat_at(parent, name)
+                if guard:
+                    self._guard_target(entry.path, old)
                 if old is not None and not stat.S_ISDIR(old.st_mode):
                     os.unlink(name, dir_fd=parent)
                     old = None
@@ -641,9 +588,9 @@ class Applier:
                 fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
                 try:
                     self._set_attrs(mset, fd, entry, old, mtime=False)
+                    st = os.fstat(fd)
                 finally:
                     os.close(fd)
-                st = os.stat(name, dir_fd=parent, follow_symlinks=False)
         finally:
             os.close(parent)
         return self._record(entry, st)
@@ -659,8 +606,9 @@ class Applier:
             os.close(fd)
         return self._record(entry, st)
 
-    def make_symlink(self, mset: MirrorSet, entry: Entry) -> Record:
-        """Make the symlink at a temp name, then rename it over whatever is there."""
+    def make_symlink(self, mset: MirrorSet, entry: Entry, *, guard: bool = False) -> Record:
+        """Make the symlink at a temp name, then rename it over whatever is there
+        (``guard``: see :meth:`_install_temp`)."""
         _expect(entry, Kind.SYMLINK)
         if not entry.target or b"\0" in entry.target or len(entry.target) > PATH_MAX:
             raise PathRefused(entry.path, "symlink target is empty, too long or holds a NUL")
@@ -670,21 +618,29 @@ class Applier:
                 with _temp_at(parent) as temp:
                     os.symlink(entry.target, temp, dir_fd=parent)
                     old = _lstat_at(parent, name)
+                    if guard:
+                        self._guard_target(entry.path, old)
                     uid, gid = self._owner(mset, entry, old)
                     if uid != -1 or gid != -1:
                         os.chown(temp, uid, gid, dir_fd=parent, follow_symlinks=False)
                     if old is not None and stat.S_ISDIR(old.st_mode):
                         self._remove_empty_dir(parent, name, entry)
+                    ours = os.stat(temp, dir_fd=parent, follow_symlinks=False)
                     os.rename(temp, name, src_dir_fd=parent, dst_dir_fd=parent)
                 st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+                if st.st_ino != ours.st_ino:
+                    # replaced here right after the rename: record what we made, which
+                    # the disk no longer matches, so the scan the change caused records it
+                    st = ours
         finally:
             os.close(parent)
         return self._record(entry, st)
 
     # -- deletions -----------------------------------------------------------------------
 
-    def delete(self, mset: MirrorSet, entry: Entry) -> Record:
-        """Remove what is at the path, and record the tombstone.
+    def delete(self, mset: MirrorSet, entry: Entry, *, guard: bool = False) -> Record:
+        """Remove what is at the path, and record the tombstone (``guard``: see
+        :meth:`_install_temp`).
 
         A directory that still has children here is left: they are local files newer
         than the deletion (their own tombstones would have come first), and a later scan
@@ -699,17 +655,19 @@ class Applier:
             parent, name = opened
             try:
                 with _os_errors(entry.path, "delete"):
-                    self._remove(parent, name, entry.path)
+                    self._remove(parent, name, entry.path, guard)
             finally:
                 os.close(parent)
         seq = self.store.put(entry, None)
         self.expected_absent.discard(entry.path)
         return Record(entry, seq, None)
 
-    def _remove(self, parent: int, name: bytes, path: bytes) -> None:
+    def _remove(self, parent: int, name: bytes, path: bytes, guard: bool) -> None:
         old = _lstat_at(parent, name)
         if old is None:
             return
+        if guard:
+            self._guard_target(path, old)
         if not stat.S_ISDIR(old.st_mode):
             os.unlink(name, dir_fd=parent)
             return
@@ -756,13 +714,14 @@ class Applier:
                     fd = os.open(temp, _READ_FLAGS, dir_fd=parent)
                     try:
                         kept, _ = _hash_fd(fd)
+                        if digest is not None and kept != digest:
+                            raise LocalChanged(path, None, f"{show(path)} changed here "
+                                               "since it was recorded; not kept as its "
+                                               "conflict copy")
+                        os.rename(temp, copy, src_dir_fd=parent, dst_dir_fd=parent)
+                        st = os.fstat(fd)
                     finally:
                         os.close(fd)
-                    if digest is not None and kept != digest:
-                        raise LocalChanged(path, None, f"{show(path)} changed here since "
-                                           "it was recorded; not kept as its conflict copy")
-                    os.rename(temp, copy, src_dir_fd=parent, dst_dir_fd=parent)
-                st = os.stat(copy, dir_fd=parent, follow_symlinks=False)
         finally:
             os.close(parent)
         log.warning("path=%s lost a conflict to a peer's version: local content kept as %s",
@@ -923,19 +882,36 @@ class Applier:
             return os.open(part, _DIR_FLAGS, dir_fd=parent)
 
     def _install_temp(self, mset: MirrorSet, temp: TempFile, name: bytes, path: bytes,
-                      entry: Entry) -> os.stat_result:
-        """Give the finished temp file its attributes and rename it to ``name``."""
+                      entry: Entry, *, guard: bool = False) -> os.stat_result:
+        """Give the finished temp file its attributes and rename it to ``name``.
+
+        With ``guard``, the target is checked once more right before the rename: writing
+        and syncing the temp file takes a while, and a local change made meanwhile must
+        be recorded and decided on, not overwritten.
+        """
         dir_fd = temp.dir_fd
         with _os_errors(path, "write"):
             old = _lstat_at(dir_fd, name)
+            if guard:
+                self._guard_target(path, old)
             self._set_attrs(mset, temp.fd, entry, old)
             if old is not None and stat.S_ISDIR(old.st_mode):
                 self._remove_empty_dir(dir_fd, name, entry)
             os.rename(temp.name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             try:
-                return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                # through the descriptor: a file put there by someone else right after
+                # the rename must not be recorded as ours (it would never be seen)
+                return os.fstat(temp.fd)
             finally:
                 temp._installed()
+
+    def _guard_target(self, path: bytes, st: os.stat_result | None) -> None:
+        """Raise :class:`LocalChanged` if ``st`` (the target's lstat) is not what the
+        store recorded at ``path``: the same test as :meth:`disk_matches`."""
+        if not _matches(st, self.store.get(path)):
+            raise LocalChanged(path, None, f"{show(path)} changed here while a peer's "
+                                           "version was being applied; the local change is "
+                                           "recorded first")
 
     def _set_attrs(self, mset: MirrorSet, fd: int, entry: Entry, old: os.stat_result | None,
                    *, mtime: bool = True) -> None:
@@ -1009,6 +985,19 @@ class Applier:
         sig = StatSig.of(st)
         seq = self.store.put(entry, sig)
         return Record(entry, seq, sig)
+
+
+def _matches(st: os.stat_result | None, record: Record | None) -> bool:
+    """Whether a path's lstat (None: nothing there) is what ``record`` says is there."""
+    if st is None:
+        return record is None or record.entry.is_tombstone
+    if record is None or record.entry.is_tombstone or record.sig is None:
+        return False
+    if _kind_of(st) is not record.entry.kind:
+        return False
+    if record.entry.kind is Kind.DIR:
+        return st.st_ino == record.sig.ino
+    return StatSig.of(st) == record.sig
 
 
 def _expect(entry: Entry, kind: Kind) -> None:

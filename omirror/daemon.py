@@ -80,6 +80,8 @@ class Daemon:
         self.started = time.time()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._inbound: dict[str, asyncio.Task[None]] = {}
+        #: Per peer: set when it connects in, so our link out to it stops backing off.
+        self._peer_back: dict[str, asyncio.Event] = {}
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
         self._last_scan: dict[str, Any] = {}
@@ -410,7 +412,8 @@ class Daemon:
                     replay_from = None  # started: the peer's cursor carries it on
 
         await peers.keep_linked(host, self.host_key, self.keys.get, run, on_state,
-                                compress=self.compress)
+                                compress=self.compress,
+                                wake=self._peer_back.setdefault(host.name, asyncio.Event()))
 
     async def _inbound_session(self, peer: str, subsystem: str, reader: Any,
                                writer: Any) -> None:
@@ -429,6 +432,8 @@ class Daemon:
         stats = self._stats(peer)
         stats.inbound, stats.in_since = "up", time.time()
         log.info("peer=%s link in up", peer)
+        if stats.out != "up":
+            self._peer_back.setdefault(peer, asyncio.Event()).set()
         try:
             await Receiver(self.ctx, peer, reader, writer, stats).run()
         except asyncio.CancelledError:

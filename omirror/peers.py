@@ -212,15 +212,22 @@ class Backoff:
 
 async def keep_linked(host: Host, host_key: asyncssh.SSHKey,
                       key_of: Callable[[str], PeerKey | None], run: SessionHandler,
-                      on_state: Callable[[str], None], *, compress: bool = False) -> None:
-    """Keep one outbound link to ``host`` up for ever: connect, run, back off, retry."""
+                      on_state: Callable[[str], None], *, compress: bool = False,
+                      wake: asyncio.Event | None = None) -> None:
+    """Keep one outbound link to ``host`` up for ever: connect, run, back off, retry.
+
+    ``wake`` cuts a backoff short: the daemon sets it when the peer itself connects in,
+    which proves it is back, so a returning host gets our changes at once rather than
+    after up to ``BACKOFF_MAX_S``.
+    """
     backoff = Backoff()
+    wake = wake if wake is not None else asyncio.Event()
     while True:
         peer_key = key_of(host.name)
         if peer_key is None:
             on_state("down")
             log.warning("peer=%s has no line in the peers file: not connecting", host.name)
-            await asyncio.sleep(backoff.next())
+            await _pause(backoff.next(), wake)
             continue
         on_state("connecting")
         conn = None
@@ -243,7 +250,18 @@ async def keep_linked(host: Host, host_key: asyncssh.SSHKey,
                 conn.close()
         if time.monotonic() - started > BACKOFF_MAX_S:
             backoff.reset()
-        await asyncio.sleep(backoff.next())
+        if await _pause(backoff.next(), wake):
+            backoff.reset()
+
+
+async def _pause(seconds: float, wake: asyncio.Event) -> bool:
+    """Sleep, or less if ``wake`` is set; True when woken (the event is cleared)."""
+    try:
+        await asyncio.wait_for(wake.wait(), seconds)
+    except TimeoutError:
+        return False
+    wake.clear()
+    return True
 
 
 def _describe(error: BaseException) -> str:

@@ -412,16 +412,18 @@ class Pusher(_Side):
             await self.io.send(NoData(want.want_id, "the file changed before it was sent"))
             return
         digest = xxhash.xxh3_128()
+        file_size = os.fstat(fd).st_size
         run_start, run_len = 0, 0
         for index, block in enumerate(ours):
             offset = index * size
+            length = min(size, file_size - offset)  # the last block may be short
             if index < len(want.blocks) and want.blocks[index] == block:
                 if run_len and run_start + run_len == offset:
-                    run_len += size
+                    run_len += length
                 else:
                     if run_len:
                         await self.io.send(Copy(want.want_id, run_start, run_len))
-                    run_start, run_len = offset, size
+                    run_start, run_len = offset, length
                 data = None
             else:
                 if run_len:
@@ -714,7 +716,7 @@ class Receiver(_Side):
         """Cases where the disk already is what the incoming version says: record only.
 
         A deletion of a path that is already gone, or a file that is already in place
-        because its directory was renamed here as a whole.
+        (the new name of a file whose old name was recorded with the same inode).
         """
         applier = self.ctx.applier
         where = local_path(self.ctx.root, winner.path)
@@ -748,21 +750,27 @@ class Receiver(_Side):
             applier.keep_conflict_copy(mset, winner.path, local.stamp, local.digest)
             record, local = None, None
         if winner.kind is Kind.DIR:
-            if winner.moved_from is not None and local is None \
-                    and self._move_dir(mset, winner):
-                return None
-            applier.make_dir(mset, winner)
+            # a renamed directory is made anew, and each entry below it moves its own
+            # file: renaming the old directory whole would also carry what the peer
+            # never moved (children made here since, or the directory made again after
+            # the peer's rename), leaving them where no log has them
+            applier.make_dir(mset, winner, guard=True)
         elif winner.kind is Kind.SYMLINK:
-            applier.make_symlink(mset, winner)
+            applier.make_symlink(mset, winner, guard=True)
         elif winner.kind is Kind.TOMBSTONE:
-            applier.delete(mset, winner)
+            applier.delete(mset, winner, guard=True)
             applier.expected_absent.discard(winner.path)
+            if os.path.lexists(local_path(ctx.root, winner.path)):
+                # a directory kept for what it holds that the deleting peer never had:
+                # record it all now (the directory again, newer than the tombstone),
+                # or the peers would not have these files until the next full rescan
+                ctx.scanner.scan_paths(mset, ctx.root, [(winner.path, True)])
         elif local is not None and local.kind is Kind.FILE and local.digest == winner.digest:
             applier.adopt(mset, winner)
         elif winner.moved_from is not None and self._move_file(mset, winner):
             return None  # a rename stays a rename, even for a file small enough to send
         elif data is not None:
-            applier.write_file(mset, winner, data)
+            applier.write_file(mset, winner, data, guard=True)
         else:
             old = record if local is not None and local.kind is Kind.FILE else None
             return Need(mset, winner, Purpose.INSTALL, old)
@@ -778,18 +786,7 @@ class Receiver(_Side):
                 or source.entry.digest != winner.digest \
                 or not self.ctx.applier.disk_matches(source.entry.path, source):
             return False
-        self.ctx.applier.copy_local(mset, winner, source.entry.path, move=True)
-        return True
-
-    def _move_dir(self, mset: MirrorSet, winner: Entry) -> bool:
-        source = self.ctx.store.get(winner.moved_from)  # type: ignore[arg-type]
-        if source is None or source.entry.kind is not Kind.DIR \
-                or not self.ctx.applier.disk_matches(source.entry.path, source):
-            return False
-        try:
-            self.ctx.applier.move(mset, winner, source.entry.path)
-        except PathRefused:
-            return False
+        self.ctx.applier.copy_local(mset, winner, source.entry.path, move=True, guard=True)
         return True
 
     # -- content ---------------------------------------------------------------------------
@@ -896,7 +893,12 @@ class Receiver(_Side):
             except LocalChanged:  # record the new content now; the retry decides again
                 ctx.scanner.scan_paths(need.mset, ctx.root, [(entry.path, False)], force=True)
                 raise
-        ctx.applier.install_file(need.mset, replace(entry, vector=decision.vector), temp)
+        try:
+            ctx.applier.install_file(need.mset, replace(entry, vector=decision.vector), temp,
+                                     guard=True)
+        except LocalChanged:  # changed here while the content came: record, decide again
+            ctx.scanner.scan_paths(need.mset, ctx.root, [(entry.path, False)], force=True)
+            raise
 
 
 def _open_old(root: bytes, record: Record) -> int:

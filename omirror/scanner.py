@@ -298,6 +298,11 @@ class _Run:
         self.vanished: list[bytes] = []
         self.visited_dirs: set[tuple[int, int]] = set()
         self.sweep = False
+        #: Directories found renamed in this run -> the time they got there. A rename
+        #: moves the ctime of the directory renamed, not of what it holds: a file that
+        #: came with it is stamped no earlier than its directory's arrival, or an older
+        #: version elsewhere could beat a rename made after it.
+        self.fresh: dict[bytes, int] = {}
         self.force = False
         self.store_empty = scanner.store.count() == 0
 
@@ -480,7 +485,12 @@ class _Run:
                 self.sig_updates.append((path, kind, sig))
                 self.stats.unchanged += 1
                 return
-        stamp = next_stamp(st.st_ctime_ns + offset_ns(),
+        changed_ns = st.st_ctime_ns
+        if self.fresh:
+            changed_ns = max(changed_ns, self._arrival(path))
+        if kind is Kind.DIR and moved_from is not None:
+            self.fresh[path] = changed_ns
+        stamp = next_stamp(changed_ns + offset_ns(),
                            None if previous is None else previous.stamp, self.sc.host)
         if previous is None:
             entry = first_version(path, kind, stamp, **attrs)
@@ -496,6 +506,15 @@ class _Run:
         else:
             self.stats.changed += 1
         self.pending.append((entry, sig))
+
+    def _arrival(self, path: bytes) -> int:
+        """When the nearest directory above ``path`` found renamed in this run got there."""
+        parent = path.rpartition(b"/")[0]
+        while parent:
+            if parent in self.fresh:
+                return self.fresh[parent]
+            parent = parent.rpartition(b"/")[0]
+        return 0
 
     def _moved_source(self, path: bytes, kind: Kind, st: os.stat_result,
                       held: Record | None) -> Record | None:

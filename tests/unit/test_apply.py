@@ -118,6 +118,30 @@ def test_write_file_replaces_an_existing_file(host: Host) -> None:
     assert stat.S_IMODE(os.lstat(host.data / "a").st_mode) == 0o600
 
 
+def test_guarded_write_refuses_to_overwrite_a_change_the_store_has_not_seen(
+        host: Host) -> None:
+    """The last look before the rename: a file written here while the new version was
+    being written (not yet recorded) is left alone, and the caller records it first."""
+    record = host.write(b"data/a", b"recorded")
+    os.unlink(host.data / "a")
+    (host.data / "a").write_bytes(b"written here just now")
+    for guarded in (lambda: host.applier.write_file(host.mset, file_entry(b"data/a", b"peer"),
+                                                    b"peer", guard=True),
+                    lambda: host.applier.write_file(host.mset, file_entry(b"data/new", b"x"),
+                                                    b"x", guard=True)
+                    if (host.data / "new").write_bytes(b"unrecorded") else None):
+        with pytest.raises(apply_module.LocalChanged, match="changed here while a peer's "
+                                                            "version was being applied"):
+            guarded()
+    assert (host.data / "a").read_bytes() == b"written here just now"
+    assert (host.data / "new").read_bytes() == b"unrecorded"
+    assert host.store.get(b"data/a") == record and host.leftovers() == []
+    # what the store recorded is still replaced, and a path nothing holds is written
+    os.unlink(host.data / "new")
+    host.applier.write_file(host.mset, file_entry(b"data/new", b"x"), b"x", guard=True)
+    assert (host.data / "new").read_bytes() == b"x"
+
+
 def test_applied_versions_are_recognised_by_the_scanner(host: Host) -> None:
     """What the applier records is what a scan would see: the echo never bounces back."""
     assert host.scan() == 1  # the first scan records /data itself
@@ -488,40 +512,6 @@ def test_copy_local_from_a_missing_or_outside_source(host: Host) -> None:
     with pytest.raises(PathRefused, match="is not inside set"):
         host.applier.copy_local(host.mset, file_entry(b"data/a", b"x"), b"etc/passwd",
                                 move=True)
-
-
-def test_move_renames_a_directory_with_everything_in_it(host: Host) -> None:
-    host.applier.make_dir(host.mset, dir_entry(b"data/big", 0o755))
-    host.write(b"data/big/part", b"ten gigabytes")
-    ino = os.lstat(host.data / "big" / "part").st_ino
-    record = host.applier.move(host.mset, dir_entry(b"data/moved/here", 0o750), b"data/big")
-    assert not (host.data / "big").exists()
-    assert os.lstat(host.data / "moved" / "here" / "part").st_ino == ino
-    assert stat.S_IMODE(os.lstat(host.data / "moved" / "here").st_mode) == 0o750
-    assert record.sig == lstat_sig(host.data / "moved" / "here")
-    assert host.applier.expected_absent == {b"data/big"}
-
-
-def test_move_refuses_what_it_cannot_move_as_a_whole(host: Host) -> None:
-    (host.data / "d").mkdir()
-    (host.data / "f").write_bytes(b"x")
-    (host.data / "full").mkdir()
-    (host.data / "full" / "x").write_bytes(b"x")
-    cases = [
-        (b"data/gone", b"data/e", "is not a directory here to be moved"),
-        (b"data/no/parent", b"data/e", "is not here to be moved"),
-        (b"data/f", b"data/e", "is not a directory here to be moved"),
-        (b"data/d", b"data/f", "is taken here by a file or symlink"),
-        (b"data/d", b"data/full", "is a directory that is not empty here"),
-        (b"data/d", b"data/d/sub", "is inside /data/d, the directory moved"),
-        (b"data", b"data/e", "a root is never moved"),
-        (b"etc", b"data/e", "is not inside set"),
-    ]
-    for source, target, reason in cases:
-        with pytest.raises(PathRefused, match=reason):
-            host.applier.move(host.mset, dir_entry(target), source)
-    assert sorted(os.listdir(host.data)) == [".omirror-root", "d", "f", "full"]
-    assert host.applier.expected_absent == set() and host.store.count() == 0
 
 
 def test_adopt_records_content_in_place_with_its_attributes(host: Host) -> None:

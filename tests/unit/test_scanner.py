@@ -163,6 +163,12 @@ def test_renamed_directory_moves_its_files_without_reading_them(tree: Tree) -> N
     stats = tree.scan()
     assert stats.hashed == 0 and stats.moved == 22 and stats.deleted == 22
     assert tree.entry("new/deep/f3").moved_from == b"data/old/deep/f3"
+    # a file that came with the directory is stamped no earlier than the rename (the
+    # directory's ctime), not by its own older ctime: that would let an older version
+    # made elsewhere at the new path beat a rename made after it
+    renamed_at = os.lstat(tree.data / "new").st_ctime_ns
+    assert tree.entry("new/deep/f3").stamp.time_ns >= renamed_at
+    assert tree.entry("new").stamp.time_ns >= renamed_at
 
 
 def test_hard_link_is_not_taken_for_a_rename(tree: Tree) -> None:

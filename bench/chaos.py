@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Long randomized convergence runs: many seeds of tests/fault/chaos.py.
+
+Run from the project root with the project's virtualenv::
+
+    .venv/bin/python bench/chaos.py --seeds 1000 [--first 0] [--jobs 2] [--steps N]
+                                    [--workdir DIR] [--keep-failures] [--verbose]
+
+Each seed builds its own cluster of 3 to 5 ``omirrord`` daemons on 127.0.0.1 (every
+link through a proxy that can cut it), runs that seed's random operations, crashes and
+link cuts, heals, waits for the cluster to quiesce and checks it against the model of
+last-writer-wins (see the docstring of tests/fault/chaos.py). ``--jobs`` seeds run at
+once, each in a process of its own. A seed either passes or is reported with what broke
+and the history of its steps (operations and faults, in order), and the cluster's logs
+are kept under the work directory with ``--keep-failures``.
+
+Prints one line per seed, then a summary: seeds run, passed, failed (with their
+numbers), operations and faults injected, and time per seed. Exit status 0 when every
+seed passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE.parent / "tests" / "fault"), str(HERE.parent / "tests" / "integration")]
+
+from chaos import Outcome, run_seed  # noqa: E402
+
+
+def note(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def one(seed: int, work: str, steps: int | None, keep: bool,
+        debug: bool) -> tuple[Outcome, list[str]]:
+    base = Path(work) / f"seed-{seed}"
+    history: list[str] = []
+    try:
+        outcome = run_seed(base, seed, steps=steps, log=history.append, debug=debug)
+    except Exception as e:  # the harness itself broke: report it as this seed's failure
+        outcome = Outcome(seed, 0, 0, 0, 0, 0, 0, 0.0, [f"harness error: {e!r}"])
+    if not outcome.problems or not keep:
+        shutil.rmtree(base, ignore_errors=True)
+    elif base.exists():
+        (base / "history.txt").write_text("\n".join(history) + "\n")
+    return outcome, history
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, default=100, help="how many seeds")
+    ap.add_argument("--first", type=int, default=0, help="the first seed")
+    ap.add_argument("--jobs", type=int, default=2, help="seeds at once")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="steps per seed (default: 40 to 90, decided by the seed)")
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--keep-failures", action="store_true",
+                    help="keep the cluster directories (logs, trees) of failed seeds")
+    ap.add_argument("--verbose", action="store_true",
+                    help="print the history of every failed seed")
+    ap.add_argument("--debug", action="store_true",
+                    help="daemons log at debug level (for the logs --keep-failures keeps)")
+    args = ap.parse_args(argv)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="omirror-chaos-"))
+    work.mkdir(parents=True, exist_ok=True)
+    seeds = range(args.first, args.first + args.seeds)
+    outcomes: list[Outcome] = []
+    started = time.monotonic()
+    with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
+        futures = {pool.submit(one, s, str(work), args.steps, args.keep_failures,
+                               args.debug): s
+                   for s in seeds}
+        for future in concurrent.futures.as_completed(futures):
+            outcome, history = future.result()
+            outcomes.append(outcome)
+            verdict = "ok" if not outcome.problems else "FAILED"
+            print(f"seed {outcome.seed}: {verdict} peers={outcome.peers} "
+                  f"steps={outcome.steps} ops={outcome.ops_ok}+{outcome.ops_failed} failed "
+                  f"faults={outcome.faults} paths={outcome.paths} {outcome.seconds:.1f}s",
+                  flush=True)
+            for problem in outcome.problems[:10]:
+                text = problem if args.verbose else problem.split("\n", 1)[0][:300]
+                print(f"    {text}", flush=True)
+            if outcome.problems and args.verbose:
+                print("    history:\n      " + "\n      ".join(history), flush=True)
+    failed = sorted(o.seed for o in outcomes if o.problems)
+    times = [o.seconds for o in outcomes if o.seconds]
+    print(f"\n{len(outcomes)} seeds ({seeds.start}..{seeds.stop - 1}): "
+          f"{len(outcomes) - len(failed)} passed, {len(failed)} failed"
+          + (f" (seeds {', '.join(map(str, failed))})" if failed else ""))
+    print(f"operations: {sum(o.ops_ok for o in outcomes)} done, "
+          f"{sum(o.ops_failed for o in outcomes)} refused by the tree as it was; faults: "
+          f"{sum(o.faults for o in outcomes)}; peers per seed: "
+          f"{min((o.peers for o in outcomes), default=0)}-"
+          f"{max((o.peers for o in outcomes), default=0)}")
+    if times:
+        print(f"time per seed: median {statistics.median(times):.1f} s, "
+              f"max {max(times):.1f} s; wall {time.monotonic() - started:.0f} s "
+              f"with {args.jobs} at once")
+    if not args.workdir and not (failed and args.keep_failures):
+        shutil.rmtree(work, ignore_errors=True)
+    elif failed and args.keep_failures:
+        note(f"failed seeds' clusters kept under {work}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
