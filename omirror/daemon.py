@@ -49,6 +49,8 @@ T = TypeVar("T")
 
 STATUS_FILE = "status.json"
 STATUS_EVERY_S = 0.5
+#: Deletions are indexed once none has come for this long (omirror/events.py says why).
+DELETE_HOLD_S = 0.5
 POLL_EVERY_S = 2.0
 RESCAN_EVERY_S = 3600.0
 STOP_GRACE_S = 10.0
@@ -218,7 +220,7 @@ class Daemon:
         self._seq_times = SeqTimes(self.store.last_seq, time.time())
         self.store.add_listener(
             lambda seq: loop.call_soon_threadsafe(self._seq_times.note, seq, time.time()))
-        self.coalescer = Coalescer(self.delay_s)
+        self.coalescer = Coalescer(self.delay_s, hold_s=DELETE_HOLD_S)
         self.watcher = Watcher(loop, self._on_events)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)

@@ -7,6 +7,14 @@ being written (every event so far unclosed) waits for its close or for ``quiet_s
 silence; and no path waits longer than ``max(1.0, 10 * delay_s)`` after its first event,
 so a file that never stops changing is still mirrored now and then.
 
+Deletions wait longer, with ``hold_s``: a deleted path is examined only once no
+deletion has come for ``hold_s`` (but no later than ``max_hold_s`` after its first
+event). ``rm -rf`` of a whole mirrored root deletes the files in directory order and
+reaches the root's marker at a random point: held until the burst ends, its deletions
+are examined only after the marker has gone, and the scanner then stops the set instead
+of recording them (nothing is deleted on the peers). A root whose removal takes longer
+than ``max_hold_s`` to reach its marker is beyond this guard.
+
 Pure bookkeeping on an injected clock: the only I/O is one ``lstat`` of a newly created
 non-directory, to tell a finished symlink or hard link from a file still being written.
 """
@@ -43,6 +51,7 @@ class _Pending:
     last_s: float               # clock time of the latest event
     closed: bool                # some event said the writer is done
     heap_at: float = math.inf   # when its (only valid) heap entry fires
+    removal: bool = False       # a deletion: held until deletions are quiet
 
 
 def _parent(path: bytes) -> bytes:
@@ -84,14 +93,18 @@ class Coalescer:
     (it was absorbed into it), and while a rescan is pending nothing else is.
     """
 
-    def __init__(self, delay_s: float, *, quiet_s: float = 1.0,
+    def __init__(self, delay_s: float, *, quiet_s: float = 1.0, hold_s: float = 0.0,
+                 max_hold_s: float = 10.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        if delay_s < 0:
-            raise ValueError(f"delay_s must be >= 0, not {delay_s}")
-        if quiet_s < 0:
-            raise ValueError(f"quiet_s must be >= 0, not {quiet_s}")
+        for name, value in (("delay_s", delay_s), ("quiet_s", quiet_s), ("hold_s", hold_s),
+                            ("max_hold_s", max_hold_s)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, not {value}")
         self._delay_s = delay_s
         self._quiet_s = quiet_s
+        self._hold_s = hold_s
+        self._max_hold_s = max_hold_s
+        self._last_removal_s = -math.inf
         self._max_wait_s = max(1.0, 10 * delay_s)
         self._clock = clock
         self._pending: dict[bytes, _Pending] = {}
@@ -122,7 +135,10 @@ class Coalescer:
                 closed = event.closed or (event.kind is EventKind.CREATED
                                           and not event.is_dir
                                           and _complete_at_once(event.path))
-                self._note(event.path, recursive, closed, now)
+                removal = event.kind is EventKind.DELETED and self._hold_s > 0
+                if removal:
+                    self._last_removal_s = now
+                self._note(event.path, recursive, closed, now, removal)
 
     def next_deadline(self) -> float | None:
         """Clock time at which the earliest pending request is due; None if none is."""
@@ -174,19 +190,25 @@ class Coalescer:
 
     def _due(self, pending: _Pending) -> float:
         wait = self._delay_s if pending.closed else self._quiet_s
-        return min(pending.last_s + wait, pending.first_s + self._max_wait_s)
+        due = min(pending.last_s + wait, pending.first_s + self._max_wait_s)
+        if pending.removal:
+            due = max(due, min(self._last_removal_s + self._hold_s,
+                               pending.first_s + self._max_hold_s))
+        return due
 
-    def _note(self, path: bytes, recursive: bool, closed: bool, now: float) -> None:
+    def _note(self, path: bytes, recursive: bool, closed: bool, now: float,
+              removal: bool = False) -> None:
         owner = self._recursive_above(path) if self._recursive else None
         if owner is not None:
             path, recursive, closed = owner, True, True  # inside a subtree to be walked
         pending = self._pending.get(path)
         if pending is None:
-            pending = _Pending(recursive, now, now, closed or recursive)
+            pending = _Pending(recursive, now, now, closed or recursive, removal=removal)
             self._insert(path, pending)
         else:
             pending.last_s = now
             pending.closed = pending.closed or closed or recursive
+            pending.removal = pending.removal or removal
             if recursive and not pending.recursive:
                 pending.recursive = True
                 self._recursive += 1
@@ -222,6 +244,7 @@ class Coalescer:
             for path in list(self._by_parent.get(directory, ())):
                 absorbed = self._remove(path)
                 into.first_s = min(into.first_s, absorbed.first_s)
+                into.removal = into.removal or absorbed.removal
 
     def _insert(self, path: bytes, pending: _Pending) -> None:
         self._pending[path] = pending

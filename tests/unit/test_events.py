@@ -235,3 +235,46 @@ def test_a_closed_event_brings_the_deadline_forward(co: Coalescer, clock: Clock)
 def test_negative_times_are_refused(delay: float, quiet: float) -> None:
     with pytest.raises(ValueError, match=r"^(delay_s|quiet_s) must be >= 0, not -"):
         Coalescer(delay, quiet_s=quiet)
+
+
+def test_deletions_wait_until_the_deletion_burst_is_over(clock: Clock) -> None:
+    """An rm -rf keeps every deletion pending until it has been quiet for hold_s: by
+    then it has removed the root's marker, and the scanner stops the set instead."""
+    co = Coalescer(DELAY, quiet_s=QUIET, hold_s=0.5, max_hold_s=10.0, clock=clock)
+    co.add([PathEvent(DELETED, b"/t/d0/f0")])
+    co.add([changed(b"/t/g")])  # other changes are not held
+    clock.now += DELAY
+    assert co.take_due() == ([plain(b"/t/g")], False)
+    for i in range(1, 40):  # the burst goes on: 0.1 s between deletions, for 3.9 s
+        clock.now += 0.1
+        co.add([PathEvent(DELETED, f"/t/d{i}/f0".encode())])
+        assert co.take_due() == ([], False), f"a deletion was handed out {i / 10} s in"
+    clock.now += 0.49
+    assert co.take_due() == ([], False)
+    assert co.next_deadline() == pytest.approx(clock.now + 0.01)
+    clock.now += 0.01
+    due, rescan = co.take_due()
+    assert len(due) == 40 and not rescan and co.pending == 0
+
+
+def test_deletions_held_no_longer_than_max_hold(clock: Clock) -> None:
+    """Deletions that never stop (a busy spool) are still mirrored, max_hold_s late."""
+    co = Coalescer(DELAY, quiet_s=QUIET, hold_s=0.5, max_hold_s=3.0, clock=clock)
+    co.add([PathEvent(DELETED, b"/t/first")])
+    handed: list[ScanRequest] = []
+    for i in range(50):
+        clock.now += 0.1
+        co.add([PathEvent(DELETED, f"/t/f{i}".encode())])
+        handed += co.take_due()[0]
+    assert plain(b"/t/first") in handed  # due 3 s after its event, burst or not
+    assert plain(b"/t/f49") not in handed
+
+
+def test_a_held_deletion_absorbed_into_a_subtree_keeps_waiting(clock: Clock) -> None:
+    co = Coalescer(DELAY, quiet_s=QUIET, hold_s=0.5, clock=clock)
+    co.add([PathEvent(DELETED, b"/t/d/f")])
+    co.add([PathEvent(DELETED, b"/t/d", True)])  # rm -rf: the directory after its files
+    clock.now += 0.3
+    assert co.take_due() == ([], False)
+    clock.now += 0.2
+    assert co.take_due() == ([walk(b"/t/d")], False)
