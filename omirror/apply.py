@@ -227,6 +227,7 @@ class TempFile:
         self.fd = -1
         self._hash = xxhash.xxh3_128()
         self._finished = False
+        self._synced = False
         self._created = False
         try:
             self.fd = os.open(self.name, _TEMP_FLAGS, 0o600, dir_fd=dir_fd)
@@ -297,12 +298,15 @@ class TempFile:
             offset += len(chunk)
             length -= len(chunk)
 
-    def finish(self) -> None:
+    def finish(self, *, sync: bool = True) -> None:
         """Check size and digest against the entry, then fsync; idempotent.
 
         On a mismatch the temp file is removed: what was received is no version at all.
+        Without ``sync`` the caller fsyncs later (:meth:`sync`), before the rename.
         """
         if self._finished:
+            if sync and not self._synced:
+                self.sync()
             return
         if self.fd < 0:
             raise ValueError(f"temp file for {show(self.path)} is closed")
@@ -312,9 +316,17 @@ class TempFile:
                              f"cannot write {show(self.path)}: content does not match its "
                              f"digest ({self.size} bytes received, {self.entry.size} "
                              "expected)")
+        if sync:
+            self.sync()
+        self._finished = True
+
+    def sync(self) -> None:
+        """Make the content durable. Of many temp files written first and synced
+        afterwards, the first fsync commits them all (one journal commit on ext4 and
+        xfs), so the others return at once."""
         with self._guard("write"):
             os.fsync(self.fd)
-        self._finished = True
+        self._synced = True
 
     def abort(self) -> None:
         """Remove the temp file and close it; idempotent, and a no-op once installed."""
@@ -370,6 +382,8 @@ class Applier:
         self.clock = clock
         self.can_chown = os.geteuid() == 0 if can_chown is None else can_chown
         self.expected_absent: set[bytes] = set()
+        #: Small files written and synced ahead for a batch (:meth:`prepare`), by path.
+        self.prepared: dict[bytes, TempFile] = {}
 
     # -- checks --------------------------------------------------------------------------
 
@@ -405,10 +419,76 @@ class Applier:
     def write_file(self, mset: MirrorSet, entry: Entry, data: bytes, *,
                    guard: bool = False) -> Record:
         """Install a file whose whole content came with its entry (``guard``: see
-        :meth:`_install_temp`)."""
-        with self.begin_file(mset, entry) as temp:
-            temp.write(data)
+        :meth:`_install_temp`); a temp file :meth:`prepare` made for it is used."""
+        temp = self._take_prepared(mset, entry)
+        if temp is None:
+            temp = self.begin_file(mset, entry)
+            temp.write(data)  # removes the temp file itself if it fails
+        with temp:
             return self.install_file(mset, entry, temp, guard=guard)
+
+    # -- a batch of small files: write all, one fsync pass, then rename each ------------
+
+    def prepare(self, mset: MirrorSet, entry: Entry, data: bytes) -> None:
+        """Write the content of a small file that is about to be installed into its temp
+        file, unsynced, so that :meth:`sync_prepared` makes a whole batch durable with
+        one journal commit instead of one per file. Nothing is created but the temp file
+        (its directory must exist); whatever fails here is left to :meth:`write_file`."""
+        _expect(entry, Kind.FILE)
+        if entry.path in self.prepared:
+            return
+        try:
+            opened = self._open_parent(mset, entry.path, create=False, action="write")
+        except (ApplyError, PathRefused):
+            return
+        if opened is None:
+            return
+        try:
+            temp = TempFile(opened[0], entry)
+        except OSError:
+            return
+        try:
+            temp.write(data)
+            temp.finish(sync=False)
+        except ApplyError:
+            return  # removed by the failure; write_file says what is wrong
+        self.prepared[entry.path] = temp
+
+    def sync_prepared(self) -> None:
+        for path, temp in list(self.prepared.items()):
+            try:
+                temp.sync()
+            except ApplyError:
+                self.prepared.pop(path, None)
+
+    def discard_prepared(self) -> None:
+        """Remove the temp files of a batch that were not installed."""
+        for temp in self.prepared.values():
+            temp.abort()
+        self.prepared.clear()
+
+    def _take_prepared(self, mset: MirrorSet, entry: Entry) -> TempFile | None:
+        """The prepared temp file of exactly this version, if it is still in the
+        directory the path is in now (not one renamed away meanwhile)."""
+        temp = self.prepared.pop(entry.path, None)
+        if temp is None:
+            return None
+        if (temp.entry.stamp, temp.entry.size, temp.entry.digest) != (
+                entry.stamp, entry.size, entry.digest):
+            temp.abort()
+            return None
+        try:
+            opened = self._open_parent(mset, entry.path, create=False, action="write")
+        except (ApplyError, PathRefused):
+            opened = None
+        if opened is not None:
+            here = os.fstat(opened[0])
+            os.close(opened[0])
+            there = os.fstat(temp.dir_fd)
+            if (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino):
+                return temp
+        temp.abort()
+        return None
 
     def begin_file(self, mset: MirrorSet, entry: Entry) -> TempFile:
         """Open the temp file that streamed content (chunks, delta blocks) is written to."""
@@ -905,9 +985,22 @@ class Applier:
             finally:
                 temp._installed()
 
+    def moved_away(self, path: bytes) -> bool:
+        """True when applying a peer's rename took the file at ``path`` away and nothing
+        is there now: its record is still live, until the peer's tombstone comes."""
+        if path not in self.expected_absent:
+            return False
+        try:
+            os.lstat(local_path(self.root, path))
+        except (FileNotFoundError, NotADirectoryError):
+            return True
+        return False
+
     def _guard_target(self, path: bytes, st: os.stat_result | None) -> None:
         """Raise :class:`LocalChanged` if ``st`` (the target's lstat) is not what the
         store recorded at ``path``: the same test as :meth:`disk_matches`."""
+        if st is None and path in self.expected_absent:
+            return  # moved away by a peer's rename applied here: as expected
         if not _matches(st, self.store.get(path)):
             raise LocalChanged(path, None, f"{show(path)} changed here while a peer's "
                                            "version was being applied; the local change is "
@@ -963,6 +1056,7 @@ class Applier:
         """Record what was applied with the stat it left, so its echo is recognised."""
         sig = StatSig.of(st)
         seq = self.store.put(entry, sig)
+        self.expected_absent.discard(entry.path)  # something is there again, by design
         log.debug("path=%s applied %s stamp=%s", show(entry.path), entry.kind.name.lower(),
                   entry.stamp)
         return Record(entry, seq, sig)

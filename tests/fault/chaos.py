@@ -114,6 +114,10 @@ class Op:
     #: and they were older than a moment). A path made and removed while the daemon was
     #: not looking, or within its coalescing delay, leaves no version: nothing to lose.
     known: set[str] = field(default_factory=set)
+    #: What came along with a directory this op renamed: its content is whatever was in
+    #: the directory at the moment of the rename, which may be a peer's write landing
+    #: there a moment before; the model does not pin it down.
+    carried: set[str] = field(default_factory=set)
     error: str = ""
 
     def __str__(self) -> str:
@@ -454,9 +458,8 @@ class Chaos:
             moved = [source, *(source + p[len(dest):] for p in self.subtree(op.peer, dest))]
         for p in moved:
             op.seen[p] = Seen(ABSENT, 0)
-        for p in moved:
-            new = dest + p[len(source):]
-            op.seen[new] = state_at(self.local(op.peer, new))
+        op.seen[dest] = state_at(self.local(op.peer, dest))
+        op.carried.update(dest + p[len(source):] for p in moved[1:])
 
     # -------------------------------------------------------------------------- faults
 
@@ -563,6 +566,10 @@ class Chaos:
             chosen = exact[-1] if exact else (before[-1] if before else None)
             if parent and (chosen is None or chosen.seen[path].state == ABSENT):
                 continue  # re-created as the parent of a winner
+            if chosen is None and any(
+                    op.peer == origin and path in op.carried
+                    and op.start_ns <= stamp.time_ns + CTIME_SLACK_NS for op in self.ops):
+                continue  # came with a directory renamed there, whatever it then held
             if chosen is None and final == ABSENT and any(
                     op.peer == origin and op.start_ns <= stamp.time_ns + CTIME_SLACK_NS
                     and any(path.startswith(q + "/") and seen.state == ABSENT

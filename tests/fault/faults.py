@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import errno
 import os
+import random
 import re
 import subprocess
 import sys
@@ -51,6 +53,23 @@ _KILL_POLL_S = 0.005
 
 
 # ----------------------------------------------------------------------------- proxy
+
+#: Proxies listen below the kernel's ephemeral range (32768-60999 by default), where the
+#: daemons' ports are chosen (bind to port 0): a proxy started between the choice of a
+#: daemon's port and its bind, in this test or in a parallel one, can never take it.
+_PROXY_PORTS = (20000, 32000)
+
+
+async def _listen_outside_ephemeral(accept: Callable[..., Any]) -> asyncio.base_events.Server:
+    for _ in range(100):
+        try:
+            return await asyncio.start_server(accept, "127.0.0.1",
+                                              random.randrange(*_PROXY_PORTS))
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+    return await asyncio.start_server(accept, "127.0.0.1", 0)
+
 
 class Proxy:
     """A TCP proxy on 127.0.0.1 (a free port) to ``target``, commanded from the test.
@@ -93,7 +112,7 @@ class Proxy:
         async def serve() -> None:
             self._flowing = asyncio.Event()
             self._flowing.set()
-            self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+            self._server = await _listen_outside_ephemeral(self._accept)
             self.port = self._server.sockets[0].getsockname()[1]
         asyncio.run_coroutine_threadsafe(serve(), self._loop).result(10)
         return self
