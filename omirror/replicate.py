@@ -409,15 +409,17 @@ class Pusher(_Side):
         """Send only the blocks that differ from the receiver's old version.
 
         The whole file is hashed first: if it no longer is the wanted version, nothing
-        is sent. Unchanged blocks become COPY instructions, merged when adjacent.
+        is sent. Unchanged blocks become COPY instructions, merged when adjacent; only
+        the changed blocks are read again. A file changed while it is sent is caught by
+        its stat here, or else by the receiver, which checks the digest of what it built.
         """
         size = want.block_size
+        before = os.fstat(fd)
         ours, whole = await asyncio.to_thread(block_digests, fd, size)
         if whole != want.digest:
             await self.io.send(NoData(want.want_id, "the file changed before it was sent"))
             return
-        digest = xxhash.xxh3_128()
-        file_size = os.fstat(fd).st_size
+        file_size = before.st_size
         run_start, run_len = 0, 0
         for index, block in enumerate(ours):
             offset = index * size
@@ -429,22 +431,20 @@ class Pusher(_Side):
                     if run_len:
                         await self.io.send(Copy(want.want_id, run_start, run_len))
                     run_start, run_len = offset, length
-                data = None
-            else:
-                if run_len:
-                    await self.io.send(Copy(want.want_id, run_start, run_len))
-                    run_len = 0
-                data = await asyncio.to_thread(os.pread, fd, size, offset)
-                for part in range(0, len(data), CHUNK):
-                    piece = data[part:part + CHUNK]
-                    self.stats.content_bytes_sent += len(piece)
-                    await self.io.send(Data(want.want_id, piece, False))
-            if data is None:
-                data = await asyncio.to_thread(os.pread, fd, size, offset)
-            digest.update(data)
+                continue
+            if run_len:
+                await self.io.send(Copy(want.want_id, run_start, run_len))
+                run_len = 0
+            data = await asyncio.to_thread(os.pread, fd, size, offset)
+            for part in range(0, len(data), CHUNK):
+                piece = data[part:part + CHUNK]
+                self.stats.content_bytes_sent += len(piece)
+                await self.io.send(Data(want.want_id, piece, False))
         if run_len:
             await self.io.send(Copy(want.want_id, run_start, run_len))
-        if digest.digest() == want.digest:
+        after = os.fstat(fd)
+        if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) == (
+                before.st_size, before.st_mtime_ns, before.st_ctime_ns):
             await self.io.send(Data(want.want_id, b"", True))
         else:
             await self.io.send(NoData(want.want_id, "the file changed while it was sent"))
@@ -905,8 +905,14 @@ class Receiver(_Side):
             except OSError:
                 old_fd = -1
         temp: TempFile | None = None
+        begun = asyncio.ensure_future(self.ctx.tree(self._begin, need))
         try:
-            temp = await self.ctx.tree(self._begin, need)
+            try:
+                temp = await asyncio.shield(begun)
+            except asyncio.CancelledError:
+                # the worker makes the temp file anyway: remove it once it exists
+                begun.add_done_callback(self._abort_late)
+                raise
             await self.io.send(Want(want_id, entry.path, entry.digest,
                                     BLOCK if blocks else 0, blocks))
             while True:
@@ -938,6 +944,10 @@ class Receiver(_Side):
         finally:
             if old_fd >= 0:
                 os.close(old_fd)
+
+    def _abort_late(self, begun: asyncio.Future[TempFile]) -> None:
+        if not begun.cancelled() and begun.exception() is None:
+            asyncio.ensure_future(self.ctx.tree(begun.result().abort))
 
     def _begin(self, need: Need) -> TempFile:
         return self.ctx.applier.begin_file(need.mset, need.entry)

@@ -475,6 +475,10 @@ class _Run:
         except OSError as e:
             self._unreadable(path, e)
             return
+        if kind is Kind.DIR and (moved_from is not None or (
+                held is not None and held.sig is not None and held.sig.ino != st.st_ino)):
+            # renamed here, maybe over an empty directory: what it holds arrived now
+            self.fresh[path] = max(st.st_ctime_ns, self._arrival(path))
         sig = StatSig.of(st)
         previous = None if held is None else held.entry
         if previous is not None and not previous.is_tombstone:
@@ -488,8 +492,6 @@ class _Run:
         changed_ns = st.st_ctime_ns
         if self.fresh:
             changed_ns = max(changed_ns, self._arrival(path))
-        if kind is Kind.DIR and moved_from is not None:
-            self.fresh[path] = changed_ns
         stamp = next_stamp(changed_ns + offset_ns(),
                            None if previous is None else previous.stamp, self.sc.host)
         if previous is None:

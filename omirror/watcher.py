@@ -503,8 +503,11 @@ class Watcher:
             if not own:  # moved in from outside the watched trees
                 out.append(PathEvent(EventKind.CREATED, path, is_dir))
         elif held.own:
-            if not own:  # a daemon temp file renamed into place: a complete new file
-                out.append(PathEvent(EventKind.CREATED, path, is_dir))
+            # A daemon temp file renamed into place: a peer's version (or a conflict
+            # copy) this daemon has just recorded, with the stat it left. Examining it
+            # again would only find it unchanged, at a cost per received file; a change
+            # made to it afterwards comes with events of its own.
+            pass
         elif own:
             out.append(self._moved_out(held))  # renamed to a daemon name: gone for us
         else:

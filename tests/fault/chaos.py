@@ -545,13 +545,14 @@ class Chaos:
                 problems.append(f"/{path}: deleted at {stamp} but holds {final}")
                 continue
             alive = final.kind == "dir" and bool(os.listdir(self.local(0, path)))
-            parent = final.kind == "dir" and any(  # may have been made again as a parent
+            parent = final.kind == "dir" and (alive or any(  # may be made again as a parent
                 q.startswith(path + "/") and seen.state != ABSENT
-                for op in self.ops for q, seen in op.seen.items())
+                for op in self.ops for q, seen in op.seen.items()) or any(
+                q.startswith(path + "/") for op in self.ops for q in op.carried))
             last = {op.peer: op for op in done}  # each peer's own last word on the path
             lost = [op for op in last.values()
                     if op.start_ns > stamp.time_ns + CTIME_SLACK_NS
-                    and op.seen[path].state != final
+                    and not same(op, op.seen[path].state, final)
                     and (op.seen[path].state != ABSENT or (path in op.known and not alive))]
             if lost:
                 problems.append(f"/{path}: winner {stamp.origin}@{stamp.time_ns} is older "
@@ -583,10 +584,19 @@ class Chaos:
             if parent and expected.kind == "dir" and any(
                     op.seen[path].state == ABSENT for op in done):
                 continue  # removed somewhere, then re-created (any mode) as a parent
-            if expected != final:
+            if not same(chosen, expected, final):
                 problems.append(f"/{path}: winner {stamp.origin}@{stamp.time_ns} left "
                                 f"{expected} ({chosen}) but the trees hold {final}")
         return problems
+
+
+def same(op: Op, left: State, final: State) -> bool:
+    """Whether what ``op`` left is what the trees hold. A directory made by mkdir is
+    the same as any directory: it may make again what the daemon had recorded (mode
+    0755 both), which is no change and so no version, while a peer's chmod is."""
+    if op.what == "mkdir" and left.kind == "dir":
+        return final.kind == "dir"
+    return left == final
 
 
 def run_seed(base: Path, seed: int, *, steps: int | None = None, timeout: float = 90,

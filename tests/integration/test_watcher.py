@@ -288,13 +288,19 @@ async def test_non_utf8_directory_found_by_the_walk(tree: bytes, recorder: Recor
         w.close()
 
 
-async def test_daemon_names_are_ignored_but_renamed_into_place(
+async def test_daemon_names_are_ignored_and_so_are_its_installs(
         watcher: Watcher, recorder: Recorder, tree: bytes) -> None:
+    """A temp file renamed into place is the daemon's own install, recorded as it was
+    made: no event. A change made to it afterwards is reported as any other."""
     os.mkdir(tree + b"/.omirror-tmp-dir")
     write(tree + b"/.omirror-tmp.1", b"content")
     os.rename(tree + b"/.omirror-tmp.1", tree + b"/real")
-    event = await recorder.wait_event(CREATED, tree + b"/real")
-    assert event.closed and not event.is_dir
+    with open(tree + b"/real", "ab") as f:
+        f.write(b" changed by a user")
+    event = await recorder.wait_event(CHANGED, tree + b"/real", closed=True)
+    assert not event.is_dir
+    assert not any(e.kind is CREATED and e.path == tree + b"/real"
+                   for e in recorder.events), "the install itself was reported"
     write(tree + b"/doomed")
     os.rename(tree + b"/doomed", tree + b"/.omirror-trash")  # renamed to a daemon name
     await recorder.wait_event(DELETED, tree + b"/doomed")

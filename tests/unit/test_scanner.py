@@ -169,6 +169,14 @@ def test_renamed_directory_moves_its_files_without_reading_them(tree: Tree) -> N
     renamed_at = os.lstat(tree.data / "new").st_ctime_ns
     assert tree.entry("new/deep/f3").stamp.time_ns >= renamed_at
     assert tree.entry("new").stamp.time_ns >= renamed_at
+    # the same when the directory is renamed over an empty one (no longer a rename to
+    # the scanner, which sees the path's directory replaced)
+    (tree.data / "empty").mkdir()
+    tree.scan()
+    os.rename(tree.data / "new", tree.data / "empty")
+    tree.scan()
+    replaced_at = os.lstat(tree.data / "empty").st_ctime_ns
+    assert tree.entry("empty/deep/f3").stamp.time_ns >= replaced_at
 
 
 def test_hard_link_is_not_taken_for_a_rename(tree: Tree) -> None:
