@@ -21,6 +21,8 @@ The applier does not decide anything: the receiver runs ``decide()`` and checks
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import errno
 import functools
 import grp
@@ -328,6 +330,10 @@ class TempFile:
             os.fsync(self.fd)
         self._synced = True
 
+    def synced(self) -> None:
+        """The content was made durable by a sync of the whole file system."""
+        self._synced = True
+
     def abort(self) -> None:
         """Remove the temp file and close it; idempotent, and a no-op once installed."""
         if self.fd >= 0:
@@ -455,6 +461,16 @@ class Applier:
         self.prepared[entry.path] = temp
 
     def sync_prepared(self) -> None:
+        """Make every prepared file durable before any is renamed into place. One
+        ``syncfs`` for a batch of many: a fsync per small file costs a journal commit
+        each (ext4 allocates delayed blocks at writeback, so fsyncs do not share
+        commits), and that was most of the time a receiver spent on a tree of small
+        files. A batch of a few is fsynced file by file."""
+        temps = list(self.prepared.values())
+        if len(temps) >= _SYNCFS_MIN and _syncfs(temps[0].fd):
+            for temp in temps:
+                temp.synced()
+            return
         for path, temp in list(self.prepared.items()):
             try:
                 temp.sync()
@@ -1092,6 +1108,26 @@ def _matches(st: os.stat_result | None, record: Record | None) -> bool:
     if record.entry.kind is Kind.DIR:
         return st.st_ino == record.sig.ino
     return StatSig.of(st) == record.sig
+
+
+#: Batches of at least this many small files are made durable with one syncfs.
+_SYNCFS_MIN = 8
+
+
+@functools.cache
+def _libc_syncfs() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.syncfs  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+def _syncfs(fd: int) -> bool:
+    """syncfs(2) on the file system holding ``fd``; False where there is none, or it
+    failed (the caller then fsyncs each file)."""
+    syncfs = _libc_syncfs()
+    return syncfs is not None and syncfs(fd) == 0
 
 
 def _expect(entry: Entry, kind: Kind) -> None:

@@ -254,6 +254,7 @@ class Pusher(_Side):
         self.stats.expected_out += total
         await self.io.send(Start(start, full, total))
         self.examined = start
+        self.stats.acked_seq = start  # what this peer holds now, not what an earlier link saw
         self._settle()
         await run_together(self._read_replies(), self._serve_wants(), self._stream(start))
 
