@@ -398,8 +398,8 @@ class Applier:
 
         Checked before anything is replaced: a local change the scanner has not recorded
         yet must win, so the caller scans the path instead of applying. A directory is
-        compared by kind and inode only: every file written into it moves its mtime and
-        ctime, and its entry holds neither.
+        compared by kind, inode and mode only: every file written into it moves its
+        mtime and ctime, and its entry holds neither.
         """
         check_form(path)
         with _os_errors(path, "examine"):
@@ -1106,7 +1106,8 @@ def _matches(st: os.stat_result | None, record: Record | None) -> bool:
     if _kind_of(st) is not record.entry.kind:
         return False
     if record.entry.kind is Kind.DIR:
-        return st.st_ino == record.sig.ino
+        # not by times (each file written into it moves them), but a chmod is a change
+        return st.st_ino == record.sig.ino and stat.S_IMODE(st.st_mode) == record.entry.mode
     return StatSig.of(st) == record.sig
 
 

@@ -475,9 +475,11 @@ class _Run:
         except OSError as e:
             self._unreadable(path, e)
             return
-        if kind is Kind.DIR and (moved_from is not None or (
-                held is not None and held.sig is not None and held.sig.ino != st.st_ino)):
-            # renamed here, maybe over an empty directory: what it holds arrived now
+        if kind is Kind.DIR and (moved_from is not None or held is not None and (
+                held.entry.is_tombstone
+                or (held.sig is not None and held.sig.ino != st.st_ino))):
+            # renamed here (maybe over an empty directory), or back where it had been
+            # deleted: what it holds arrived now, whatever its own ctimes say
             self.fresh[path] = max(st.st_ctime_ns, self._arrival(path))
         sig = StatSig.of(st)
         previous = None if held is None else held.entry
