@@ -475,15 +475,18 @@ class _Run:
         except OSError as e:
             self._unreadable(path, e)
             return
-        if kind is Kind.DIR and (moved_from is not None or held is not None and (
-                held.entry.is_tombstone
-                or (held.sig is not None and held.sig.ino != st.st_ino))):
+        replaced = (kind is Kind.DIR and held is not None and held.sig is not None
+                    and not held.entry.is_tombstone and held.sig.ino != st.st_ino)
+        if kind is Kind.DIR and (moved_from is not None or replaced or (
+                held is not None and held.entry.is_tombstone)):
             # renamed here (maybe over an empty directory), or back where it had been
             # deleted: what it holds arrived now, whatever its own ctimes say
             self.fresh[path] = max(st.st_ctime_ns, self._arrival(path))
         sig = StatSig.of(st)
         previous = None if held is None else held.entry
-        if previous is not None and not previous.is_tombstone:
+        # a directory made anew where one was is a new version even with the same mode:
+        # it must beat a deletion of the old one made elsewhere before it was made
+        if previous is not None and not previous.is_tombstone and not replaced:
             candidate = replace(previous, kind=kind, mode=0, owner="", group="", mtime_ns=0,
                                 size=0, digest=b"", target=b"")
             candidate = replace(candidate, **attrs)  # type: ignore[arg-type]

@@ -429,3 +429,21 @@ def test_force_rehashes_files_whose_stat_did_not_change(tree: Tree) -> None:
     assert tree.scan(dry_run=True).changes == []  # the stat fast path trusts it
     forced = tree.scan(dry_run=True, force=True)
     assert forced.hashed >= 1 and [e.path for e in forced.changes] == [b"data/f"]
+
+
+def test_a_directory_made_anew_in_place_is_a_new_version(tree: Tree) -> None:
+    """A directory replaced by another (same mode) is no change to a comparison of
+    attributes, but it is a new directory made after whatever deleted the old one
+    elsewhere: it must be a version of its own, stamped when it was made, or an older
+    deletion from a peer removes it. (rmdir then mkdir can get the same inode number
+    back from the file system; that case cannot be told from no change.)"""
+    (tree.data / "d").mkdir()
+    tree.scan()
+    first = tree.entry("d")
+    (tree.data / "new").mkdir()  # made while the old one exists: another inode
+    os.rmdir(tree.data / "d")
+    os.rename(tree.data / "new", tree.data / "d")
+    stats = tree.scan()
+    again = tree.entry("d")
+    assert stats.changed == 1 and again.stamp > first.stamp
+    assert again.stamp.time_ns >= os.lstat(tree.data / "d").st_ctime_ns
