@@ -683,10 +683,11 @@ class Applier:
                     os.mkdir(name, 0o700, dir_fd=parent)
                 fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
                 try:
-                    self._set_attrs(mset, fd, entry, old, mtime=False)
+                    mode = self._set_attrs(mset, fd, entry, old, mtime=False)
                     st = os.fstat(fd)
                 finally:
                     os.close(fd)
+                _check_ours(entry.path, st, mode)
         finally:
             os.close(parent)
         return self._record(entry, st)
@@ -990,16 +991,18 @@ class Applier:
             old = _lstat_at(dir_fd, name)
             if guard:
                 self._guard_target(path, old)
-            self._set_attrs(mset, temp.fd, entry, old)
+            mode = self._set_attrs(mset, temp.fd, entry, old)
             if old is not None and stat.S_ISDIR(old.st_mode):
                 self._remove_empty_dir(dir_fd, name, entry)
             os.rename(temp.name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             try:
                 # through the descriptor: a file put there by someone else right after
                 # the rename must not be recorded as ours (it would never be seen)
-                return os.fstat(temp.fd)
+                st = os.fstat(temp.fd)
             finally:
                 temp._installed()
+        _check_ours(path, st, mode, entry.mtime_ns)
+        return st
 
     def moved_away(self, path: bytes) -> bool:
         """True when applying a peer's rename took the file at ``path`` away and nothing
@@ -1023,8 +1026,9 @@ class Applier:
                                            "recorded first")
 
     def _set_attrs(self, mset: MirrorSet, fd: int, entry: Entry, old: os.stat_result | None,
-                   *, mtime: bool = True) -> None:
-        """Owner, then mode (a chown may clear set-id bits), then mtime, on an open fd.
+                   *, mtime: bool = True) -> int:
+        """Owner, then mode (a chown may clear set-id bits), then mtime, on an open fd;
+        returns the mode set.
 
         ``old`` is what the path held before: with ``nochkowner``/``nochkgroup``/
         ``nochkmode`` its attributes are kept (the new file replaces it), and a new path
@@ -1034,11 +1038,13 @@ class Applier:
         if uid != -1 or gid != -1:
             os.fchown(fd, uid, gid)
         if mset.options.nochkmode and old is not None and _kind_of(old) is entry.kind:
-            os.fchmod(fd, stat.S_IMODE(old.st_mode))
+            mode = stat.S_IMODE(old.st_mode)
         else:
-            os.fchmod(fd, entry.mode & 0o7777)
+            mode = entry.mode & 0o7777
+        os.fchmod(fd, mode)
         if mtime:
             os.utime(fd, ns=(time.time_ns(), entry.mtime_ns))
+        return mode
 
     def _owner(self, mset: MirrorSet, entry: Entry,
                old: os.stat_result | None) -> tuple[int, int]:
@@ -1095,6 +1101,17 @@ class Applier:
         sig = StatSig.of(st)
         seq = self.store.put(entry, sig)
         return Record(entry, seq, sig)
+
+
+def _check_ours(path: bytes, st: os.stat_result, mode: int,
+                mtime_ns: int | None = None) -> None:
+    """Raise :class:`LocalChanged` when what was just applied no longer has the
+    attributes it was given: someone changed it in the instant since. Recording it with
+    that stat would make the change look like ours, and no scan would ever see it."""
+    if stat.S_IMODE(st.st_mode) != mode or (mtime_ns is not None
+                                            and st.st_mtime_ns != mtime_ns):
+        raise LocalChanged(path, None, f"{show(path)} changed here as a peer's version "
+                                       "was applied; the local change is recorded first")
 
 
 def _matches(st: os.stat_result | None, record: Record | None) -> bool:

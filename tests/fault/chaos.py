@@ -567,9 +567,9 @@ class Chaos:
             chosen = exact[-1] if exact else (before[-1] if before else None)
             if parent and (chosen is None or chosen.seen[path].state == ABSENT):
                 continue  # re-created as the parent of a winner
-            if chosen is None and any(
-                    op.peer == origin and path in op.carried
-                    and op.start_ns <= stamp.time_ns + CTIME_SLACK_NS for op in self.ops):
+            carriers = [op for op in self.ops if op.peer == origin and path in op.carried
+                        and op.start_ns <= stamp.time_ns + CTIME_SLACK_NS]
+            if carriers and (chosen is None or carriers[-1].n > chosen.n):
                 continue  # came with a directory renamed there, whatever it then held
             if chosen is None and final == ABSENT and any(
                     op.peer == origin and op.start_ns <= stamp.time_ns + CTIME_SLACK_NS
