@@ -459,6 +459,10 @@ class _Run:
                     moved_from, digest = source.entry.path, source.entry.digest
                 else:
                     digest, st = self._hash(where, st)
+                    # attributes from the stat the digest goes with, which is also the
+                    # one recorded: a chmod since the listing is in both, or in neither
+                    attrs.update(mode=stat.S_IMODE(st.st_mode), owner=user_name(st.st_uid),
+                                 group=group_name(st.st_gid))
                 attrs.update(digest=digest, size=st.st_size, mtime_ns=st.st_mtime_ns)
             elif kind is Kind.SYMLINK:
                 attrs.update(target=os.readlink(where), mode=0)
