@@ -512,6 +512,12 @@ class _Run:
         if moved_from is not None:
             entry = replace(entry, moved_from=moved_from)
             self.stats.moved += 1
+            if not os.path.lexists(local_path(self.root, moved_from)):
+                # the rename's old path is gone now: its deletion is recorded in this
+                # scan too. Left to its own event, it could come after the path came
+                # back (renamed there again), and then never: the peers, which moved
+                # their copy away on this entry, would wait for ever for a tombstone
+                self.vanished.append(moved_from)
         if previous is None or previous.is_tombstone:
             self.stats.new += 1
         else:
