@@ -50,6 +50,8 @@ MB = 1 << 20
 GIB = 1 << 30
 _CHUNK = 64 * 1024
 _KILL_POLL_S = 0.005
+#: How long a cluster must stay unchanged to count as quiet (twice the deletion hold).
+QUIET_S = 1.0
 
 
 # ----------------------------------------------------------------------------- proxy
@@ -458,11 +460,20 @@ def assert_sound(c: Cluster, peers: list[int] | None = None) -> None:
     c.check_alive()
     for i in idx:
         assert c[i].running, f"{c[i].name} is not running"
-    # a transfer of a version already superseded may still be finishing: let the
-    # cluster quiesce (bounded), then hold it to the same conditions
-    c.wait_until(lambda: not any(c.temp_files(i) for i in idx)
-                 and len({frozenset(log_stamps(c, i).items()) for i in idx}) == 1,
-                 30, "no transfer in flight and every log agrees")
+    # a transfer of a version already superseded may still be finishing, a deletion
+    # held for its quiet period (0.5 s) may still be coming: wait (bounded) until the
+    # cluster has been still for QUIET_S, then hold it to the same conditions
+    seen: list[Any] = [None, 0.0]
+
+    def quiet() -> bool:
+        state = ([c.temp_files(i) for i in idx],
+                 [frozenset(log_stamps(c, i).items()) for i in idx])
+        now = time.monotonic()
+        if state != seen[0]:
+            seen[:] = [state, now]
+        return (not any(state[0]) and len(set(state[1])) == 1
+                and now - seen[1] >= QUIET_S)
+    c.wait_until(quiet, 30, f"no transfer in flight, every log agreeing, for {QUIET_S} s")
     for i in idx:
         assert c.temp_files(i) == [], f"{c[i].name} has leftover temp files: " \
                                       f"{c.temp_files(i)}"
