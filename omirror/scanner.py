@@ -585,9 +585,14 @@ class _Run:
         if self.dry_run:
             self.stats.changes.extend(entry for entry, _ in self.pending)
         elif self.pending or self.sig_updates:
+            expected = self.sc.expected_absent
             with self.store.batch():
                 for entry, sig in self.pending:
                     self.store.put(entry, sig)
+                    if expected and not entry.is_tombstone:
+                        # something is there again (renamed there here, say): its later
+                        # deletion is this host's own, not one a peer will send
+                        expected.discard(entry.path)
                 for path, kind, sig in self.sig_updates:
                     self.store.set_sig(path, kind, sig)
         self.pending.clear()

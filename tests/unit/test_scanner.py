@@ -460,3 +460,16 @@ def test_a_file_saved_again_through_a_rename_is_a_new_version(tree: Tree) -> Non
     stats = tree.scan()
     assert stats.changed == 1 and tree.entry("f").stamp > first.stamp
     assert tree.entry("f").digest == first.digest
+
+
+def test_a_path_expected_absent_is_no_longer_once_something_is_recorded_there(
+        tree: Tree) -> None:
+    """A path a peer's rename moved away here is left to that peer's tombstone; once the
+    path holds something again and that is recorded, its next deletion is ours."""
+    tree.scanner.expected_absent.add(b"data/p")
+    (tree.data / "p").write_bytes(b"mine")
+    tree.scan()
+    assert b"data/p" not in tree.scanner.expected_absent
+    os.unlink(tree.data / "p")
+    tree.scan()
+    assert tree.entry("p").is_tombstone
