@@ -479,7 +479,7 @@ class _Run:
         except OSError as e:
             self._unreadable(path, e)
             return
-        replaced = (held is not None and held.sig is not None
+        replaced = (kind is Kind.DIR and held is not None and held.sig is not None
                     and not held.entry.is_tombstone and held.sig.ino != st.st_ino)
         if kind is Kind.DIR and (moved_from is not None or replaced or (
                 held is not None and held.entry.is_tombstone)):
@@ -488,9 +488,10 @@ class _Run:
             self.fresh[path] = max(st.st_ctime_ns, self._arrival(path))
         sig = StatSig.of(st)
         previous = None if held is None else held.entry
-        # a path made anew where one was (another inode: a directory made again, a file
-        # saved through a rename, a symlink made again) is a new version even with the
-        # same content: it must beat a deletion of the old one made elsewhere before it
+        # a directory made anew where one was is a new version even with the same mode:
+        # it must beat a deletion of the old one made elsewhere before it was made. Not
+        # so a file or symlink of the same content: a tree restored from a backup has
+        # new inodes everywhere, and re-stamping it would undo what the peers did since
         if previous is not None and not previous.is_tombstone and not replaced:
             candidate = replace(previous, kind=kind, mode=0, owner="", group="", mtime_ns=0,
                                 size=0, digest=b"", target=b"")

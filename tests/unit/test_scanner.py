@@ -449,19 +449,6 @@ def test_a_directory_made_anew_in_place_is_a_new_version(tree: Tree) -> None:
     assert again.stamp.time_ns >= os.lstat(tree.data / "d").st_ctime_ns
 
 
-def test_a_file_saved_again_through_a_rename_is_a_new_version(tree: Tree) -> None:
-    """Same content, same mode, another inode: an editor's save, or a file deleted and
-    made again. It is a write made now, and must beat an older deletion from a peer."""
-    (tree.data / "f").write_bytes(b"same")
-    tree.scan()
-    first = tree.entry("f")
-    (tree.data / "f.new").write_bytes(b"same")
-    os.rename(tree.data / "f.new", tree.data / "f")
-    stats = tree.scan()
-    assert stats.changed == 1 and tree.entry("f").stamp > first.stamp
-    assert tree.entry("f").digest == first.digest
-
-
 def test_a_path_expected_absent_is_no_longer_once_something_is_recorded_there(
         tree: Tree) -> None:
     """A path a peer's rename moved away here is left to that peer's tombstone; once the
