@@ -83,28 +83,19 @@ class Proc:
         """
         pgid = self.proc.pid
         strays = descendants(pgid)
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        for pid in strays:
+        for sig, late in ((signal.SIGTERM, f"did not stop within {STOP_TIMEOUT_S:.0f} s of "
+                                           "SIGTERM: killing"),
+                          (signal.SIGKILL, f"(pid {pgid}) survived SIGKILL?")):
+            # the leader may be gone while children of its group are not: both, always
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        try:
-            self.proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            note(f"{self.name} did not stop within {STOP_TIMEOUT_S:.0f} s of SIGTERM: killing")
-        try:  # the leader may be gone while children of its group are not
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        for pid in strays:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        try:
-            self.proc.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            note(f"{self.name} (pid {pgid}) survived SIGKILL?")
+                os.killpg(pgid, sig)
+            for pid in strays:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            try:
+                self.proc.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                note(f"{self.name} {late}")
         self._logf.close()
 
 

@@ -567,6 +567,19 @@ class Bench:
                init: bool = True) -> Lsyncd:
         return Lsyncd(self, name, src, dst, remote=remote, init=init)
 
+    def lsyncd_startup(self, name: str, src: Path, dst: Path, timeout: float) -> float:
+        """Seconds from lsyncd's start until its startup rsync of ``src`` to ``dst`` ends
+        (its first copy, or its no-op on a tree in sync); lsyncd is stopped after."""
+        ls = self.lsyncd(name, src, dst)
+        sync_disks()
+        t0 = time.perf_counter()
+        ls.start()
+        try:
+            ls.wait_log(Lsyncd.STARTUP, 0, timeout, "lsyncd's startup rsync ends")
+            return time.perf_counter() - t0
+        finally:
+            ls.stop()
+
     # -- omirror --------------------------------------------------------------------
 
     def relink_a(self, pair: OmirrorPair) -> None:
@@ -857,15 +870,8 @@ def first_copy(bench: Bench, number: int, kind: str, title: str) -> list[Metric]
                     seconds = bench.unison(fx, corpus.path, dst, timeout)
                 else:
                     empty_dir(dst)
-                    ls = bench.lsyncd(f"s{number}-r{run}", corpus.path, dst)
-                    sync_disks()
-                    t0 = time.perf_counter()
-                    ls.start()
-                    try:
-                        ls.wait_log(Lsyncd.STARTUP, 0, timeout, "lsyncd's startup rsync ends")
-                        seconds = time.perf_counter() - t0
-                    finally:
-                        ls.stop()
+                    seconds = bench.lsyncd_startup(f"s{number}-r{run}", corpus.path, dst,
+                                                   timeout)
                 check_same(tool, corpus.path, dst)
             except (RuntimeError, OSError, OmirrorError, subprocess.SubprocessError) as e:
                 note(f"  {tool} FAILED: {e}")
@@ -1042,15 +1048,7 @@ def restart(bench: Bench) -> list[Metric]:
                     sync_disks()
                     seconds = bench.unison(fx, fx.corpus.path, dst, timeout)
                 else:
-                    ls = bench.lsyncd(f"s5-r{run}", fx.corpus.path, dst)
-                    sync_disks()
-                    t0 = time.perf_counter()
-                    ls.start()
-                    try:
-                        ls.wait_log(Lsyncd.STARTUP, 0, timeout, "lsyncd's startup rsync ends")
-                        seconds = time.perf_counter() - t0
-                    finally:
-                        ls.stop()
+                    seconds = bench.lsyncd_startup(f"s5-r{run}", fx.corpus.path, dst, timeout)
                 check_same(tool, fx.corpus.path, dst)
             except (RuntimeError, OSError, OmirrorError, subprocess.SubprocessError) as e:
                 note(f"  {tool} FAILED: {e}")

@@ -422,16 +422,15 @@ class Applier:
 
     # -- files ---------------------------------------------------------------------------
 
-    def write_file(self, mset: MirrorSet, entry: Entry, data: bytes, *,
-                   guard: bool = False) -> Record:
-        """Install a file whose whole content came with its entry (``guard``: see
-        :meth:`_install_temp`); a temp file :meth:`prepare` made for it is used."""
+    def write_file(self, mset: MirrorSet, entry: Entry, data: bytes) -> Record:
+        """Install a file whose whole content came with its entry; a temp file
+        :meth:`prepare` made for it is used."""
         temp = self._take_prepared(mset, entry)
         if temp is None:
             temp = self.begin_file(mset, entry)
             temp.write(data)  # removes the temp file itself if it fails
         with temp:
-            return self.install_file(mset, entry, temp, guard=guard)
+            return self.install_file(mset, entry, temp)
 
     # -- a batch of small files: write all, one fsync pass, then rename each ------------
 
@@ -513,20 +512,18 @@ class Applier:
         with _os_errors(entry.path, "write"):
             return TempFile(dir_fd, entry)
 
-    def install_file(self, mset: MirrorSet, entry: Entry, temp: TempFile, *,
-                     guard: bool = False) -> Record:
+    def install_file(self, mset: MirrorSet, entry: Entry, temp: TempFile) -> Record:
         """Verify the temp file (if :meth:`TempFile.finish` was not called yet) and rename
         it over the target; the temp file is removed whatever fails."""
         _expect(entry, Kind.FILE)
         _check_temp(temp, entry)
         with temp:
             temp.finish()
-            st = self._install_temp(mset, temp, _split(entry.path)[1], entry.path, entry,
-                                    guard=guard)
+            st = self._install_temp(mset, temp, _split(entry.path)[1], entry.path, entry)
         return self._record(entry, st)
 
     def copy_local(self, mset: MirrorSet, entry: Entry, source: bytes, *,
-                   move: bool, guard: bool = False) -> Record:
+                   move: bool) -> Record:
         """Make ``entry`` from the local file at ``source``, which holds the same content.
 
         Used for renames (``move=True``: the file is renamed, nothing is read when the
@@ -546,9 +543,9 @@ class Applier:
             close.callback(os.close, src_dir)
             close.callback(os.close, fd)
             if move:
-                st = self._move(mset, entry, source, src_dir, src_name, fd, guard)
+                st = self._move(mset, entry, source, src_dir, src_name, fd)
             else:
-                st = self._copy(mset, entry, source, fd, guard)
+                st = self._copy(mset, entry, source, fd)
         log.debug("path=%s %s from %s", show(entry.path), "moved" if move else "copied",
                   show(source))
         return self._record(entry, st)
@@ -573,14 +570,13 @@ class Applier:
             raise
 
     def _move(self, mset: MirrorSet, entry: Entry, source: bytes, src_dir: int,
-              src_name: bytes, fd: int, guard: bool) -> os.stat_result:
+              src_name: bytes, fd: int) -> os.stat_result:
         self._verify_source(entry, source, fd)
         dst_dir, name = self._parent_for_write(mset, entry.path, "write")
         try:
             with _os_errors(entry.path, "write"):
                 old = _lstat_at(dst_dir, name)
-                if guard:
-                    self._guard_target(entry.path, old)
+                self._guard_target(entry.path, old)
                 self._set_attrs(mset, fd, entry, old)
                 if old is not None and stat.S_ISDIR(old.st_mode):
                     self._remove_empty_dir(dst_dir, name, entry)
@@ -591,7 +587,7 @@ class Applier:
             os.close(dst_dir)
 
     def _copy(self, mset: MirrorSet, entry: Entry, source: bytes,
-              fd: int, guard: bool) -> os.stat_result:
+              fd: int) -> os.stat_result:
         """Copy through a temp file, which checks the digest as the bytes go by."""
         with _os_errors(source, "copy"):
             size = os.fstat(fd).st_size
@@ -600,8 +596,7 @@ class Applier:
         with self.begin_file(mset, entry) as temp:
             temp.copy_from(fd, 0, size)
             temp.finish()
-            return self._install_temp(mset, temp, _split(entry.path)[1], entry.path, entry,
-                                      guard=guard)
+            return self._install_temp(mset, temp, _split(entry.path)[1], entry.path, entry)
 
     def _verify_source(self, entry: Entry, source: bytes, fd: int) -> None:
         """Check that the file about to be renamed holds the entry's content.
@@ -657,9 +652,8 @@ class Applier:
 
     # -- directories and symlinks --------------------------------------------------------
 
-    def make_dir(self, mset: MirrorSet, entry: Entry, *, guard: bool = False) -> Record:
-        """Make the directory, or give an existing one its mode and owner (``guard``:
-        see :meth:`_install_temp`).
+    def make_dir(self, mset: MirrorSet, entry: Entry) -> Record:
+        """Make the directory, or give an existing one its mode and owner.
 
         A file or symlink in its place is removed first. Directory mtimes are not
         mirrored: every change inside a directory moves its mtime anyway.
@@ -672,8 +666,7 @@ class Applier:
         try:
             with _os_errors(entry.path, "make directory"):
                 old = _lstat_at(parent, name)
-                if guard:
-                    self._guard_target(entry.path, old)
+                self._guard_target(entry.path, old)
                 if old is not None and not stat.S_ISDIR(old.st_mode):
                     os.unlink(name, dir_fd=parent)
                     old = None
@@ -703,9 +696,9 @@ class Applier:
             os.close(fd)
         return self._record(entry, st)
 
-    def make_symlink(self, mset: MirrorSet, entry: Entry, *, guard: bool = False) -> Record:
-        """Make the symlink at a temp name, then rename it over whatever is there
-        (``guard``: see :meth:`_install_temp`)."""
+    def make_symlink(self, mset: MirrorSet, entry: Entry) -> Record:
+        """Make the symlink at a temp name, then rename it over what the store says is
+        there."""
         _expect(entry, Kind.SYMLINK)
         if not entry.target or b"\0" in entry.target or len(entry.target) > PATH_MAX:
             raise PathRefused(entry.path, "symlink target is empty, too long or holds a NUL")
@@ -715,8 +708,7 @@ class Applier:
                 with _temp_at(parent) as temp:
                     os.symlink(entry.target, temp, dir_fd=parent)
                     old = _lstat_at(parent, name)
-                    if guard:
-                        self._guard_target(entry.path, old)
+                    self._guard_target(entry.path, old)
                     uid, gid = self._owner(mset, entry, old)
                     if uid != -1 or gid != -1:
                         os.chown(temp, uid, gid, dir_fd=parent, follow_symlinks=False)
@@ -735,9 +727,8 @@ class Applier:
 
     # -- deletions -----------------------------------------------------------------------
 
-    def delete(self, mset: MirrorSet, entry: Entry, *, guard: bool = False) -> Record:
-        """Remove what is at the path, and record the tombstone (``guard``: see
-        :meth:`_install_temp`).
+    def delete(self, mset: MirrorSet, entry: Entry) -> Record:
+        """Remove what is at the path, and record the tombstone.
 
         A directory that still has children here is left: they are local files newer
         than the deletion (their own tombstones would have come first), and a later scan
@@ -752,19 +743,18 @@ class Applier:
             parent, name = opened
             try:
                 with _os_errors(entry.path, "delete"):
-                    self._remove(parent, name, entry.path, guard)
+                    self._remove(parent, name, entry.path)
             finally:
                 os.close(parent)
         seq = self.store.put(entry, None)
         self.expected_absent.discard(entry.path)
         return Record(entry, seq, None)
 
-    def _remove(self, parent: int, name: bytes, path: bytes, guard: bool) -> None:
+    def _remove(self, parent: int, name: bytes, path: bytes) -> None:
         old = _lstat_at(parent, name)
         if old is None:
             return
-        if guard:
-            self._guard_target(path, old)
+        self._guard_target(path, old)
         if not stat.S_ISDIR(old.st_mode):
             os.unlink(name, dir_fd=parent)
             return
@@ -979,18 +969,18 @@ class Applier:
             return os.open(part, _DIR_FLAGS, dir_fd=parent)
 
     def _install_temp(self, mset: MirrorSet, temp: TempFile, name: bytes, path: bytes,
-                      entry: Entry, *, guard: bool = False) -> os.stat_result:
+                      entry: Entry) -> os.stat_result:
         """Give the finished temp file its attributes and rename it to ``name``.
 
-        With ``guard``, the target is checked once more right before the rename: writing
-        and syncing the temp file takes a while, and a local change made meanwhile must
-        be recorded and decided on, not overwritten.
+        The target is checked against the store once more right before the rename, as
+        every replacement here is (:meth:`_guard_target`): writing and syncing the temp
+        file takes a while, and a local change made meanwhile must be recorded and
+        decided on, not overwritten.
         """
         dir_fd = temp.dir_fd
         with _os_errors(path, "write"):
             old = _lstat_at(dir_fd, name)
-            if guard:
-                self._guard_target(path, old)
+            self._guard_target(path, old)
             mode = self._set_attrs(mset, temp.fd, entry, old)
             if old is not None and stat.S_ISDIR(old.st_mode):
                 self._remove_empty_dir(dir_fd, name, entry)
@@ -1017,7 +1007,9 @@ class Applier:
 
     def _guard_target(self, path: bytes, st: os.stat_result | None) -> None:
         """Raise :class:`LocalChanged` if ``st`` (the target's lstat) is not what the
-        store recorded at ``path``: the same test as :meth:`disk_matches`."""
+        store recorded at ``path``: the same test as :meth:`disk_matches`. The applier
+        replaces only what the store knows of; anything else is a local change that the
+        scanner records first."""
         if st is None and path in self.expected_absent:
             return  # moved away by a peer's rename applied here: as expected
         if not _matches(st, self.store.get(path)):

@@ -836,11 +836,11 @@ class Receiver(_Side):
             # file: renaming the old directory whole would also carry what the peer
             # never moved (children made here since, or the directory made again after
             # the peer's rename), leaving them where no log has them
-            applier.make_dir(mset, winner, guard=True)
+            applier.make_dir(mset, winner)
         elif winner.kind is Kind.SYMLINK:
-            applier.make_symlink(mset, winner, guard=True)
+            applier.make_symlink(mset, winner)
         elif winner.kind is Kind.TOMBSTONE:
-            applier.delete(mset, winner, guard=True)
+            applier.delete(mset, winner)
             applier.expected_absent.discard(winner.path)
             if os.path.lexists(local_path(ctx.root, winner.path)):
                 # a directory kept for what it holds that the deleting peer never had:
@@ -852,7 +852,7 @@ class Receiver(_Side):
         elif winner.moved_from is not None and self._move_file(mset, winner):
             return None  # a rename stays a rename, even for a file small enough to send
         elif data is not None:
-            applier.write_file(mset, winner, data, guard=True)
+            applier.write_file(mset, winner, data)
         else:
             old = record if local is not None and local.kind is Kind.FILE else None
             return Need(mset, winner, Purpose.INSTALL, old)
@@ -871,7 +871,7 @@ class Receiver(_Side):
         # a source version newer than the rename (a chmod made here since) stays where it
         # is, since it wins over the rename's tombstone there: the content is copied
         move = source.entry.stamp < winner.stamp
-        self.ctx.applier.copy_local(mset, winner, source.entry.path, move=move, guard=True)
+        self.ctx.applier.copy_local(mset, winner, source.entry.path, move=move)
         return True
 
     # -- content ---------------------------------------------------------------------------
@@ -989,8 +989,7 @@ class Receiver(_Side):
                 ctx.scanner.scan_paths(need.mset, ctx.root, [(entry.path, False)], force=True)
                 raise
         try:
-            ctx.applier.install_file(need.mset, replace(entry, vector=decision.vector), temp,
-                                     guard=True)
+            ctx.applier.install_file(need.mset, replace(entry, vector=decision.vector), temp)
         except LocalChanged:  # changed here while the content came: record, decide again
             ctx.scanner.scan_paths(need.mset, ctx.root, [(entry.path, False)], force=True)
             raise

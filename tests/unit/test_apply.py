@@ -111,6 +111,7 @@ def test_write_file_installs_content_mode_mtime_and_records_the_lstat(host: Host
 
 def test_write_file_replaces_an_existing_file(host: Host) -> None:
     (host.data / "a").write_bytes(b"old")
+    host.scan()  # the applier replaces only what the store knows of
     old_ino = os.lstat(host.data / "a").st_ino
     record = host.write(b"data/a", b"new content", mode=0o600)
     assert (host.data / "a").read_bytes() == b"new content"
@@ -118,7 +119,7 @@ def test_write_file_replaces_an_existing_file(host: Host) -> None:
     assert stat.S_IMODE(os.lstat(host.data / "a").st_mode) == 0o600
 
 
-def test_guarded_write_refuses_to_overwrite_a_change_the_store_has_not_seen(
+def test_a_write_refuses_to_overwrite_a_change_the_store_has_not_seen(
         host: Host) -> None:
     """The last look before the rename: a file written here while the new version was
     being written (not yet recorded) is left alone, and the caller records it first."""
@@ -126,9 +127,9 @@ def test_guarded_write_refuses_to_overwrite_a_change_the_store_has_not_seen(
     os.unlink(host.data / "a")
     (host.data / "a").write_bytes(b"written here just now")
     for guarded in (lambda: host.applier.write_file(host.mset, file_entry(b"data/a", b"peer"),
-                                                    b"peer", guard=True),
+                                                    b"peer"),
                     lambda: host.applier.write_file(host.mset, file_entry(b"data/new", b"x"),
-                                                    b"x", guard=True)
+                                                    b"x")
                     if (host.data / "new").write_bytes(b"unrecorded") else None):
         with pytest.raises(apply_module.LocalChanged, match="changed here while a peer's "
                                                             "version was being applied"):
@@ -138,7 +139,7 @@ def test_guarded_write_refuses_to_overwrite_a_change_the_store_has_not_seen(
     assert host.store.get(b"data/a") == record and host.leftovers() == []
     # what the store recorded is still replaced, and a path nothing holds is written
     os.unlink(host.data / "new")
-    host.applier.write_file(host.mset, file_entry(b"data/new", b"x"), b"x", guard=True)
+    host.applier.write_file(host.mset, file_entry(b"data/new", b"x"), b"x")
     assert (host.data / "new").read_bytes() == b"x"
 
 
@@ -260,6 +261,7 @@ def test_nochkmode_keeps_the_local_mode_of_an_existing_file(tmp_path: Path) -> N
     h = Host(tmp_path, "-onochkmode")
     (h.data / "a").write_bytes(b"old")
     os.chmod(h.data / "a", 0o600)
+    h.scan()
     h.write(b"data/a", b"new", mode=0o755)
     assert stat.S_IMODE(os.lstat(h.data / "a").st_mode) == 0o600
     h.write(b"data/b", b"new file", mode=0o751)  # a new file gets the entry's mode
@@ -273,6 +275,7 @@ def test_nochkowner_keeps_the_local_owner_across_the_replacement(tmp_path: Path)
     h = Host(tmp_path, "-onochkowner,nochkgroup")
     (h.data / "a").write_bytes(b"old")
     os.chown(h.data / "a", 4321, 4322)
+    h.scan()
     h.write(b"data/a", b"new", owner="root", group="root")
     st = os.lstat(h.data / "a")
     assert (st.st_uid, st.st_gid) == (4321, 4322)
@@ -282,6 +285,7 @@ def test_nochkowner_keeps_the_local_owner_across_the_replacement(tmp_path: Path)
 def test_failed_rename_is_an_apply_error_and_cleans_up(host: Host,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     (host.data / "a").write_bytes(b"old")
+    host.scan()
 
     def refuse(*args: object, **kw: object) -> None:
         raise PermissionError(errno.EACCES, "Permission denied")
@@ -366,6 +370,7 @@ def test_type_changes_file_dir_symlink_file(host: Host) -> None:
 def test_a_file_never_replaces_a_non_empty_directory(host: Host) -> None:
     (host.data / "d").mkdir()
     (host.data / "d" / "newer").write_bytes(b"local")
+    host.scan()
     with pytest.raises(ApplyError, match=r"^cannot replace directory /data/d by a file: it "
                                          r"is not empty here$") as e:
         host.write(b"data/d", b"x")
@@ -377,6 +382,7 @@ def test_a_file_never_replaces_a_non_empty_directory(host: Host) -> None:
 
 def test_make_dir_sets_mode_on_an_existing_directory(host: Host) -> None:
     (host.data / "d").mkdir(mode=0o700)
+    host.scan()
     before = os.lstat(host.data / "d").st_ino
     record = host.applier.make_dir(host.mset, dir_entry(b"data/d", 0o2775))
     st = os.lstat(host.data / "d")
@@ -407,6 +413,7 @@ def test_delete_file_symlink_directory_and_absent(host: Host) -> None:
     (host.data / "f").write_bytes(b"x")
     (host.data / "l").symlink_to(host.data / "f")
     (host.data / "d").mkdir()
+    host.scan()
     for name in (b"l", b"f", b"d", b"never-was", b"gone/below/x"):
         record = host.applier.delete(host.mset, tombstone(b"data/" + name))
         assert record.sig is None and record.entry.is_tombstone
@@ -419,6 +426,7 @@ def test_deleting_a_symlink_does_not_touch_its_target(host: Host, tmp_path: Path
     outside.mkdir()
     (outside / "keep").write_bytes(b"k")
     (host.data / "l").symlink_to(outside)
+    host.scan()
     host.applier.delete(host.mset, tombstone(b"data/l"))
     assert not (host.data / "l").exists() and (outside / "keep").read_bytes() == b"k"
 
@@ -427,6 +435,7 @@ def test_delete_of_a_non_empty_directory_keeps_it(host: Host,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     (host.data / "d").mkdir()
     (host.data / "d" / "newer").write_bytes(b"local")
+    host.scan()
     with caplog.at_level(logging.INFO, logger="omirror.apply"):
         record = host.applier.delete(host.mset, tombstone(b"data/d"))
     assert (host.data / "d" / "newer").read_bytes() == b"local"
@@ -675,6 +684,7 @@ def test_planted_symlink_never_leads_a_write_outside(host: Host, planted: Path) 
 
 def test_planted_symlink_as_the_final_name_is_replaced_not_followed(host: Host,
                                                                     planted: Path) -> None:
+    host.scan()  # recorded as the symlink it is, never followed
     host.write(b"data/evil", b"a file now")
     assert (host.data / "evil").read_bytes() == b"a file now"
     assert not (host.data / "evil").is_symlink() and list(planted.iterdir()) == []
