@@ -1,8 +1,9 @@
 """The daemon: startup scan, watcher, indexer, listener and links, wired in one loop.
 
-Startup scans every set first, so edits made while the daemon was down are in the log
-before any peer asks for it; then the watches go up (each new directory is scanned after
-its watch exists), then the listener and one outbound link per peer, all concurrent.
+Startup puts the watches up, then scans every set, so edits made while the daemon was
+down are in the log before any peer asks for it and an edit landing during the scan is
+caught by its event (each new directory is scanned after its watch exists); then the
+listener and one outbound link per peer, all concurrent.
 SIGTERM lets the job in the tree worker finish (a file being installed is installed or
 not at all), closes the links, writes the status and exits 0; SIGHUP re-reads the
 Distfile and the peers file.
@@ -228,10 +229,13 @@ class Daemon:
         listener = None
         self._supervision = self._supervise()
         try:
-            await self._scan_all("startup")
-            self.store.collect_tombstones(time.time_ns() - TOMBSTONE_RETENTION_NS)
+            # watches first: a change landing while the scan walks the tree (after the
+            # scan read that file, before any watch existed) would otherwise wait for
+            # the periodic rescan; its events now queue until the indexer runs
             self.watcher.start()
             self._watch_all()
+            await self._scan_all("startup")
+            self.store.collect_tombstones(time.time_ns() - TOMBSTONE_RETENTION_NS)
             address = listen_address(self.me)
             try:
                 listener = await peers.listen(address, self.me.port, self.host_key,
@@ -596,8 +600,8 @@ class Daemon:
             return
         self.config, self.keys = cfg, keys
         self.stopped_sets.clear()
-        await self._scan_all("reload")
         self._watch_all()
+        await self._scan_all("reload")
         self._start_links()
 
     def status(self) -> dict[str, Any]:

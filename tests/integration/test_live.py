@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -528,3 +529,49 @@ def test_sigterm_exits_0_and_a_restart_with_nothing_changed_converges_at_once(
     assert_everywhere(c, "after-restart.txt", content=b"made after the restart\n")
     c.stop()
     assert_clean(c)
+
+
+def test_a_file_changed_while_the_startup_scan_runs_after_it_was_read_is_recorded(
+        make_cluster: MakeCluster) -> None:
+    """A change landing after the startup scan read a file, but before the scan is over,
+    is caught by its inotify event: the watches are up before the scan begins. (Taken the
+    other way round, such a change waited for the hourly rescan.)"""
+    c = make_cluster(2)
+    a = c[0].data
+    dirs, per_dir = 20, 1000
+    for d in range(dirs):
+        (a / f"d{d:02}").mkdir()
+        for n in range(per_dir):
+            write(a / f"d{d:02}" / f"f{n:04}", b"%d %d\n" % (d, n))
+    total = dirs * per_dir + dirs
+    db = c[0].state / "state.db"
+
+    def recorded() -> tuple[int, bytes | None]:
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+                rows = con.execute("select count(*) from entries").fetchone()[0]
+                first = con.execute("select path from entries where kind = 1 "
+                                    "order by seq limit 1").fetchone()
+        except sqlite3.Error:  # not made yet
+            return 0, None
+        return rows, None if first is None else bytes(first[0])
+
+    c.start(0, wait=False)
+    seen: list[tuple[int, bytes | None]] = []
+    c.wait_until(lambda: seen.append(recorded()) or seen[-1][1] is not None, 60,
+                 "the startup scan records its first file")
+    rows, first = seen[-1]
+    assert first is not None
+    changed = c[0].root / os.fsdecode(first)
+    with open(changed, "ab") as f:
+        f.write(b"appended during the scan\n")
+    expected = read(changed)
+    still_scanning = recorded()[0] < total
+    c.wait_until(lambda: c.status_of(c[0]).get("pid") == c[0].proc.pid, 60,
+                 "the daemon is up")
+    c.start(1)
+    c.wait_converged(CONVERGE_S)
+    assert_everywhere(c, os.fsdecode(first)[len("data/"):], content=expected)
+    # the window this test is about was open: the change landed mid-scan
+    assert still_scanning or rows < total, \
+        "the startup scan was over before the change: make the tree larger"
