@@ -35,8 +35,8 @@ from omirror.errors import PathRefused
 from omirror.scanner import Scanner, local_path
 from omirror.store import Cursor, Record, Store
 from omirror.wire import (CHUNK, INLINE_MAX, PROTOCOL_VERSION, Ack, Bye, Copy, Data, EntryMsg,
-                          Hello, IHave, Message, NoData, ProtocolError, Start, Want, encode,
-                          read_message)
+                          Hello, IHave, Message, NoData, Passed, ProtocolError, Start, Want,
+                          encode, read_message)
 
 log = logging.getLogger(__name__)
 
@@ -347,6 +347,10 @@ class Pusher(_Side):
                         self.unacked_inline.append((record.seq, size))
                         self.inflight_bytes += size
                 self.stats.entries_sent += 1
+            if not records or records[-1][0].seq != position:
+                # the page ended with entries not for this peer (its own, say): say so,
+                # or its cursor stays behind them and every reconnect pages them again
+                await self.io.send(Passed(position))
             self.examined = position
             self._settle()
 
@@ -533,7 +537,7 @@ class Receiver(_Side):
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        self.entries: asyncio.Queue[EntryMsg | None] = asyncio.Queue(maxsize=WINDOW * 2)
+        self.entries: asyncio.Queue[EntryMsg | Passed] = asyncio.Queue(maxsize=WINDOW * 2)
         self.queued_bytes = 0  # inline content in ``entries``, at most QUEUE_BYTES
         self._dequeued = asyncio.Event()
         #: Content for the one request open at a time (``_open``); other content is
@@ -574,6 +578,8 @@ class Receiver(_Side):
                     await self._dequeued.wait()
                 self.queued_bytes += size
                 await self.entries.put(msg)
+            elif isinstance(msg, Passed):
+                await self.entries.put(msg)  # in order: it settles what came before it
             elif isinstance(msg, (Data, Copy, NoData)):
                 if isinstance(msg, Data):
                     self.stats.content_bytes_received += len(msg.data)
@@ -594,13 +600,25 @@ class Receiver(_Side):
         one job and one store transaction, and its small files are synced together."""
         count = 0
         pending: list[EntryMsg] = []
+        passed: Passed | None = None  # taken from the queue, to settle after ``pending``
         while True:
             if not pending:
+                if passed is not None:
+                    self.done_seq = max(self.done_seq, passed.seq)
+                    passed = None
                 if self.entries.empty():
                     await self._save_cursor()
-                pending.append(self._dequeue(await self.entries.get()))
+                item = await self.entries.get()
+                if isinstance(item, Passed):
+                    passed = item
+                    continue
+                pending.append(self._dequeue(item))
                 while len(pending) < _BATCH and not self.entries.empty():
-                    pending.append(self._dequeue(self.entries.get_nowait()))
+                    item = self.entries.get_nowait()
+                    if isinstance(item, Passed):
+                        passed = item
+                        break
+                    pending.append(self._dequeue(item))
             results = await self.ctx.tree(self._apply_batch, list(pending))
             del pending[:len(results)]
             for msg, outcome in results:
@@ -611,8 +629,7 @@ class Receiver(_Side):
                 if count % _ACK_EVERY == 0:
                     await self._save_cursor()
 
-    def _dequeue(self, msg: EntryMsg | None) -> EntryMsg:
-        assert msg is not None
+    def _dequeue(self, msg: EntryMsg) -> EntryMsg:
         if msg.data is not None:
             self.queued_bytes -= len(msg.data)
             self._dequeued.set()

@@ -24,7 +24,7 @@ import msgpack
 from omirror.entry import Entry, Kind, Stamp
 from omirror.errors import OmirrorError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 #: The channel that carries one direction of live replication: the connecting side pushes.
 SUBSYSTEM = "omirror-1"
 #: The connecting side asks to be pushed to once, until caught up (``omirrord --once``).
@@ -65,6 +65,7 @@ class Type(enum.IntEnum):
     NODATA = 8  # pusher -> receiver: that version is gone here; a newer entry follows
     ACK = 9  # receiver -> pusher: everything up to this seq is applied or settled
     BYE = 10  # either way, last: why the link is being closed
+    PASSED = 11  # pusher -> receiver: nothing more for you up to this seq
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +135,13 @@ class Bye:
     why: str
 
 
-Message = Hello | IHave | Start | EntryMsg | Want | Data | Copy | NoData | Ack | Bye
+@dataclass(frozen=True, slots=True)
+class Passed:
+    seq: int  # the pusher has read its log up to here: nothing else in it is for you
+
+
+Message = (Hello | IHave | Start | EntryMsg | Want | Data | Copy | NoData | Ack | Bye
+           | Passed)
 
 
 # -- encoding ------------------------------------------------------------------------------
@@ -166,6 +173,8 @@ def _body(msg: Message) -> tuple[Type, list[Any]]:
         return Type.ACK, [msg.seq]
     if isinstance(msg, Bye):
         return Type.BYE, [msg.why]
+    if isinstance(msg, Passed):
+        return Type.PASSED, [msg.seq]
     raise TypeError(f"not a protocol message: {msg!r}")
 
 
@@ -367,6 +376,10 @@ def _bye(f: object) -> Bye:
     return Bye(_str(_array(f, 1, "BYE")[0], "reason", 1024))
 
 
+def _passed(f: object) -> Passed:
+    return Passed(_int(_array(f, 1, "PASSED")[0], "seq"))
+
+
 _DECODERS = {Type.HELLO: _hello, Type.IHAVE: _ihave, Type.START: _start, Type.ENTRY: _entry,
              Type.WANT: _want, Type.DATA: _data, Type.COPY: _copy, Type.NODATA: _nodata,
-             Type.ACK: _ack, Type.BYE: _bye}
+             Type.ACK: _ack, Type.BYE: _bye, Type.PASSED: _passed}

@@ -325,8 +325,9 @@ BAD_FRAMES: list[tuple[str, Callable[[Hostile], bytes], tuple[str, ...], bool]] 
      ("link in closed", "authenticated as {me} says it is {other}"), False),
     ("HELLO naming no peer", lambda h: encode(Hello(PROTOCOL_VERSION, "mallory", "e", 1)),
      ("link in closed", "says it is mallory"), False),
-    ("protocol 2", lambda h: encode(Hello(2, h.name, "e", 1)),
-     ("link in closed", "peer speaks protocol 2"), False),
+    (f"protocol {PROTOCOL_VERSION + 1}",
+     lambda h: encode(Hello(PROTOCOL_VERSION + 1, h.name, "e", 1)),
+     ("link in closed", f"peer speaks protocol {PROTOCOL_VERSION + 1}"), False),
 ]
 
 

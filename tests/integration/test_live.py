@@ -575,3 +575,36 @@ def test_a_file_changed_while_the_startup_scan_runs_after_it_was_read_is_recorde
     # the window this test is about was open: the change landed mid-scan
     assert still_scanning or rows < total, \
         "the startup scan was over before the change: make the tree larger"
+
+
+def test_a_peers_log_holding_only_our_versions_is_resumed_not_resent_after_a_restart(
+        make_cluster: MakeCluster) -> None:
+    """The peer's pusher sends none of its entries back to their origin, but says how far
+    it read (PASSED): the origin's cursor moves past them, so a restart resumes there
+    instead of having the peer page through its whole log again."""
+    c = make_cluster(2)
+    c.start()
+    for n in range(200):
+        write(c[0].data / f"f{n}", b"%d\n" % n)
+    c.wait_converged(CONVERGE_S)
+    db = c[0].state / "state.db"
+
+    def cursor_seq() -> int:
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as con:
+                row = con.execute("select seq from cursors where peer = ?",
+                                  (c[1].name,)).fetchone()
+        except sqlite3.Error:
+            return -1
+        return -1 if row is None else int(row[0])
+
+    c.wait_until(lambda: cursor_seq() >= 200 and cursor_seq() == c.status(1)["last_seq"],
+                 CONVERGE_S, f"{c[0].name} holds {c[1].name}'s log up to its last seq")
+    c.stop(0)
+    c.start(0)
+    c.wait_until(lambda: links_up(c, 0, [1]), CONVERGE_S, "the links are up again")
+    restarted = c.log_text(0).rsplit("--- harness: start #2", 1)[1]
+    assert "sends everything it has" not in restarted, \
+        f"{c[1].name} resent its whole log to {c[0].name} after a restart"
+    write(c[0].data / "after", b"after\n")
+    c.wait_converged(CONVERGE_S)

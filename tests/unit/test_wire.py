@@ -12,7 +12,8 @@ from hypothesis import given, settings, strategies as st
 
 from omirror.entry import Entry, Kind, Stamp
 from omirror.wire import (MAX_FRAME, Ack, Bye, Copy, Data, EntryMsg, Hello, IHave, NoData,
-                          ProtocolError, Start, Want, decode, encode, read_message)
+                          Passed, ProtocolError, Start, Want, decode, encode,
+                          read_message)
 
 ENTRY = Entry(path=b"srv/www/caf\xe9", kind=Kind.FILE, stamp=Stamp(10**18, "alpha"),
               vector=(("alpha", 10**18), ("beta", 5)), mode=0o644, owner="www",
@@ -23,6 +24,7 @@ MESSAGES = [
     Start(7, True, 1234), EntryMsg(3, ENTRY, b"abc"), EntryMsg(4, ENTRY, None),
     Want(1, b"srv/x", b"\x01" * 16, 65536, (b"\x02" * 16,)), Data(1, b"x" * 1000, False),
     Copy(1, 65536, 65536), NoData(1, "changed"), Ack(99), Bye("shutting down"),
+    Passed(50001),
 ]
 
 
