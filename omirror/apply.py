@@ -350,6 +350,25 @@ class TempFile:
         self._created = False
         self._close_dir()
 
+    def hold(self) -> int:
+        """Close the temp file, keeping an ``O_PATH`` descriptor of it (returned, the
+        caller's to close); it is then renamed into place or aborted."""
+        with self._guard("write"):
+            held = os.open(self.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+                           dir_fd=self.dir_fd)
+        try:
+            st, ours = os.fstat(held), os.fstat(self.fd)
+            if (st.st_dev, st.st_ino) != (ours.st_dev, ours.st_ino):
+                raise ApplyError(self.path, None,
+                                 f"cannot write {show(self.path)}: its temp file "
+                                 f"{os.fsdecode(self.name)} was replaced by someone else")
+            os.close(self.fd)
+            self.fd = -1
+        except BaseException:
+            os.close(held)
+            raise
+        return held
+
     def _installed(self) -> None:
         """The temp name was renamed away: nothing is left to remove."""
         self._created = False
@@ -984,13 +1003,18 @@ class Applier:
             mode = self._set_attrs(mset, temp.fd, entry, old)
             if old is not None and stat.S_ISDIR(old.st_mode):
                 self._remove_empty_dir(dir_fd, name, entry)
-            os.rename(temp.name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            # closed before the rename, so that its close is reported under the temp name
+            # (ignored), not as a write to ``name`` (which would be examined again, once
+            # per received file); what was installed is still read through a descriptor
+            # (O_PATH: no events): a file put there by someone else right after the
+            # rename must not be recorded as ours (it would never be seen)
+            held = temp.hold()
             try:
-                # through the descriptor: a file put there by someone else right after
-                # the rename must not be recorded as ours (it would never be seen)
-                st = os.fstat(temp.fd)
-            finally:
+                os.rename(temp.name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
                 temp._installed()
+                st = os.fstat(held)
+            finally:
+                os.close(held)
         _check_ours(path, st, mode, entry.mtime_ns)
         return st
 
