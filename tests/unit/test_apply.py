@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import grp
 import logging
 import os
 import pwd
+import select
 import stat
 import subprocess
 from pathlib import Path
@@ -21,10 +23,13 @@ from omirror.entry import Entry, Kind, Stamp, conflict_name
 from omirror.errors import ApplyError, PathRefused
 from omirror.scanner import MARKER, Scanner
 from omirror.store import Record, StatSig, Store
+from omirror.watcher import parse_events
 
 MTIME_NS = 1_600_000_000_123_456_789
 PEER_STAMP = Stamp(10**18, "beta")
 CLOCK_NS = 2 * 10**18
+_IN_CLOSE_WRITE = 0x08  # inotify(7)
+_IN_MOVED_TO = 0x80
 
 
 def mirror_set(options: str = "") -> config.MirrorSet:
@@ -208,6 +213,53 @@ def test_more_content_than_announced_is_refused_at_once(host: Host) -> None:
                                          r"bytes its entry announced$"):
         temp.write(b"34")
     assert host.leftovers() == []
+
+
+def test_a_big_file_is_handed_to_writeback_as_it_arrives(
+        host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[tuple[int, int]] = []
+    monkeypatch.setattr(apply_module, "_start_writeback",
+                        lambda fd, offset, length: started.append((offset, length)))
+    data = os.urandom(20 << 20)
+    entry = file_entry(b"data/big", data)
+    with host.applier.begin_file(host.mset, entry) as temp:
+        for at in range(0, len(data), 1 << 20):
+            temp.write(data[at:at + (1 << 20)])
+        host.applier.install_file(host.mset, entry, temp)
+    assert started == [(0, 8 << 20), (8 << 20, 8 << 20)]
+    assert (host.data / "big").read_bytes() == data
+
+
+def test_the_temp_file_is_closed_before_its_rename(host: Host) -> None:
+    """Its close is then reported under the temp name, not as a write to the new one
+    (which the watcher would pass on to be examined again)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    assert fd >= 0
+    try:
+        assert libc.inotify_add_watch(fd, os.fsencode(host.data),
+                                      _IN_CLOSE_WRITE | _IN_MOVED_TO) >= 0
+        host.applier.write_file(host.mset, file_entry(b"data/a", b"content"), b"content")
+        assert select.select([fd], [], [], 5)[0]
+        events = [(mask, name) for _, mask, _, name in parse_events(os.read(fd, 65536))]
+    finally:
+        os.close(fd)
+    assert (_IN_MOVED_TO, b"a") in events
+    closed = [name for mask, name in events if mask & _IN_CLOSE_WRITE]
+    assert closed and b"a" not in closed, events
+
+
+def test_a_temp_file_swapped_before_its_rename_is_refused(host: Host) -> None:
+    entry = file_entry(b"data/a", b"content")
+    with host.applier.begin_file(host.mset, entry) as temp:
+        temp.write(b"content")
+        temp.finish()
+        temp_path = host.data / os.fsdecode(temp.name)
+        temp_path.unlink()
+        temp_path.write_bytes(b"someone else's")
+        with pytest.raises(ApplyError, match="was replaced by someone else"):
+            host.applier.install_file(host.mset, entry, temp)
+    assert not (host.data / "a").exists() and host.store.get(b"data/a") is None
 
 
 def test_abort_removes_the_temp_file(host: Host) -> None:
