@@ -491,12 +491,15 @@ class _Run:
         # a directory made anew where one was is a new version even with the same mode:
         # it must beat a deletion of the old one made elsewhere before it was made. Not
         # so a file or symlink of the same content: a tree restored from a backup has
-        # new inodes everywhere, and re-stamping it would undo what the peers did since
+        # new inodes everywhere, and re-stamping it would undo what the peers did since.
+        # But one renamed here from another tracked path is a user's act, newer than
+        # what it replaced, even when it holds the same thing
         if previous is not None and not previous.is_tombstone and not replaced:
             candidate = replace(previous, kind=kind, mode=0, owner="", group="", mtime_ns=0,
                                 size=0, digest=b"", target=b"")
             candidate = replace(candidate, **attrs)  # type: ignore[arg-type]
-            if previous.same_content(candidate):
+            if previous.same_content(candidate) and not self._renamed_over(
+                    path, kind, st, held):
                 self.sig_updates.append((path, kind, sig))
                 self.stats.unchanged += 1
                 return
@@ -534,6 +537,27 @@ class _Run:
                 return self.fresh[parent]
             parent = parent.rpartition(b"/")[0]
         return 0
+
+    def _renamed_over(self, path: bytes, kind: Kind, st: os.stat_result,
+                      held: Record | None) -> bool:
+        """True when the file or symlink at ``path``, recorded there under another inode,
+        is one renamed here from another tracked path (its old path no longer holds it)."""
+        if held is None or held.sig is None or held.sig.ino == st.st_ino \
+                or kind not in (Kind.FILE, Kind.SYMLINK):
+            return False
+        for record in self.store.by_inode(st.st_ino):
+            if record.entry.kind != kind or record.entry.path == path or record.sig is None \
+                    or self.mset.root_of(record.entry.path) is None:
+                continue
+            try:
+                if os.lstat(local_path(self.root, record.entry.path)).st_ino == st.st_ino:
+                    continue  # still there too: a hard link, not a rename
+            except FileNotFoundError:
+                pass
+            except OSError:
+                continue
+            return True
+        return False
 
     def _moved_source(self, path: bytes, kind: Kind, st: os.stat_result,
                       held: Record | None) -> Record | None:

@@ -213,6 +213,8 @@ def test_a_second_run_keeps_the_keys_and_moves_off_a_port_now_taken(
     beta_port = int(conf.split("HOSTS = (")[1].split()[1].split(":")[1])
 
     with socket.socket() as squatter:  # another program holds beta's port now
+        # as servers do: the first run's closed links may leave the port in TIME_WAIT
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         squatter.bind(("127.0.0.1", beta_port))
         squatter.listen()
         second = start_demo("--duration", "60", directory=first.directory)

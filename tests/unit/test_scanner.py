@@ -18,6 +18,7 @@ from omirror.errors import RootError
 from omirror.scanner import MARKER, Scanner
 from omirror.store import Store
 
+MTIME_NS = 1_600_000_000_123_456_789
 DISTFILE = """HOSTS = ( alpha beta )
 FILES = ( /data )
 ${{FILES}} -> ${{HOSTS}}
@@ -460,3 +461,36 @@ def test_a_path_expected_absent_is_no_longer_once_something_is_recorded_there(
     os.unlink(tree.data / "p")
     tree.scan()
     assert tree.entry("p").is_tombstone
+
+
+@pytest.mark.parametrize("kind", ["file", "symlink"])
+def test_a_path_renamed_over_with_the_same_content_is_a_new_version(tree: Tree,
+                                                                     kind: str) -> None:
+    """`mv a b` where b held the same content is the user's act on b, newer than what
+    b held: it must beat an older change to b made elsewhere. A copy put there (a tree
+    restored from a backup: new inodes, none of them tracked) is no new version."""
+    for name in ("a", "b", "c"):
+        if kind == "file":  # all alike, their mtimes too
+            (tree.data / name).write_bytes(b"same content")
+            os.utime(tree.data / name, ns=(MTIME_NS, MTIME_NS))
+        else:
+            (tree.data / name).symlink_to("same/target")
+    tree.scan()
+    before = tree.entry("b")
+    os.rename(tree.data / "a", tree.data / "b")
+    stats = tree.scan()
+    after = tree.entry("b")
+    assert after.stamp > before.stamp and stats.changed == 1, stats
+    assert after.stamp.time_ns == os.lstat(tree.data / "b").st_ctime_ns
+    assert tree.entry("a").is_tombstone
+
+    restored = tree.entry("c")
+    if kind == "file":  # restored with its mtime, as backups are
+        (tree.data / "c.new").write_bytes(b"same content")
+        os.utime(tree.data / "c.new", ns=(restored.mtime_ns, restored.mtime_ns))
+    else:
+        (tree.data / "c.new").symlink_to("same/target")
+    os.rename(tree.data / "c.new", tree.data / "c")  # c.new was never recorded
+    seq = tree.store.last_seq
+    tree.scan()
+    assert tree.entry("c") == restored and tree.store.last_seq == seq
