@@ -482,9 +482,12 @@ class _Run:
         replaced = (kind is Kind.DIR and held is not None and held.sig is not None
                     and not held.entry.is_tombstone and held.sig.ino != st.st_ino)
         if kind is Kind.DIR and (moved_from is not None or replaced or (
-                held is not None and held.entry.is_tombstone)):
-            # renamed here (maybe over an empty directory), or back where it had been
-            # deleted: what it holds arrived now, whatever its own ctimes say
+                held is not None and held.entry.is_tombstone)
+                or (held is None and not self.store_empty)):
+            # renamed here (maybe over an empty directory), back where it had been
+            # deleted, or new here (a rename not recognised as one: its mtime moved since,
+            # or it came from outside the tree): what it holds arrived now, whatever its
+            # own ctimes say
             self.fresh[path] = max(st.st_ctime_ns, self._arrival(path))
         sig = StatSig.of(st)
         previous = None if held is None else held.entry
@@ -576,6 +579,11 @@ class _Run:
                 continue  # moved in from another set: a new path here, not a rename
             if kind is Kind.FILE and (record.sig.size, record.sig.mtime_ns) != (
                     st.st_size, st.st_mtime_ns):
+                continue
+            if kind is Kind.DIR and record.sig.mtime_ns != st.st_mtime_ns:
+                # a rename leaves a directory's mtime alone; a directory made since, which
+                # got the inode number of one deleted meanwhile, has its own (a false
+                # rename would name a path this host never renamed)
                 continue
             try:
                 now = os.lstat(local_path(self.root, record.entry.path))

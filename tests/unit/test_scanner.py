@@ -13,10 +13,10 @@ import pytest
 import xxhash
 
 from omirror import config, scanner as scanner_module
-from omirror.entry import Kind
+from omirror.entry import Entry, Kind, Stamp
 from omirror.errors import RootError
 from omirror.scanner import MARKER, Scanner
-from omirror.store import Store
+from omirror.store import StatSig, Store
 
 MTIME_NS = 1_600_000_000_123_456_789
 DISTFILE = """HOSTS = ( alpha beta )
@@ -494,3 +494,34 @@ def test_a_path_renamed_over_with_the_same_content_is_a_new_version(tree: Tree,
     seq = tree.store.last_seq
     tree.scan()
     assert tree.entry("c") == restored and tree.store.last_seq == seq
+
+
+def test_a_new_directory_on_a_reused_inode_is_not_taken_for_a_rename(tree: Tree) -> None:
+    """ext4 soon gives a deleted directory's inode number to a new one: the new directory
+    is a new path, not the old one renamed (which this host never did)."""
+    (tree.data / "new").mkdir()
+    st = os.lstat(tree.data / "new")
+    # the store as it was before the old directory went: recorded with the inode number
+    # the new one has now, and its own (older) mtime
+    entry = Entry(path=b"data/gone", kind=Kind.DIR, stamp=Stamp(10**18, "alpha"),
+                  vector=(("alpha", 10**18),), mode=0o755, owner="root", group="root")
+    tree.store.put(entry, StatSig(st.st_ino, st.st_size, st.st_mtime_ns - 10**9,
+                                  st.st_ctime_ns - 10**9))
+    tree.scan()
+    assert tree.entry("new").moved_from is None
+    assert tree.entry("gone").is_tombstone
+
+
+def test_files_of_a_renamed_directory_whose_mtime_moved_are_stamped_at_its_arrival(
+        tree: Tree) -> None:
+    """`mv old new; touch new/x` before the scan: the directory no longer looks renamed
+    (its mtime moved), but what it brought arrived with it, not at its own old ctime."""
+    (tree.data / "old").mkdir()
+    (tree.data / "old" / "f").write_bytes(b"content")
+    tree.scan()
+    (tree.data / "old").rename(tree.data / "new")
+    (tree.data / "new" / "x").write_bytes(b"made after the rename")
+    tree.scan()
+    arrived = os.lstat(tree.data / "new").st_ctime_ns
+    assert tree.entry("new/f").stamp.time_ns >= arrived
+    assert tree.entry("new/f").moved_from == b"data/old/f"
