@@ -413,6 +413,38 @@ class Applier:
         self.expected_absent: set[bytes] = set()
         #: Small files written and synced ahead for a batch (:meth:`prepare`), by path.
         self.prepared: dict[bytes, TempFile] = {}
+        #: Logical paths where something this applier renamed into place really is, when
+        #: its directory was renamed while it went in (:meth:`_placed`); the caller has
+        #: them scanned (:meth:`take_strays`).
+        self.strays: list[bytes] = []
+        #: The root as /proc names it (symlinks above it resolved), for :meth:`_placed`.
+        self._real_root = os.path.realpath(root)
+
+    def take_strays(self) -> list[bytes]:
+        strays, self.strays = self.strays, []
+        return strays
+
+    def _placed(self, parent: int, name: bytes, path: bytes) -> None:
+        """Check that the directory open at ``parent`` is still where ``path`` says.
+
+        A user may rename a directory while a file goes into it through a descriptor
+        opened before: the file is then below the new name, and the event of our own
+        rename into place is one the watcher drops (its source is a temp name), so the
+        scanner would only find it if its walk of the renamed directory came later. Where
+        it really is is kept in :attr:`strays` for the caller to scan.
+        """
+        try:
+            where = os.readlink(b"/proc/self/fd/%d" % parent)
+        except OSError:
+            return  # no /proc: the next periodic rescan finds such a file
+        root = self._real_root
+        expected = local_path(root, _split(path)[0])
+        if where == expected or where.endswith(b" (deleted)"):
+            return
+        if where.startswith(root + b"/") and len(self.strays) < _MAX_STRAYS:
+            self.strays.append(where[len(root) + 1:] + b"/" + name)
+            log.info("path=%s its directory was renamed while it was written: it is at %s",
+                     show(path), show(self.strays[-1]))
 
     # -- checks --------------------------------------------------------------------------
 
@@ -739,6 +771,7 @@ class Applier:
                         self._remove_empty_dir(parent, name, entry)
                     ours = os.stat(temp, dir_fd=parent, follow_symlinks=False)
                     os.rename(temp, name, src_dir_fd=parent, dst_dir_fd=parent)
+                    self._placed(parent, name, entry.path)
                 st = os.stat(name, dir_fd=parent, follow_symlinks=False)
                 if st.st_ino != ours.st_ino:
                     # replaced here right after the rename: record what we made, which
@@ -829,6 +862,7 @@ class Applier:
                                                "since it was recorded; not kept as its "
                                                "conflict copy")
                         os.rename(temp, copy, src_dir_fd=parent, dst_dir_fd=parent)
+                        self._placed(parent, copy, copy_path)
                         st = os.fstat(fd)
                     finally:
                         os.close(fd)
@@ -1015,7 +1049,8 @@ class Applier:
             held = temp.hold()
             try:
                 os.rename(temp.name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-                temp._installed()
+                self._placed(dir_fd, name, path)
+                temp._installed()  # closes dir_fd
                 st = os.fstat(held)
             finally:
                 os.close(held)
@@ -1148,6 +1183,8 @@ def _matches(st: os.stat_result | None, record: Record | None) -> bool:
     return StatSig.of(st) == record.sig
 
 
+#: Bound on the paths :meth:`Applier._placed` keeps for a caller that never takes them.
+_MAX_STRAYS = 1024
 #: Batches of at least this many small files are made durable with one syncfs.
 _SYNCFS_MIN = 8
 

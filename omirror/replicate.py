@@ -648,9 +648,21 @@ class Receiver(_Side):
                     results.append((msg, outcome))
                     if isinstance(outcome, Need):
                         break
+                self._scan_strays()
         finally:
             ctx.applier.discard_prepared()
         return results
+
+    def _scan_strays(self) -> None:
+        """Record what the applier put into a directory a user renamed meanwhile, where
+        it really is (the watcher drops the event of our own rename into place)."""
+        ctx = self.ctx
+        for path in ctx.applier.take_strays():
+            try:
+                mset = check_path(path, ctx.sets_with(self.peer))
+            except PathRefused:
+                continue  # out of the sets shared with this peer: the rescan has it
+            ctx.scanner.scan_paths(mset, ctx.root, [(path, False)])
 
     def _prepare(self, msgs: list[EntryMsg]) -> None:
         """Write the small files of a batch that will be installed, then sync them all at
@@ -973,6 +985,12 @@ class Receiver(_Side):
     def _install(self, need: Need, temp: TempFile) -> None:
         """Install completed content, deciding again: the local version may have changed
         while the content travelled."""
+        try:
+            self._install_decided(need, temp)
+        finally:
+            self._scan_strays()
+
+    def _install_decided(self, need: Need, temp: TempFile) -> None:
         temp.finish()
         ctx, entry = self.ctx, need.entry
         if need.purpose is Purpose.CONFLICT:

@@ -262,6 +262,25 @@ def test_a_temp_file_swapped_before_its_rename_is_refused(host: Host) -> None:
     assert not (host.data / "a").exists() and host.store.get(b"data/a") is None
 
 
+def test_a_file_whose_directory_is_renamed_while_it_goes_in_is_reported_where_it_is(
+        host: Host) -> None:
+    """The applier writes through a descriptor of the directory opened before; a user's
+    rename of that directory in between puts the file below the new name, where the
+    watcher will not report it (it drops the applier's own renames into place)."""
+    (host.data / "d").mkdir()
+    host.scan()
+    entry = file_entry(b"data/d/f", b"content")
+    with host.applier.begin_file(host.mset, entry) as temp:
+        temp.write(b"content")
+        (host.data / "d").rename(host.data / "e")
+        host.applier.install_file(host.mset, entry, temp)
+    assert (host.data / "e" / "f").read_bytes() == b"content"
+    assert host.applier.take_strays() == [b"data/e/f"]
+    assert host.applier.take_strays() == []
+    host.applier.write_file(host.mset, file_entry(b"data/e/g", b"g"), b"g")
+    assert host.applier.take_strays() == []  # in place: nothing to report
+
+
 def test_abort_removes_the_temp_file(host: Host) -> None:
     temp = host.applier.begin_file(host.mset, file_entry(b"data/a", b"x"))
     temp.write(b"x")
