@@ -626,20 +626,27 @@ class Applier:
 
     def _move(self, mset: MirrorSet, entry: Entry, source: bytes, src_dir: int,
               src_name: bytes, fd: int) -> os.stat_result:
-        self._verify_source(entry, source, fd)
+        verified = self._verify_source(entry, source, fd)
         dst_dir, name = self._parent_for_write(mset, entry.path, "write")
         try:
             with _os_errors(entry.path, "write"):
                 old = _lstat_at(dst_dir, name)
                 self._guard_target(entry.path, old)
-                self._set_attrs(mset, fd, entry, old)
+                if _changed_since(os.fstat(fd), verified):
+                    # written to since it was verified: what would move is not the entry's
+                    # content (recorded with its digest, it would be sent as that version)
+                    raise LocalChanged(source, None, f"{show(source)} changed here while "
+                                       f"it was being moved to {show(entry.path)}")
+                mode = self._set_attrs(mset, fd, entry, old)
                 if old is not None and stat.S_ISDIR(old.st_mode):
                     self._remove_empty_dir(dst_dir, name, entry)
                 os.rename(src_name, name, src_dir_fd=src_dir, dst_dir_fd=dst_dir)
                 self.expected_absent.add(source)
-                return os.fstat(fd)  # not by name: what is there now may be someone else's
+                st = os.fstat(fd)  # not by name: what is there now may be someone else's
         finally:
             os.close(dst_dir)
+        _check_ours(entry.path, st, mode, entry.mtime_ns)  # a write since our utime
+        return st
 
     def _copy(self, mset: MirrorSet, entry: Entry, source: bytes,
               fd: int) -> os.stat_result:
@@ -653,8 +660,9 @@ class Applier:
             temp.finish()
             return self._install_temp(mset, temp, _split(entry.path)[1], entry.path, entry)
 
-    def _verify_source(self, entry: Entry, source: bytes, fd: int) -> None:
-        """Check that the file about to be renamed holds the entry's content.
+    def _verify_source(self, entry: Entry, source: bytes, fd: int) -> os.stat_result:
+        """Check that the file about to be renamed holds the entry's content; return
+        the stat it was verified with.
 
         The store's digest is trusted when the file's stat signature is the one recorded
         with it, exactly as a scan trusts it: a renamed 10 GB file is not read again.
@@ -669,10 +677,14 @@ class Applier:
             if (held is not None and held.entry.kind is Kind.FILE
                     and held.sig == StatSig.of(st) and held.entry.digest == entry.digest
                     and held.entry.size == entry.size):
-                return
+                return st
             digest, size = _hash_fd(fd)
+            if _changed_since(os.fstat(fd), st):
+                raise LocalChanged(source, None, f"{show(source)} changed here while it "
+                                   "was read")
         if (digest, size) != (entry.digest, entry.size):
             raise _not_the_content("move", source, entry)
+        return st
 
     def adopt(self, mset: MirrorSet, entry: Entry) -> Record:
         """Record a version whose content is already in place here, with its attributes.
@@ -1156,6 +1168,12 @@ class Applier:
         sig = StatSig.of(st)
         seq = self.store.put(entry, sig)
         return Record(entry, seq, sig)
+
+
+def _changed_since(now: os.stat_result, then: os.stat_result) -> bool:
+    """A write (or a chmod) landed on this open file between the two stats."""
+    return (now.st_size, now.st_mtime_ns, now.st_ctime_ns) != (
+        then.st_size, then.st_mtime_ns, then.st_ctime_ns)
 
 
 def _check_ours(path: bytes, st: os.stat_result, mode: int,

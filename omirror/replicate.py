@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
+import functools
 import logging
 import os
 import stat
@@ -31,7 +32,7 @@ from omirror.apply import Applier, ApplyError, LocalChanged, TempFile, check_pat
 from omirror.clock import now_ns
 from omirror.config import MirrorSet
 from omirror.entry import Entry, Kind, Outcome, decide
-from omirror.errors import PathRefused
+from omirror.errors import OmirrorError, PathRefused
 from omirror.scanner import Scanner, local_path
 from omirror.store import Cursor, Record, Store
 from omirror.wire import (CHUNK, INLINE_MAX, PROTOCOL_VERSION, Ack, Bye, Copy, Data, EntryMsg,
@@ -391,13 +392,30 @@ class Pusher(_Side):
             return
         try:
             if want.block_size and want.blocks:
-                await self._send_delta(fd, want)
+                sent = await self._send_delta(fd, want)
             else:
-                await self._send_whole(fd, want)
+                sent = await self._send_whole(fd, want)
         finally:
             os.close(fd)
+        if not sent:
+            await self._recheck(want.path)
 
-    async def _send_whole(self, fd: int, want: Want) -> None:
+    async def _recheck(self, path: bytes) -> None:
+        """The file did not hold the version its record names (NODATA was sent, and the
+        peer waits for a newer entry). Usually a change in progress, whose events bring
+        that entry; but a record that is simply wrong would never be followed by one, so
+        the file is hashed again now and what it holds is recorded."""
+        mset = next((m for m in self.ctx.sets_with(self.peer) if m.root_of(path)), None)
+        if mset is None:
+            return
+        try:
+            await self.ctx.tree(functools.partial(
+                self.ctx.scanner.scan_paths, mset, self.ctx.root, [(path, False)],
+                force=True))
+        except OmirrorError as e:  # a root gone, say: the daemon says so elsewhere
+            log.debug("path=/%s not rescanned: %s", os.fsdecode(path), e)
+
+    async def _send_whole(self, fd: int, want: Want) -> bool:
         digest = xxhash.xxh3_128()
         while True:
             chunk = await asyncio.to_thread(os.read, fd, CHUNK)
@@ -409,8 +427,10 @@ class Pusher(_Side):
                 break
         if digest.digest() != want.digest:
             await self.io.send(NoData(want.want_id, "the file changed while it was sent"))
+            return False
+        return True
 
-    async def _send_delta(self, fd: int, want: Want) -> None:
+    async def _send_delta(self, fd: int, want: Want) -> bool:
         """Send only the blocks that differ from the receiver's old version.
 
         The whole file is hashed first: if it no longer is the wanted version, nothing
@@ -423,7 +443,7 @@ class Pusher(_Side):
         ours, whole = await asyncio.to_thread(block_digests, fd, size)
         if whole != want.digest:
             await self.io.send(NoData(want.want_id, "the file changed before it was sent"))
-            return
+            return False
         file_size = before.st_size
         run_start, run_len = 0, 0
         for index, block in enumerate(ours):
@@ -451,8 +471,9 @@ class Pusher(_Side):
         if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) == (
                 before.st_size, before.st_mtime_ns, before.st_ctime_ns):
             await self.io.send(Data(want.want_id, b"", True))
-        else:
-            await self.io.send(NoData(want.want_id, "the file changed while it was sent"))
+            return True
+        await self.io.send(NoData(want.want_id, "the file changed while it was sent"))
+        return False
 
 
 def _page(store: Store, position: int) -> list[Record]:

@@ -18,7 +18,7 @@ import pytest
 import xxhash
 
 from omirror import apply as apply_module, config
-from omirror.apply import Applier, TempFile
+from omirror.apply import Applier, LocalChanged, TempFile
 from omirror.entry import Entry, Kind, Stamp, conflict_name
 from omirror.errors import ApplyError, PathRefused
 from omirror.scanner import MARKER, Scanner
@@ -541,6 +541,27 @@ def test_a_moved_source_is_expected_absent_until_its_tombstone(host: Host) -> No
     assert host.applier.expected_absent == {b"data/old"}
     host.applier.delete(host.mset, tombstone(b"data/old"))
     assert host.applier.expected_absent == set()
+
+
+def test_copy_local_move_refuses_a_source_written_to_after_it_was_verified(
+        host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write landing between the check of the source and the rename would be moved
+    and recorded as the peer's version, whose digest it does not have: the peers asking
+    for that content would be told it changed, and wait for ever for a newer entry."""
+    host.write(b"data/old", b"payload")
+    guard = host.applier._guard_target
+
+    def write_meanwhile(path: bytes, st: os.stat_result | None) -> None:
+        guard(path, st)
+        with open(host.data / "old", "ab") as f:
+            f.write(b" and a local write")
+
+    monkeypatch.setattr(host.applier, "_guard_target", write_meanwhile)
+    with pytest.raises(LocalChanged, match="changed here while it was being moved"):
+        host.applier.copy_local(host.mset, file_entry(b"data/new", b"payload"), b"data/old",
+                                move=True)
+    assert (host.data / "old").read_bytes() == b"payload and a local write"
+    assert not (host.data / "new").exists() and host.store.get(b"data/new") is None
 
 
 def test_copy_local_move_hashes_a_source_the_store_does_not_vouch_for(host: Host) -> None:
