@@ -576,6 +576,8 @@ class Chaos:
                     and any(path.startswith(q + "/") and seen.state == ABSENT
                             for q, seen in op.seen.items()) for op in self.ops):
                 continue  # written into a directory as it was renamed away: went with it
+            if chosen is None and is_conflict_copy(path.rpartition("/")[2]):
+                continue  # every peer that sees the conflict records its own copy
             if chosen is None:
                 problems.append(f"/{path}: winner {stamp.origin}@{stamp.time_ns} but "
                                 f"{stamp.origin} did nothing to it before; final {final}")
