@@ -632,8 +632,11 @@ class Applier:
             with _os_errors(entry.path, "write"):
                 old = _lstat_at(dst_dir, name)
                 self._guard_target(entry.path, old)
-                if _changed_since(os.fstat(fd), verified):
-                    # written to since it was verified: what would move is not the entry's
+                named = _lstat_at(src_dir, src_name)
+                if _changed_since(os.fstat(fd), verified) or named is None \
+                        or named.st_ino != verified.st_ino:
+                    # written to since it was verified, or another file put at its name
+                    # (the rename goes by name): what would move is not the entry's
                     # content (recorded with its digest, it would be sent as that version)
                     raise LocalChanged(source, None, f"{show(source)} changed here while "
                                        f"it was being moved to {show(entry.path)}")
@@ -643,6 +646,12 @@ class Applier:
                 os.rename(src_name, name, src_dir_fd=src_dir, dst_dir_fd=dst_dir)
                 self.expected_absent.add(source)
                 st = os.fstat(fd)  # not by name: what is there now may be someone else's
+                moved = _lstat_at(dst_dir, name)
+                if moved is None or moved.st_ino != st.st_ino:
+                    # a file put at the source's name in the instant before the rename
+                    # went instead: it is the user's, to be recorded as such
+                    raise LocalChanged(entry.path, None, f"{show(source)} was replaced "
+                                       f"here as it was moved to {show(entry.path)}")
         finally:
             os.close(dst_dir)
         _check_ours(entry.path, st, mode, entry.mtime_ns)  # a write since our utime

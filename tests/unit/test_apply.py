@@ -564,6 +564,26 @@ def test_copy_local_move_refuses_a_source_written_to_after_it_was_verified(
     assert not (host.data / "new").exists() and host.store.get(b"data/new") is None
 
 
+def test_copy_local_move_refuses_a_source_replaced_at_its_name_after_it_was_verified(
+        host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rename goes by name: a file a user renamed into the source's place after the
+    check would be moved instead and recorded as the peer's version."""
+    host.write(b"data/old", b"payload")
+    guard = host.applier._guard_target
+
+    def replace_meanwhile(path: bytes, st: os.stat_result | None) -> None:
+        guard(path, st)
+        (host.data / "user-tmp").write_bytes(b"the user's new file")
+        os.rename(host.data / "user-tmp", host.data / "old")
+
+    monkeypatch.setattr(host.applier, "_guard_target", replace_meanwhile)
+    with pytest.raises(LocalChanged, match="changed here while it was being moved"):
+        host.applier.copy_local(host.mset, file_entry(b"data/new", b"payload"), b"data/old",
+                                move=True)
+    assert (host.data / "old").read_bytes() == b"the user's new file"
+    assert not (host.data / "new").exists() and host.store.get(b"data/new") is None
+
+
 def test_copy_local_move_hashes_a_source_the_store_does_not_vouch_for(host: Host) -> None:
     (host.data / "old").write_bytes(b"payload")  # never recorded
     record = host.applier.copy_local(host.mset, file_entry(b"data/new", b"payload"),
