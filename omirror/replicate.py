@@ -230,6 +230,9 @@ class Pusher(_Side):
         #: (seq, bytes) of the entries in flight that carry content, and their sum
         self.unacked_inline: collections.deque[tuple[int, int]] = collections.deque()
         self.inflight_bytes = 0
+        #: The last PASSED sent: a BYE waits for its acknowledgement too, or the peer's
+        #: acknowledgement would find the channel closed
+        self.passed = 0
         self.acked = asyncio.Event()
         #: A receiver has one request open at a time; one that sends more and never
         #: reads what it asked for is not read further (its requests are not queued).
@@ -348,10 +351,11 @@ class Pusher(_Side):
                         self.unacked_inline.append((record.seq, size))
                         self.inflight_bytes += size
                 self.stats.entries_sent += 1
-            if not records or records[-1][0].seq != position:
+            if not self.index and (not records or records[-1][0].seq != position):
                 # the page ended with entries not for this peer (its own, say): say so,
                 # or its cursor stays behind them and every reconnect pages them again
                 await self.io.send(Passed(position))
+                self.passed = position
             self.examined = position
             self._settle()
 
@@ -363,7 +367,7 @@ class Pusher(_Side):
     async def _finish(self) -> None:
         """Once everything sent is acknowledged, say goodbye. An entry is acknowledged
         only once applied, its content fetched included, so no WANT is left open."""
-        while self.unacked:
+        while self.unacked or self.stats.acked_seq < self.passed:
             self.acked.clear()
             await self.acked.wait()
         await self.io.send(Bye("caught up"))

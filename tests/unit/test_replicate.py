@@ -68,3 +68,29 @@ def test_a_file_that_does_not_hold_its_recorded_version_is_hashed_again(
     assert after.digest == xxhash.xxh3_128(b"what the file holds").digest()
     assert after.stamp > record.entry.stamp and store.get(b"data/f").seq > record.seq
     store.close()
+
+
+def test_a_pusher_that_is_done_waits_for_the_acknowledgement_of_its_last_passed(
+        tmp_path: Path) -> None:
+    """The receiver acknowledges a PASSED like entries; a BYE sent before that would
+    leave the acknowledgement to a closed channel (``--once`` then failed its peer)."""
+    store = Store.open(tmp_path / "state")
+
+    async def run() -> tuple[list[object], list[object]]:
+        async def tree(fn, *args):  # type: ignore[no-untyped-def]
+            return fn(*args)
+        ctx = Context("alpha", store, None, None, b"/", lambda peer: [], tree)  # type: ignore[arg-type]
+        frames = Frames()
+        pusher = Pusher(ctx, "beta", None, frames, LinkStats(), once=True)
+        pusher.passed = 7
+        finishing = asyncio.ensure_future(pusher._finish())
+        await asyncio.sleep(0)  # let it run up to its wait
+        before = list(frames.sent)
+        pusher.stats.acked_seq = 7
+        pusher.acked.set()
+        await asyncio.wait_for(finishing, 5)
+        return before, frames.sent
+
+    before, after = asyncio.run(run())
+    assert before == [] and [type(m).__name__ for m in after] == ["Bye"]
+    store.close()
