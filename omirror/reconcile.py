@@ -27,7 +27,7 @@ from omirror.replicate import LinkStats, _check_hello, _Stream
 from omirror.scanner import Scanner, logical
 from omirror.store import Store
 from omirror.wire import (INDEX_SUBSYSTEM, PROTOCOL_VERSION, Bye, EntryMsg, Hello, IHave,
-                          Passed, ProtocolError, Start)
+                          ProtocolError, Start)
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,7 @@ class Checker:
                     index[msg.entry.path] = msg.entry
                 elif isinstance(msg, Bye):
                     return index
-                elif not isinstance(msg, Passed):  # a position only: nothing to compare
+                else:
                     raise ProtocolError(f"an index does not hold {type(msg).__name__}")
         finally:
             conn.close()

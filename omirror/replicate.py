@@ -378,7 +378,9 @@ class Pusher(_Side):
             await self._serve(want)
 
     async def _serve(self, want: Want) -> None:
-        if not any(m.root_of(want.path) is not None for m in self.ctx.sets_with(self.peer)):
+        mset = next((m for m in self.ctx.sets_with(self.peer)
+                     if m.root_of(want.path) is not None), None)
+        if mset is None:
             log.warning("peer=%s asked for /%s, which is in no set this host shares with "
                         "it: refused", self.peer, os.fsdecode(want.path))
             await self.io.send(NoData(want.want_id, "not in a set we share"))
@@ -402,16 +404,13 @@ class Pusher(_Side):
         finally:
             os.close(fd)
         if not sent:
-            await self._recheck(want.path)
+            await self._recheck(mset, want.path)
 
-    async def _recheck(self, path: bytes) -> None:
+    async def _recheck(self, mset: MirrorSet, path: bytes) -> None:
         """The file did not hold the version its record names (NODATA was sent, and the
         peer waits for a newer entry). Usually a change in progress, whose events bring
         that entry; but a record that is simply wrong would never be followed by one, so
         the file is hashed again now and what it holds is recorded."""
-        mset = next((m for m in self.ctx.sets_with(self.peer) if m.root_of(path)), None)
-        if mset is None:
-            return
         try:
             await self.ctx.tree(functools.partial(
                 self.ctx.scanner.scan_paths, mset, self.ctx.root, [(path, False)],
@@ -634,16 +633,15 @@ class Receiver(_Side):
                 if self.entries.empty():
                     await self._save_cursor()
                 item = await self.entries.get()
-                if isinstance(item, Passed):
-                    passed = item
-                    continue
-                pending.append(self._dequeue(item))
-                while len(pending) < _BATCH and not self.entries.empty():
-                    item = self.entries.get_nowait()
-                    if isinstance(item, Passed):
-                        passed = item
-                        break
+                while not isinstance(item, Passed):
                     pending.append(self._dequeue(item))
+                    if len(pending) >= _BATCH or self.entries.empty():
+                        break
+                    item = self.entries.get_nowait()
+                else:
+                    passed = item  # ends the batch: it settles only what came before it
+                if not pending:
+                    continue
             results = await self.ctx.tree(self._apply_batch, list(pending))
             del pending[:len(results)]
             for msg, outcome in results:

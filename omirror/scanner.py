@@ -447,11 +447,7 @@ class _Run:
         held = None if known is None else self.store.get(path)
         where = local_path(self.root, path)
         moved_from: bytes | None = None
-        attrs: dict[str, object] = {
-            "mode": stat.S_IMODE(st.st_mode),
-            "owner": user_name(st.st_uid),
-            "group": group_name(st.st_gid),
-        }
+        attrs: dict[str, object] = {}
         try:
             if kind is Kind.FILE:
                 source = self._moved_source(path, kind, st, held)
@@ -459,10 +455,6 @@ class _Run:
                     moved_from, digest = source.entry.path, source.entry.digest
                 else:
                     digest, st = self._hash(where, st)
-                    # attributes from the stat the digest goes with, which is also the
-                    # one recorded: a chmod since the listing is in both, or in neither
-                    attrs.update(mode=stat.S_IMODE(st.st_mode), owner=user_name(st.st_uid),
-                                 group=group_name(st.st_gid))
                 attrs.update(digest=digest, size=st.st_size, mtime_ns=st.st_mtime_ns)
             elif kind is Kind.SYMLINK:
                 attrs.update(target=os.readlink(where), mode=0)
@@ -479,6 +471,10 @@ class _Run:
         except OSError as e:
             self._unreadable(path, e)
             return
+        # mode and owner from the stat that is recorded, for a file the one its digest
+        # goes with: a chmod since the listing is in both, or in neither
+        attrs = {"mode": stat.S_IMODE(st.st_mode), "owner": user_name(st.st_uid),
+                 "group": group_name(st.st_gid), **attrs}
         replaced = (kind is Kind.DIR and held is not None and held.sig is not None
                     and not held.entry.is_tombstone and held.sig.ino != st.st_ino)
         if kind is Kind.DIR and (moved_from is not None or replaced or (
@@ -544,54 +540,48 @@ class _Run:
     def _renamed_over(self, path: bytes, kind: Kind, st: os.stat_result,
                       held: Record | None) -> bool:
         """True when the file or symlink at ``path``, recorded there under another inode,
-        is one renamed here from another tracked path (its old path no longer holds it)."""
+        is one renamed here from another tracked path."""
         if held is None or held.sig is None or held.sig.ino == st.st_ino \
                 or kind not in (Kind.FILE, Kind.SYMLINK):
             return False
-        for record in self.store.by_inode(st.st_ino):
-            if record.entry.kind != kind or record.entry.path == path or record.sig is None \
-                    or self.mset.root_of(record.entry.path) is None:
-                continue
-            try:
-                if os.lstat(local_path(self.root, record.entry.path)).st_ino == st.st_ino:
-                    continue  # still there too: a hard link, not a rename
-            except FileNotFoundError:
-                pass
-            except OSError:
-                continue
-            return True
-        return False
+        return next(self._renamed_from(path, kind, st), None) is not None
 
-    def _moved_source(self, path: bytes, kind: Kind, st: os.stat_result,
-                      held: Record | None) -> Record | None:
-        """The record this new path was renamed from, found by inode, or None.
-
-        A source qualifies only if its old path no longer holds that inode, so a hard
-        link is never taken for a rename. The source's digest is then reused: a renamed
-        10 GB tree is not read again.
-        """
-        if self.store_empty or (held is not None and not held.entry.is_tombstone):
-            return None
+    def _renamed_from(self, path: bytes, kind: Kind, st: os.stat_result) -> Iterator[Record]:
+        """Records of other paths of this set last seen with this inode, whose path no
+        longer holds it: where it may have been renamed from. A path that still holds
+        the inode is a hard link, never taken for a rename."""
         for record in self.store.by_inode(st.st_ino):
             if record.entry.kind != kind or record.entry.path == path or record.sig is None:
                 continue
             if self.mset.root_of(record.entry.path) is None:
                 continue  # moved in from another set: a new path here, not a rename
-            if kind is Kind.FILE and (record.sig.size, record.sig.mtime_ns) != (
-                    st.st_size, st.st_mtime_ns):
-                continue
-            if kind is Kind.DIR and record.sig.mtime_ns != st.st_mtime_ns:
-                # a rename leaves a directory's mtime alone; a directory made since, which
-                # got the inode number of one deleted meanwhile, has its own (a false
-                # rename would name a path this host never renamed)
-                continue
             try:
-                now = os.lstat(local_path(self.root, record.entry.path))
-                if now.st_ino == st.st_ino:
+                if os.lstat(local_path(self.root, record.entry.path)).st_ino == st.st_ino:
                     continue
             except FileNotFoundError:
                 pass
             except OSError:
+                continue
+            yield record
+
+    def _moved_source(self, path: bytes, kind: Kind, st: os.stat_result,
+                      held: Record | None) -> Record | None:
+        """The record this new path was renamed from, found by inode, or None.
+
+        The source's digest is then reused: a renamed 10 GB tree is not read again, so
+        a file qualifies only with the size and mtime recorded. So does a directory's
+        mtime, which a rename leaves alone: a directory made since, which got the inode
+        number of one deleted meanwhile, has its own (a false rename would name a path
+        this host never renamed).
+        """
+        if self.store_empty or (held is not None and not held.entry.is_tombstone):
+            return None
+        for record in self._renamed_from(path, kind, st):
+            assert record.sig is not None  # _renamed_from yields only records with one
+            if kind is Kind.FILE and (record.sig.size, record.sig.mtime_ns) != (
+                    st.st_size, st.st_mtime_ns):
+                continue
+            if kind is Kind.DIR and record.sig.mtime_ns != st.st_mtime_ns:
                 continue
             return record
         return None

@@ -12,7 +12,7 @@ import select
 import stat
 import subprocess
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 import xxhash
@@ -543,44 +543,39 @@ def test_a_moved_source_is_expected_absent_until_its_tombstone(host: Host) -> No
     assert host.applier.expected_absent == set()
 
 
-def test_copy_local_move_refuses_a_source_written_to_after_it_was_verified(
-        host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A write landing between the check of the source and the rename would be moved
-    and recorded as the peer's version, whose digest it does not have: the peers asking
-    for that content would be told it changed, and wait for ever for a newer entry."""
+def _append_to_old(data: Path) -> None:
+    with open(data / "old", "ab") as f:
+        f.write(b" and a local write")
+
+
+def _rename_a_new_file_onto_old(data: Path) -> None:
+    (data / "user-tmp").write_bytes(b"the user's new file")
+    os.rename(data / "user-tmp", data / "old")
+
+
+@pytest.mark.parametrize("meanwhile, left", [
+    (_append_to_old, b"payload and a local write"),
+    (_rename_a_new_file_onto_old, b"the user's new file"),
+], ids=["written to", "replaced at its name"])
+def test_copy_local_move_refuses_a_source_changed_after_it_was_verified(
+        host: Host, monkeypatch: pytest.MonkeyPatch, meanwhile: Callable[[Path], None],
+        left: bytes) -> None:
+    """A write landing between the check of the source and the rename, or another file
+    renamed onto the source's name (the rename goes by name), would be moved and
+    recorded as the peer's version, whose digest it does not have: the peers asking for
+    that content would be told it changed, and wait for ever for a newer entry."""
     host.write(b"data/old", b"payload")
     guard = host.applier._guard_target
 
-    def write_meanwhile(path: bytes, st: os.stat_result | None) -> None:
+    def change_meanwhile(path: bytes, st: os.stat_result | None) -> None:
         guard(path, st)
-        with open(host.data / "old", "ab") as f:
-            f.write(b" and a local write")
+        meanwhile(host.data)
 
-    monkeypatch.setattr(host.applier, "_guard_target", write_meanwhile)
+    monkeypatch.setattr(host.applier, "_guard_target", change_meanwhile)
     with pytest.raises(LocalChanged, match="changed here while it was being moved"):
         host.applier.copy_local(host.mset, file_entry(b"data/new", b"payload"), b"data/old",
                                 move=True)
-    assert (host.data / "old").read_bytes() == b"payload and a local write"
-    assert not (host.data / "new").exists() and host.store.get(b"data/new") is None
-
-
-def test_copy_local_move_refuses_a_source_replaced_at_its_name_after_it_was_verified(
-        host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The rename goes by name: a file a user renamed into the source's place after the
-    check would be moved instead and recorded as the peer's version."""
-    host.write(b"data/old", b"payload")
-    guard = host.applier._guard_target
-
-    def replace_meanwhile(path: bytes, st: os.stat_result | None) -> None:
-        guard(path, st)
-        (host.data / "user-tmp").write_bytes(b"the user's new file")
-        os.rename(host.data / "user-tmp", host.data / "old")
-
-    monkeypatch.setattr(host.applier, "_guard_target", replace_meanwhile)
-    with pytest.raises(LocalChanged, match="changed here while it was being moved"):
-        host.applier.copy_local(host.mset, file_entry(b"data/new", b"payload"), b"data/old",
-                                move=True)
-    assert (host.data / "old").read_bytes() == b"the user's new file"
+    assert (host.data / "old").read_bytes() == left
     assert not (host.data / "new").exists() and host.store.get(b"data/new") is None
 
 
