@@ -21,14 +21,10 @@ The applier does not decide anything: the receiver runs ``decide()`` and checks
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
-import functools
-import grp
 import logging
 import os
-import pwd
+import re
 import secrets
 import stat
 import time
@@ -36,12 +32,16 @@ from typing import Callable, Iterator, Sequence
 
 import xxhash
 
+from omirror import fsio
 from omirror.clock import now_ns
-from omirror.config import MirrorSet
+from omirror.config import MirrorSet, set_for
 from omirror.entry import (NAME_MAX, TEMP_PREFIX, Entry, Kind, Stamp, conflict_name,
                            first_version, is_own_name, next_stamp)
 from omirror.errors import ApplyError, PathRefused
-from omirror.scanner import MARKER, group_name, local_path, logical, user_name
+from omirror.owners import OwnerMap, Ownership, group_name, user_name
+from omirror.owners import can_chown as can_chown_now
+from omirror.paths import local_path, logical, show, show_text
+from omirror.scanner import MARKER
 from omirror.store import Record, StatSig, Store
 
 log = logging.getLogger(__name__)
@@ -50,10 +50,15 @@ log = logging.getLogger(__name__)
 PATH_MAX = 4096
 #: Temp files and temp symlinks start with the daemon's own prefix, so the scanner and the
 #: watcher ignore them and a peer can never name one.
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR_FLAGS = fsio.DIR_FLAGS
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 #: O_NONBLOCK: a local source swapped for a FIFO must not hang the tree worker.
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_READ_FLAGS = fsio.READ_FLAGS
+#: Latest stamp accepted from a peer (the year 2116): a stamp near 2**63 could not be
+#: followed by a newer local one without overflowing the store's integers.
+MAX_STAMP_NS = 1 << 62
+#: A host identity as the Distfile spells it (omirror/config.py): what an origin may be.
+_HOST_NAME = re.compile(r"[A-Za-z0-9_.:\[\]-]{1,255}\Z")
 _CHUNK = 1 << 20
 _KINDS = {stat.S_IFREG: Kind.FILE, stat.S_IFDIR: Kind.DIR, stat.S_IFLNK: Kind.SYMLINK}
 
@@ -65,21 +70,43 @@ def check_path(path: bytes, sets: Sequence[MirrorSet]) -> MirrorSet:
     """The set that a path from a peer belongs to, or :class:`PathRefused`.
 
     ``sets`` are the sets this host shares with that peer: a peer may only write where
-    both hosts mirror. When several sets contain the path, the first one that does not
-    exclude it is returned, so an exclusion in one set does not hide the path from
-    another set that mirrors it.
+    both hosts mirror. The set is chosen by the one rule (:func:`config.set_for`), so
+    an exclusion in one set does not hide the path from a nested set that mirrors it.
     """
     check_form(path)
-    excluded_by: MirrorSet | None = None
-    for mset in sets:
-        if mset.root_of(path) is None:
-            continue
-        if not mset.is_excluded(path):
-            return mset
-        excluded_by = excluded_by or mset
+    mset = set_for(path, sets)
+    if mset is not None:
+        return mset
+    excluded_by = next((m for m in sets if m.root_of(path) is not None), None)
     if excluded_by is not None:
         raise PathRefused(path, f"excluded here by set {excluded_by.title}")
     raise PathRefused(path, "is in no set this host shares with the peer")
+
+
+def check_entry(entry: Entry) -> None:
+    """Refuse an entry whose fields, well-typed as the wire checked them, still cannot be
+    a version any honest peer made: :class:`PathRefused`, so the entry is skipped and
+    the link goes on (retrying could not help, and closing the link would meet it again
+    on every reconnect).
+
+    Origins are host names (they become part of conflict copies' names and of log
+    lines), owners and groups are names without NUL or control characters (they are
+    looked up in the password database), and stamps stay far below the store's integer
+    limit (a later local version is always one more).
+    """
+    check_form(entry.path)
+    origins = [entry.stamp.origin, *(origin for origin, _ in entry.vector)]
+    for origin in origins:
+        if not _HOST_NAME.match(origin):
+            raise PathRefused(entry.path, f"its origin {show_text(repr(origin))} is not a "
+                                          "host name")
+    for what, name in (("owner", entry.owner), ("group", entry.group)):
+        if not name.isprintable() or "/" in name or ":" in name:
+            raise PathRefused(entry.path, f"its {what} {show_text(repr(name))} is not a "
+                                          "user or group name")
+    times = [entry.stamp.time_ns, *(t for _, t in entry.vector)]
+    if max(times) >= MAX_STAMP_NS:
+        raise PathRefused(entry.path, f"its stamp {max(times)} lies beyond the year 2116")
 
 
 def check_form(path: object) -> None:
@@ -114,16 +141,6 @@ def check_form(path: object) -> None:
                                     "names starting with .omirror are never mirrored")
 
 
-def show(path: bytes) -> str:
-    """A logical path as an operator reads it in a message: ``/srv/www/a``.
-
-    Names are not always UTF-8 nor free of control characters; those are shown escaped,
-    so that a file name cannot forge a log line.
-    """
-    text = "/" + os.fsdecode(path)
-    return text if text.isprintable() else repr(text)
-
-
 @contextlib.contextmanager
 def _os_errors(path: bytes, action: str) -> Iterator[None]:
     """Turn a failed system call into an :class:`ApplyError` that says what failed."""
@@ -132,13 +149,6 @@ def _os_errors(path: bytes, action: str) -> Iterator[None]:
     except OSError as e:
         reason = e.strerror or errno.errorcode.get(e.errno or 0, str(e))
         raise ApplyError(path, e.errno, f"cannot {action} {show(path)}: {reason}") from e
-
-
-def _lstat_at(dir_fd: int, name: bytes) -> os.stat_result | None:
-    try:
-        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
 
 
 def _kind_of(st: os.stat_result) -> Kind | None:
@@ -170,35 +180,6 @@ def _split(path: bytes) -> tuple[bytes, bytes]:
 
 def _join(parent: bytes, name: bytes) -> bytes:
     return parent + b"/" + name if parent else name
-
-
-@functools.lru_cache(maxsize=4096)
-def uid_of(name: str) -> int:
-    """The local uid of an owner name; -1 (leave as is) for an empty or unknown name.
-
-    Owners travel by name, as rdist sends them; digits are a numeric id (a uid that had
-    no name on the sending host). Cached like the scanner's reverse lookup: a user added
-    later is seen after a restart.
-    """
-    if name.isascii() and name.isdigit():
-        return int(name)
-    try:
-        return pwd.getpwnam(name).pw_uid if name else -1
-    except KeyError:
-        log.debug("user %r is unknown here: owners of that name are left as they are", name)
-        return -1
-
-
-@functools.lru_cache(maxsize=4096)
-def gid_of(name: str) -> int:
-    """The local gid of a group name; -1 (leave as is) for an empty or unknown name."""
-    if name.isascii() and name.isdigit():
-        return int(name)
-    try:
-        return grp.getgrnam(name).gr_gid if name else -1
-    except KeyError:
-        log.debug("group %r is unknown here: groups of that name are left as they are", name)
-        return -1
 
 
 # --------------------------------------------------------------------------- temp files
@@ -286,7 +267,7 @@ class TempFile:
         self._hash.update(data)
         self.size += len(data)
         if self.size - self._written_back >= _WRITEBACK_EVERY:
-            _start_writeback(self.fd, self._written_back, self.size - self._written_back)
+            fsio.start_writeback(self.fd, self._written_back, self.size - self._written_back)
             self._written_back = self.size
 
     def copy_from(self, fd: int, offset: int, length: int) -> None:
@@ -362,7 +343,7 @@ class TempFile:
                            dir_fd=self.dir_fd)
         try:
             st, ours = os.fstat(held), os.fstat(self.fd)
-            if (st.st_dev, st.st_ino) != (ours.st_dev, ours.st_ino):
+            if not fsio.same_file(st, ours):
                 raise ApplyError(self.path, None,
                                  f"cannot write {show(self.path)}: its temp file "
                                  f"{os.fsdecode(self.name)} was replaced by someone else")
@@ -394,7 +375,8 @@ class Applier:
     """Writes versions received from peers into this host's trees, and records them.
 
     ``clock`` stamps the new local versions this makes (conflict copies); ``can_chown``
-    says whether owners can be set (by default: running as root).
+    says whether owners can be set (by default: whether this process holds
+    ``CAP_CHOWN``, omirror/owners.py).
 
     ``expected_absent`` holds the paths that applying a peer's rename moved away here
     (:meth:`copy_local` with ``move``, :meth:`move`): their deletion is the peer's and
@@ -409,7 +391,8 @@ class Applier:
         self.store = store
         self.host = host
         self.clock = clock
-        self.can_chown = os.geteuid() == 0 if can_chown is None else can_chown
+        self.can_chown = can_chown_now() if can_chown is None else can_chown
+        self.owners = OwnerMap()
         self.expected_absent: set[bytes] = set()
         #: Small files written and synced ahead for a batch (:meth:`prepare`), by path.
         self.prepared: dict[bytes, TempFile] = {}
@@ -448,21 +431,38 @@ class Applier:
 
     # -- checks --------------------------------------------------------------------------
 
-    def disk_matches(self, path: bytes, record: Record | None) -> bool:
+    def disk_matches(self, mset: MirrorSet, path: bytes, record: Record | None) -> bool:
         """True when the disk at ``path`` holds what the store last recorded there.
 
         Checked before anything is replaced: a local change the scanner has not recorded
         yet must win, so the caller scans the path instead of applying. A directory is
         compared by kind, inode and mode only: every file written into it moves its
-        mtime and ctime, and its entry holds neither.
+        mtime and ctime, and its entry holds neither. A path beyond a symlink is refused
+        (:class:`PathRefused`): what the disk shows there is outside the tree.
         """
-        check_form(path)
-        with _os_errors(path, "examine"):
+        return _matches(self.lstat(mset, path), record)
+
+    def lstat(self, mset: MirrorSet, path: bytes) -> os.stat_result | None:
+        """``lstat`` of a path of ``mset``, reached through descriptors from its root;
+        None when it (or a directory on the way) is missing. :class:`PathRefused` when
+        the path lies beyond a symlink or a file here: what is there is outside the tree,
+        neither examined nor replaced."""
+        top = self._top(mset, path)
+        if path == top:
+            fd = self._open_root(top, path)
             try:
-                st: os.stat_result | None = os.lstat(local_path(self.root, path))
-            except (FileNotFoundError, NotADirectoryError):
-                st = None
-        return _matches(st, record)
+                return os.fstat(fd)
+            finally:
+                os.close(fd)
+        opened = self._open_parent(mset, path, create=False, action="examine")
+        if opened is None:
+            return None
+        parent, name = opened
+        try:
+            with _os_errors(path, "examine"):
+                return fsio.lstat_at(parent, name)
+        finally:
+            os.close(parent)
 
     def check_parents(self, mset: MirrorSet, path: bytes) -> None:
         """Refuse a path that lies beyond a symlink (or a file) here, with
@@ -474,6 +474,31 @@ class Applier:
         opened = self._open_parent(mset, path, create=False, action="examine")
         if opened is not None:
             os.close(opened[0])
+
+    def open_old(self, mset: MirrorSet, record: Record) -> int:
+        """Open the local version a block delta is built against, read-only; -1 when the
+        file is no longer the one ``record`` describes (another file, or changed since:
+        its blocks would not be what the record's content is)."""
+        if record.sig is None:
+            return -1
+        try:
+            opened = self._open_parent(mset, record.entry.path, create=False,
+                                       action="read")
+        except (ApplyError, PathRefused):
+            return -1
+        if opened is None:
+            return -1
+        parent, name = opened
+        try:
+            fd, st = fsio.open_file(parent, name)
+        except (OSError, fsio.Swapped):
+            return -1
+        finally:
+            os.close(parent)
+        if StatSig.of(st) != record.sig:
+            os.close(fd)
+            return -1
+        return fd
 
     # -- files ---------------------------------------------------------------------------
 
@@ -521,7 +546,7 @@ class Applier:
         commits), and that was most of the time a receiver spent on a tree of small
         files. A batch of a few is fsynced file by file."""
         temps = list(self.prepared.values())
-        if len(temps) >= _SYNCFS_MIN and _syncfs(temps[0].fd):
+        if len(temps) >= _SYNCFS_MIN and fsio.syncfs(temps[0].fd):
             for temp in temps:
                 temp.synced()
             return
@@ -555,7 +580,7 @@ class Applier:
             here = os.fstat(opened[0])
             os.close(opened[0])
             there = os.fstat(temp.dir_fd)
-            if (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino):
+            if fsio.same_file(here, there):
                 return temp
         temp.abort()
         return None
@@ -630,11 +655,11 @@ class Applier:
         dst_dir, name = self._parent_for_write(mset, entry.path, "write")
         try:
             with _os_errors(entry.path, "write"):
-                old = _lstat_at(dst_dir, name)
+                old = fsio.lstat_at(dst_dir, name)
                 self._guard_target(entry.path, old)
-                named = _lstat_at(src_dir, src_name)
-                if _changed_since(os.fstat(fd), verified) or named is None \
-                        or named.st_ino != verified.st_ino:
+                named = fsio.lstat_at(src_dir, src_name)
+                if not fsio.unchanged(os.fstat(fd), verified) or named is None \
+                        or not fsio.same_file(named, verified):
                     # written to since it was verified, or another file put at its name
                     # (the rename goes by name): what would move is not the entry's
                     # content (recorded with its digest, it would be sent as that version)
@@ -646,8 +671,8 @@ class Applier:
                 os.rename(src_name, name, src_dir_fd=src_dir, dst_dir_fd=dst_dir)
                 self.expected_absent.add(source)
                 st = os.fstat(fd)  # not by name: what is there now may be someone else's
-                moved = _lstat_at(dst_dir, name)
-                if moved is None or moved.st_ino != st.st_ino:
+                moved = fsio.lstat_at(dst_dir, name)
+                if moved is None or not fsio.same_file(moved, st):
                     # a file put at the source's name in the instant before the rename
                     # went instead: it is the user's, to be recorded as such
                     raise LocalChanged(entry.path, None, f"{show(source)} was replaced "
@@ -687,21 +712,24 @@ class Applier:
                     and held.sig == StatSig.of(st) and held.entry.digest == entry.digest
                     and held.entry.size == entry.size):
                 return st
-            digest, size = _hash_fd(fd)
-            if _changed_since(os.fstat(fd), st):
+            digest, size = fsio.digest_fd(fd)
+            if not fsio.unchanged(os.fstat(fd), st):
                 raise LocalChanged(source, None, f"{show(source)} changed here while it "
                                    "was read")
         if (digest, size) != (entry.digest, entry.size):
             raise _not_the_content("move", source, entry)
         return st
 
-    def adopt(self, mset: MirrorSet, entry: Entry) -> Record:
+    def adopt(self, mset: MirrorSet, entry: Entry, expect: StatSig) -> Record:
         """Record a version whose content is already in place here, with its attributes.
 
         For a file that holds the entry's content already: its local version has the same
         digest and an unchanged stat, or it arrived with its directory by :meth:`move`.
         Only owner, mode and mtime are set; nothing is read. The caller vouches for the
-        content; a path that is not a regular file of the entry's size is refused.
+        content of the file it looked at, ``expect``: the file opened here must be that
+        one, unchanged (inode, size, mtime, ctime), or :class:`LocalChanged` says so.
+        A file swapped in by a user in between would otherwise get the entry's owner
+        and mode (root, 4755) for its own content.
         """
         _expect(entry, Kind.FILE)
         opened = self._open_parent(mset, entry.path, create=False, action="adopt")
@@ -718,6 +746,10 @@ class Applier:
                         raise ApplyError(entry.path, None,
                                          f"cannot adopt {show(entry.path)}: it is not a "
                                          f"regular file of {entry.size} bytes here")
+                    if StatSig.of(st) != expect:
+                        raise LocalChanged(entry.path, None, f"{show(entry.path)} changed "
+                                           "here while a peer's version was being applied; "
+                                           "the local change is recorded first")
                     self._set_attrs(mset, fd, entry, st)
                     st = os.fstat(fd)
                 finally:
@@ -741,7 +773,7 @@ class Applier:
         parent, name = self._parent_for_write(mset, entry.path, "make directory")
         try:
             with _os_errors(entry.path, "make directory"):
-                old = _lstat_at(parent, name)
+                old = fsio.lstat_at(parent, name)
                 self._guard_target(entry.path, old)
                 if old is not None and not stat.S_ISDIR(old.st_mode):
                     os.unlink(name, dir_fd=parent)
@@ -752,6 +784,16 @@ class Applier:
                     os.mkdir(name, 0o700, dir_fd=parent)
                 fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
                 try:
+                    # the directory opened must be the one examined, or the one just made
+                    # (ours, still 0700): another put there by a user in between would get
+                    # the entry's owner and mode
+                    here = os.fstat(fd)
+                    if (not fsio.same_file(here, old)) if old is not None else (
+                            here.st_uid != os.geteuid()
+                            or stat.S_IMODE(here.st_mode) != 0o700):
+                        raise LocalChanged(entry.path, None, f"{show(entry.path)} was "
+                                           "replaced here while a peer's version was "
+                                           "applied; the local change is recorded first")
                     mode = self._set_attrs(mset, fd, entry, old, mtime=False)
                     st = os.fstat(fd)
                 finally:
@@ -783,24 +825,43 @@ class Applier:
             with _os_errors(entry.path, "make symlink"):
                 with _temp_at(parent) as temp:
                     os.symlink(entry.target, temp, dir_fd=parent)
-                    old = _lstat_at(parent, name)
+                    old = fsio.lstat_at(parent, name)
                     self._guard_target(entry.path, old)
-                    uid, gid = self._owner(mset, entry, old)
-                    if uid != -1 or gid != -1:
-                        os.chown(temp, uid, gid, dir_fd=parent, follow_symlinks=False)
+                    ours = self._own_symlink(mset, entry, old, parent, temp)
                     if old is not None and stat.S_ISDIR(old.st_mode):
                         self._remove_empty_dir(parent, name, entry)
-                    ours = os.stat(temp, dir_fd=parent, follow_symlinks=False)
                     os.rename(temp, name, src_dir_fd=parent, dst_dir_fd=parent)
                     self._placed(parent, name, entry.path)
                 st = os.stat(name, dir_fd=parent, follow_symlinks=False)
-                if st.st_ino != ours.st_ino:
+                if not fsio.same_file(st, ours):
                     # replaced here right after the rename: record what we made, which
                     # the disk no longer matches, so the scan the change caused records it
                     st = ours
         finally:
             os.close(parent)
         return self._record(entry, st)
+
+    def _own_symlink(self, mset: MirrorSet, entry: Entry, old: os.stat_result | None,
+                     parent: int, temp: bytes) -> os.stat_result:
+        """Give the temp symlink just made its owner, through a descriptor of the link
+        itself; return its stat. The temp name is in a directory users may write: the
+        link opened must be ours (owned by this daemon's user, which no one else can
+        make), or someone swapped it, and their file would get the entry's owner."""
+        link = os.open(temp, fsio.PATH_FLAGS, dir_fd=parent)
+        try:
+            st = os.fstat(link)
+            if not stat.S_ISLNK(st.st_mode) or st.st_uid != os.geteuid():
+                raise ApplyError(entry.path, None, f"cannot make symlink {show(entry.path)}:"
+                                                   " its temp link was replaced by someone "
+                                                   "else")
+            owner = self._ownership(mset, entry, old)
+            if self.can_chown and (owner.uid is not None or owner.gid is not None):
+                fsio.chown_link(link, -1 if owner.uid is None else owner.uid,
+                                -1 if owner.gid is None else owner.gid)
+                st = os.fstat(link)
+            return st
+        finally:
+            os.close(link)
 
     # -- deletions -----------------------------------------------------------------------
 
@@ -828,7 +889,7 @@ class Applier:
         return Record(entry, seq, None)
 
     def _remove(self, parent: int, name: bytes, path: bytes) -> None:
-        old = _lstat_at(parent, name)
+        old = fsio.lstat_at(parent, name)
         if old is None:
             return
         self._guard_target(path, old)
@@ -869,7 +930,7 @@ class Applier:
         copy_path = _join(_split(path)[0], copy)
         try:
             with _os_errors(copy_path, "keep a conflict copy at"):
-                old = _lstat_at(parent, name)
+                old = fsio.lstat_at(parent, name)
                 if old is None or not stat.S_ISREG(old.st_mode):
                     log.debug("path=%s no local file to keep as a conflict copy", show(path))
                     return None
@@ -877,11 +938,13 @@ class Applier:
                     self._copy_at(parent, name, temp)
                     fd = os.open(temp, _READ_FLAGS, dir_fd=parent)
                     try:
-                        kept, _ = _hash_fd(fd)
+                        kept, _ = fsio.digest_fd(fd)
                         if digest is not None and kept != digest:
                             raise LocalChanged(path, None, f"{show(path)} changed here "
                                                "since it was recorded; not kept as its "
                                                "conflict copy")
+                        # a file a user put at the copy's name is theirs, not replaced
+                        self._guard_target(copy_path, fsio.lstat_at(parent, copy))
                         os.rename(temp, copy, src_dir_fd=parent, dst_dir_fd=parent)
                         self._placed(parent, copy, copy_path)
                         st = os.fstat(fd)
@@ -966,17 +1029,19 @@ class Applier:
         root is back (or the scan stops the set).
         """
         where = local_path(self.root, top)
+        shown = show_text(os.fsdecode(where))
         action = f"apply {show(path)}: root {show(top)}"
         try:
-            fd = os.open(where, _DIR_FLAGS)
+            # a symlink on the way that root does not own is refused (omirror/fsio.py)
+            fd = fsio.open_root(where)
         except OSError as e:
-            raise ApplyError(path, e.errno, f"cannot {action} ({os.fsdecode(where)}) is not "
+            raise ApplyError(path, e.errno, f"cannot {action} ({shown}) is not "
                                             f"usable: {e.strerror}") from e
         try:
             os.stat(MARKER, dir_fd=fd, follow_symlinks=False)
         except OSError as e:
             os.close(fd)
-            raise ApplyError(path, e.errno, f"cannot {action} ({os.fsdecode(where)}) has no "
+            raise ApplyError(path, e.errno, f"cannot {action} ({shown}) has no "
                                             f"{os.fsdecode(MARKER)} marker: it looks "
                                             "unmounted or wiped, so nothing is written into "
                                             "it") from e
@@ -1025,26 +1090,14 @@ class Applier:
         """Open one directory below ``parent``; -1 when it is missing and not made."""
         with _os_errors(path, action):
             try:
-                return os.open(part, _DIR_FLAGS, dir_fd=parent)
-            except FileNotFoundError:
-                if not create:
-                    return -1
-            except OSError as e:
-                # open(2): O_NOFOLLOW|O_DIRECTORY on a symlink fails with ENOTDIR or ELOOP,
-                # depending on the kernel; look again to say which it was.
-                if e.errno not in (errno.ELOOP, errno.ENOTDIR):
-                    raise
-                st = _lstat_at(parent, part)
-                if st is not None and stat.S_ISLNK(st.st_mode):
-                    raise PathRefused(path, f"component {os.fsdecode(part)!r} is a symbolic "
-                                            "link here: writes never go through one") from e
-                raise PathRefused(path, f"component {os.fsdecode(part)!r} is not a "
-                                        "directory here") from e
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(part, 0o755, dir_fd=parent)
-                log.debug("path=%s made missing directory %s", show(path),
-                          os.fsdecode(part))
-            return os.open(part, _DIR_FLAGS, dir_fd=parent)
+                return fsio.step(parent, part, path, create=create, on_create=lambda made:
+                                 log.debug("path=%s made missing directory %s", show(path),
+                                           show_text(os.fsdecode(made))))
+            except fsio.NotInTree as e:
+                what = "a symbolic link here: writes never go through one" \
+                    if "symbolic" in e.why else "not a directory here"
+                raise PathRefused(path, f"component {show_text(os.fsdecode(part))!r} is "
+                                        f"{what}") from e
 
     def _install_temp(self, mset: MirrorSet, temp: TempFile, name: bytes, path: bytes,
                       entry: Entry) -> os.stat_result:
@@ -1057,7 +1110,7 @@ class Applier:
         """
         dir_fd = temp.dir_fd
         with _os_errors(path, "write"):
-            old = _lstat_at(dir_fd, name)
+            old = fsio.lstat_at(dir_fd, name)
             self._guard_target(path, old)
             mode = self._set_attrs(mset, temp.fd, entry, old)
             if old is not None and stat.S_ISDIR(old.st_mode):
@@ -1078,16 +1131,12 @@ class Applier:
         _check_ours(path, st, mode, entry.mtime_ns)
         return st
 
-    def moved_away(self, path: bytes) -> bool:
+    def moved_away(self, mset: MirrorSet, path: bytes) -> bool:
         """True when applying a peer's rename took the file at ``path`` away and nothing
         is there now: its record is still live, until the peer's tombstone comes."""
         if path not in self.expected_absent:
             return False
-        try:
-            os.lstat(local_path(self.root, path))
-        except (FileNotFoundError, NotADirectoryError):
-            return True
-        return False
+        return self.lstat(mset, path) is None
 
     def _guard_target(self, path: bytes, st: os.stat_result | None) -> None:
         """Raise :class:`LocalChanged` if ``st`` (the target's lstat) is not what the
@@ -1106,37 +1155,35 @@ class Applier:
         """Owner, then mode (a chown may clear set-id bits), then mtime, on an open fd;
         returns the mode set.
 
+        The owner follows the owner rule (omirror/owners.py): a name known here maps to
+        its id, an unknown one to the sender's number; set-user-ID and set-group-ID bits
+        are kept only when both owner and group were mapped exactly and really set.
         ``old`` is what the path held before: with ``nochkowner``/``nochkgroup``/
         ``nochkmode`` its attributes are kept (the new file replaces it), and a new path
         gets the entry's mode, as rdist gives new files the source's mode.
         """
-        uid, gid = self._owner(mset, entry, old)
-        if uid != -1 or gid != -1:
-            os.fchown(fd, uid, gid)
+        owner = self._ownership(mset, entry, old)
+        if self.can_chown and (owner.uid is not None or owner.gid is not None):
+            os.fchown(fd, -1 if owner.uid is None else owner.uid,
+                      -1 if owner.gid is None else owner.gid)
         if mset.options.nochkmode and old is not None and _kind_of(old) is entry.kind:
             mode = stat.S_IMODE(old.st_mode)
         else:
             mode = entry.mode & 0o7777
+        mode = owner.mode(mode, os.fstat(fd))
         os.fchmod(fd, mode)
         if mtime:
             os.utime(fd, ns=(time.time_ns(), entry.mtime_ns))
         return mode
 
-    def _owner(self, mset: MirrorSet, entry: Entry,
-               old: os.stat_result | None) -> tuple[int, int]:
-        """The uid and gid to set, -1 for "leave as is"."""
-        if not self.can_chown:
-            return -1, -1
+    def _ownership(self, mset: MirrorSet, entry: Entry,
+                   old: os.stat_result | None) -> Ownership:
+        """What owner and group ``entry`` gets here, by the owner rule."""
         options = mset.options
-        if options.nochkowner:
-            uid = -1 if old is None else old.st_uid
-        else:
-            uid = uid_of(entry.owner)
-        if options.nochkgroup:
-            gid = -1 if old is None else old.st_gid
-        else:
-            gid = gid_of(entry.group)
-        return uid, gid
+        return self.owners.resolve(
+            entry.owner, entry.uid, entry.group, entry.gid, entry.path, entry.stamp.origin,
+            keep_owner=old if options.nochkowner else False,
+            keep_group=old if options.nochkgroup else False)
 
     @staticmethod
     def _remove_empty_dir(parent: int, name: bytes, entry: Entry) -> None:
@@ -1167,8 +1214,8 @@ class Applier:
                            self.host)
         attrs: dict[str, object] = {
             "mode": stat.S_IMODE(st.st_mode), "owner": user_name(st.st_uid),
-            "group": group_name(st.st_gid), "mtime_ns": st.st_mtime_ns,
-            "size": st.st_size, "digest": digest,
+            "uid": st.st_uid, "group": group_name(st.st_gid), "gid": st.st_gid,
+            "mtime_ns": st.st_mtime_ns, "size": st.st_size, "digest": digest,
         }
         if previous is None:
             entry = first_version(path, Kind.FILE, stamp, **attrs)
@@ -1177,12 +1224,6 @@ class Applier:
         sig = StatSig.of(st)
         seq = self.store.put(entry, sig)
         return Record(entry, seq, sig)
-
-
-def _changed_since(now: os.stat_result, then: os.stat_result) -> bool:
-    """A write (or a chmod) landed on this open file between the two stats."""
-    return (now.st_size, now.st_mtime_ns, now.st_ctime_ns) != (
-        then.st_size, then.st_mtime_ns, then.st_ctime_ns)
 
 
 def _check_ours(path: bytes, st: os.stat_result, mode: int,
@@ -1216,47 +1257,10 @@ _MAX_STRAYS = 1024
 _SYNCFS_MIN = 8
 
 
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
-        return None
-
-
-@functools.cache
-def _libc_syncfs() -> Callable[[int], int] | None:
-    return getattr(_libc(), "syncfs", None)
-
-
-@functools.cache
-def _libc_sync_file_range() -> Callable[..., int] | None:
-    fn = getattr(_libc(), "sync_file_range", None)
-    if fn is not None:
-        fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    return fn
-
-
 #: A big file being received is handed to writeback every this many bytes, so that the
 #: fsync before its rename finds most of it on disk already (a 1 GiB file otherwise
 #: waited for all of it there, after the last byte came).
 _WRITEBACK_EVERY = 8 << 20
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _start_writeback(fd: int, offset: int, length: int) -> None:
-    """Start writing a range of ``fd`` to disk, without waiting: only a head start for
-    the fsync that makes the file durable, so a failure here changes nothing."""
-    fn = _libc_sync_file_range()
-    if fn is not None:
-        fn(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
-
-
-def _syncfs(fd: int) -> bool:
-    """syncfs(2) on the file system holding ``fd``; False where there is none, or it
-    failed (the caller then fsyncs each file)."""
-    syncfs = _libc_syncfs()
-    return syncfs is not None and syncfs(fd) == 0
 
 
 def _expect(entry: Entry, kind: Kind) -> None:
@@ -1279,13 +1283,3 @@ def _check_temp(temp: TempFile, entry: Entry) -> None:
                                                            entry.digest):
         raise ValueError(f"temp file of {show(temp.path)} given for another version or "
                          f"path: {show(entry.path)}")
-
-
-def _hash_fd(fd: int) -> tuple[bytes, int]:
-    """xxh3-128 digest and size of an open file, read from its start."""
-    digest = xxhash.xxh3_128()
-    offset = 0
-    while chunk := os.pread(fd, _CHUNK, offset):
-        digest.update(chunk)
-        offset += len(chunk)
-    return digest.digest(), offset

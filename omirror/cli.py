@@ -21,6 +21,7 @@ from click.core import ParameterSource
 
 from omirror import __version__
 from omirror.errors import NotImplementedYet, OmirrorError
+from omirror.paths import show, show_text
 
 log = logging.getLogger(__name__)
 
@@ -350,10 +351,10 @@ def log_dump(ctx: click.Context, since_seq: int, path_prefix: str | None,
                                  time.gmtime(entry.stamp.time_ns // 10**9))
             extra = ""
             if entry.moved_from is not None:
-                extra = f" (from /{os.fsdecode(entry.moved_from)})"
+                extra = f" (from {show(entry.moved_from)})"
             click.echo(f"{record.seq}\t{when}.{entry.stamp.time_ns % 10**9:09d}Z\t"
-                       f"{entry.stamp.origin}\t{entry.kind.name.lower()}\t"
-                       f"/{os.fsdecode(entry.path)}{extra}")
+                       f"{show_text(entry.stamp.origin)}\t{entry.kind.name.lower()}\t"
+                       f"{show(entry.path)}{extra}")
 
 
 @log_group.command("truncate")

@@ -155,6 +155,11 @@ class MirrorSet:
             return True
         return any(p.search(logical) for p in self._patterns)
 
+    def contains(self, path: bytes) -> bool:
+        """True when the logical path is in this set: below one of its roots, and not
+        excluded by it."""
+        return self.root_of(path) is not None and not self.is_excluded(path)
+
     def root_of(self, path: bytes) -> str | None:
         """The entry of ``files`` that contains the logical path, or None if none does."""
         logical = "/" + os.fsdecode(path)
@@ -221,6 +226,28 @@ class Config:
 
     def _host_list(self) -> str:
         return ", ".join(h.name for h in self.hosts()) or "(none)"
+
+
+def set_for(path: bytes, sets: Iterable[MirrorSet]) -> MirrorSet | None:
+    """The set that holds a logical path, of ``sets``; None when none does.
+
+    This is the one rule by which every part of omirrord (watcher, indexer, scanner,
+    pusher, content server, receiver, ``sync``, ``--check``) decides where a path
+    belongs. A set holds a path that is below one of its roots and that it does not
+    exclude; of several, the one with the deepest root wins (a set nested in another
+    is more specific), and between equals the first written. So with
+    ``www: /data except /data/cache`` and ``cached: /data/cache``, ``/data/cache/x``
+    belongs to ``cached``, and ``/data/y`` to ``www``. Given the sets a host shares
+    with one peer, it says whether a path may go to that peer, or come from it.
+    """
+    best: MirrorSet | None = None
+    depth = -1
+    for mset in sets:
+        root = mset.root_of(path)
+        if root is None or len(root) <= depth or mset.is_excluded(path):
+            continue
+        best, depth = mset, len(root)
+    return best
 
 
 def _dir_prefix(path: str) -> str:

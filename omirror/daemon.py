@@ -32,13 +32,13 @@ from omirror import config as config_module
 from omirror import control
 from omirror import peerkeys, peers, systemd
 from omirror.apply import Applier
-from omirror.config import Config, Host, MirrorSet
-from omirror.entry import is_own_name
+from omirror.config import Config, Host, MirrorSet, set_for
+from omirror.paths import has_own_name, is_own_name, logical, show, show_local
 from omirror.errors import OmirrorError, RootError
 from omirror.events import Coalescer, ScanRequest
 from omirror.progress import Progress, human_bytes
 from omirror.replicate import Context, LinkStats, Pusher, Receiver
-from omirror.scanner import Scanner, logical
+from omirror.scanner import Scanner
 from omirror.status import SeqTimes, link_status
 from omirror.store import TOMBSTONE_RETENTION_NS, Store
 from omirror.watcher import EventKind, PathEvent, Watcher
@@ -57,6 +57,8 @@ RESCAN_EVERY_S = 3600.0
 STOP_GRACE_S = 10.0
 REPORT_EVERY_S = 1.0  # STATUS= lines for systemd
 SCAN_LOG_EVERY_S = 60.0  # a progress line in the log during a long scan
+#: Failing paths listed in status (all are counted): the list is rewritten twice a second.
+_FAILING_SHOWN = 100
 
 
 class Daemon:
@@ -173,8 +175,10 @@ class Daemon:
                        f"({stats.content_bytes_sent} bytes of content), received "
                        f"{stats.entries_received} ({stats.content_bytes_received} bytes)")
         if self.ctx.failing:
-            report(f"{len(self.ctx.failing)} paths could not be applied: " + ", ".join(
-                "/" + os.fsdecode(p) for p in sorted(self.ctx.failing)))
+            shown = sorted(self.ctx.failing)[:_FAILING_SHOWN]
+            more = len(self.ctx.failing) - len(shown)
+            report(f"{len(self.ctx.failing)} paths could not be applied: "
+                   + ", ".join(show(p) for p in shown) + (f", and {more} more" if more else ""))
         return 1 if failed or self.ctx.failing else 0
 
     async def _show_progress(self, progress: Progress) -> None:
@@ -310,19 +314,16 @@ class Daemon:
         return local[len(root) + 1:]
 
     def _skip(self, local: bytes) -> bool:
+        """Whether the watcher leaves a directory alone: in no running set of this host
+        (by the one rule, so a set nested in an excluded path is watched)."""
         if is_own_name(os.path.basename(local)):
             return True
         path = self._logical(local)
-        if path is None:
-            return True
-        mset = self._set_of(path)
-        return mset is None or mset.is_excluded(path)
+        return path is None or self._set_of(path) is None
 
     def _set_of(self, path: bytes) -> MirrorSet | None:
-        for mset in self.my_sets():
-            if mset.root_of(path) is not None:
-                return mset
-        return None
+        """The running set of this host that holds ``path`` (:func:`config.set_for`)."""
+        return set_for(path, self.my_sets())
 
     def _watch_all(self) -> None:
         for mset in self.my_sets():
@@ -511,10 +512,11 @@ class Daemon:
                                "recorded": stats.recorded}
             for key in counts:
                 counts[key] += getattr(stats, key)
-            unreadable += [f"/{os.fsdecode(p)}: {why}" for p, why in stats.unreadable]
+            unreadable += [f"{show(p)}: {why}" for p, why in stats.unreadable]
         recorded = counts["new"] + counts["changed"] + counts["deleted"]
         log.info("sync of %s: recorded=%d new=%d changed=%d deleted=%d moved=%d",
-                 ", ".join(paths), recorded, counts["new"], counts["changed"],
+                 ", ".join(show(os.fsencode(p).lstrip(b"/")) for p in paths), recorded,
+                 counts["new"], counts["changed"],
                  counts["deleted"], counts["moved"])
         links = {name: self._stats(name).out for name in self.peer_hosts()}
         return {"recorded": recorded, **counts, "unreadable": unreadable,
@@ -523,20 +525,22 @@ class Daemon:
     def _sync_target(self, text: str) -> tuple[MirrorSet, bytes]:
         """The running set and logical path of a path as the Distfile names it."""
         if not text.startswith("/") or "\0" in text:
-            raise OmirrorError(f"{text!r} is not an absolute path (name it as the Distfile "
-                               "does, e.g. /srv/www/index.html)")
+            raise OmirrorError(f"{show_local(os.fsencode(text))!r} is not an absolute path "
+                               "(name it as the Distfile does, e.g. /srv/www/index.html)")
         path = os.fsencode(posixpath.normpath(text).strip("/"))
-        for mset in self.config.sets_of(self.me.name):
-            if mset.root_of(path) is None:
-                continue
+        shown = show(path)
+        sets = self.config.sets_of(self.me.name)
+        mset = None if has_own_name(path) else set_for(path, sets)
+        if mset is not None:
             if mset.title in self.stopped_sets:
-                raise OmirrorError(f"{text} is in set {mset.title}, which is stopped on this "
-                                   "host (see the log)")
-            if mset.is_excluded(path) or any(is_own_name(p) for p in path.split(b"/")):
-                raise OmirrorError(f"{text} is excluded from set {mset.title}")
+                raise OmirrorError(f"{shown} is in set {mset.title}, which is stopped on "
+                                   "this host (see the log)")
             return mset, path
-        tops = sorted({top for m in self.config.sets_of(self.me.name) for top in m.files})
-        raise OmirrorError(f"{text} is in no set of {self.me.name} (its sets hold "
+        holder = next((m for m in sets if m.root_of(path) is not None), None)
+        if holder is not None:
+            raise OmirrorError(f"{shown} is excluded from set {holder.title}")
+        tops = sorted({top for m in sets for top in m.files})
+        raise OmirrorError(f"{shown} is in no set of {self.me.name} (its sets hold "
                            f"{', '.join(tops) or 'nothing'})")
 
     async def _control_replay(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -611,12 +615,16 @@ class Daemon:
             if self.scanner.current is not None else "running",
             "last_seq": self.store.last_seq, "queue": self.coalescer.pending,
             "watched_dirs": self.watcher.watched_count,
-            "polled": sorted(os.fsdecode(p) for p in self.watcher.polled),
+            "polled": sorted(show_local(p) for p in self.watcher.polled),
             "stopped_sets": sorted(self.stopped_sets), "last_scan": self._last_scan,
             "peers": {name: link_status(s, self.store.last_seq, self._seq_times)
                       for name, s in self.stats.items()},
             "conflicts": self.ctx.conflicts,
-            "failing": {"/" + os.fsdecode(p): e for p, e in self.ctx.failing.items()},
+            # the first of them by path: a disk full under a flood of files could fail
+            # thousands, and this is rewritten twice a second
+            "failing": {show(p): self.ctx.failing[p]
+                        for p in sorted(self.ctx.failing)[:_FAILING_SHOWN]},
+            "failing_count": len(self.ctx.failing),
         }
 
     def _write_status(self) -> None:

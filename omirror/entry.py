@@ -18,15 +18,20 @@ Two questions are kept apart on purpose:
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
+
+import xxhash
+
+from omirror.paths import OWN_PREFIX, is_own_name
 
 #: Version vectors are small maps ``origin -> time_ns`` stored as sorted tuples, so that
 #: entries stay hashable and compare equal whatever order they were built in.
 Vector = tuple[tuple[str, int], ...]
 
-#: Prefix of the daemon's own files inside a tree (temp files, the root marker).
-OWN_PREFIX = b".omirror"
+__all__ = ["OWN_PREFIX", "is_own_name"]  # re-exported: entries name the daemon's files
+
 #: Prefix of the temp files a transfer writes; what a crash leaves is swept at startup.
 TEMP_PREFIX = b".omirror-tmp-"
 
@@ -107,6 +112,10 @@ class Entry:
     mode: int = 0
     owner: str = ""
     group: str = ""
+    #: The numeric ids of ``owner`` and ``group`` where the version was made (-1: not
+    #: known): a receiver that has no such name uses them instead (omirror/owners.py).
+    uid: int = -1
+    gid: int = -1
     mtime_ns: int = 0
     size: int = 0
     digest: bytes = b""
@@ -198,19 +207,27 @@ def decide(local: Entry | None, incoming: Entry) -> Decision:
     return Decision(outcome, concurrent, loser if keep else None, merged)
 
 
+#: What a host's name may hold in a conflict copy's name; anything else becomes ``_``.
+_UNSAFE = re.compile(rb"[^A-Za-z0-9_.:\[\]-]")
+#: Longest host name put into a conflict copy's name; a longer one is cut and given a
+#: digest of the whole, so that the copy's name always fits NAME_MAX.
+_ORIGIN_MAX = 64
+
+
 def conflict_name(name: bytes, loser: Stamp) -> bytes:
     """The file name of a conflict copy, derived from the losing version's stamp only.
 
     Every peer that sees the same conflict derives the same name, so the copies made on
-    different peers are one path, not several.
+    different peers are one path, not several. The origin comes from a peer: it is
+    reduced to safe characters and to at most 64 bytes, so that no origin can make a
+    name that holds a ``/`` or a NUL, or that is too long for the file system.
     """
-    origin = loser.origin.replace("/", "_").encode("utf-8", "replace")
+    raw = loser.origin.encode("utf-8", "replace")
+    origin = _UNSAFE.sub(b"_", raw)
+    if len(origin) > _ORIGIN_MAX:
+        origin = origin[:_ORIGIN_MAX - 17] + b"~" + xxhash.xxh3_64_hexdigest(raw).encode()
     suffix = CONFLICT_INFIX + origin + b"-" + str(loser.time_ns).encode()
     # NAME_MAX is 255 bytes on every Linux file system omirror serves: shorten the name,
     # never the suffix that makes the copy unique.
     return name[:max(1, NAME_MAX - len(suffix))] + suffix
 
-
-def is_own_name(name: bytes) -> bool:
-    """True for the daemon's own files, which are never mirrored nor shown as differences."""
-    return name.startswith(OWN_PREFIX)

@@ -2,8 +2,11 @@
 
 Every peer is known by one line of the peers file, which serves as authorized_keys for
 the listener and as known_hosts for the outbound links. The listener learns which peer
-connected from the key that authenticated, never from what the client claims; the
-client accepts a server only if it presents the key listed for the host it dialled.
+connected from the key whose signature authenticated the connection, never from what
+the client claims, nor from a key it only asked about; every other way into SSH
+(passwords, keyboard-interactive, host-based, GSS-API authentication and key exchange)
+is off. The client accepts a server only if it presents the key listed for the host it
+dialled.
 
 A connection carries one replication direction on one ``omirror-1`` subsystem channel:
 the side that connects pushes its log, the side that accepts receives. A link that
@@ -18,9 +21,11 @@ import logging
 import os
 import random
 import time
+import zlib
 from typing import Any, Awaitable, Callable
 
 import asyncssh
+import asyncssh.compression
 
 from omirror.config import Host
 from omirror.peerkeys import PeerKey
@@ -81,24 +86,94 @@ def _bound_receive_windows() -> None:
 _bound_receive_windows()
 
 
+#: Most a compressed SSH packet may inflate to: above the largest packet either side
+#: sends (256 KiB of channel data and its header), far below what zlib can make of one.
+INFLATE_MAX = 1 << 20
+
+
 def _compression(compress: bool) -> tuple[str, ...]:
-    return ("zlib@openssh.com", "zlib", "none") if compress else ("none",)
+    """Only OpenSSH's delayed zlib: plain ``zlib`` starts inflating right after the key
+    exchange, for a client that has not authenticated yet."""
+    return ("zlib@openssh.com", "none") if compress else ("none",)
+
+
+class _BoundedInflate(asyncssh.compression.Decompressor):
+    """zlib decompression that never makes more than INFLATE_MAX bytes of one packet:
+    asyncssh's own inflates without a limit (64 KiB of zeros make about 64 MB)."""
+
+    def __init__(self) -> None:
+        self._inflate = zlib.decompressobj()
+
+    def decompress(self, data: bytes) -> bytes | None:
+        try:
+            out = self._inflate.decompress(data, INFLATE_MAX)
+        except zlib.error:
+            return None
+        if self._inflate.unconsumed_tail:
+            log.warning("a compressed SSH packet inflates beyond %d bytes: connection "
+                        "closed", INFLATE_MAX)
+            return None  # asyncssh closes the connection: "Decompression failed"
+        return out
+
+
+def _bound_decompression() -> None:
+    """Make asyncssh inflate ``zlib@openssh.com`` with :class:`_BoundedInflate`. Left
+    alone if asyncssh no longer keeps its decompressors where this expects them."""
+    table = getattr(asyncssh.compression, "_cmp_decompressors", None)
+    if isinstance(table, dict):
+        for name in (b"zlib@openssh.com", b"zlib"):  # the second is never negotiated here
+            if name in table:
+                table[name] = _BoundedInflate
+
+
+_bound_decompression()
+
+#: The authorized_keys option that names the peer a key belongs to.
+_PEER_OPTION = "omirror-peer"
+
+
+def authorized_keys(keys: dict[str, PeerKey]) -> asyncssh.SSHAuthorizedKeys | None:
+    """The peers file as asyncssh's authorized keys, each key tagged with its peer."""
+    lines = [f'{_PEER_OPTION}="{name}" {peer.key.export_public_key("openssh").decode()}'
+             for name, peer in keys.items()]
+    return asyncssh.import_authorized_keys("".join(lines)) if lines else None
 
 
 class _Server(asyncssh.SSHServer):
-    """Authenticates a connecting peer by its key, and remembers which peer it is."""
+    """Authenticates a connecting peer by its key, and remembers which peer it is.
+
+    The peers file is handed to asyncssh as authorized keys, each tagged with its peer's
+    name; the name is read back only once authentication has completed, from the key
+    whose signature asyncssh verified. A client may ask about any key without signing
+    (the public-key query of RFC 4252): that proves nothing, and sets nothing here.
+    """
 
     def __init__(self, keys: Callable[[], dict[str, PeerKey]]) -> None:
         self._keys = keys
         self._addr = "?"
+        self._conn: asyncssh.SSHServerConnection | None = None
         self.peer: str | None = None
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._conn = conn
         peername = conn.get_extra_info("peername")
         self._addr = f"{peername[0]}:{peername[1]}" if peername else "?"
 
     def begin_auth(self, username: str) -> bool:
+        if self._conn is not None:
+            self._conn.set_authorized_keys(authorized_keys(self._keys()))  # type: ignore[arg-type]
         return True
+
+    def auth_completed(self) -> None:
+        """The one place the peer's identity is set: after a verified signature."""
+        names = None if self._conn is None else self._conn.get_key_option(_PEER_OPTION)
+        if isinstance(names, list) and len(names) == 1 and names[0] in self._keys():
+            self.peer = names[0]
+        else:  # not reached: public keys from the peers file are the only way in
+            log.warning("a connection from %s authenticated without a key of the peers "
+                        "file: closed", self._addr)
+            if self._conn is not None:
+                self._conn.close()
 
     def password_auth_supported(self) -> bool:
         return False
@@ -106,14 +181,15 @@ class _Server(asyncssh.SSHServer):
     def kbdint_auth_supported(self) -> bool:
         return False
 
+    def host_based_auth_supported(self) -> bool:
+        return False
+
     def public_key_auth_supported(self) -> bool:
         return True
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
-        for name, peer in self._keys().items():
-            if peer.key.public_data == key.public_data:
-                self.peer = name
-                return True
+        """Reached only for a key that is not in the peers file (asyncssh accepts the
+        listed ones itself, from the authorized keys): refuse it, and say so."""
         log.warning("refused a connection from %s: key %s is not in the peers file",
                     self._addr, key.get_fingerprint())
         return False
@@ -154,7 +230,11 @@ async def listen(address: str, port: int, host_key: asyncssh.SSHKey,
         allow_pty=False, x11_forwarding=False, agent_forwarding=False, allow_scp=False,
         sftp_factory=None, encryption_algs=CIPHERS, compression_algs=_compression(compress),
         keepalive_interval=KEEPALIVE_S, keepalive_count_max=KEEPALIVE_COUNT,
-        login_timeout=30, line_editor=False, reuse_address=True)
+        login_timeout=30, line_editor=False, reuse_address=True,
+        # GSS-API off, whatever python-gssapi and a host keytab would allow: only a key
+        # of the peers file says who a peer is
+        gss_host=None, gss_kex=False, gss_auth=False, known_client_hosts=None,
+        authorized_client_keys=None)
 
 
 async def open_link(host: Host, host_key: asyncssh.SSHKey, peer_key: PeerKey, *,
@@ -168,7 +248,8 @@ async def open_link(host: Host, host_key: asyncssh.SSHKey, peer_key: PeerKey, *,
         client_keys=[host_key], known_hosts=([peer_key.key], [], []), agent_path=None,
         preferred_auth="publickey", encryption_algs=CIPHERS,
         compression_algs=_compression(compress), keepalive_interval=KEEPALIVE_S,
-        keepalive_count_max=KEEPALIVE_COUNT, gss_host=None), CONNECT_TIMEOUT_S)
+        keepalive_count_max=KEEPALIVE_COUNT, gss_host=None, gss_kex=False,
+        gss_auth=False), CONNECT_TIMEOUT_S)
     try:
         writer, reader, _ = await conn.open_session(subsystem=subsystem, encoding=None,
                                                     window=WINDOW, max_pktsize=MAX_PACKET)

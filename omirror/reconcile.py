@@ -20,11 +20,12 @@ from typing import Any
 from omirror import config as config_module
 from omirror import peerkeys, peers
 from omirror.clock import now_ns
-from omirror.config import Config, Host, MirrorSet
+from omirror.config import Config, Host, MirrorSet, set_for
 from omirror.entry import Entry, Kind, Outcome, Stamp, decide
 from omirror.errors import OmirrorError, RootError, StoreError
 from omirror.replicate import LinkStats, _check_hello, _Stream
-from omirror.scanner import Scanner, logical
+from omirror.paths import logical, show
+from omirror.scanner import Scanner
 from omirror.store import Store
 from omirror.wire import (INDEX_SUBSYSTEM, PROTOCOL_VERSION, Bye, EntryMsg, Hello, IHave,
                           ProtocolError, Start)
@@ -48,10 +49,10 @@ class PlanItem:
     reason: str
 
     def line(self) -> str:
-        return f"{self.action:<12} /{os.fsdecode(self.path)}  {self.peer}: {self.reason}"
+        return f"{self.action:<12} {show(self.path)}  {self.peer}: {self.reason}"
 
     def as_json(self) -> dict[str, Any]:
-        return {"peer": self.peer, "path": "/" + os.fsdecode(self.path),
+        return {"peer": self.peer, "path": show(self.path),
                 "action": self.action, "reason": self.reason,
                 "ours": None if self.ours is None else str(self.ours.stamp),
                 "theirs": None if self.theirs is None else str(self.theirs.stamp)}
@@ -108,8 +109,7 @@ def compare(peer: str, local: dict[bytes, Entry], remote: dict[bytes, Entry],
     """Decide every path both sides know of, as the receivers would."""
     items: list[PlanItem] = []
     for path in sorted(set(local) | set(remote)):
-        mset = next((m for m in sets if m.root_of(path) is not None), None)
-        if mset is None or mset.is_excluded(path):
+        if set_for(path, sets) is None:
             continue
         ours, theirs = local.get(path), remote.get(path)
         if not _live(ours) and not _live(theirs):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import enum
+import errno
 import functools
 import logging
 import os
@@ -28,13 +29,17 @@ from typing import Any, Awaitable, Callable, Coroutine, Sequence, TypeVar
 
 import xxhash
 
-from omirror.apply import Applier, ApplyError, LocalChanged, TempFile, check_path
+from omirror import fsio
+from omirror.apply import (Applier, ApplyError, LocalChanged, TempFile, check_entry,
+                           check_path)
 from omirror.clock import now_ns
-from omirror.config import MirrorSet
+from omirror.config import MirrorSet, set_for
 from omirror.entry import Entry, Kind, Outcome, decide
 from omirror.errors import OmirrorError, PathRefused
-from omirror.scanner import Scanner, local_path
-from omirror.store import Cursor, Record, Store
+from omirror.owners import gid_named, uid_named
+from omirror.paths import logical, show
+from omirror.scanner import Scanner
+from omirror.store import Cursor, Record, StatSig, Store
 from omirror.wire import (CHUNK, INLINE_MAX, PROTOCOL_VERSION, Ack, Bye, Copy, Data, EntryMsg,
                           Hello, IHave, Message, NoData, Passed, ProtocolError, Start, Want,
                           encode, read_message)
@@ -66,6 +71,13 @@ _ACK_EVERY = 64
 _BATCH = 64  # entries applied in one tree-worker job and one store transaction
 _PAGE = 256
 _RETRY_FIRST_S, _RETRY_MAX_S = 1.0, 60.0
+#: Paths one link keeps for a retry. Beyond it the receiver takes no further entries
+#: from that peer until some apply (a disk full under a flood of files): what a peer
+#: can make this host hold stays bounded, and nothing is dropped.
+MAX_FAILING = 10_000
+#: A receiver offers a block delta only for files of at most this many blocks (the
+#: digests must fit one WANT frame); a larger file is fetched whole.
+MAX_DELTA_BLOCKS = 100_000
 
 
 @dataclass
@@ -282,10 +294,25 @@ class Pusher(_Side):
 
     def _wanted(self, entry: Entry, sets: Sequence[MirrorSet]) -> bool:
         """Entries of the sets shared with this peer, except the peer's own versions:
-        it made them, so it holds them or something newer."""
+        it made them, so it holds them or something newer. A path excluded for this peer
+        (by the one rule, :func:`config.set_for`) never leaves for it: not its name, not
+        its size, digest or content."""
         if entry.stamp.origin == self.peer and not self.index:
             return False
-        return any(m.root_of(entry.path) is not None for m in sets)
+        return set_for(entry.path, sets) is not None
+
+    @staticmethod
+    def _outgoing(entry: Entry, sets: Sequence[MirrorSet]) -> Entry:
+        """The entry as it may go to this peer: a rename from a path the peer does not
+        share (an excluded one, another set) goes as a new file, without naming it."""
+        if entry.moved_from is not None and set_for(entry.moved_from, sets) is None:
+            entry = replace(entry, moved_from=None)
+        if entry.uid < 0 or entry.gid < 0:
+            # recorded before versions carried numeric ids: this host's ids of the names
+            uid, gid = uid_named(entry.owner), gid_named(entry.group)
+            entry = replace(entry, uid=entry.uid if entry.uid >= 0 or uid is None else uid,
+                            gid=entry.gid if entry.gid >= 0 or gid is None else gid)
+        return entry
 
     def _with_parents(self, records: list[Record], sets: Sequence[MirrorSet],
                       ahead: dict[bytes, int]) -> list[tuple[Record, bool]]:
@@ -301,7 +328,7 @@ class Pusher(_Side):
             path = record.entry.path
             while True:
                 path = path.rpartition(b"/")[0]
-                if not path or not any(m.root_of(path) is not None for m in sets):
+                if not path or set_for(path, sets) is None:
                     break
                 parent = self.ctx.store.get(path)
                 # only a directory that must exist goes ahead: a deletion of the parent
@@ -333,7 +360,7 @@ class Pusher(_Side):
             records = self._with_parents([r for r in page if self._wanted(r.entry, sets)],
                                          sets, ahead)
             inline = {} if self.index else await asyncio.to_thread(
-                _read_inline, self.ctx.root, [r for r, _ in records])
+                _read_inline, self.ctx.root, [(r, sets) for r, _ in records])
             for record, out_of_order in records:
                 data = inline.get(record.entry.path)
                 size = 0 if data is None else len(data)
@@ -344,7 +371,7 @@ class Pusher(_Side):
                 if data is not None:
                     self.stats.content_bytes_sent += len(data)
                 await self.io.send(EntryMsg(0 if out_of_order else record.seq,
-                                            record.entry, data))
+                                            self._outgoing(record.entry, sets), data))
                 if not out_of_order and not self.index:  # an index reader applies nothing
                     self.unacked.append(record.seq)     # and acknowledges nothing
                     if size:
@@ -378,11 +405,18 @@ class Pusher(_Side):
             await self._serve(want)
 
     async def _serve(self, want: Want) -> None:
-        mset = next((m for m in self.ctx.sets_with(self.peer)
-                     if m.root_of(want.path) is not None), None)
+        """Send the content a receiver asked for, if it may have it and it is still here.
+
+        The file is opened through descriptors from its set's root (omirror/fsio.py),
+        so a directory swapped for a symlink cannot make root send a file from outside
+        the tree; it must be a regular file (a FIFO swapped in is refused, not waited
+        on), and its content leaves only once it is known to be the version asked for.
+        """
+        sets = self.ctx.sets_with(self.peer)
+        mset = set_for(want.path, sets)
         if mset is None:
-            log.warning("peer=%s asked for /%s, which is in no set this host shares with "
-                        "it: refused", self.peer, os.fsdecode(want.path))
+            log.warning("peer=%s asked for %s, which is in no set this host shares with "
+                        "it: refused", self.peer, show(want.path))
             await self.io.send(NoData(want.want_id, "not in a set we share"))
             return
         record = self.ctx.store.get(want.path)
@@ -390,17 +424,19 @@ class Pusher(_Side):
                 or record.entry.digest != want.digest:
             await self.io.send(NoData(want.want_id, "that version is no longer here"))
             return
-        where = local_path(self.ctx.root, want.path)
         try:
-            fd = await asyncio.to_thread(os.open, where, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as e:
-            await self.io.send(NoData(want.want_id, e.strerror or "cannot open"))
+            fd, st = await asyncio.to_thread(_open_served, self.ctx.root, mset, want.path)
+        except (OSError, fsio.NotInTree, fsio.Swapped) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            await self.io.send(NoData(want.want_id, reason[:200] or "cannot open"))
+            if not isinstance(e, OSError):
+                await self._recheck(mset, want.path)
             return
         try:
             if want.block_size and want.blocks:
                 sent = await self._send_delta(fd, want)
             else:
-                sent = await self._send_whole(fd, want)
+                sent = await self._send_whole(fd, want, st, record)
         finally:
             os.close(fd)
         if not sent:
@@ -416,12 +452,25 @@ class Pusher(_Side):
                 self.ctx.scanner.scan_paths, mset, self.ctx.root, [(path, False)],
                 force=True))
         except OmirrorError as e:  # a root gone, say: the daemon says so elsewhere
-            log.debug("path=/%s not rescanned: %s", os.fsdecode(path), e)
+            log.debug("path=%s not rescanned: %s", show(path), e)
 
-    async def _send_whole(self, fd: int, want: Want) -> bool:
+    async def _send_whole(self, fd: int, want: Want, st: os.stat_result,
+                          record: Record) -> bool:
+        """Stream a whole file. It is known to hold the wanted version when its stat is
+        the one recorded with that version's digest (as a scan trusts it); otherwise it
+        is hashed first, and nothing is sent unless it matches. A write during the
+        stream is caught at the end, and the receiver discards what it got."""
+        if record.sig is None or StatSig.of(st) != record.sig:
+            whole, _ = await asyncio.to_thread(fsio.digest_fd, fd)
+            if whole != want.digest:
+                await self.io.send(NoData(want.want_id, "the file changed before it was "
+                                                        "sent"))
+                return False
         digest = xxhash.xxh3_128()
+        offset = 0
         while True:
-            chunk = await asyncio.to_thread(os.read, fd, CHUNK)
+            chunk = await asyncio.to_thread(os.pread, fd, CHUNK, offset)
+            offset += len(chunk)
             digest.update(chunk)
             end = len(chunk) < CHUNK
             self.stats.content_bytes_sent += len(chunk)
@@ -443,16 +492,18 @@ class Pusher(_Side):
         """
         size = want.block_size
         before = os.fstat(fd)
-        ours, whole = await asyncio.to_thread(block_digests, fd, size)
+        # one byte per block, not a digest: the peer chooses the block size, and a
+        # list of digests of small blocks of a large file would be gigabytes
+        same, whole = await asyncio.to_thread(compare_blocks, fd, size, want.blocks)
         if whole != want.digest:
             await self.io.send(NoData(want.want_id, "the file changed before it was sent"))
             return False
         file_size = before.st_size
         run_start, run_len = 0, 0
-        for index, block in enumerate(ours):
+        for index, matched in enumerate(same):
             offset = index * size
             length = min(size, file_size - offset)  # the last block may be short
-            if index < len(want.blocks) and want.blocks[index] == block:
+            if matched:
                 if run_len and run_start + run_len == offset:
                     run_len += length
                 else:
@@ -470,9 +521,7 @@ class Pusher(_Side):
                 await self.io.send(Data(want.want_id, piece, False))
         if run_len:
             await self.io.send(Copy(want.want_id, run_start, run_len))
-        after = os.fstat(fd)
-        if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) == (
-                before.st_size, before.st_mtime_ns, before.st_ctime_ns):
+        if fsio.unchanged(os.fstat(fd), before):
             await self.io.send(Data(want.want_id, b"", True))
             return True
         await self.io.send(NoData(want.want_id, "the file changed while it was sent"))
@@ -488,26 +537,74 @@ def _page(store: Store, position: int) -> list[Record]:
     return out
 
 
-def _read_inline(root: bytes, records: list[Record]) -> dict[bytes, bytes]:
+def _top_of(path: bytes, sets: Sequence[MirrorSet]) -> bytes | None:
+    """The logical root, of the set that holds ``path`` among ``sets``, below which it
+    is opened; None when no set does."""
+    mset = set_for(path, sets)
+    root = None if mset is None else mset.root_of(path)
+    return None if root is None else logical(root)
+
+
+def _open_served(root: bytes, mset: MirrorSet, path: bytes) -> tuple[int, os.stat_result]:
+    """Open a file a receiver asked for, through descriptors from its set's root."""
+    top = mset.root_of(path)
+    if top is None:
+        raise FileNotFoundError(errno.ENOENT, "not in the set")
+    with fsio.Opener(root) as opener:
+        return opener.open_file(logical(top), path)
+
+
+def _read_inline(root: bytes,
+                 records: list[tuple[Record, Sequence[MirrorSet]]]) -> dict[bytes, bytes]:
     """Read the small files of a page in one thread hop; a file that no longer matches
-    its entry is left out (the receiver will ask, and be told it changed)."""
+    its entry is left out (the receiver will ask, and be told it changed).
+
+    Each file is opened through descriptors from its set's root, and must be a regular
+    file (a FIFO would block, a device is no content): the directories of one page are
+    opened once. What is read leaves only if it has the entry's digest.
+    """
     out: dict[bytes, bytes] = {}
-    for record in records:
-        entry = record.entry
-        if entry.kind is not Kind.FILE or entry.size > INLINE_MAX:
-            continue
-        try:
-            fd = os.open(local_path(root, entry.path),
-                         os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            data = os.read(fd, INLINE_MAX + 1)
-        finally:
-            os.close(fd)
-        if len(data) == entry.size and xxhash.xxh3_128_digest(data) == entry.digest:
-            out[entry.path] = data
+    with fsio.Opener(root) as opener:
+        for record, sets in records:
+            entry = record.entry
+            if entry.kind is not Kind.FILE or entry.size > INLINE_MAX:
+                continue
+            top = _top_of(entry.path, sets)
+            if top is None:
+                continue
+            try:
+                fd, _ = opener.open_file(top, entry.path)
+            except (OSError, fsio.NotInTree, fsio.Swapped):
+                continue
+            try:
+                data = os.read(fd, INLINE_MAX + 1)
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
+            if len(data) == entry.size and fsio.digest_bytes(data) == entry.digest:
+                out[entry.path] = data
     return out
+
+
+def compare_blocks(fd: int, size: int,
+                   theirs: Sequence[bytes]) -> tuple[bytearray, bytes]:
+    """Which blocks of an open file have the digests ``theirs`` (1 where they do), and
+    the digest of the whole file."""
+    whole = xxhash.xxh3_128()
+    same = bytearray()
+    offset = 0
+    while True:
+        data = os.pread(fd, size, offset)
+        if not data:
+            break
+        whole.update(data)
+        index = len(same)
+        same.append(index < len(theirs) and xxhash.xxh3_128_digest(data) == theirs[index])
+        offset += len(data)
+        if len(data) < size:
+            break
+    return same, whole.digest()
 
 
 def block_digests(fd: int, size: int) -> tuple[list[bytes], bytes]:
@@ -573,6 +670,9 @@ class Receiver(_Side):
         self.done_seq = 0
         self.saved_seq = 0
         self.retry: dict[bytes, _Failing] = {}
+        #: Set each time a path leaves ``retry``: a link with MAX_FAILING paths failing
+        #: waits for it before it takes more entries.
+        self._retry_shrank = asyncio.Event()
         self._want_id = 0
 
     async def run(self) -> None:
@@ -632,6 +732,7 @@ class Receiver(_Side):
                     passed = None
                 if self.entries.empty():
                     await self._save_cursor()
+                await self._room_to_fail()
                 item = await self.entries.get()
                 while not isinstance(item, Passed):
                     pending.append(self._dequeue(item))
@@ -651,6 +752,18 @@ class Receiver(_Side):
                 count += 1
                 if count % _ACK_EVERY == 0:
                     await self._save_cursor()
+
+    async def _room_to_fail(self) -> None:
+        """Wait while this link holds MAX_FAILING paths to retry: the peer's further
+        entries stay unread (SSH flow control holds it) until some of those apply."""
+        if len(self.retry) < MAX_FAILING:
+            return
+        log.warning("peer=%s %d paths cannot be applied here (see omirrord status): no "
+                    "further entries are taken from this peer until some of them are",
+                    self.peer, len(self.retry))
+        while len(self.retry) >= MAX_FAILING:
+            self._retry_shrank.clear()
+            await self._retry_shrank.wait()
 
     def _dequeue(self, msg: EntryMsg) -> EntryMsg:
         if msg.data is not None:
@@ -712,10 +825,18 @@ class Receiver(_Side):
             ctx.applier.sync_prepared()
 
     def _apply_one(self, msg: EntryMsg) -> _Outcome:
+        """Apply one entry; whatever goes wrong is this entry's failure, never the
+        link's: an error nobody foresaw is logged with its traceback and the entry is
+        retried like any failed one, so the other paths and peers go on."""
         try:
             return self._apply_entry(msg)
         except (ApplyError, PathRefused) as e:
             return e
+        except Exception as e:  # a bug, met on one entry: not the end of the link
+            log.error("peer=%s path=%s could not be applied: %s: %s", self.peer,
+                      show(msg.entry.path), type(e).__name__, e, exc_info=True)
+            return ApplyError(msg.entry.path, None, f"cannot apply {show(msg.entry.path)}: "
+                                                    f"{type(e).__name__}: {e}")
 
     async def _settle(self, msg: EntryMsg, outcome: _Outcome) -> None:
         """What follows an entry's application in the loop: its fetch, its failure or
@@ -736,13 +857,16 @@ class Receiver(_Side):
             log.warning("peer=%s sent a path that is refused here: %s", self.peer, outcome)
             if self.retry.pop(msg.entry.path, None) is not None:
                 self.ctx.failing.pop(msg.entry.path, None)
+                self._retry_shrank.set()
         else:
             # the status entry may be an earlier link's (this peer reconnected, or
             # another peer's link failed it): the path is applied now, whoever failed it
             retried = self.retry.pop(msg.entry.path, None) is not None
+            if retried:
+                self._retry_shrank.set()
             if self.ctx.failing.pop(msg.entry.path, None) is not None or retried:
-                log.info("peer=%s path=/%s applied after earlier failures", self.peer,
-                         os.fsdecode(msg.entry.path))
+                log.info("peer=%s path=%s applied after earlier failures", self.peer,
+                         show(msg.entry.path))
 
     async def _save_cursor(self) -> None:
         """Acknowledge what is settled; persist the cursor below the oldest failing entry
@@ -790,21 +914,22 @@ class Receiver(_Side):
         ctx, incoming = self.ctx, msg.entry
         try:
             mset = check_path(incoming.path, ctx.sets_with(self.peer))
+            check_entry(incoming)
         except PathRefused as e:
             stopped = ctx.stopped(self.peer, incoming.path)
             if stopped is not None:
                 # not refused for good: it applies once the set runs again, so it is
                 # retried and the persisted cursor stays below it (a restart resends it)
                 raise ApplyError(incoming.path, None,
-                                 f"cannot apply /{os.fsdecode(incoming.path)}: its set "
+                                 f"cannot apply {show(incoming.path)}: its set "
                                  f"({stopped}) is stopped on this host (see the log)") \
                     from None
             log.warning("peer=%s sent a path that is refused here: %s", self.peer, e)
             return None
-        if msg.data is not None and xxhash.xxh3_128_digest(msg.data) != incoming.digest:
+        if msg.data is not None and fsio.digest_bytes(msg.data) != incoming.digest:
             # what came is no version at all, and it would come the same on a retry
-            log.warning("peer=%s path=/%s sent content that does not match its digest: "
-                        "refused", self.peer, os.fsdecode(incoming.path))
+            log.warning("peer=%s path=%s sent content that does not match its digest: "
+                        "refused", self.peer, show(incoming.path))
             return None
         for _ in range(3):
             record = ctx.store.get(incoming.path)
@@ -816,22 +941,21 @@ class Receiver(_Side):
                 if decision.loser is None:
                     return None
                 ctx.conflicts += 1
-                log.warning("peer=%s path=/%s concurrent edits: ours (%s) wins, theirs (%s) "
-                            "is kept as a conflict copy", self.peer,
-                            os.fsdecode(incoming.path), local.stamp if local else "-",
-                            incoming.stamp)
+                log.warning("peer=%s path=%s concurrent edits: ours (%s) wins, theirs (%s) "
+                            "is kept as a conflict copy", self.peer, show(incoming.path),
+                            local.stamp if local else "-", incoming.stamp)
                 if msg.data is not None:
                     ctx.applier.write_conflict_copy(mset, incoming, msg.data)
                     return None
                 return Need(mset, incoming, Purpose.CONFLICT)
             winner = replace(incoming, vector=decision.vector)
             force = False
-            if record is not None and ctx.applier.moved_away(incoming.path):
+            if record is not None and ctx.applier.moved_away(mset, incoming.path):
                 # this host applied a peer's rename of the path: its file is gone, its
                 # tombstone may never come (the peer's log holds a newer version of the
                 # path now, this one): nothing here to keep or to compare
                 record = None
-            if ctx.applier.disk_matches(incoming.path, record):
+            if ctx.applier.disk_matches(mset, incoming.path, record):
                 try:
                     return self._take(mset, winner, record, decision.loser, msg.data)
                 except LocalChanged:  # new content, maybe not yet a new stat: rehash it
@@ -843,7 +967,7 @@ class Receiver(_Side):
             ctx.applier.check_parents(mset, incoming.path)
             ctx.scanner.scan_paths(mset, ctx.root, [(incoming.path, False)], force=force)
         raise ApplyError(incoming.path, None,
-                         f"cannot apply /{os.fsdecode(incoming.path)}: it keeps changing here")
+                         f"cannot apply {show(incoming.path)}: it keeps changing here")
 
     def _settle_without_disk(self, mset: MirrorSet, winner: Entry,
                              record: Record | None) -> bool:
@@ -853,23 +977,19 @@ class Receiver(_Side):
         (the new name of a file whose old name was recorded with the same inode).
         """
         applier = self.ctx.applier
-        where = local_path(self.ctx.root, winner.path)
-        if winner.kind is Kind.TOMBSTONE and not os.path.lexists(where):
+        here = applier.lstat(mset, winner.path)
+        if winner.kind is Kind.TOMBSTONE and here is None:
             self.ctx.store.put(winner, None)
             applier.expected_absent.discard(winner.path)
             return True
-        if winner.kind is Kind.FILE and winner.moved_from is not None:
+        if winner.kind is Kind.FILE and winner.moved_from is not None and here is not None:
             source = self.ctx.store.get(winner.moved_from)
             if source is not None and source.sig is not None \
-                    and source.entry.digest == winner.digest:
-                try:
-                    st = os.lstat(where)
-                except OSError:
-                    return False
-                if stat.S_ISREG(st.st_mode) and (st.st_ino, st.st_size) == (
+                    and source.entry.digest == winner.digest \
+                    and stat.S_ISREG(here.st_mode) and (here.st_ino, here.st_size) == (
                         source.sig.ino, source.sig.size):
-                    applier.adopt(mset, winner)
-                    return True
+                applier.adopt(mset, winner, StatSig.of(here))
+                return True
         return False
 
     def _take(self, mset: MirrorSet, winner: Entry, record: Record | None,
@@ -878,8 +998,8 @@ class Receiver(_Side):
         local = None if record is None else record.entry
         if loser is not None and local is not None and local.kind is Kind.FILE:
             ctx.conflicts += 1
-            log.warning("peer=%s path=/%s concurrent edits: theirs (%s) wins, ours (%s) is "
-                        "kept as a conflict copy", self.peer, os.fsdecode(winner.path),
+            log.warning("peer=%s path=%s concurrent edits: theirs (%s) wins, ours (%s) is "
+                        "kept as a conflict copy", self.peer, show(winner.path),
                         winner.stamp, local.stamp)
             applier.keep_conflict_copy(mset, winner.path, local.stamp, local.digest)
             record, local = None, None
@@ -894,13 +1014,14 @@ class Receiver(_Side):
         elif winner.kind is Kind.TOMBSTONE:
             applier.delete(mset, winner)
             applier.expected_absent.discard(winner.path)
-            if os.path.lexists(local_path(ctx.root, winner.path)):
+            if applier.lstat(mset, winner.path) is not None:
                 # a directory kept for what it holds that the deleting peer never had:
                 # record it all now (the directory again, newer than the tombstone),
                 # or the peers would not have these files until the next full rescan
                 ctx.scanner.scan_paths(mset, ctx.root, [(winner.path, True)])
-        elif local is not None and local.kind is Kind.FILE and local.digest == winner.digest:
-            applier.adopt(mset, winner)
+        elif local is not None and local.kind is Kind.FILE and local.digest == winner.digest \
+                and record is not None and record.sig is not None:
+            applier.adopt(mset, winner, record.sig)
         elif winner.moved_from is not None and self._move_file(mset, winner):
             return None  # a rename stays a rename, even for a file small enough to send
         elif data is not None:
@@ -911,14 +1032,17 @@ class Receiver(_Side):
         return None
 
     def _move_file(self, mset: MirrorSet, winner: Entry) -> bool:
-        if mset.root_of(winner.moved_from) is None:  # type: ignore[arg-type]
+        moved_from = winner.moved_from
+        if moved_from is None or set_for(moved_from, self.ctx.sets_with(self.peer)) \
+                is not mset:
             # a rename is applied within one set only: taking a file out of another
-            # set (one the peer may not even share) would move it out of that set
+            # set (one the peer may not even share), or out of an excluded path, would
+            # move it out of where the peer may write
             return False
-        source = self.ctx.store.get(winner.moved_from)  # type: ignore[arg-type]
+        source = self.ctx.store.get(moved_from)
         if source is None or source.entry.kind is not Kind.FILE \
                 or source.entry.digest != winner.digest \
-                or not self.ctx.applier.disk_matches(source.entry.path, source):
+                or not self.ctx.applier.disk_matches(mset, source.entry.path, source):
             return False
         # a source version newer than the rename (a chmod made here since) stays where it
         # is, since it wins over the rename's tombstone there: the content is copied
@@ -951,12 +1075,15 @@ class Receiver(_Side):
         old_fd = -1
         blocks: tuple[bytes, ...] = ()
         if need.old is not None and need.old.entry.size >= DELTA_MIN and entry.size >= DELTA_MIN:
-            try:
-                old_fd = await self.ctx.tree(_open_old, self.ctx.root, need.old)
-                digests, _ = await asyncio.to_thread(block_digests, old_fd, BLOCK)
-                blocks = tuple(digests)
-            except OSError:
-                old_fd = -1
+            if need.old.entry.size <= MAX_DELTA_BLOCKS * BLOCK:
+                old_fd = await self.ctx.tree(self.ctx.applier.open_old, need.mset, need.old)
+            if old_fd >= 0:
+                try:
+                    digests, _ = await asyncio.to_thread(block_digests, old_fd, BLOCK)
+                    blocks = tuple(digests)
+                except OSError:
+                    os.close(old_fd)
+                    old_fd = -1
         temp: TempFile | None = None
         begun = asyncio.ensure_future(self.ctx.tree(self._begin, need))
         try:
@@ -976,8 +1103,8 @@ class Receiver(_Side):
                     raise ProtocolError(f"content for request {part.want_id} while "
                                         f"{want_id} is open")
                 if isinstance(part, NoData):
-                    log.debug("peer=%s path=/%s no longer available: %s", self.peer,
-                              os.fsdecode(entry.path), part.why)
+                    log.debug("peer=%s path=%s no longer available: %s", self.peer,
+                              show(entry.path), part.why)
                     await self.ctx.tree(temp.abort)
                     return
                 if isinstance(part, Copy):
@@ -1021,13 +1148,13 @@ class Receiver(_Side):
             return
         for _ in range(3):
             record = ctx.store.get(entry.path)
-            if ctx.applier.disk_matches(entry.path, record):
+            if ctx.applier.disk_matches(need.mset, entry.path, record):
                 break
             ctx.scanner.scan_paths(need.mset, ctx.root, [(entry.path, False)])
         else:
             temp.abort()
             raise ApplyError(entry.path, None,
-                             f"cannot apply /{os.fsdecode(entry.path)}: it keeps changing here")
+                             f"cannot apply {show(entry.path)}: it keeps changing here")
         local = None if record is None else record.entry
         decision = decide(local, entry)
         if decision.outcome is not Outcome.TAKE:
@@ -1052,6 +1179,3 @@ class Receiver(_Side):
             ctx.scanner.scan_paths(need.mset, ctx.root, [(entry.path, False)], force=True)
             raise
 
-
-def _open_old(root: bytes, record: Record) -> int:
-    return os.open(local_path(root, record.entry.path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)

@@ -5,20 +5,20 @@ the daemon was down go out, stamped with their real ctime), after an inotify ove
 and periodically. It must be cheap when nothing changed, so it trusts a file whose
 (inode, size, mtime, ctime) match the store and hashes only the rest.
 
-It runs in a worker thread: listing, stat and hashing all block. It never follows a
-symlink (unless the set says ``follow``), never descends into an excluded path, and never
-turns a missing or unmounted root into deletions.
+It runs in a worker thread: listing, stat and hashing all block. It reads the tree only
+through directory descriptors (omirror/fsio.py): local users write in the trees, and a
+path re-resolved by name could be swapped for a symlink between the listing and the
+read, making root hash and send a file from outside the tree. It never follows a
+symlink (unless the set says ``follow``, and then only links root owns), never descends
+into an excluded path, and never turns a missing or unmounted root into deletions.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import functools
-import grp
 import logging
 import os
-import pwd
 import stat
 import time
 from dataclasses import dataclass, field, replace
@@ -26,10 +26,13 @@ from typing import Callable, Iterator
 
 import xxhash
 
+from omirror import fsio
 from omirror.clock import now_ns, offset_ns
 from omirror.config import MirrorSet
-from omirror.entry import TEMP_PREFIX, Entry, Kind, first_version, is_own_name, next_stamp
+from omirror.entry import TEMP_PREFIX, Entry, Kind, first_version, next_stamp
 from omirror.errors import RootError
+from omirror.owners import OwnerMap, group_name, user_name
+from omirror.paths import has_own_name, is_under, local_path, logical, show, show_local
 from omirror.store import FAST, Record, StatSig, Store, fast_sig
 
 log = logging.getLogger(__name__)
@@ -41,46 +44,36 @@ _MARKER_TEXT = b"omirror root marker: its absence stops this set instead of dele
 _READ_SIZE = 1 << 20
 _FLUSH_EVERY = 500
 _HASH_TRIES = 3
-_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-
-
-def logical(top: str) -> bytes:
-    """The logical path of a FILES entry: ``"/srv/www"`` -> ``b"srv/www"``."""
-    return os.fsencode(top.strip("/"))
-
-
-def local_path(root: bytes, path: bytes) -> bytes:
-    """Where a logical path lives on this host, under ``--root``."""
-    return os.path.join(root, path) if path else root
 
 
 class Unstable(Exception):
-    """The file changed while it was being read; its digest would describe no version."""
+    """The file changed while it was being read, or was replaced after it was listed;
+    its digest would describe no version."""
 
 
-def hash_file(path: bytes, expect_ino: int | None = None) -> tuple[bytes, os.stat_result]:
-    """Digest a regular file, and the stat that the digest describes.
+def hash_at(dir_fd: int, name: bytes,
+            listed: os.stat_result) -> tuple[bytes, os.stat_result]:
+    """Digest a regular file of an open directory, and the stat the digest describes.
 
-    The stat is taken on the open descriptor before and after reading; if size, mtime or
-    ctime moved, a writer was busy and the digest is refused. ``O_NOFOLLOW`` and the
-    inode check stop a file swapped for a symlink between ``lstat`` and ``open``;
-    ``O_NONBLOCK`` stops one swapped for a FIFO from hanging the scan.
+    The file is opened relative to its directory with ``O_NOFOLLOW`` and must be the
+    file that was listed (device and inode): a name swapped for a symlink, a FIFO or
+    another file in between is refused, never read. The stat is taken on the descriptor
+    before and after reading; if size, mtime or ctime moved, a writer was busy and the
+    digest is refused too.
     """
-    fd = os.open(path, _OPEN_FLAGS)
     try:
-        before = os.fstat(fd)
-        if not stat.S_ISREG(before.st_mode) or (expect_ino is not None
-                                                 and before.st_ino != expect_ino):
-            raise Unstable(path)
+        fd, before = fsio.open_file(dir_fd, name, listed)
+    except fsio.Swapped:
+        raise Unstable(name) from None
+    try:
         digest = xxhash.xxh3_128()
         while chunk := os.read(fd, _READ_SIZE):
             digest.update(chunk)
         after = os.fstat(fd)
     finally:
         os.close(fd)
-    if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (
-            before.st_size, before.st_mtime_ns, before.st_ctime_ns):
-        raise Unstable(path)
+    if not fsio.unchanged(after, before):
+        raise Unstable(name)
     return digest.digest(), after
 
 
@@ -111,23 +104,6 @@ class ScanStats:
         return self.new + self.changed + self.deleted
 
 
-@functools.lru_cache(maxsize=4096)
-def user_name(uid: int) -> str:
-    """Owners travel by name, as rdist sends them; a uid with no name travels as digits."""
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
-@functools.lru_cache(maxsize=4096)
-def group_name(gid: int) -> str:
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)
-
-
 class Scanner:
     """Scans the sets of one host into its store.
 
@@ -148,6 +124,9 @@ class Scanner:
         #: The counters of the full scan in progress, None between scans: the daemon
         #: reads them from its loop for progress reports and as the watchdog's proof.
         self.current: ScanStats | None = None
+        #: How owners of versions from peers map here: a file that holds what applying
+        #: a version gave it is no local change (omirror/owners.py).
+        self.owners = OwnerMap()
 
     async def scan(self, mset: MirrorSet, root: bytes, *, subtree: bytes | None = None,
                    dry_run: bool = False) -> ScanStats:
@@ -168,25 +147,25 @@ class Scanner:
         unchanged stat, as bit rot or a tool that restores mtimes leaves it).
         """
         started = time.monotonic()
-        run = _Run(self, mset, root, dry_run)
-        run.sweep = sweep and not dry_run
-        run.force = force
-        tops = [logical(top) for top in mset.files]
-        for top in tops:
-            self.check_root(mset, root, top, dry_run=dry_run)
-        if subtree is None:
-            starts = tops
-        elif any(subtree == t or subtree.startswith(t + b"/") for t in tops):
-            starts = [subtree]
-        else:
-            raise ValueError(f"{subtree!r} is not inside set {mset.title}")
-        self.current = run.stats
-        try:
-            for start in starts:
-                run.visit_top(start)
-            run.finish()
-        finally:
-            self.current = None
+        with _Run(self, mset, root, dry_run) as run:
+            run.sweep = sweep and not dry_run
+            run.force = force
+            tops = [logical(top) for top in mset.files]
+            for top in tops:
+                self.check_root(mset, root, top, dry_run=dry_run, opener=run.opener)
+            if subtree is None:
+                starts = tops
+            elif any(is_under(subtree, t) for t in tops):
+                starts = [subtree]
+            else:
+                raise ValueError(f"{show(subtree)} is not inside set {mset.title}")
+            self.current = run.stats
+            try:
+                for start in starts:
+                    run.visit_top(start)
+                run.finish()
+            finally:
+                self.current = None
         run.stats.duration_s = time.monotonic() - started
         log.info("scanned set=%s dirs=%d files=%d unchanged=%d hashed=%d new=%d changed=%d "
                  "deleted=%d moved=%d in %.3fs%s", mset.title, run.stats.dirs,
@@ -206,24 +185,23 @@ class Scanner:
         ``force`` every file is hashed, even one whose stat is unchanged.
         """
         started = time.monotonic()
-        run = _Run(self, mset, root, dry_run=False)
-        run.force = force
-        tops = [logical(top) for top in mset.files]
-        checked: set[bytes] = set()
-        for path, recursive in requests:
-            top = next((t for t in tops if path == t or path.startswith(t + b"/")), None)
-            if top is None:
-                log.debug("set=%s path=%s is outside the set; not scanned", mset.title,
-                          os.fsdecode(path))
-                continue
-            if top not in checked:
-                self.check_root(mset, root, top)
-                checked.add(top)
-            if path != top and (mset.is_excluded(path) or any(
-                    is_own_name(part) for part in path[len(top) + 1:].split(b"/"))):
-                continue
-            run.visit_top(path, recursive=recursive)
-        run.finish()
+        with _Run(self, mset, root, dry_run=False) as run:
+            run.force = force
+            checked: set[bytes] = set()
+            for path, recursive in requests:
+                top = run.top_of(path)
+                if top is None:
+                    log.debug("set=%s path=%s is outside the set; not scanned", mset.title,
+                              show(path))
+                    continue
+                if top not in checked:
+                    self.check_root(mset, root, top, opener=run.opener)
+                    checked.add(top)
+                if path != top and (mset.is_excluded(path)
+                                    or has_own_name(path[len(top) + 1 if top else 0:])):
+                    continue
+                run.visit_top(path, recursive=recursive)
+            run.finish()
         run.stats.duration_s = time.monotonic() - started
         if run.stats.recorded:
             log.debug("indexed set=%s paths=%d new=%d changed=%d deleted=%d moved=%d",
@@ -232,29 +210,44 @@ class Scanner:
         return run.stats
 
     def check_root(self, mset: MirrorSet, root: bytes, top: bytes, *,
-                   dry_run: bool = False) -> None:
+                   dry_run: bool = False, opener: fsio.Opener | None = None) -> None:
         """Refuse a root that is missing, not a directory, or lost its marker.
 
         A root seen for the first time gets its marker; one that held files before and
         has no marker now is unmounted or wiped, and scanning it would delete everything
-        on every peer.
+        on every peer. The root is opened as every reader opens it (omirror/fsio.py):
+        a symlink on the way that root does not own is refused. With ``opener`` the open
+        root stays in it, for the walk that follows.
         """
+        if opener is None:
+            with fsio.Opener(root) as own:
+                self.check_root(mset, root, top, dry_run=dry_run, opener=own)
+            return
         where = local_path(root, top)
-        shown = os.fsdecode(where)
-        name = "/" + os.fsdecode(top)
+        shown = show_local(where)
+        name = show(top)
         try:
-            st = os.lstat(where)
+            fd = opener.directory(top, top)
         except FileNotFoundError:
             raise RootError(f"set {mset.title}: root {name} is missing here ({shown}); the "
                             "set is stopped on this host and nothing is deleted on its "
                             "peers. Mount or restore it, then restart omirrord") from None
-        except OSError as e:
-            raise RootError(f"set {mset.title}: cannot examine root {shown}: "
-                            f"{e.strerror}") from None
-        if not stat.S_ISDIR(st.st_mode):
+        except NotADirectoryError:
             raise RootError(f"set {mset.title}: root {name} ({shown}) is not a directory; "
-                            "FILES entries must be directories")
-        if not dry_run and _read_only(where):
+                            "FILES entries must be directories") from None
+        except OSError as e:
+            if e.errno == errno.ELOOP and e.strerror and "owned by uid" in e.strerror:
+                reason = e.strerror
+            elif e.errno == errno.ELOOP:
+                reason = ("it is a symlink; FILES entries must name the directory "
+                          "itself")
+            else:
+                reason = e.strerror or str(e)
+            raise RootError(f"set {mset.title}: cannot open root {shown}: {reason}") \
+                from None
+        if fd < 0:  # not reached: a root is opened whole or raises
+            raise RootError(f"set {mset.title}: root {name} is missing here ({shown})")
+        if not dry_run and _read_only(fd):
             # systemd's ProtectSystem=strict mounts every path read-only for the service
             # but those in ReadWritePaths=; mirroring out but never in would be worse
             raise RootError(
@@ -262,28 +255,30 @@ class Scanner:
                 "from the peers could be applied; the set is stopped on this host. Under "
                 "systemd, list it in ReadWritePaths= ('systemctl edit omirrord', see "
                 "docs/operations.rst), then restart omirrord")
-        marker = os.path.join(where, MARKER)
-        if os.path.lexists(marker):
+        if fsio.lstat_at(fd, MARKER) is not None:
             return
+        marker = show_local(os.path.join(where, MARKER))
         held = self.store.get(top)
         if held is not None and not held.entry.is_tombstone:
             raise RootError(
                 f"set {mset.title}: root {shown} has lost its marker "
                 f"{os.fsdecode(MARKER)}: it looks unmounted or wiped, so the set is stopped "
                 "here and nothing is deleted on its peers. If the tree really is meant to "
-                f"be like this, run 'touch {os.fsdecode(marker)}' and restart: its "
+                f"be like this, run 'touch {marker}' and restart: its "
                 "present state, deletions included, will then be mirrored")
         if not dry_run:
-            fd = os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            made = os.open(MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                           | os.O_CLOEXEC, 0o644, dir_fd=fd)
             try:
-                os.write(fd, _MARKER_TEXT)
+                os.write(made, _MARKER_TEXT)
             finally:
-                os.close(fd)
+                os.close(made)
             log.info("set=%s root %s marked as a mirrored root", mset.title, shown)
 
 
 class _Run:
-    """The state of one scan: counters, pending writes, paths that went away."""
+    """The state of one scan: counters, pending writes, paths that went away, and the
+    directory descriptors it reads through."""
 
     def __init__(self, scanner: Scanner, mset: MirrorSet, root: bytes, dry_run: bool) -> None:
         self.sc = scanner
@@ -305,17 +300,44 @@ class _Run:
         self.fresh: dict[bytes, int] = {}
         self.force = False
         self.store_empty = scanner.store.count() == 0
+        self.tops = sorted((logical(top) for top in mset.files), key=len, reverse=True)
+        #: The set's roots and the directories on the way to the paths examined alone.
+        self.opener = fsio.Opener(root)
+
+    def __enter__(self) -> _Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.opener.close()
+
+    def top_of(self, path: bytes) -> bytes | None:
+        """The logical root of this set that holds ``path``."""
+        return next((t for t in self.tops if is_under(path, t)), None)
 
     # -- walking -------------------------------------------------------------------------
 
     def visit_top(self, path: bytes, *, recursive: bool = True) -> None:
         """Examine one path itself (a root, a subtree, a path named by an event), then,
-        when it is a directory and ``recursive``, walk below it."""
+        when it is a directory and ``recursive``, walk below it.
+
+        A path beyond a symlink (or a file) here is not in the tree, as a walk, which
+        never follows a symlink, sees it: it is absent. Examining it would record, and
+        send to the peers, whatever lies beyond the link.
+        """
+        top = self.top_of(path)
+        if top is None:
+            return
+        dir_fd, name = -1, b""
         try:
-            if not self.follow and self._below_a_link(path):
-                raise FileNotFoundError(path)
-            st = self._stat(local_path(self.root, path))
-        except FileNotFoundError:
+            if path == top:
+                st = os.fstat(self.opener.directory(top, top))
+            else:
+                dir_fd, name = self.opener.parent(top, path)
+                found = None if dir_fd < 0 else self._stat_at(dir_fd, name)
+                if found is None:
+                    raise FileNotFoundError(errno.ENOENT, "not there")
+                st = found
+        except (FileNotFoundError, fsio.NotInTree):
             held = self.store.get(path)
             if held is not None and not held.entry.is_tombstone:
                 self.vanished.append(path)
@@ -329,47 +351,88 @@ class _Run:
             return
         held = self.store.get(path)
         self._consider(path, kind, st,
-                       None if held is None else fast_sig(held.entry.kind, held.sig))
+                       None if held is None else fast_sig(held.entry.kind, held.sig),
+                       dir_fd, name)
         if kind is Kind.DIR and recursive:
-            self.walk(path, st)
+            try:
+                fd = os.dup(self.opener.directory(top, top)) if path == top \
+                    else self._open_dir(dir_fd, name, st)
+            except (OSError, fsio.NotInTree, fsio.Swapped):
+                pass  # gone or replaced since it was examined: its events say what now
+            else:
+                self.walk(path, fd)
         self.flush()
 
-    def _below_a_link(self, path: bytes) -> bool:
-        """True when a directory between the path's set root and the path is a symlink
-        (or a file) here: the path is then not in the tree, as a walk, which never
-        follows a symlink, sees it. Examining it would record, and send to the peers,
-        whatever lies beyond the link, outside the tree (a path named by a peer's entry,
-        behind a symlink the peer planted earlier, is examined before it is applied)."""
-        top = self.mset.root_of(path)
-        if top is None:
-            return False
-        top_path = logical(top)
-        where = local_path(self.root, top_path)
-        for part in path[len(top_path) + 1:].split(b"/")[:-1] if path != top_path else ():
-            where = os.path.join(where, part)
-            try:
-                if not stat.S_ISDIR(os.lstat(where).st_mode):
-                    return True
-            except OSError:
-                return False  # the path's own stat says what is wrong
-        return False
+    def walk(self, top: bytes, top_fd: int) -> None:
+        """Walk below the open directory ``top`` (its descriptor becomes the walk's).
 
-    def walk(self, top: bytes, top_st: os.stat_result) -> None:
-        stack = [(top, top_st)]
-        while stack:
-            directory, st = stack.pop()
-            if self.follow:
-                key = (st.st_dev, st.st_ino)
-                if key in self.visited_dirs:
+        Depth first, holding the descriptors of the directories on the current path
+        only: each directory is opened from its parent's descriptor and must be the
+        directory that was listed.
+        """
+        frames: list[tuple[bytes, int, list[tuple[bytes, os.stat_result]]]] = []
+        try:
+            self._enter(frames, top, top_fd)
+            while frames:
+                path, fd, below = frames[-1]
+                if not below:
+                    frames.pop()
+                    os.close(fd)
                     continue
-                self.visited_dirs.add(key)
-            self.stats.dirs += 1
-            self._walk_dir(directory, stack)
-            if len(self.pending) + len(self.sig_updates) >= _FLUSH_EVERY:
-                self.flush()
+                name, st = below.pop()
+                try:
+                    child = self._open_dir(fd, name, st)
+                except (OSError, fsio.NotInTree, fsio.Swapped):
+                    continue  # gone or replaced since it was listed: its events say so
+                self._enter(frames, path + b"/" + name, child)
+        finally:
+            for _, fd, _ in frames:
+                os.close(fd)
 
-    def _walk_dir(self, directory: bytes, stack: list[tuple[bytes, os.stat_result]]) -> None:
-        """List one directory and compare each entry with the store.
+    def _enter(self, frames: list[tuple[bytes, int, list[tuple[bytes, os.stat_result]]]],
+               path: bytes, fd: int) -> None:
+        if self.follow:
+            here = os.fstat(fd)
+            key = (here.st_dev, here.st_ino)
+            if key in self.visited_dirs:
+                os.close(fd)
+                return
+            self.visited_dirs.add(key)
+        try:
+            self.stats.dirs += 1
+            below = self._walk_dir(path, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        below.reverse()  # popped from the end: in listing order
+        frames.append((path, fd, below))
+        if len(self.pending) + len(self.sig_updates) >= _FLUSH_EVERY:
+            self.flush()
+
+    def _open_dir(self, parent: int, name: bytes, listed: os.stat_result) -> int:
+        """Open a directory that was listed in ``parent``, checking it is that one."""
+        if self.follow:
+            followed = self._followed(parent, name)
+            if followed is not None:
+                where, last = followed
+                try:
+                    fd = fsio.step(where, last, b"")
+                finally:
+                    os.close(where)
+            else:
+                fd = fsio.step(parent, name, b"")
+        else:
+            fd = fsio.step(parent, name, b"")
+        if fd < 0:
+            raise FileNotFoundError(errno.ENOENT, "gone")
+        if not fsio.same_file(os.fstat(fd), listed):
+            os.close(fd)
+            raise fsio.Swapped("replaced since it was listed")
+        return fd
+
+    def _walk_dir(self, directory: bytes, dir_fd: int) -> list[tuple[bytes, os.stat_result]]:
+        """List one open directory and compare each entry with the store; return the
+        directories below it to walk.
 
         This loop runs once per file of the tree on every rescan, so it does as little
         as Python allows: names found on disk are popped from the store's listing (what
@@ -377,36 +440,40 @@ class _Run:
         lookup on the file type bits.
         """
         known = self.store.signatures(directory)
+        below: list[tuple[bytes, os.stat_result]] = []
         try:
-            listing = os.scandir(local_path(self.root, directory))
+            listing = os.scandir(dir_fd)
         except FileNotFoundError:
             listing = None  # went away after its parent was listed: its children did too
         except OSError as e:
             # Unreadable is not empty: keep every record below it as it is.
             self._unreadable(directory, e)
-            return
+            return below
         excluded = self.mset.is_excluded if self.mset.excepts or self.mset.except_pats \
             else None
         follow = self.follow
-        prefix = directory + b"/"
+        prefix = directory + b"/" if directory else b""
         pop = known.pop
         pack = FAST.pack if not self.force else _never
         kind_of = _KINDS.get
         is_dir = Kind.DIR
+        encode = os.fsencode
         unchanged = 0
         counts = [0, 0, 0, 0]
         with listing if listing is not None else _nothing() as entries:
             for de in entries:
-                name = de.name
+                name = encode(de.name)  # names of a descriptor's listing come as str
                 sig = pop(name, None)
                 if name.startswith(b".omirror"):
                     if self.sweep and name.startswith(TEMP_PREFIX):
-                        self._sweep(prefix + name)
+                        self._sweep(dir_fd, prefix + name)
                     continue
                 if excluded is not None and excluded(prefix + name):
                     continue
                 try:
-                    st = de.stat(follow_symlinks=follow)
+                    st = de.stat(follow_symlinks=False)
+                    if follow and stat.S_ISLNK(st.st_mode):
+                        st = self._follow_stat(dir_fd, name, st)
                 except FileNotFoundError:
                     if sig is not None:
                         known[name] = sig  # gone between listing and stat: a deletion
@@ -419,12 +486,12 @@ class _Run:
                     self._special(prefix + name)
                     continue
                 if kind is is_dir:
-                    stack.append((prefix + name, st))
+                    below.append((name, st))
                 if sig == pack(kind, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
                     unchanged += 1
                     counts[kind] += 1
                     continue
-                self._consider(prefix + name, kind, st, sig)
+                self._consider(prefix + name, kind, st, sig, dir_fd, name)
         stats = self.stats
         stats.unchanged += unchanged
         stats.files += counts[Kind.FILE]
@@ -432,20 +499,54 @@ class _Run:
         for name, sig in known.items():
             if sig[0] != Kind.TOMBSTONE:  # the first byte of a signature is the kind
                 self.vanished.append(prefix + name)
+        return below
+
+    # -- following symlinks (install -ofollow) --------------------------------------------
+
+    def _followed(self, dir_fd: int, name: bytes) -> tuple[int, bytes] | None:
+        """Where a symlink a set follows leads: only one root owns (omirror/fsio.py)."""
+        return fsio.follow_link(dir_fd, name, local_path(self.root, b""))
+
+    def _follow_stat(self, dir_fd: int, name: bytes, link: os.stat_result) -> os.stat_result:
+        """The stat of what a symlink leads to in a set that follows symlinks; the link's
+        own stat when it is not followed (owned by someone else, dangling, a loop)."""
+        followed = self._followed(dir_fd, name)
+        if followed is None:
+            self._not_followed(name, link)
+            return link
+        where, last = followed
+        try:
+            st = fsio.lstat_at(where, last)
+        finally:
+            os.close(where)
+        return link if st is None else st
+
+    def _not_followed(self, name: bytes, link: os.stat_result) -> None:
+        if name not in self.sc._specials_logged and link.st_uid not in (0, os.geteuid()):
+            self.sc._specials_logged.add(name)
+            log.info("set=%s symlink %s is owned by uid %d: mirrored as a symlink, not "
+                     "followed (only symlinks owned by root are followed)", self.mset.title,
+                     show(name), link.st_uid)
+
+    def _stat_at(self, dir_fd: int, name: bytes) -> os.stat_result | None:
+        st = fsio.lstat_at(dir_fd, name)
+        if st is not None and self.follow and stat.S_ISLNK(st.st_mode):
+            st = self._follow_stat(dir_fd, name, st)
+        return st
 
     # -- one changed path ----------------------------------------------------------------
 
     def _consider(self, path: bytes, kind: Kind, st: os.stat_result,
-                  known: bytes | None) -> None:
+                  known: bytes | None, dir_fd: int, name: bytes) -> None:
         """Build the version of a path whose stat differs from the store's, and record it
-        if its content or attributes really changed."""
+        if its content or attributes really changed. ``dir_fd`` and ``name`` are where it
+        was listed (-1 for a set's root)."""
         _count(self.stats, kind)
         if not self.force and known == FAST.pack(kind, st.st_ino, st.st_size, st.st_mtime_ns,
                                                  st.st_ctime_ns):
             self.stats.unchanged += 1
             return
         held = None if known is None else self.store.get(path)
-        where = local_path(self.root, path)
         moved_from: bytes | None = None
         attrs: dict[str, object] = {}
         try:
@@ -454,10 +555,10 @@ class _Run:
                 if source is not None:
                     moved_from, digest = source.entry.path, source.entry.digest
                 else:
-                    digest, st = self._hash(where, st)
+                    digest, st = self._hash(dir_fd, name, st)
                 attrs.update(digest=digest, size=st.st_size, mtime_ns=st.st_mtime_ns)
             elif kind is Kind.SYMLINK:
-                attrs.update(target=os.readlink(where), mode=0)
+                attrs.update(target=os.readlink(name, dir_fd=dir_fd), mode=0)
             else:
                 source = self._moved_source(path, kind, st, held)
                 moved_from = None if source is None else source.entry.path
@@ -466,15 +567,14 @@ class _Run:
         except Unstable:
             self.stats.unstable.append(path)
             log.debug("set=%s path=%s changed while read; left for the next event or scan",
-                      self.mset.title, os.fsdecode(path))
+                      self.mset.title, show(path))
             return
         except OSError as e:
             self._unreadable(path, e)
             return
         # mode and owner from the stat that is recorded, for a file the one its digest
         # goes with: a chmod since the listing is in both, or in neither
-        attrs = {"mode": stat.S_IMODE(st.st_mode), "owner": user_name(st.st_uid),
-                 "group": group_name(st.st_gid), **attrs}
+        attrs = {**self._ownership(st, held), **attrs}
         replaced = (kind is Kind.DIR and held is not None and held.sig is not None
                     and not held.entry.is_tombstone and held.sig.ino != st.st_ino)
         if kind is Kind.DIR and (moved_from is not None or replaced or (
@@ -511,12 +611,13 @@ class _Run:
             entry = first_version(path, kind, stamp, **attrs)
         else:
             entry = previous.successor(stamp, kind=kind, mode=0, owner="", group="",
-                                       mtime_ns=0, size=0, digest=b"", target=b"")
+                                       uid=-1, gid=-1, mtime_ns=0, size=0, digest=b"",
+                                       target=b"")
             entry = replace(entry, **attrs)  # type: ignore[arg-type]
         if moved_from is not None:
             entry = replace(entry, moved_from=moved_from)
             self.stats.moved += 1
-            if not os.path.lexists(local_path(self.root, moved_from)):
+            if not self._lexists(moved_from):
                 # the rename's old path is gone now: its deletion is recorded in this
                 # scan too. Left to its own event, it could come after the path came
                 # back (renamed there again), and then never: the peers, which moved
@@ -528,6 +629,22 @@ class _Run:
             self.stats.changed += 1
         self.pending.append((entry, sig))
 
+    def _ownership(self, st: os.stat_result, held: Record | None) -> dict[str, object]:
+        """Mode, owner and group to record for ``st``: those of the recorded version when
+        the file holds what applying that version here gave it (an owner unknown here
+        mapped to the sender's number, set-id bits dropped: omirror/owners.py), else
+        what the file has."""
+        if held is not None and not held.entry.is_tombstone \
+                and held.entry.kind is not Kind.SYMLINK:
+            e = held.entry
+            kept = self.sc.owners.recorded(e.owner, e.uid, e.group, e.gid, e.mode, st)
+            if kept is not None:
+                owner, uid, group, gid, mode = kept
+                return {"mode": mode, "owner": owner, "uid": uid, "group": group, "gid": gid}
+        mode = 0 if stat.S_ISLNK(st.st_mode) else stat.S_IMODE(st.st_mode)
+        return {"mode": mode, "owner": user_name(st.st_uid), "uid": st.st_uid,
+                "group": group_name(st.st_gid), "gid": st.st_gid}
+
     def _arrival(self, path: bytes) -> int:
         """When the nearest directory above ``path`` found renamed in this run got there."""
         parent = path.rpartition(b"/")[0]
@@ -536,6 +653,20 @@ class _Run:
                 return self.fresh[parent]
             parent = parent.rpartition(b"/")[0]
         return 0
+
+    def _lstat(self, path: bytes) -> os.stat_result | None:
+        """``lstat`` of a path of this set through descriptors; None when absent or
+        beyond a symlink (not in the tree)."""
+        top = self.top_of(path)
+        if top is None:
+            return None
+        try:
+            return self.opener.lstat(top, path)
+        except (FileNotFoundError, fsio.NotInTree):
+            return None
+
+    def _lexists(self, path: bytes) -> bool:
+        return self._lstat(path) is not None
 
     def _renamed_over(self, path: bytes, kind: Kind, st: os.stat_result,
                       held: Record | None) -> bool:
@@ -553,14 +684,16 @@ class _Run:
         for record in self.store.by_inode(st.st_ino):
             if record.entry.kind != kind or record.entry.path == path or record.sig is None:
                 continue
-            if self.mset.root_of(record.entry.path) is None:
-                continue  # moved in from another set: a new path here, not a rename
+            if not self.mset.contains(record.entry.path):
+                continue  # moved in from another set, or from an excluded path: new here
             try:
-                if os.lstat(local_path(self.root, record.entry.path)).st_ino == st.st_ino:
-                    continue
-            except FileNotFoundError:
-                pass
+                now = self.opener.lstat(self.top_of(record.entry.path) or b"",
+                                        record.entry.path)
+            except (FileNotFoundError, fsio.NotInTree):
+                now = None
             except OSError:
+                continue
+            if now is not None and fsio.same_file(now, st):
                 continue
             yield record
 
@@ -586,21 +719,36 @@ class _Run:
             return record
         return None
 
-    def _hash(self, where: bytes, st: os.stat_result) -> tuple[bytes, os.stat_result]:
+    def _hash(self, dir_fd: int, name: bytes,
+              st: os.stat_result) -> tuple[bytes, os.stat_result]:
+        if self.follow and dir_fd >= 0:
+            link = fsio.lstat_at(dir_fd, name)
+            if link is not None and stat.S_ISLNK(link.st_mode):
+                followed = self._followed(dir_fd, name)
+                if followed is None:
+                    raise Unstable(name)
+                where, last = followed
+                try:
+                    return self._hash(where, last, st)
+                finally:
+                    os.close(where)
         for attempt in range(_HASH_TRIES):
             try:
-                digest, st = hash_file(where, st.st_ino)
+                digest, st = hash_at(dir_fd, name, st)
             except Unstable:
                 if attempt == _HASH_TRIES - 1:
                     raise
-                st = os.lstat(where)
-                if not stat.S_ISREG(st.st_mode):
+                again = fsio.lstat_at(dir_fd, name)
+                if again is None:
+                    raise FileNotFoundError(errno.ENOENT, "gone") from None
+                if not stat.S_ISREG(again.st_mode):
                     raise
+                st = again
                 continue
             self.stats.hashed += 1
             self.stats.hashed_bytes += st.st_size
             return digest, st
-        raise Unstable(where)  # not reached: the loop returns or raises
+        raise Unstable(name)  # not reached: the loop returns or raises
 
     # -- recording -----------------------------------------------------------------------
 
@@ -637,21 +785,21 @@ class _Run:
             record = gone[path]
             stamp = next_stamp(now, record.entry.stamp, self.sc.host)
             tomb = record.entry.successor(stamp, kind=Kind.TOMBSTONE, mode=0, owner="",
-                                          group="", mtime_ns=0, size=0, digest=b"",
-                                          target=b"")
+                                          group="", uid=-1, gid=-1, mtime_ns=0, size=0,
+                                          digest=b"", target=b"")
             self.pending.append((tomb, None))  # type: ignore[arg-type]
             self.stats.deleted += 1
             if len(self.pending) >= _FLUSH_EVERY:
                 self.flush()
         self.flush()
 
-    def _sweep(self, path: bytes) -> None:
+    def _sweep(self, dir_fd: int, path: bytes) -> None:
         try:
-            os.unlink(local_path(self.root, path))
+            os.unlink(path.rpartition(b"/")[2], dir_fd=dir_fd)
             log.info("set=%s removed %s, left by an interrupted transfer", self.mset.title,
-                     os.fsdecode(path))
+                     show(path))
         except OSError as e:
-            log.warning("set=%s cannot remove %s: %s", self.mset.title, os.fsdecode(path),
+            log.warning("set=%s cannot remove %s: %s", self.mset.title, show(path),
                         e.strerror)
 
     def _expected(self, path: bytes) -> bool:
@@ -666,31 +814,28 @@ class _Run:
 
     # -- reporting -----------------------------------------------------------------------
 
-    def _stat(self, where: bytes) -> os.stat_result:
-        return os.stat(where) if self.follow else os.lstat(where)
-
     def _special(self, path: bytes) -> None:
         self.stats.special += 1
         if path not in self.sc._specials_logged:
             self.sc._specials_logged.add(path)
             log.info("set=%s path=%s is a special file (device, FIFO or socket): not mirrored",
-                     self.mset.title, os.fsdecode(path))
+                     self.mset.title, show(path))
 
     def _unreadable(self, path: bytes, error: OSError) -> None:
         reason = error.strerror or errno.errorcode.get(error.errno or 0, str(error))
         self.stats.unreadable.append((path, reason))
         log.warning("set=%s path=%s cannot be read: %s; its last known version is kept",
-                    self.mset.title, os.fsdecode(path), reason)
+                    self.mset.title, show(path), reason)
 
 
 _KINDS = {stat.S_IFREG: Kind.FILE, stat.S_IFDIR: Kind.DIR, stat.S_IFLNK: Kind.SYMLINK}
 
 
-def _read_only(where: bytes) -> bool:
-    """Whether ``where`` is on a read-only mount (statvfs(3) ST_RDONLY); unknown counts
-    as writable, and the writes themselves then report what is wrong."""
+def _read_only(fd: int) -> bool:
+    """Whether the open directory is on a read-only mount (fstatvfs(3) ST_RDONLY); unknown
+    counts as writable, and the writes themselves then report what is wrong."""
     try:
-        return bool(os.statvfs(where).f_flag & os.ST_RDONLY)
+        return bool(os.statvfs(fd).f_flag & os.ST_RDONLY)
     except OSError:
         return False
 

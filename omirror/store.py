@@ -31,7 +31,10 @@ from omirror.errors import StoreError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Schema 1 lacked the numeric owner ids (uid, gid); it is upgraded in place on open.
+_UPGRADES = {1: ("ALTER TABLE entries ADD COLUMN uid INTEGER NOT NULL DEFAULT -1",
+                 "ALTER TABLE entries ADD COLUMN gid INTEGER NOT NULL DEFAULT -1")}
 DB_NAME = "state.db"
 #: Deletions are remembered this long, so that a peer returning within it cannot
 #: resurrect a deleted file.
@@ -57,7 +60,9 @@ CREATE TABLE IF NOT EXISTS entries (
     target BLOB NOT NULL,
     moved_from BLOB,
     sig_ino INTEGER,
-    fast BLOB NOT NULL
+    fast BLOB NOT NULL,
+    uid INTEGER NOT NULL DEFAULT -1,
+    gid INTEGER NOT NULL DEFAULT -1
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS entries_seq ON entries (seq);
 CREATE INDEX IF NOT EXISTS entries_dir ON entries (dir, path, fast);
@@ -70,7 +75,7 @@ CREATE TABLE IF NOT EXISTS cursors (
 """
 
 _COLUMNS = ("path, seq, kind, stamp_ns, origin, vector, mode, owner, grp, mtime_ns, size, "
-            "digest, target, moved_from, fast")
+            "digest, target, moved_from, fast, uid, gid")
 
 _SLOTS = ",".join("?" * (2 + _COLUMNS.count(",") + 1))
 
@@ -138,11 +143,12 @@ def fast_sig(kind: int, sig: StatSig | None) -> bytes:
 
 def _record(row: tuple) -> Record:  # type: ignore[type-arg]
     (path, seq, kind, stamp_ns, origin, vector, mode, owner, grp, mtime_ns, size,
-     digest, target, moved_from, fast) = row
+     digest, target, moved_from, fast, uid, gid) = row
     _, ino, ssize, smtime, sctime = FAST.unpack(fast)
     entry = Entry(path=bytes(path), kind=Kind(kind), stamp=Stamp(stamp_ns, origin),
                   vector=_unpack_vector(vector), mode=mode, owner=owner, group=grp,
-                  mtime_ns=mtime_ns, size=size, digest=bytes(digest), target=bytes(target),
+                  uid=uid, gid=gid, mtime_ns=mtime_ns, size=size, digest=bytes(digest),
+                  target=bytes(target),
                   moved_from=None if moved_from is None else bytes(moved_from))
     sig = None if ino == -1 else StatSig(ino, ssize, smtime, sctime)
     return Record(entry, seq, sig)
@@ -218,8 +224,11 @@ class Store:
             row = conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         except sqlite3.DatabaseError as e:
             raise StoreError(f"cannot read state database {where}: {e}") from e
-        if row is None or int(row[0]) != SCHEMA_VERSION:
+        if row is None or int(row[0]) not in (SCHEMA_VERSION, *_UPGRADES):
             raise StoreError(f"state database {where} is not one this omirrord reads")
+        if int(row[0]) != SCHEMA_VERSION:  # read as it is: upgrading it would write
+            conn.execute("CREATE TEMP VIEW entries AS SELECT *, -1 AS uid, -1 AS gid "
+                         "FROM main.entries")
         return cls(conn, str(where))
 
     @staticmethod
@@ -233,6 +242,13 @@ class Store:
             conn.execute("INSERT OR IGNORE INTO meta VALUES ('last_seq', 0)")
             conn.execute("COMMIT")
             log.info("created state database %s", where)
+        elif int(row[0]) in _UPGRADES:
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _UPGRADES[int(row[0])]:
+                conn.execute(statement)
+            conn.execute("UPDATE meta SET value=? WHERE key='schema'", (SCHEMA_VERSION,))
+            conn.execute("COMMIT")
+            log.info("upgraded state database %s to schema %d", where, SCHEMA_VERSION)
         elif int(row[0]) != SCHEMA_VERSION:
             raise StoreError(f"state database {where} has schema {row[0]}, this omirrord "
                              f"speaks {SCHEMA_VERSION}")
@@ -318,7 +334,7 @@ class Store:
                  int(entry.kind), entry.stamp.time_ns, entry.stamp.origin,
                  _pack_vector(entry.vector), entry.mode, entry.owner, entry.group,
                  entry.mtime_ns, entry.size, entry.digest, entry.target, entry.moved_from,
-                 fast_sig(entry.kind, sig)))
+                 fast_sig(entry.kind, sig), entry.uid, entry.gid))
             self._pending_seq = seq
         return seq
 

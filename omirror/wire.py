@@ -24,7 +24,7 @@ import msgpack
 from omirror.entry import Entry, Kind, Stamp
 from omirror.errors import OmirrorError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 #: The channel that carries one direction of live replication: the connecting side pushes.
 SUBSYSTEM = "omirror-1"
 #: The connecting side asks to be pushed to once, until caught up (``omirrord --once``).
@@ -40,6 +40,11 @@ CHUNK = 1 << 20
 INLINE_MAX = 64 << 10
 
 _INT64 = (1 << 63) - 1
+#: Numeric owner and group ids: -1 (not known) or a 32-bit id.
+_ID_MAX = (1 << 32) - 2
+#: Block sizes a WANT may ask for: the pusher hashes its file in blocks of that size, so
+#: a tiny block would make it hash (and compare) millions of blocks per megabyte.
+BLOCK_MIN, BLOCK_MAX = 64 << 10, 64 << 20
 _MAX_PATH = 4096
 _MAX_NAME = 255
 _MAX_VECTOR = 256
@@ -149,7 +154,7 @@ Message = (Hello | IHave | Start | EntryMsg | Want | Data | Copy | NoData | Ack 
 def entry_fields(e: Entry) -> list[Any]:
     return [e.path, int(e.kind), e.stamp.time_ns, e.stamp.origin,
             [[o, t] for o, t in e.vector], e.mode, e.owner, e.group, e.mtime_ns, e.size,
-            e.digest, e.target, e.moved_from]
+            e.digest, e.target, e.moved_from, e.uid, e.gid]
 
 
 def _body(msg: Message) -> tuple[Type, list[Any]]:
@@ -293,8 +298,10 @@ def _path(value: object, what: str = "path") -> bytes:
 
 
 def decode_entry(value: object) -> Entry:
-    """An entry from the wire: types and ranges only; path safety is apply's job."""
-    f = _array(value, 13, "entry")
+    """An entry from the wire: types and ranges only; path safety and what the names may
+    hold are the receiver's checks (``apply.check_path`` and ``apply.check_entry``),
+    which refuse one entry without closing the link."""
+    f = _array(value, 15, "entry")
     try:
         kind = Kind(_int(f[1], "entry kind", 0, 3))
     except ValueError:
@@ -316,7 +323,8 @@ def decode_entry(value: object) -> Entry:
         owner=_str(f[6], "owner", 64), group=_str(f[7], "group", 64),
         mtime_ns=_int(f[8], "mtime", -_INT64, _INT64), size=_int(f[9], "size"),
         digest=digest, target=_bytes(f[11], "symlink target", _MAX_PATH),
-        moved_from=None if f[12] is None else _path(f[12], "moved_from"))
+        moved_from=None if f[12] is None else _path(f[12], "moved_from"),
+        uid=_int(f[13], "uid", -1, _ID_MAX), gid=_int(f[14], "gid", -1, _ID_MAX))
 
 
 def _hello(f: object) -> Hello:
@@ -349,8 +357,12 @@ def _want(f: object) -> Want:
     if not isinstance(a[4], list):
         raise ProtocolError("WANT blocks: expected an array")
     blocks = tuple(_bytes(b, "block digest", 16, (16,)) for b in a[4])
+    block_size = _int(a[3], "block size", 0, BLOCK_MAX)
+    if block_size and block_size < BLOCK_MIN:
+        raise ProtocolError(f"WANT block size {block_size}: expected 0 or "
+                            f"{BLOCK_MIN}..{BLOCK_MAX}")
     return Want(_int(a[0], "want id"), _path(a[1]), _bytes(a[2], "digest", 16, (16,)),
-                _int(a[3], "block size", 0, 1 << 30), blocks)
+                block_size, blocks)
 
 
 def _data(f: object) -> Data:

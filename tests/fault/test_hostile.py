@@ -307,7 +307,8 @@ BAD_FRAMES: list[tuple[str, Callable[[Hostile], bytes], tuple[str, ...], bool]] 
     ("ENTRY of 2 fields", lambda h: frame(msgpack.packb([4, [1, []]])),
      ("link in closed", "ENTRY: expected an array of 3"), True),
     ("entry of wrong types", lambda h: frame(msgpack.packb(
-        [4, [1, ["p", 1, 5, "a", [], 0, "", "", 0, 0, b"\0" * 16, b"", None], None]])),
+        [4, [1, ["p", 1, 5, "a", [], 0, "", "", 0, 0, b"\0" * 16, b"", None, -1, -1],
+             None]])),
      ("link in closed", "path: expected bytes"), True),
     ("unknown type 99", lambda h: frame(msgpack.packb([99, []])),
      ("link in closed", "unknown message type 99"), True),

@@ -11,13 +11,14 @@ import pwd
 import select
 import stat
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
 import xxhash
 
-from omirror import apply as apply_module, config
+from omirror import config, fsio
 from omirror.apply import Applier, LocalChanged, TempFile
 from omirror.entry import Entry, Kind, Stamp, conflict_name
 from omirror.errors import ApplyError, PathRefused
@@ -136,7 +137,7 @@ def test_a_write_refuses_to_overwrite_a_change_the_store_has_not_seen(
                     lambda: host.applier.write_file(host.mset, file_entry(b"data/new", b"x"),
                                                     b"x")
                     if (host.data / "new").write_bytes(b"unrecorded") else None):
-        with pytest.raises(apply_module.LocalChanged, match="changed here while a peer's "
+        with pytest.raises(LocalChanged, match="changed here while a peer's "
                                                             "version was being applied"):
             guarded()
     assert (host.data / "a").read_bytes() == b"written here just now"
@@ -218,7 +219,7 @@ def test_more_content_than_announced_is_refused_at_once(host: Host) -> None:
 def test_a_big_file_is_handed_to_writeback_as_it_arrives(
         host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
     started: list[tuple[int, int]] = []
-    monkeypatch.setattr(apply_module, "_start_writeback",
+    monkeypatch.setattr(fsio, "start_writeback",
                         lambda fd, offset, length: started.append((offset, length)))
     data = os.urandom(20 << 20)
     entry = file_entry(b"data/big", data)
@@ -309,16 +310,28 @@ def test_owner_and_group_by_name(host: Host) -> None:
 
 
 def test_numeric_owner_and_unknown_names(host: Host, caplog: pytest.LogCaptureFixture) -> None:
+    """An owner unknown here never leaves the file as the daemon made it (root): the
+    sender's numeric id is used, nobody when none came, and set-id bits are dropped,
+    so a user's 6755 file from a host that knows them is no root set-id file here."""
     if os.geteuid() != 0:
         pytest.skip("only root can give files away")
-    host.write(b"data/a", b"x", owner="12345", group="54321")
+    host.scan()  # the root's own entry
+    host.write(b"data/a", b"x", owner="12345", group="54321", mode=0o6755)
     st = os.lstat(host.data / "a")
-    assert (st.st_uid, st.st_gid) == (12345, 54321)
-    with caplog.at_level(logging.DEBUG, logger="omirror.apply"):
-        host.write(b"data/b", b"x", owner="no-such-user-7e3f", group="no-such-group-7e3f")
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (12345, 54321, 0o755)
+    with caplog.at_level(logging.WARNING, logger="omirror.owners"):
+        entry = file_entry(b"data/b", b"x", owner="no-such-user-7e3f",
+                           group="no-such-group-7e3f", mode=0o6755)
+        host.applier.write_file(host.mset, replace(entry, uid=4242, gid=4343), b"x")
+        host.write(b"data/c", b"x", owner="no-such-user-7e3f", group="no-such-group-7e3f")
     st = os.lstat(host.data / "b")
-    assert (st.st_uid, st.st_gid) == (0, 0)
-    assert "user 'no-such-user-7e3f' is unknown here" in caplog.text
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (4242, 4343, 0o755)
+    st = os.lstat(host.data / "c")  # no number came with it (an older peer): nobody
+    assert (st.st_uid, st.st_gid) == (65534, 65534) and st.st_uid != 0
+    warnings = [r for r in caplog.records if "no-such-user-7e3f" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    assert "does not exist here" in warnings[0].getMessage()
+    assert host.scan() == 0  # what the rule gave the files is no local change
 
 
 def test_without_chown_owner_is_left_alone(host: Host) -> None:
@@ -525,7 +538,7 @@ def test_copy_local_move_renames_without_reading(host: Host,
     def no_reading(fd: int) -> tuple[bytes, int]:
         raise AssertionError("the store vouches for the source: it must not be read")
 
-    monkeypatch.setattr(apply_module, "_hash_fd", no_reading)
+    monkeypatch.setattr(fsio, "digest_fd", no_reading)
     entry = file_entry(b"data/sub/new", b"payload", mode=0o604)
     ino = source.sig.ino if source.sig else -1
     record = host.applier.copy_local(host.mset, entry, b"data/old", move=True)
@@ -633,15 +646,36 @@ def test_copy_local_from_a_missing_or_outside_source(host: Host) -> None:
 def test_adopt_records_content_in_place_with_its_attributes(host: Host) -> None:
     (host.data / "f").write_bytes(b"already here")
     os.chmod(host.data / "f", 0o600)
-    record = host.applier.adopt(host.mset, file_entry(b"data/f", b"already here", mode=0o644))
+    looked_at = lstat_sig(host.data / "f")
+    record = host.applier.adopt(host.mset, file_entry(b"data/f", b"already here", mode=0o644),
+                                looked_at)
     st = os.lstat(host.data / "f")
     assert stat.S_IMODE(st.st_mode) == 0o644 and st.st_mtime_ns == MTIME_NS
     assert record.sig == StatSig.of(st) and host.store.get(b"data/f") == record
     with pytest.raises(ApplyError, match=r"^cannot adopt /data/f: it is not a regular file "
                                          r"of 3 bytes here$"):
-        host.applier.adopt(host.mset, file_entry(b"data/f", b"abc"))
+        host.applier.adopt(host.mset, file_entry(b"data/f", b"abc"), record.sig)
     with pytest.raises(ApplyError, match=r"^cannot adopt /data/none: No such file"):
-        host.applier.adopt(host.mset, file_entry(b"data/none", b"abc"))
+        host.applier.adopt(host.mset, file_entry(b"data/none", b"abc"), record.sig)
+
+
+def test_adopt_never_gives_attributes_to_a_file_swapped_in(host: Host) -> None:
+    """The caller vouched for the file it looked at. A user who puts another file of
+    the same size at the name in between (their own, mode 0644) must not get the
+    entry's owner and mode (root, 4755) for it: that would be a set-user-ID root file
+    with the user's content."""
+    (host.data / "f").write_bytes(b"vouched")
+    looked_at = lstat_sig(host.data / "f")
+    swapped = host.data / "g"
+    swapped.write_bytes(b"evil!!!")  # same size
+    os.chown(swapped, 65534, 65534)
+    os.rename(swapped, host.data / "f")
+    with pytest.raises(LocalChanged):
+        host.applier.adopt(host.mset, file_entry(b"data/f", b"vouched", mode=0o4755),
+                           looked_at)
+    st = os.lstat(host.data / "f")
+    assert (st.st_uid, stat.S_IMODE(st.st_mode) & 0o7000) == (65534, 0)
+    assert host.store.get(b"data/f") is None
 
 
 # -- conflicts -----------------------------------------------------------------------------
@@ -729,32 +763,32 @@ def test_write_conflict_copy_keeps_the_incoming_loser(host: Host, streamed: bool
 
 def test_disk_matches_what_was_recorded(host: Host) -> None:
     record = host.write(b"data/a", b"x")
-    assert host.applier.disk_matches(b"data/a", record)
-    assert not host.applier.disk_matches(b"data/a", None)
+    assert host.applier.disk_matches(host.mset, b"data/a", record)
+    assert not host.applier.disk_matches(host.mset, b"data/a", None)
     os.utime(host.data / "a", ns=(1, 1))  # a local change the scanner has not seen yet
-    assert not host.applier.disk_matches(b"data/a", record)
+    assert not host.applier.disk_matches(host.mset, b"data/a", record)
 
 
 def test_disk_matches_absence(host: Host) -> None:
-    assert host.applier.disk_matches(b"data/none", None)
+    assert host.applier.disk_matches(host.mset, b"data/none", None)
     tomb = host.applier.delete(host.mset, tombstone(b"data/none"))
-    assert host.applier.disk_matches(b"data/none", tomb)
-    assert host.applier.disk_matches(b"data/none/below", None)
+    assert host.applier.disk_matches(host.mset, b"data/none", tomb)
+    assert host.applier.disk_matches(host.mset, b"data/none/below", None)
     record = host.write(b"data/a", b"x")
     (host.data / "a").unlink()
-    assert not host.applier.disk_matches(b"data/a", record)
+    assert not host.applier.disk_matches(host.mset, b"data/a", record)
     (host.data / "a").write_bytes(b"new here")
-    assert not host.applier.disk_matches(b"data/a", tomb)
+    assert not host.applier.disk_matches(host.mset, b"data/a", tomb)
 
 
 def test_disk_matches_kind_and_directories(host: Host) -> None:
     record = host.applier.make_dir(host.mset, dir_entry(b"data/d"))
     host.write(b"data/d/child", b"x")  # moves the directory's mtime and ctime
-    assert host.applier.disk_matches(b"data/d", record)
+    assert host.applier.disk_matches(host.mset, b"data/d", record)
     (host.data / "d" / "child").unlink()
     (host.data / "d").rmdir()
     (host.data / "d").write_bytes(b"now a file")
-    assert not host.applier.disk_matches(b"data/d", record)
+    assert not host.applier.disk_matches(host.mset, b"data/d", record)
 
 
 # -- hostile trees -------------------------------------------------------------------------
@@ -860,29 +894,12 @@ def fake_tree(fs) -> tuple[Applier, Store]:  # type: ignore[no-untyped-def]
     return Applier(b"/r", store, "alpha"), store
 
 
-def test_fake_fs_disk_matches(fs) -> None:  # type: ignore[no-untyped-def]
-    applier, store = fake_tree(fs)
-    fs.create_file("/r/data/a", contents=b"x")
-    entry = file_entry(b"data/a", b"x")
-    seq = store.put(entry, StatSig.of(os.lstat(b"/r/data/a")))
-    record = store.get(b"data/a")
-    assert record is not None and record.seq == seq
-    assert applier.disk_matches(b"data/a", record)
-    assert applier.disk_matches(b"data/b", None)
-    with open("/r/data/a", "ab") as f:
-        f.write(b"more")
-    assert not applier.disk_matches(b"data/a", record)
-    os.unlink("/r/data/a")
-    assert not applier.disk_matches(b"data/a", record)
-    store.close()
-
-
 def test_fake_fs_refuses_before_touching_anything(fs) -> None:  # type: ignore[no-untyped-def]
     applier, store = fake_tree(fs)
     with pytest.raises(PathRefused):
         applier.write_file(mirror_set(), file_entry(b"data/../x", b"x"), b"x")
     with pytest.raises(PathRefused):
-        applier.disk_matches(b"data/\0", None)
+        applier.disk_matches(mirror_set(), b"data/\0", None)
     assert os.listdir("/r") == ["data"]
     store.close()
 

@@ -688,3 +688,19 @@ def test_conflict_names_fit_in_a_file_name() -> None:
     name = conflict_name(b"x" * 250, Stamp(1_700_000_000_000_000_000, "host.example.org"))
     assert len(name) <= NAME_MAX and name.endswith(b"-host.example.org-1700000000000000000")
     assert conflict_name(b"a", Stamp(1, "\ud800")).endswith(b"-1")
+
+
+@pytest.mark.parametrize("origin", ["a" * 255, "x\0y", "../../etc", "h/\n\x1b[31m"])
+def test_a_conflict_name_from_any_origin_is_one_safe_name_that_fits(origin: str) -> None:
+    """An origin comes from a peer: a 255-character one made names longer than NAME_MAX
+    (the copy could never be written, and the entry failed for ever), a NUL or a '/'
+    made names no file system takes. Whatever it holds, the name is one component of
+    safe characters, the same on every peer."""
+    from omirror.entry import NAME_MAX, Stamp, conflict_name
+
+    name = conflict_name(b"f" * 255, Stamp((1 << 62) - 1, origin))
+    assert len(name) <= NAME_MAX
+    assert b"/" not in name and b"\0" not in name and name.isascii()
+    assert all(0x20 < c < 0x7f for c in name)
+    assert name == conflict_name(b"f" * 255, Stamp((1 << 62) - 1, origin))
+    assert conflict_name(b"f", Stamp(1, origin)) != conflict_name(b"f", Stamp(1, origin + "z"))

@@ -302,10 +302,11 @@ def test_unreadable_directory_keeps_what_is_below_it(tree: Tree,
     tree.scan()
     real_scandir = os.scandir
 
-    def scandir(path):  # type: ignore[no-untyped-def]
-        if path.endswith(b"/locked"):
+    def scandir(fd):  # type: ignore[no-untyped-def]
+        # the scanner lists open directories: which one this is, /proc says
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("/locked"):
             raise PermissionError(13, "Permission denied")
-        return real_scandir(path)
+        return real_scandir(fd)
 
     monkeypatch.setattr(scanner_module.os, "scandir", scandir)
     stats = tree.scan()
@@ -358,22 +359,45 @@ def test_file_replaced_by_directory_changes_kind(tree: Tree) -> None:
     assert tree.entry("x").kind is Kind.DIR and tree.entry("x/inner").kind is Kind.FILE
 
 
-def test_root_checks_on_a_fake_file_system(fs) -> None:  # type: ignore[no-untyped-def]
-    """Root checks touch only the file system; pyfakefs cannot list bytes paths, so the
-    walk itself is tested on real directories above."""
-    fs.create_file("/r/file")
-    fs.create_dir("/r/data")
+def test_root_checks(tmp_path: Path) -> None:
+    """A root is opened as every reader opens it (omirror/fsio.py), through descriptors:
+    these checks need a real file system (pyfakefs has no O_PATH nor dir_fd walks)."""
+    r = tmp_path / "r"
+    (r / "data").mkdir(parents=True)
+    (r / "file").write_bytes(b"")
+    (r / "real").mkdir()
+    os.symlink("real", r / "link")
     mset = mirror_set()
+    base = os.fsencode(r)
     with Store.open(":memory:") as store:
         scanner = Scanner(store, "alpha")
         with pytest.raises(RootError, match="root /data is missing here"):
-            scanner.check_root(mset, b"/nowhere", b"data")
+            scanner.check_root(mset, base + b"/nowhere", b"data")
         with pytest.raises(RootError, match="is not a directory"):
-            scanner.check_root(mset, b"/r", b"file")
-        scanner.check_root(mset, b"/r", b"data", dry_run=True)
-        assert not os.path.exists("/r/data/.omirror-root")
-        scanner.check_root(mset, b"/r", b"data")
-        assert stat.S_ISREG(os.lstat("/r/data/.omirror-root").st_mode)
+            scanner.check_root(mset, base, b"file")
+        with pytest.raises(RootError, match="is a symlink; FILES entries must name"):
+            scanner.check_root(mset, base, b"link")
+        scanner.check_root(mset, base, b"data", dry_run=True)
+        assert not (r / "data" / ".omirror-root").exists()
+        scanner.check_root(mset, base, b"data")
+        assert stat.S_ISREG(os.lstat(r / "data" / ".omirror-root").st_mode)
+
+
+def test_a_root_is_reached_only_through_symlinks_root_owns(tmp_path: Path) -> None:
+    """An administrator's /srv -> /data/srv is followed on the way to a root; a symlink
+    on the way that a local user made (they could point it anywhere: another tree, /)
+    is refused, and the set stops instead of mirroring what it leads to."""
+    (tmp_path / "disk" / "data").mkdir(parents=True)
+    os.symlink(tmp_path / "disk", tmp_path / "srv")
+    mset = mirror_set()
+    base = os.fsencode(tmp_path / "srv")
+    with Store.open(":memory:") as store:
+        scanner = Scanner(store, "alpha")
+        scanner.check_root(mset, base, b"data")
+        assert (tmp_path / "disk" / "data" / ".omirror-root").exists()
+        os.lchown(tmp_path / "srv", 65534, 65534)
+        with pytest.raises(RootError, match="owned by uid 65534"):
+            scanner.check_root(mset, base, b"data")
 
 
 def test_scan_paths_examines_named_paths_alone_or_recursively(tree: Tree) -> None:

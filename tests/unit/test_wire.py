@@ -41,9 +41,9 @@ def body(kind: int, fields: object) -> bytes:
 
 def entry_list(**changes: object) -> list[object]:
     fields = ["path", "kind", "time", "origin", "vector", "mode", "owner", "group", "mtime",
-              "size", "digest", "target", "moved_from"]
+              "size", "digest", "target", "moved_from", "uid", "gid"]
     values = dict(zip(fields, [b"p", 1, 5, "a", [["a", 5]], 0o644, "u", "g", 1, 3,
-                               b"\0" * 16, b"", None]))
+                               b"\0" * 16, b"", None, 1000, 1000]))
     values.update(changes)
     return [values[f] for f in fields]
 
@@ -67,6 +67,11 @@ def entry_list(**changes: object) -> list[object]:
     (body(9, ["1"]), "seq"),
     (body(1, [1, "x" * 300, "e", 1]), "name"),
     (body(5, [1, b"p", b"\0" * 16, 0, "notalist"]), "blocks"),
+    (body(4, [1, entry_list(uid=-2), None]), "uid"),
+    (body(4, [1, entry_list(gid=1 << 32), None]), "gid"),
+    # a block of one byte would make the pusher hash a 64 MiB file in 64 M pieces
+    (body(5, [1, b"p", b"\0" * 16, 1, [b"\0" * 16]]), "WANT block size 1"),
+    (body(5, [1, b"p", b"\0" * 16, 1 << 30, [b"\0" * 16]]), "block size"),
 ])
 def test_malformed_frames_are_refused_with_a_reason(payload: bytes, match: str) -> None:
     with pytest.raises(ProtocolError, match=match):

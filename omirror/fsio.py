@@ -1,0 +1,427 @@
+"""The directory-descriptor layer: how every read and write of a mirrored tree reaches a file.
+
+omirrord runs as root, and the trees it mirrors are written by local users. A path that
+the kernel resolves in one go can be redirected between a check and its use: a user who
+swaps a directory of the tree with a symlink to ``/etc`` (``rename(2)``, or
+``renameat2(RENAME_EXCHANGE)``, which is atomic) would make root read ``/etc/shadow``
+where it meant ``d/f``, and send it to every peer; or write where it meant to write. So
+no path below a set's root is ever resolved by name in one go:
+
+* a set's root is opened by :func:`open_root`, which follows a symlink on the way only
+  when root (or this daemon's user) owns it, so a link a user planted is refused;
+* every directory below it is opened relative to its parent with
+  ``O_NOFOLLOW|O_DIRECTORY`` (:func:`walk`): a symlink, or a file, where a directory is
+  expected raises :class:`NotInTree`, a stop and never a detour;
+* the final name is examined, opened, renamed or removed relative to that descriptor,
+  and what was opened is compared by device and inode with what was listed
+  (:func:`same_file`), so a file swapped in between is noticed.
+
+Descriptors of directories are held only for one job (a scan, a page of a link), never
+for the daemon's life: a held descriptor would keep an unmounted disk busy.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import ctypes.util
+import errno
+import functools
+import os
+import stat
+from typing import Callable
+
+import xxhash
+
+from omirror.paths import local_path, show_local, show_name
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: O_NONBLOCK: a name swapped for a FIFO must not hang the thread that opens it (a FIFO
+#: without a writer blocks open(2) for ever); O_NOCTTY: nor may a terminal become ours.
+READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+CHUNK = 1 << 20
+#: Symlinks followed on the way to one root, as the kernel bounds them.
+_MAX_HOPS = 40
+_AT_SYMLINK_NOFOLLOW = 0x100
+_AT_EMPTY_PATH = 0x1000
+
+
+class NotInTree(Exception):
+    """A path leads through a symlink, or through something that is not a directory.
+
+    What lies beyond is outside the tree: it is neither read, nor written, nor recorded.
+    """
+
+    def __init__(self, path: bytes, part: bytes, why: str) -> None:
+        self.path = path
+        self.part = part
+        self.why = why
+        super().__init__(f"component {show_name(part)!r} of {show_name(path)} {why}")
+
+
+class Swapped(Exception):
+    """What a name held when it was opened is not what was looked at before: another
+    file, or not a regular file at all (a FIFO, a device)."""
+
+
+# --------------------------------------------------------------------------- comparing
+
+
+def same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    """The two stats are of one file: device and inode, never the inode alone."""
+    return a.st_ino == b.st_ino and a.st_dev == b.st_dev
+
+
+def unchanged(now: os.stat_result, then: os.stat_result) -> bool:
+    """No write, truncation, chmod or chown landed between the two stats of one file."""
+    return (now.st_size, now.st_mtime_ns, now.st_ctime_ns) == (
+        then.st_size, then.st_mtime_ns, then.st_ctime_ns)
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def open_root(where: bytes) -> int:
+    """Open a set's root directory by its absolute local path.
+
+    The components are opened one at a time from ``/``. A symlink on the way is
+    followed only when root or this daemon's user owns it (its target is read through
+    a descriptor of the link itself, so it cannot be swapped after the owner was
+    checked): ``/srv -> /data/srv`` made by an administrator works, a link that a local
+    user planted is refused with ``ELOOP``. The root itself must be a directory, not a
+    symlink to one (``ENOTDIR``, or ``ELOOP`` for a symlink).
+    """
+    parent, _, last = where.rstrip(b"/").rpartition(b"/")
+    fd = _walk_trusted(os.open(b"/", DIR_FLAGS), parent.split(b"/"), where)
+    try:
+        if not last:
+            return fd
+        try:
+            return os.open(last, DIR_FLAGS, dir_fd=fd)
+        except OSError as e:
+            st = lstat_at(fd, last) if e.errno in (errno.ELOOP, errno.ENOTDIR) else None
+            if st is not None and stat.S_ISLNK(st.st_mode):
+                raise OSError(errno.ELOOP, f"{show_local(where)} is a symlink") from None
+            raise
+    finally:
+        if last:
+            os.close(fd)
+
+
+def follow_link(dir_fd: int, name: bytes, where: bytes) -> tuple[int, bytes] | None:
+    """Where the symlink ``name`` of an open directory leads, for a set that follows
+    symlinks (``install -ofollow``): the open directory that holds the link's target
+    (the caller's to close) and the target's last name, itself no symlink.
+
+    Only links that root or this daemon's user own are followed, here and on the way:
+    a link that a local user made could lead anywhere (``/etc/shadow``), and this
+    daemon reads as root. None for such a link, and for one that loops.
+    """
+    parent = os.dup(dir_fd)
+    try:
+        for _ in range(_MAX_HOPS):
+            try:
+                target = _trusted_link(parent, name, where)
+            except OSError:
+                os.close(parent)
+                return None
+            if target is None:
+                return parent, name
+            parts = target.rstrip(b"/").split(b"/") if target.rstrip(b"/") else [b""]
+            start = os.open(b"/", DIR_FLAGS) if target.startswith(b"/") else os.dup(parent)
+            os.close(parent)
+            parent = -1
+            parent = _walk_trusted(start, parts[:-1], where)
+            name = parts[-1] or b"."
+        os.close(parent)
+        return None
+    except OSError:
+        if parent >= 0:
+            os.close(parent)
+        return None
+
+
+def _walk_trusted(fd: int, parts: list[bytes], where: bytes) -> int:
+    """Open the directories ``parts`` from the open directory ``fd`` (which the walk
+    takes over), following symlinks owned by root or this daemon's user only."""
+    pending = collections.deque(parts)
+    hops = 0
+    try:
+        while pending:
+            part = pending.popleft()
+            if part in (b"", b"."):
+                continue
+            try:
+                child = os.open(part, DIR_FLAGS, dir_fd=fd)
+            except OSError as e:
+                if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                target = _trusted_link(fd, part, where)
+                if target is None:
+                    raise
+                hops += 1
+                if hops > _MAX_HOPS:
+                    raise OSError(errno.ELOOP, f"too many symlinks on the way to "
+                                               f"{show_local(where)}") from None
+                if target.startswith(b"/"):
+                    os.close(fd)
+                    fd = -1
+                    fd = os.open(b"/", DIR_FLAGS)
+                pending.extendleft(reversed(target.split(b"/")))
+                continue
+            os.close(fd)
+            fd = child
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        raise
+    return fd
+
+
+def _trusted_link(parent: int, name: bytes, where: bytes) -> bytes | None:
+    """The target of the symlink ``name`` if root or this daemon's user owns it; None if
+    ``name`` is no symlink; ``OSError(ELOOP)`` for a link someone else owns."""
+    try:
+        link = os.open(name, PATH_FLAGS, dir_fd=parent)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(link)
+        if not stat.S_ISLNK(st.st_mode):
+            return None
+        if st.st_uid not in (0, os.geteuid()):
+            raise OSError(errno.ELOOP, f"{show_name(name)} on the way to "
+                                       f"{show_local(where)} is a symlink owned by uid "
+                                       f"{st.st_uid}: only symlinks owned by root are "
+                                       "followed to a root")
+        return os.readlink(b"", dir_fd=link)
+    finally:
+        os.close(link)
+
+
+def step(parent: int, part: bytes, path: bytes, *, create: bool = False,
+         mode: int = 0o755, on_create: Callable[[bytes], None] | None = None) -> int:
+    """Open the directory ``part`` of ``parent``; -1 when it is missing and not made.
+
+    :class:`NotInTree` when ``part`` is a symlink or not a directory. With ``create`` a
+    missing directory is made with ``mode`` (and ``on_create`` told its name).
+    """
+    try:
+        return os.open(part, DIR_FLAGS, dir_fd=parent)
+    except FileNotFoundError:
+        if not create:
+            return -1
+    except OSError as e:
+        # open(2): O_NOFOLLOW|O_DIRECTORY on a symlink fails with ENOTDIR or ELOOP,
+        # depending on the kernel; look again to say which it was
+        if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        st = lstat_at(parent, part)
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            raise NotInTree(path, part, "is a symbolic link here") from None
+        raise NotInTree(path, part, "is not a directory here") from None
+    try:
+        os.mkdir(part, mode, dir_fd=parent)
+        if on_create is not None:
+            on_create(part)
+    except FileExistsError:
+        pass
+    return step(parent, part, path)
+
+
+def walk(top_fd: int, parts: list[bytes], path: bytes, *, create: bool = False,
+         mode: int = 0o755, on_create: Callable[[bytes], None] | None = None) -> int:
+    """Open the directory ``parts`` below the open directory ``top_fd`` (which stays
+    open); -1 when one is missing and not made. The caller closes what is returned."""
+    fd = os.dup(top_fd)
+    try:
+        for part in parts:
+            child = step(fd, part, path, create=create, mode=mode, on_create=on_create)
+            os.close(fd)
+            fd = child
+            if fd < 0:
+                return -1
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        raise
+    return fd
+
+
+def lstat_at(dir_fd: int, name: bytes) -> os.stat_result | None:
+    """``lstat`` of a name in an open directory; None when nothing is there."""
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def open_file(dir_fd: int, name: bytes,
+              expect: os.stat_result | None = None) -> tuple[int, os.stat_result]:
+    """Open a regular file of an open directory for reading, and its ``fstat``.
+
+    :class:`Swapped` when it is not a regular file, or (with ``expect``) not the file
+    that was listed; ``FileNotFoundError`` when it is gone.
+    """
+    fd = os.open(name, READ_FLAGS, dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Swapped(f"{show_name(name)} is not a regular file")
+        if expect is not None and not same_file(st, expect):
+            raise Swapped(f"{show_name(name)} was replaced after it was listed")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+class Opener:
+    """Directory descriptors for one job (a page of a link, a batch of events), reused
+    between the paths of that job and all closed at its end.
+
+    ``root`` is the ``--root`` prefix; each path is opened below its set's root
+    (``top``, a logical path), and the directories on the way are cached by logical
+    path: the files of one page usually share a few directories.
+    """
+
+    def __init__(self, root: bytes) -> None:
+        self.root = root
+        self._dirs: dict[bytes, int] = {}
+
+    def __enter__(self) -> Opener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for fd in self._dirs.values():
+            os.close(fd)
+        self._dirs.clear()
+
+    def directory(self, top: bytes, path: bytes) -> int:
+        """The open directory ``path`` (logical, at or below ``top``); -1 when missing.
+
+        Raises :class:`NotInTree` for a path beyond a symlink, and ``OSError`` for a root
+        that cannot be opened. The descriptor stays the opener's.
+        """
+        held = self._dirs.get(path)
+        if held is not None:
+            return held
+        if path == top:
+            fd = open_root(local_path(self.root, top))
+        else:
+            parent, _, name = path.rpartition(b"/")
+            above = self.directory(top, parent if len(parent) >= len(top) else top)
+            if above < 0:
+                return -1
+            fd = step(above, name, path)
+            if fd < 0:
+                return -1
+        self._dirs[path] = fd
+        return fd
+
+    def parent(self, top: bytes, path: bytes) -> tuple[int, bytes]:
+        """The open directory holding ``path`` (below ``top``) and its last name; -1 when
+        a directory on the way is missing."""
+        parent, _, name = path.rpartition(b"/")
+        return self.directory(top, parent if len(parent) >= len(top) else top), name
+
+    def lstat(self, top: bytes, path: bytes) -> os.stat_result | None:
+        """``lstat`` of a path below ``top``, reached through descriptors; None when it,
+        or a directory on the way, is missing; :class:`NotInTree` beyond a symlink."""
+        if path == top:
+            fd = self.directory(top, top)
+            return os.fstat(fd)
+        fd, name = self.parent(top, path)
+        return None if fd < 0 else lstat_at(fd, name)
+
+    def open_file(self, top: bytes, path: bytes,
+                  expect: os.stat_result | None = None) -> tuple[int, os.stat_result]:
+        """:func:`open_file` of a path below ``top``; ``FileNotFoundError`` when missing."""
+        fd, name = self.parent(top, path)
+        if fd < 0:
+            raise FileNotFoundError(errno.ENOENT, "a directory on the way is missing")
+        return open_file(fd, name, expect)
+
+    def readlink(self, top: bytes, path: bytes) -> bytes:
+        fd, name = self.parent(top, path)
+        if fd < 0:
+            raise FileNotFoundError(errno.ENOENT, "a directory on the way is missing")
+        return os.readlink(name, dir_fd=fd)
+
+
+# --------------------------------------------------------------------------- content
+
+
+def digest_fd(fd: int) -> tuple[bytes, int]:
+    """xxh3-128 digest and size of an open file, read from its start."""
+    digest = xxhash.xxh3_128()
+    offset = 0
+    while chunk := os.pread(fd, CHUNK, offset):
+        digest.update(chunk)
+        offset += len(chunk)
+    return digest.digest(), offset
+
+
+def digest_bytes(data: bytes) -> bytes:
+    """xxh3-128 of content held in memory (an inline file)."""
+    return xxhash.xxh3_128_digest(data)
+
+
+# --------------------------------------------------------------------------- libc
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+def chown_link(link_fd: int, uid: int, gid: int) -> None:
+    """``fchownat(fd, "", AT_EMPTY_PATH)``: set the owner of the symlink open at the
+    ``O_PATH`` descriptor ``link_fd`` itself. Python's ``os.chown`` can only name a
+    symlink by path, and a name in a directory users write can be swapped between a
+    check and the chown (which would give their file away to the entry's owner)."""
+    libc = _libc()
+    fn = None if libc is None else getattr(libc, "fchownat", None)
+    if fn is None:
+        raise OSError(errno.ENOSYS, "fchownat is not available")
+    if fn(link_fd, b"", uid, gid, _AT_EMPTY_PATH | _AT_SYMLINK_NOFOLLOW) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+@functools.cache
+def _libc_syncfs() -> Callable[[int], int] | None:
+    return getattr(_libc(), "syncfs", None)
+
+
+@functools.cache
+def _libc_sync_file_range() -> Callable[..., int] | None:
+    fn = getattr(_libc(), "sync_file_range", None)
+    if fn is not None:
+        fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    return fn
+
+
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing a range of ``fd`` to disk, without waiting: only a head start for
+    the fsync that makes the file durable, so a failure here changes nothing."""
+    fn = _libc_sync_file_range()
+    if fn is not None:
+        fn(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+def syncfs(fd: int) -> bool:
+    """syncfs(2) on the file system holding ``fd``; False where there is none, or it
+    failed (the caller then fsyncs each file)."""
+    fn = _libc_syncfs()
+    return fn is not None and fn(fd) == 0

@@ -1,0 +1,201 @@
+"""Owners and groups: by name between hosts, by id on disk, and the rule that maps them.
+
+An entry names its owner and group as rdist does, by name, and carries the sender's
+numeric ids beside them. The rule, in one sentence (docs/security.rst): *a name that
+exists here maps to its id here, else the sender's numeric id is used; set-user-ID and
+set-group-ID bits stay only when both owner and group were mapped by a name that exists
+here, and were really set; with* ``nochkowner`` */* ``nochkgroup`` *an existing file
+keeps its owner or group and a new one gets the daemon's, and loses those bits.*
+
+So a file of a local user ``mallory`` on one host, with mode 6755, never becomes a
+set-user-ID file of root, nor of whoever holds mallory's uid, on a host that has no
+``mallory``: it keeps mallory's number, without the set-id bits, and a WARNING names the
+missing user once.
+"""
+
+from __future__ import annotations
+
+import functools
+import grp
+import logging
+import os
+import pwd
+import stat
+from dataclasses import dataclass
+
+from omirror.paths import show, show_text
+
+log = logging.getLogger(__name__)
+
+#: Set-user-ID and set-group-ID: kept only when owner and group are mapped exactly.
+SETID = stat.S_ISUID | stat.S_ISGID
+_CAP_CHOWN = 0
+#: The kernel's id for "an owner this host cannot name" (as NFS squashes to it).
+_OVERFLOW = 65534
+
+
+@functools.lru_cache(maxsize=4096)
+def user_name(uid: int) -> str:
+    """The name an owner travels by; a uid without a name travels as its digits."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+@functools.lru_cache(maxsize=4096)
+def group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+@functools.lru_cache(maxsize=4096)
+def uid_named(name: str) -> int | None:
+    """The local uid of a user name; None for a name unknown here (and for digits,
+    which name no one: they are the sender's number for a uid it could not name)."""
+    if not _nameable(name):
+        return None
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        return None
+
+
+@functools.lru_cache(maxsize=4096)
+def gid_named(name: str) -> int | None:
+    if not _nameable(name):
+        return None
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        return None
+
+
+def _nameable(name: str) -> bool:
+    return bool(name) and not (name.isascii() and name.isdigit()) and "\0" not in name
+
+
+@functools.cache
+def overflow_id(kind: str) -> int:
+    """``/proc/sys/kernel/overflowuid`` (or ``gid``): nobody, where no number came."""
+    try:
+        with open(f"/proc/sys/kernel/overflow{kind}", "rb") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return _OVERFLOW
+
+
+def can_chown() -> bool:
+    """Whether this process may give files away: ``CAP_CHOWN`` in its effective set.
+
+    Not "is this root": a root whose bounding set lacks it cannot, and the hardened
+    setup (a service user with ambient capabilities) can.
+    """
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"CapEff:"):
+                    return bool(int(line.split()[1], 16) >> _CAP_CHOWN & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.geteuid() == 0
+
+
+@dataclass(frozen=True, slots=True)
+class Ownership:
+    """What to make a file's owner and group: an id, or None to leave what the file has
+    (a new file then has the daemon's); ``exact`` when both came by a name known here."""
+
+    uid: int | None
+    gid: int | None
+    exact: bool
+
+    def allows_setid(self, st: os.stat_result) -> bool:
+        """Set-id bits may stay on a file that really got this owner and group."""
+        return self.exact and st.st_uid == self.uid and st.st_gid == self.gid
+
+    def mode(self, mode: int, st: os.stat_result) -> int:
+        """``mode`` as it may be set on the file ``st`` (after its owner was set)."""
+        mode &= 0o7777
+        return mode if self.allows_setid(st) else mode & ~SETID
+
+
+class OwnerMap:
+    """Maps the owners of entries from peers to ids here, and says once per name when
+    one does not exist here."""
+
+    def __init__(self) -> None:
+        self._warned: set[tuple[str, str]] = set()
+
+    def resolve(self, owner: str, uid: int, group: str, gid: int, path: bytes,
+                origin: str, *, keep_owner: os.stat_result | None | bool = False,
+                keep_group: os.stat_result | None | bool = False) -> Ownership:
+        """The ownership to give ``path`` for an entry's owner and group.
+
+        ``keep_owner`` / ``keep_group`` are ``nochkowner`` / ``nochkgroup``: the stat of
+        the file being replaced (whose id stays), or None for a new file (which keeps
+        the daemon's); False when the option is off.
+        """
+        exact = True
+        if keep_owner is not False:
+            new_uid = None if keep_owner is None or keep_owner is True \
+                else keep_owner.st_uid
+            exact = False
+        else:
+            new_uid = uid_named(owner)
+            if new_uid is None:
+                new_uid = self._fallback("user", owner, uid, path, origin)
+                exact = False
+        if keep_group is not False:
+            new_gid = None if keep_group is None or keep_group is True \
+                else keep_group.st_gid
+            exact = False
+        else:
+            new_gid = gid_named(group)
+            if new_gid is None:
+                new_gid = self._fallback("group", group, gid, path, origin)
+                exact = False
+        return Ownership(new_uid, new_gid, exact)
+
+    def _fallback(self, kind: str, name: str, number: int, path: bytes,
+                  origin: str) -> int:
+        """The sender's number for a name unknown here; nobody when none came."""
+        if number < 0 and name.isascii() and name.isdigit() and len(name) <= 10:
+            number = int(name)
+        if not 0 <= number < (1 << 32) - 1:
+            number = overflow_id("uid" if kind == "user" else "gid")
+        if (kind, name) not in self._warned:
+            self._warned.add((kind, name))
+            if _nameable(name):
+                log.warning("%s %s of %s (from %s) does not exist here: its files get the "
+                            "sender's %s %d, without set-user-ID or set-group-ID bits; "
+                            "create the %s with the same id to mirror them exactly", kind,
+                            show_text(repr(name)), show(path), show_text(origin),
+                            "uid" if kind == "user" else "gid", number, kind)
+        return number
+
+    def recorded(self, owner: str, uid: int, group: str, gid: int, mode: int,
+                 st: os.stat_result) -> tuple[str, int, str, int, int] | None:
+        """``(owner, uid, group, gid, mode)`` of a recorded version when the file ``st``
+        is what applying it here gives (its owner mapped, its set-id bits dropped by the
+        rule above); None when the file's owner, group or mode changed since.
+
+        The scanner uses this so that the mapping of an owner unknown here is not taken
+        for a local change, and sent back to the peers as one.
+        """
+        want_uid = uid_named(owner)
+        want_gid = gid_named(group)
+        exact = want_uid is not None and want_gid is not None
+        if want_uid is None:
+            want_uid = uid if 0 <= uid < (1 << 32) - 1 else overflow_id("uid")
+        if want_gid is None:
+            want_gid = gid if 0 <= gid < (1 << 32) - 1 else overflow_id("gid")
+        if (st.st_uid, st.st_gid) != (want_uid, want_gid):
+            return None
+        on_disk = stat.S_IMODE(st.st_mode)
+        if on_disk != mode and (exact or on_disk != mode & ~SETID):
+            return None
+        return owner, uid, group, gid, mode
+
