@@ -31,6 +31,7 @@ import struct
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +191,57 @@ def test_paths_outside_the_shared_trees_are_refused_and_the_link_goes_on(c: Clus
         assert not (p.data / "x.excluded").exists() and not (p.data / "deep").exists()
         assert sorted(os.listdir(p.data)) == [".omirror-root", "fine"]
     assert_still_serving(c, "paths")
+
+
+def test_entries_no_honest_peer_makes_are_refused_one_by_one(c: Cluster) -> None:
+    """Entries whose fields are well-typed but whose names could only come from a
+    broken or hostile peer: a NUL in an owner, a group or an origin (the password
+    database and the file system raise on it), a '/' in an origin (it becomes part of a
+    conflict copy's name), a stamp near 2**63 (the next local version would overflow the
+    store). Each used to raise outside the handled errors and close the link, which the
+    peer reopened with the same entry for ever; each is now refused and skipped, and
+    the link goes on. A 255-character origin is a legal host name: the conflict copy it
+    names is cut to fit, instead of failing for ever with ENAMETOOLONG."""
+    t = time.time_ns()
+    cases = [
+        (replace(h_file := Entry(b"data/nul-owner", Kind.FILE, Stamp(t, "x")), owner="a\0b"),
+         "its owner"),
+        (replace(h_file, path=b"data/nul-group", group="g\0"), "its group"),
+        (replace(h_file, path=b"data/ctl-owner", owner="evil\nline"), "its owner"),
+        (replace(h_file, path=b"data/nul-origin", stamp=Stamp(t, "x\0y")), "its origin"),
+        (replace(h_file, path=b"data/slash-origin", stamp=Stamp(t, "../../x")), "its origin"),
+        (replace(h_file, path=b"data/vector-origin", vector=(("q\0", t),)), "its origin"),
+        (replace(h_file, path=b"data/far-future", stamp=Stamp((1 << 63) - 1, "x")),
+         "beyond the year 2116"),
+    ]
+    with Hostile(c).connect() as h:
+        h.greet()
+        for entry, reason in cases:
+            data = b"hostile\n"
+            entry = replace(entry, mode=0o644, size=len(data), digest=digest_of(data),
+                            vector=entry.vector or ((entry.stamp.origin, entry.stamp.time_ns),))
+            log = Log(c)
+            h.wait_ack(h.push(entry, data))  # closed link: Closed is raised here
+            log.wait("refused path", reason)
+            assert not (c[0].data / os.fsdecode(entry.path.split(b"/")[-1])).exists()
+        # a conflict whose losing origin is 255 characters long
+        (c[0].data / "doc").write_bytes(b"ours\n")
+        c.wait_until(lambda: _holds(c[1].data / "doc", b"ours\n"), SERVE_BOUND_S,
+                     "peer 0's doc reaches peer 1")
+        long_origin = "h" * 255
+        theirs = Entry(b"data/doc", Kind.FILE, Stamp(1_000_000_000, long_origin),
+                       vector=((long_origin, 1_000_000_000),), mode=0o644,
+                       size=len(b"theirs\n"), digest=digest_of(b"theirs\n"))
+        h.wait_ack(h.push(theirs, b"theirs\n"))
+        h.wait_ack(h.push(h.file(b"data/fine", b"fine\n"), b"fine\n"))
+    copies = [n for n in os.listdir(c[0].data) if ".omirror-conflict-" in n]
+    assert len(copies) == 1 and len(os.fsencode(copies[0])) <= 255, copies
+    assert (c[0].data / copies[0]).read_bytes() == b"theirs\n"
+    assert _holds(c[0].data / "doc", b"ours\n")
+    c.wait_until(lambda: _holds(c[1].data / "fine", b"fine\n"), SERVE_BOUND_S,
+                 "the good entry after them reaches peer 1 through peer 0")
+    assert_nothing_outside(c)
+    assert_still_serving(c, "names")
 
 
 def test_a_symlink_planted_in_the_tree_is_never_followed(c: Cluster) -> None:

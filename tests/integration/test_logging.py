@@ -123,3 +123,42 @@ def test_syslog_without_a_syslog_daemon_exits_2(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr == ("omirrord: error: --syslog daemon: no syslog daemon listens on "
                              f"{tmp_path / 'log'}: No such file or directory\n")
+
+
+EVIL = b"evil\nWARNING omirror.daemon: forged \x1b[31mred\xff"
+SHOWN = "/data/evil\\x0aWARNING omirror.daemon: forged \\x1b[31mred\\xff"
+
+
+def test_file_names_cannot_forge_what_people_read(make_cluster: MakeCluster) -> None:
+    """A file name is a local user's (or a peer's) choice: it may hold a newline, an
+    escape sequence, bytes that are not UTF-8. Wherever a path reaches a person (the
+    log, ``log dump``, ``--check``), it is shown in one escaped form, on one line: it can
+    neither forge a log line nor colour a terminal."""
+    c = make_cluster(2)
+    data0 = os.fsencode(c[0].data)
+    with open(os.path.join(data0, EVIL), "wb") as f:
+        f.write(b"x")
+    os.mkfifo(os.path.join(data0, EVIL + b".fifo"))  # the startup scan logs it
+    c.start()
+    c.wait_until(lambda: os.path.exists(os.path.join(os.fsencode(c[1].data), EVIL)), 30,
+                 "the oddly named file reaches peer 1")
+    c.stop(1)
+    with open(os.path.join(data0, EVIL), "ab") as f:
+        f.write(b"changed while peer 1 was away")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMIRRORD_")}
+    common = ["-C", str(c.conf), "--peers", str(c.peers_file)]
+    dump = subprocess.run([sys.executable, "-m", "omirror", "log", "dump",
+                           "--state-dir", str(c[0].state)], capture_output=True,
+                          timeout=60, env=env)
+    check = subprocess.run([sys.executable, "-m", "omirror", "--check", "-n", c[1].name,
+                            "--root", str(c[1].root), "--state-dir", str(c[1].state),
+                            *common], capture_output=True, timeout=60, env=env)
+    c.stop()
+    outputs = {"the log of peer 0": c.log_text(0).encode(),
+               "log dump": dump.stdout, "--check": check.stdout}
+    for what, text in outputs.items():
+        lines = text.decode("utf-8", "strict").splitlines()  # no stray byte either
+        assert not any(line.startswith("WARNING omirror.daemon: forged") for line in lines), what
+        assert b"\x1b" not in text, what
+        assert any(SHOWN in line for line in lines), (what, text[-2000:])
+    assert dump.returncode == 0 and check.returncode == 1, check.stderr

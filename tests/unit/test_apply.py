@@ -917,3 +917,67 @@ def test_fake_fs_disk_full(fs) -> None:  # type: ignore[no-untyped-def]
         assert open("/r/data/a", "rb").read() == b"old"
     finally:
         store.close()
+
+
+# -- attributes in directories users write -------------------------------------------------
+
+
+def test_a_temp_symlink_swapped_before_its_chown_is_never_chowned(
+        host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The temp symlink sits in a directory users may write: a user who replaces it by
+    their own file between its creation and the chown would have that file given to
+    the entry's owner (root). The chown goes through a descriptor of the link itself,
+    which must be ours."""
+    real_symlink = os.symlink
+    swapped: list[Path] = []
+
+    def symlink_then_swap(src: object, dst: object, *args: object, **kw: object) -> None:
+        real_symlink(src, dst, *args, **kw)  # type: ignore[arg-type]
+        if isinstance(dst, bytes) and dst.startswith(b".omirror-tmp-"):
+            mine = host.data / os.fsdecode(dst)
+            mine.unlink()
+            mine.write_bytes(b"a user's file")
+            os.chown(mine, 65534, 65534)
+            swapped.append(mine)
+
+    monkeypatch.setattr(os, "symlink", symlink_then_swap)
+    with pytest.raises(ApplyError, match="replaced by someone else"):
+        host.applier.make_symlink(host.mset, link_entry(b"data/l", b"target"))
+    assert swapped and not swapped[0].exists()  # removed as our temp name, not chowned
+    assert not os.path.lexists(host.data / "l")
+
+
+def test_a_directory_swapped_in_after_mkdir_gets_no_owner_or_mode(
+        host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between the applier's mkdir and its open, a user who can write the parent may put
+    their own directory at the name: it must not be given the entry's owner and mode."""
+    real_mkdir = os.mkdir
+    theirs = host.data / "d"
+
+    def mkdir_then_swap(path: object, mode: int = 0o777, *, dir_fd: int | None = None) -> None:
+        real_mkdir(path, mode, dir_fd=dir_fd)  # type: ignore[arg-type]
+        if path == b"d":
+            os.rmdir(theirs)
+            real_mkdir(theirs, 0o777)
+            os.chmod(theirs, 0o777)
+            os.chown(theirs, 65534, 65534)
+
+    monkeypatch.setattr(os, "mkdir", mkdir_then_swap)
+    with pytest.raises(LocalChanged):
+        host.applier.make_dir(host.mset, replace(dir_entry(b"data/d", mode=0o2755)))
+    st = os.lstat(theirs)
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (65534, 0o777)
+    assert host.store.get(b"data/d") is None
+
+
+def test_a_conflict_copy_never_replaces_a_file_at_its_name(host: Host) -> None:
+    """A conflict copy's name is predictable; a file a user put there first is theirs
+    (not recorded by omirror): it is never renamed over. The path's change is recorded
+    first, as for any target that is not what the store knows."""
+    host.write(b"data/doc", b"local words")
+    loser = Stamp(5, "alpha")
+    name = host.data / os.fsdecode(conflict_name(b"doc", loser))
+    name.write_bytes(b"a user's own file")
+    with pytest.raises(LocalChanged):
+        host.applier.keep_conflict_copy(host.mset, b"data/doc", loser)
+    assert name.read_bytes() == b"a user's own file" and host.leftovers() == []

@@ -10,7 +10,8 @@ import xxhash
 
 from omirror import config
 from omirror.apply import Applier
-from omirror.replicate import Context, LinkStats, Pusher
+from omirror.entry import Kind
+from omirror.replicate import Context, LinkStats, Pusher, _read_inline
 from omirror.scanner import MARKER, Scanner
 from omirror.store import Store
 from omirror.wire import Data, NoData, Want, decode
@@ -93,4 +94,54 @@ def test_a_pusher_that_is_done_waits_for_the_acknowledgement_of_its_last_passed(
 
     before, after = asyncio.run(run())
     assert before == [] and [type(m).__name__ for m in after] == ["Bye"]
+    store.close()
+
+
+def _recorded_then_fifo(tmp_path: Path, size: int) -> tuple[Path, Store, config.MirrorSet,
+                                                             Scanner]:
+    root = tmp_path / "root"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / os.fsdecode(MARKER)).write_bytes(b"marker\n")
+    f = root / "data" / "f"
+    f.write_bytes(b"x" * size)
+    mset = config.parse(DISTFILE, "test.conf").sets[0]
+    store = Store.open(tmp_path / "state")
+    scanner = Scanner(store, "alpha")
+    scanner.scan_set(mset, os.fsencode(root))
+    f.unlink()
+    os.mkfifo(f)  # its record still says FILE: no scan has looked since
+    return root, store, mset, scanner
+
+
+def test_a_recorded_file_swapped_for_a_fifo_is_not_read_inline(tmp_path: Path) -> None:
+    """Reading a FIFO opened O_NONBLOCK raised BlockingIOError out of the page: the link
+    dropped and met the same entry on every reconnect. It is left out instead."""
+    root, store, mset, _ = _recorded_then_fifo(tmp_path, 100)
+    record = store.get(b"data/f")
+    assert record is not None and record.entry.kind is Kind.FILE
+    assert _read_inline(os.fsencode(root), [(record, [mset])]) == {}
+    store.close()
+
+
+def test_a_fifo_is_never_opened_to_serve_content(tmp_path: Path) -> None:
+    """A FIFO opened for reading without O_NONBLOCK waits for a writer for ever: the
+    content server held a thread, and the peer's request, until the daemon died. The
+    file must be a regular file, and the peer is told at once."""
+    root, store, mset, scanner = _recorded_then_fifo(tmp_path, 200 << 10)
+    record = store.get(b"data/f")
+    assert record is not None
+
+    async def run() -> list[object]:
+        async def tree(fn, *args):  # type: ignore[no-untyped-def]
+            return fn(*args)
+        ctx = Context("alpha", store, Applier(os.fsencode(root), store, "alpha"), scanner,
+                      os.fsencode(root), lambda peer: [mset], tree)
+        frames = Frames()
+        pusher = Pusher(ctx, "beta", None, frames, LinkStats())
+        await asyncio.wait_for(pusher._serve(Want(1, b"data/f", record.entry.digest, 0, ())),
+                               10)
+        return frames.sent
+
+    sent = asyncio.run(run())
+    assert [type(m).__name__ for m in sent] == ["NoData"]
     store.close()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import socket
 import stat
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 import xxhash
@@ -549,3 +550,59 @@ def test_files_of_a_renamed_directory_whose_mtime_moved_are_stamped_at_its_arriv
     arrived = os.lstat(tree.data / "new").st_ctime_ns
     assert tree.entry("new/f").stamp.time_ns >= arrived
     assert tree.entry("new/f").moved_from == b"data/old/f"
+
+
+RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> None:
+    """renameat2(RENAME_EXCHANGE): swap two names atomically, as a local user can."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(-100, os.fsencode(a), -100, os.fsencode(b), RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def test_a_directory_swapped_for_a_symlink_mid_scan_never_reads_outside(
+        tree: Tree, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A local user swaps ``data/d`` with a symlink to a directory outside the tree right
+    after the scanner listed ``d``. Whatever it does next (stat, open, hash) must reach
+    the file it listed, never the one beyond the link: a scan that re-resolved the path
+    read the outside file as root and recorded it, to be sent to every peer."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "f").write_bytes(b"SENTINEL: never mirrored")
+    (tree.data / "d").mkdir()
+    (tree.data / "d" / "f").write_bytes(b"inside")
+    os.symlink(outside, tree.data / "s")
+    tree.scan()
+    (tree.data / "d" / "f").write_bytes(b"inside, changed")  # to be hashed again
+    real_scandir = os.scandir
+
+    class Swapping:
+        def __init__(self, listing: Iterator[os.DirEntry[Any]]) -> None:
+            self.listing = listing
+
+        def __enter__(self) -> Swapping:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.listing.close()  # type: ignore[attr-defined]
+
+        def __iter__(self) -> Iterator[os.DirEntry[Any]]:
+            for entry in self.listing:
+                if entry.name in ("f", b"f"):
+                    _exchange(tree.data / "d", tree.data / "s")
+                yield entry
+
+    def scandir(where: Any) -> Swapping:
+        listing = real_scandir(where)
+        name = os.readlink(f"/proc/self/fd/{where}") if isinstance(where, int) \
+            else os.fsdecode(where)
+        return Swapping(listing) if name.endswith("/data/d") else listing  # type: ignore
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    tree.scan()
+    sentinel = xxhash.xxh3_128(b"SENTINEL: never mirrored").digest()
+    recorded = [r.entry for r in tree.store.since(0) if r.entry.kind is Kind.FILE]
+    assert recorded and all(e.digest != sentinel for e in recorded), recorded
