@@ -402,6 +402,25 @@ class Applier:
         self.strays: list[bytes] = []
         #: The root as /proc names it (symlinks above it resolved), for :meth:`_placed`.
         self._real_root = os.path.realpath(root)
+        #: Set roots opened during one job (:meth:`holding_roots`), by logical path.
+        self._roots: dict[bytes, int] | None = None
+
+    @contextlib.contextmanager
+    def holding_roots(self) -> Iterator[None]:
+        """Keep the set roots opened for the length of one job (a batch of entries):
+        opening a root walks every directory from ``/`` (omirror/fsio.py), and each entry
+        opens it several times. Never longer: a descriptor held for the daemon's life
+        would keep an unmounted disk busy."""
+        if self._roots is not None:
+            yield
+            return
+        self._roots = {}
+        try:
+            yield
+        finally:
+            roots, self._roots = self._roots, None
+            for fd in roots.values():
+                os.close(fd)
 
     def take_strays(self) -> list[bytes]:
         strays, self.strays = self.strays, []
@@ -1032,8 +1051,14 @@ class Applier:
         shown = show_text(os.fsdecode(where))
         action = f"apply {show(path)}: root {show(top)}"
         try:
-            # a symlink on the way that root does not own is refused (omirror/fsio.py)
-            fd = fsio.open_root(where)
+            held = None if self._roots is None else self._roots.get(top)
+            if held is not None:
+                fd = os.dup(held)
+            else:
+                # a symlink on the way that root does not own is refused (omirror/fsio.py)
+                fd = fsio.open_root(where)
+                if self._roots is not None:
+                    self._roots[top] = os.dup(fd)
         except OSError as e:
             raise ApplyError(path, e.errno, f"cannot {action} ({shown}) is not "
                                             f"usable: {e.strerror}") from e

@@ -217,6 +217,7 @@ class Daemon:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
+        _warn_unprotected_hardlinks()
         # first, before the store is touched: a daemon that answers here owns this state
         # directory, and this one stops; no handler runs before the next await
         self._control = await control.serve_control(control.socket_path(self.state_dir),
@@ -728,6 +729,21 @@ class Daemon:
                              "for %.0fs", scan.set_title, scan.files, scan.dirs, scan.hashed,
                              scan.hashed_bytes, now - scan_started)
             self._show(text)
+
+
+def _warn_unprotected_hardlinks(where: str = "/proc/sys/fs/protected_hardlinks") -> bool:
+    """Say so when any user may hard-link any file: a link to /etc/shadow put into a
+    tree would be read by this daemon as root, and mirrored. True when warned."""
+    try:
+        with open(where, "rb") as f:
+            if f.read().strip() != b"0":
+                return False
+    except OSError:
+        return False
+    log.warning("fs.protected_hardlinks is 0: a local user can hard-link any file, "
+                "/etc/shadow included, into a mirrored tree, and omirrord reads it as "
+                "root and mirrors it; set it to 1 (conf/sysctl.d/60-omirror.conf)")
+    return True
 
 
 def _set_label(title: str) -> str:

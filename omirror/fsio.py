@@ -301,6 +301,16 @@ class Opener:
             os.close(fd)
         self._dirs.clear()
 
+    def trim(self, keep: int = 64) -> None:
+        """Close the directories held beyond ``keep``, oldest first. Called between the
+        paths of a job, never while a descriptor it returned may still be in use (a
+        burst of events in a thousand directories would otherwise hold a thousand)."""
+        excess = len(self._dirs) - keep
+        if excess <= 0:
+            return
+        for path in list(self._dirs)[:excess]:
+            os.close(self._dirs.pop(path))
+
     def directory(self, top: bytes, path: bytes) -> int:
         """The open directory ``path`` (logical, at or below ``top``); -1 when missing.
 

@@ -584,6 +584,7 @@ def _read_inline(root: bytes,
                 os.close(fd)
             if len(data) == entry.size and fsio.digest_bytes(data) == entry.digest:
                 out[entry.path] = data
+            opener.trim()
     return out
 
 
@@ -777,14 +778,15 @@ class Receiver(_Side):
         ctx = self.ctx
         results: list[tuple[EntryMsg, _Outcome]] = []
         try:
-            self._prepare(msgs)
-            with ctx.store.batch():
-                for msg in msgs:
-                    outcome = self._apply_one(msg)
-                    results.append((msg, outcome))
-                    if isinstance(outcome, Need):
-                        break
-                self._scan_strays()
+            with ctx.applier.holding_roots():  # opened once for the batch, not per entry
+                self._prepare(msgs)
+                with ctx.store.batch():
+                    for msg in msgs:
+                        outcome = self._apply_one(msg)
+                        results.append((msg, outcome))
+                        if isinstance(outcome, Need):
+                            break
+                    self._scan_strays()
         finally:
             ctx.applier.discard_prepared()
         return results
@@ -1136,7 +1138,8 @@ class Receiver(_Side):
         """Install completed content, deciding again: the local version may have changed
         while the content travelled."""
         try:
-            self._install_decided(need, temp)
+            with self.ctx.applier.holding_roots():
+                self._install_decided(need, temp)
         finally:
             self._scan_strays()
 

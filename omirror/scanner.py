@@ -201,6 +201,7 @@ class Scanner:
                                     or has_own_name(path[len(top) + 1 if top else 0:])):
                     continue
                 run.visit_top(path, recursive=recursive)
+                run.opener.trim()
             run.finish()
         run.stats.duration_s = time.monotonic() - started
         if run.stats.recorded:
@@ -627,7 +628,26 @@ class _Run:
             self.stats.new += 1
         else:
             self.stats.changed += 1
+            if previous.kind is Kind.DIR and kind is not Kind.DIR:
+                self._bury_below(path)
         self.pending.append((entry, sig))
+
+    def _bury_below(self, path: bytes) -> None:
+        """A directory replaced by a file or a symlink took everything below it away:
+        record those deletions now, deepest first and before the new version, so that a
+        receiver has emptied its directory when it is asked to replace it. (Nothing else
+        would: no walk goes below a path that is no directory.)"""
+        now = self.sc.clock()
+        below = [r for r in self.store.under(path)
+                 if r.entry.path != path and not r.entry.is_tombstone
+                 and not self._expected(r.entry.path)]
+        for record in sorted(below, key=lambda r: r.entry.path, reverse=True):
+            stamp = next_stamp(now, record.entry.stamp, self.sc.host)
+            tomb = record.entry.successor(stamp, kind=Kind.TOMBSTONE, mode=0, owner="",
+                                          group="", uid=-1, gid=-1, mtime_ns=0, size=0,
+                                          digest=b"", target=b"")
+            self.pending.append((tomb, None))  # type: ignore[arg-type]
+            self.stats.deleted += 1
 
     def _ownership(self, st: os.stat_result, held: Record | None) -> dict[str, object]:
         """Mode, owner and group to record for ``st``: those of the recorded version when

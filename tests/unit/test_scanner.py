@@ -606,3 +606,53 @@ def test_a_directory_swapped_for_a_symlink_mid_scan_never_reads_outside(
     sentinel = xxhash.xxh3_128(b"SENTINEL: never mirrored").digest()
     recorded = [r.entry for r in tree.store.since(0) if r.entry.kind is Kind.FILE]
     assert recorded and all(e.digest != sentinel for e in recorded), recorded
+
+
+def test_follow_follows_only_symlinks_root_owns(tmp_path: Path) -> None:
+    """``install -ofollow`` mirrors what a symlink leads to. omirrord reads as root, and a
+    symlink a local user made could lead anywhere (``/etc/shadow``): only links owned by
+    root (or the daemon's user) are followed; a user's link is mirrored as the link."""
+    t = Tree(tmp_path)
+    t.mset = config.parse(DISTFILE.format(extra="").replace("install ;", "install -ofollow ;"),
+                          "test.conf").sets[0]
+    assert t.mset.options.follow
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "shared.txt").write_bytes(b"an administrator's file")
+    (outside / "secret").write_bytes(b"SENTINEL: never mirrored")
+    os.symlink(outside / "shared.txt", t.data / "by-root")
+    os.symlink(outside / "secret", t.data / "by-user")
+    os.lchown(t.data / "by-user", 65534, 65534)
+    t.scan()
+    by_root, by_user = t.entry("by-root"), t.entry("by-user")
+    assert by_root.kind is Kind.FILE
+    assert by_root.digest == xxhash.xxh3_128(b"an administrator's file").digest()
+    assert by_user.kind is Kind.SYMLINK and by_user.target == os.fsencode(outside / "secret")
+    t.store.close()
+
+
+@pytest.mark.parametrize("replacement", ["symlink", "file"])
+def test_a_directory_replaced_by_a_file_or_symlink_deletes_what_it_held(
+        tree: Tree, tmp_path: Path, replacement: str) -> None:
+    """No walk goes below a path that is no longer a directory: the records below it
+    must become tombstones when the path is recorded anew, and before its new version,
+    so that a receiver has emptied the directory when it is asked to replace it (seen
+    when a user swapped a directory and a symlink: the receiver kept the directory with
+    stale files, and retried 'not empty here' for ever)."""
+    (tree.data / "d" / "sub").mkdir(parents=True)
+    (tree.data / "d" / "sub" / "f").write_bytes(b"x")
+    (tree.data / "d" / "g").write_bytes(b"y")
+    tree.scan()
+    moved = tmp_path / "moved-away"
+    os.rename(tree.data / "d", moved)
+    if replacement == "symlink":
+        os.symlink(moved, tree.data / "d")
+    else:
+        (tree.data / "d").write_bytes(b"now a file")
+    stats = tree.scanner.scan_paths(tree.mset, os.fsencode(tree.base), [(b"data/d", False)])
+    assert stats.deleted == 3
+    for gone in ("d/sub/f", "d/sub", "d/g"):
+        assert tree.entry(gone).is_tombstone, gone
+    order = [path for path, _ in tree.log()]
+    assert order.index(b"data/d") > max(order.index(b"data/d/sub/f"),
+                                        order.index(b"data/d/sub"), order.index(b"data/d/g"))
