@@ -25,7 +25,7 @@ import os
 import stat
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Awaitable, Callable, Coroutine, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Coroutine, Iterator, Sequence, TypeVar
 
 import xxhash
 
@@ -588,23 +588,25 @@ def _read_inline(root: bytes,
     return out
 
 
+def _blocks(fd: int, size: int) -> Iterator[bytes]:
+    """An open file, from its start, in blocks of ``size`` (the last may be short)."""
+    offset = 0
+    while data := os.pread(fd, size, offset):
+        yield data
+        offset += len(data)
+        if len(data) < size:
+            return
+
+
 def compare_blocks(fd: int, size: int,
                    theirs: Sequence[bytes]) -> tuple[bytearray, bytes]:
     """Which blocks of an open file have the digests ``theirs`` (1 where they do), and
     the digest of the whole file."""
     whole = xxhash.xxh3_128()
     same = bytearray()
-    offset = 0
-    while True:
-        data = os.pread(fd, size, offset)
-        if not data:
-            break
+    for index, data in enumerate(_blocks(fd, size)):
         whole.update(data)
-        index = len(same)
         same.append(index < len(theirs) and xxhash.xxh3_128_digest(data) == theirs[index])
-        offset += len(data)
-        if len(data) < size:
-            break
     return same, whole.digest()
 
 
@@ -612,16 +614,9 @@ def block_digests(fd: int, size: int) -> tuple[list[bytes], bytes]:
     """Digests of each block of an open file, and of the whole file."""
     whole = xxhash.xxh3_128()
     blocks = []
-    offset = 0
-    while True:
-        data = os.pread(fd, size, offset)
-        if not data:
-            break
+    for data in _blocks(fd, size):
         whole.update(data)
         blocks.append(xxhash.xxh3_128_digest(data))
-        offset += len(data)
-        if len(data) < size:
-            break
     return blocks, whole.digest()
 
 

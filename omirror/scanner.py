@@ -642,12 +642,17 @@ class _Run:
                  if r.entry.path != path and not r.entry.is_tombstone
                  and not self._expected(r.entry.path)]
         for record in sorted(below, key=lambda r: r.entry.path, reverse=True):
-            stamp = next_stamp(now, record.entry.stamp, self.sc.host)
-            tomb = record.entry.successor(stamp, kind=Kind.TOMBSTONE, mode=0, owner="",
-                                          group="", uid=-1, gid=-1, mtime_ns=0, size=0,
-                                          digest=b"", target=b"")
-            self.pending.append((tomb, None))  # type: ignore[arg-type]
-            self.stats.deleted += 1
+            self._bury(record, now)
+
+    def _bury(self, record: Record, now: int) -> None:
+        """Record the deletion of a path found gone, stamped ``now`` (a scan cannot know
+        when it went)."""
+        stamp = next_stamp(now, record.entry.stamp, self.sc.host)
+        tomb = record.entry.successor(stamp, kind=Kind.TOMBSTONE, mode=0, owner="",
+                                      group="", uid=-1, gid=-1, mtime_ns=0, size=0,
+                                      digest=b"", target=b"")
+        self.pending.append((tomb, None))  # type: ignore[arg-type]
+        self.stats.deleted += 1
 
     def _ownership(self, st: os.stat_result, held: Record | None) -> dict[str, object]:
         """Mode, owner and group to record for ``st``: those of the recorded version when
@@ -802,13 +807,7 @@ class _Run:
                 if not record.entry.is_tombstone:
                     gone[record.entry.path] = record
         for path in sorted(gone, reverse=True):  # children before their directory
-            record = gone[path]
-            stamp = next_stamp(now, record.entry.stamp, self.sc.host)
-            tomb = record.entry.successor(stamp, kind=Kind.TOMBSTONE, mode=0, owner="",
-                                          group="", uid=-1, gid=-1, mtime_ns=0, size=0,
-                                          digest=b"", target=b"")
-            self.pending.append((tomb, None))  # type: ignore[arg-type]
-            self.stats.deleted += 1
+            self._bury(gone[path], now)
             if len(self.pending) >= _FLUSH_EVERY:
                 self.flush()
         self.flush()

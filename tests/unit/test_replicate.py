@@ -32,6 +32,22 @@ class Frames:
         return None
 
 
+def served(root: Path, store: Store, mset: config.MirrorSet, scanner: Scanner,
+           want: Want) -> list[object]:
+    """What a pusher of host alpha sends peer beta for ``want`` (within 10 s)."""
+    async def run() -> list[object]:
+        async def tree(fn, *args):  # type: ignore[no-untyped-def]
+            return fn(*args)
+        ctx = Context("alpha", store, Applier(os.fsencode(root), store, "alpha"), scanner,
+                      os.fsencode(root), lambda peer: [mset], tree)
+        frames = Frames()
+        pusher = Pusher(ctx, "beta", None, frames, LinkStats())
+        await asyncio.wait_for(pusher._serve(want), 10)
+        return frames.sent
+
+    return asyncio.run(run())
+
+
 def test_a_file_that_does_not_hold_its_recorded_version_is_hashed_again(
         tmp_path: Path) -> None:
     """NODATA tells the peer a newer entry follows. When the record itself is wrong (it
@@ -53,17 +69,7 @@ def test_a_file_that_does_not_hold_its_recorded_version_is_hashed_again(
         store._conn.execute("UPDATE entries SET digest=? WHERE path=?", (wrong, b"data/f"))
     assert store.get(b"data/f").entry.digest == wrong
 
-    async def run() -> list[object]:
-        async def tree(fn, *args):  # type: ignore[no-untyped-def]
-            return fn(*args)
-        ctx = Context("alpha", store, Applier(os.fsencode(root), store, "alpha"), scanner,
-                      os.fsencode(root), lambda peer: [mset], tree)
-        frames = Frames()
-        pusher = Pusher(ctx, "beta", None, frames, LinkStats())
-        await pusher._serve(Want(1, b"data/f", wrong, 0, ()))
-        return frames.sent
-
-    sent = asyncio.run(run())
+    sent = served(root, store, mset, scanner, Want(1, b"data/f", wrong, 0, ()))
     assert isinstance(sent[-1], NoData) and any(isinstance(m, Data) for m in sent)
     after = store.get(b"data/f").entry
     assert after.digest == xxhash.xxh3_128(b"what the file holds").digest()
@@ -131,17 +137,6 @@ def test_a_fifo_is_never_opened_to_serve_content(tmp_path: Path) -> None:
     record = store.get(b"data/f")
     assert record is not None
 
-    async def run() -> list[object]:
-        async def tree(fn, *args):  # type: ignore[no-untyped-def]
-            return fn(*args)
-        ctx = Context("alpha", store, Applier(os.fsencode(root), store, "alpha"), scanner,
-                      os.fsencode(root), lambda peer: [mset], tree)
-        frames = Frames()
-        pusher = Pusher(ctx, "beta", None, frames, LinkStats())
-        await asyncio.wait_for(pusher._serve(Want(1, b"data/f", record.entry.digest, 0, ())),
-                               10)
-        return frames.sent
-
-    sent = asyncio.run(run())
+    sent = served(root, store, mset, scanner, Want(1, b"data/f", record.entry.digest, 0, ()))
     assert [type(m).__name__ for m in sent] == ["NoData"]
     store.close()
