@@ -95,6 +95,8 @@ def check_entry(entry: Entry) -> None:
     limit (a later local version is always one more).
     """
     check_form(entry.path)
+    if entry.moved_from is not None:
+        check_form(entry.moved_from)
     origins = [entry.stamp.origin, *(origin for origin, _ in entry.vector)]
     for origin in origins:
         if not _HOST_NAME.match(origin):

@@ -463,3 +463,24 @@ def test_load_reports_parse_errors_with_the_path(tmp_path: os.PathLike[str]) -> 
 def test_defaults() -> None:
     assert config.DEFAULT_PORT == 2808
     assert config.CONFIG_DEFAULT == "/etc/omirrd.conf"
+
+
+def test_one_rule_says_which_set_holds_a_path() -> None:
+    """``set_for``: of the sets that hold a path and do not exclude it, the deepest root,
+    the first written between equals. Every part of the daemon asks it, so a set nested
+    in a path another set excludes is watched, indexed, sent and accepted."""
+    cfg = config.parse(
+        "HOSTS = ( a b c )\n"
+        "www: ( /data ) -> ${HOSTS} install ; except /data/cache /data/private ;\n"
+        "cached: ( /data/cache ) -> ${HOSTS} install ; except_pat ( \\.tmp$ ) ;\n"
+        "priv: ( /data/private ) -> ( a c ) install ;\n"
+        "again: ( /data ) -> ( a b ) install ;\n", "t.conf")
+    www, cached, priv, again = cfg.sets
+    assert config.set_for(b"data/x", cfg.sets) is www  # the first of two equal roots
+    assert config.set_for(b"data/cache/x", cfg.sets) is cached
+    assert config.set_for(b"data/cache/x.tmp", cfg.sets) is again  # cached excludes it
+    assert config.set_for(b"data/private/p", cfg.sets) is priv
+    assert config.set_for(b"data/private/p", [www, cached, again]) is again
+    assert config.set_for(b"data/private/p", [www, cached]) is None  # what b shares with a
+    assert config.set_for(b"etc/passwd", cfg.sets) is None
+    assert www.contains(b"data/x") and not www.contains(b"data/cache/x")

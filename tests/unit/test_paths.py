@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from omirror import config
-from omirror.apply import PATH_MAX, check_path
-from omirror.entry import Stamp, conflict_name
+from omirror.apply import PATH_MAX, check_entry, check_path
+from omirror.entry import Entry, Kind, Stamp, conflict_name
 from omirror.errors import PathRefused
+from omirror.paths import show
 
 DISTFILE = r"""
 www: ( /srv/www /etc/nginx ) -> ( alpha beta )
@@ -110,3 +113,39 @@ def test_message_escapes_what_a_peer_sent() -> None:
 
 def test_longest_limits_are_the_kernel_ones() -> None:
     assert PATH_MAX == 4096
+
+
+@pytest.mark.parametrize("change, reason", [
+    ({"stamp": Stamp(5, "x\0y")}, "its origin"),
+    ({"stamp": Stamp(5, "a/b")}, "its origin"),
+    ({"stamp": Stamp(5, "")}, "its origin"),
+    ({"stamp": Stamp(5, "h" * 256)}, "its origin"),
+    ({"vector": (("q\n", 5),)}, "its origin"),
+    ({"owner": "a\0b"}, "its owner"),
+    ({"owner": "x\x1b[31m"}, "its owner"),
+    ({"group": "g:h"}, "its group"),
+    ({"stamp": Stamp(1 << 62, "x")}, "beyond the year 2116"),
+    ({"vector": (("x", (1 << 63) - 1),)}, "beyond the year 2116"),
+    ({"moved_from": b"../etc/passwd"}, "'..' component"),
+])
+def test_entries_no_honest_peer_makes_are_refused(change: dict[str, object],
+                                                   reason: str) -> None:
+    good = Entry(b"data/f", Kind.FILE, Stamp(5, "[::1]:2809"), vector=(("beta.example", 4),),
+                 owner="www-data", group="www-data", digest=b"\0" * 16)
+    check_entry(good)
+    with pytest.raises(PathRefused, match=reason):
+        check_entry(replace(good, **change))  # type: ignore[arg-type]
+
+
+def test_shown_paths_are_one_line_of_printable_text() -> None:
+    """One escaped form everywhere a person reads a path: unambiguous (a backslash is
+    doubled), one line, nothing a terminal acts on."""
+    assert show(b"srv/www/index.html") == "/srv/www/index.html"
+    assert show(b"a\nb") == "/a\\x0ab"
+    assert show(b"x\x1b[31m") == "/x\\x1b[31m"
+    assert show(b"\xff\xfe") == "/\\xff\\xfe"
+    assert show(b"back\\slash") == "/back\\\\slash"
+    assert show("\u202eevil".encode()) == "/\\u202eevil"
+    assert show(b"a\\x0ab") != show(b"a\nb")
+    for name in (b"a\nb", b"\x00", "\u2028".encode(), b"\x7f", b"\xc2\x85"):
+        assert show(name).isprintable()

@@ -9,8 +9,10 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
+import msgpack
 import pytest
 
 from omirror.entry import Entry, Kind, Stamp, first_version
@@ -223,3 +225,36 @@ def test_kill_9_between_transactions_loses_nothing_committed(tmp_path: Path) -> 
 def test_the_database_is_readable_by_its_owner_only(tmp_path: Path) -> None:
     Store.open(tmp_path / "state").close()
     assert (tmp_path / "state" / "state.db").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_store_of_schema_1_is_read_and_upgraded(tmp_path: Path) -> None:
+    """Schema 2 added the numeric owner ids. A store written by an omirrord before it is
+    read as it is by --check (which writes nothing), and upgraded in place by a daemon:
+    its versions keep everything, with ids not known (-1)."""
+    from omirror import store as store_module
+
+    db = tmp_path / store_module.DB_NAME
+    conn = sqlite3.connect(db)
+    conn.executescript(store_module._SCHEMA.replace(
+        ",\n    uid INTEGER NOT NULL DEFAULT -1,\n    gid INTEGER NOT NULL DEFAULT -1", ""))
+    conn.executemany("INSERT INTO meta VALUES (?, ?)", [("schema", 1), ("epoch", "e" * 32),
+                                                         ("floor", 0), ("last_seq", 1)])
+    conn.execute("INSERT INTO entries (path, dir, seq, kind, stamp_ns, origin, vector, mode, "
+                 "owner, grp, mtime_ns, size, digest, target, moved_from, sig_ino, fast) "
+                 "VALUES (?,?,1,1,5,'beta',?,420,'root','root',0,1,?,?,NULL,NULL,?)",
+                 (b"data/f", b"data", msgpack.packb([["beta", 5]]), b"\0" * 16, b"",
+                  store_module.fast_sig(1, None)))
+    conn.commit()
+    conn.close()
+    with Store.open_readonly(tmp_path) as old:
+        record = old.get(b"data/f")
+        assert record is not None and (record.entry.owner, record.entry.uid) == ("root", -1)
+    with Store.open(tmp_path) as upgraded:
+        record = upgraded.get(b"data/f")
+        assert record is not None and record.entry.stamp == Stamp(5, "beta")
+        assert (record.entry.uid, record.entry.gid) == (-1, -1)
+        upgraded.put(replace(record.entry, uid=0, gid=0), None)
+        assert upgraded.get(b"data/f").entry.uid == 0  # type: ignore[union-attr]
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == 2
+    conn.close()
