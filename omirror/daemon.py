@@ -39,7 +39,7 @@ from omirror.events import Coalescer, ScanRequest
 from omirror.progress import Progress, human_bytes
 from omirror.replicate import Context, LinkStats, Pusher, Receiver
 from omirror.scanner import Scanner
-from omirror.status import SeqTimes, link_status
+from omirror.status import SeqTimes, failing_status, link_status
 from omirror.store import TOMBSTONE_RETENTION_NS, Store
 from omirror.watcher import EventKind, PathEvent, Watcher
 from omirror.wire import INDEX_SUBSYSTEM, PULL_SUBSYSTEM, SUBSYSTEM
@@ -57,8 +57,6 @@ RESCAN_EVERY_S = 3600.0
 STOP_GRACE_S = 10.0
 REPORT_EVERY_S = 1.0  # STATUS= lines for systemd
 SCAN_LOG_EVERY_S = 60.0  # a progress line in the log during a long scan
-#: Failing paths listed in status (all are counted): the list is rewritten twice a second.
-_FAILING_SHOWN = 100
 
 
 class Daemon:
@@ -175,10 +173,10 @@ class Daemon:
                        f"({stats.content_bytes_sent} bytes of content), received "
                        f"{stats.entries_received} ({stats.content_bytes_received} bytes)")
         if self.ctx.failing:
-            shown = sorted(self.ctx.failing)[:_FAILING_SHOWN]
-            more = len(self.ctx.failing) - len(shown)
-            report(f"{len(self.ctx.failing)} paths could not be applied: "
-                   + ", ".join(show(p) for p in shown) + (f", and {more} more" if more else ""))
+            listed = failing_status(self.ctx.failing)
+            more = listed["failing_count"] - len(listed["failing"])
+            report(f"{listed['failing_count']} paths could not be applied: "
+                   + ", ".join(listed["failing"]) + (f", and {more} more" if more else ""))
         return 1 if failed or self.ctx.failing else 0
 
     async def _show_progress(self, progress: Progress) -> None:
@@ -621,11 +619,7 @@ class Daemon:
             "peers": {name: link_status(s, self.store.last_seq, self._seq_times)
                       for name, s in self.stats.items()},
             "conflicts": self.ctx.conflicts,
-            # the first of them by path: a disk full under a flood of files could fail
-            # thousands, and this is rewritten twice a second
-            "failing": {show(p): self.ctx.failing[p]
-                        for p in sorted(self.ctx.failing)[:_FAILING_SHOWN]},
-            "failing_count": len(self.ctx.failing),
+            **failing_status(self.ctx.failing),
         }
 
     def _write_status(self) -> None:

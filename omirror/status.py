@@ -18,10 +18,21 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+from omirror.paths import show
 from omirror.replicate import LinkStats
 
 #: Commit times are kept for this many commits; older ones collapse into one bound.
 _KEEP = 100_000
+#: Failing paths listed in status (all are counted): a disk full under a flood of files
+#: could fail thousands, and the status is rewritten twice a second.
+FAILING_SHOWN = 100
+
+
+def failing_status(failing: dict[bytes, str]) -> dict[str, Any]:
+    """The failing paths as status shows them: the first by path, escaped, and how many
+    there are in all."""
+    first = sorted(failing)[:FAILING_SHOWN]
+    return {"failing": {show(p): failing[p] for p in first}, "failing_count": len(failing)}
 
 
 class SeqTimes:
@@ -117,9 +128,12 @@ def render(status: dict[str, Any], now: float | None = None) -> str:
         lines.append(f"stopped sets  {', '.join(status['stopped_sets'])} (see the log)")
     lines.append(f"conflicts     {status.get('conflicts', 0)}")
     failing = status.get("failing") or {}
-    lines.append(f"failing       {len(failing) or 'none'}")
+    count = status.get("failing_count", len(failing))
+    lines.append(f"failing       {count or 'none'}")
     for path, error in sorted(failing.items()):
         lines.append(f"  {path}: {error}")
+    if count > len(failing):
+        lines.append(f"  ... and {count - len(failing)} more")
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
-"""The pusher's answer to a WANT whose file does not hold the version its record names."""
+"""A link's two sides in one process: what the pusher serves, and what the receiver
+holds, when the tree or the peer misbehaves."""
 
 from __future__ import annotations
 
@@ -6,15 +7,16 @@ import asyncio
 import os
 from pathlib import Path
 
+import pytest
 import xxhash
 
-from omirror import config
+from omirror import config, replicate
 from omirror.apply import Applier
-from omirror.entry import Kind
-from omirror.replicate import Context, LinkStats, Pusher, _read_inline
+from omirror.entry import Entry, Kind, Stamp
+from omirror.replicate import Context, LinkStats, Pusher, Receiver, _read_inline
 from omirror.scanner import MARKER, Scanner
 from omirror.store import Store
-from omirror.wire import Data, NoData, Want, decode
+from omirror.wire import Data, EntryMsg, NoData, Want, decode
 
 DISTFILE = "( /data ) -> ( alpha beta ) install ;\n"
 
@@ -140,3 +142,32 @@ def test_a_fifo_is_never_opened_to_serve_content(tmp_path: Path) -> None:
     sent = served(root, store, mset, scanner, Want(1, b"data/f", record.entry.digest, 0, ()))
     assert [type(m).__name__ for m in sent] == ["NoData"]
     store.close()
+
+
+def test_a_link_with_too_many_failing_paths_takes_no_more_entries(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a peer can make this host hold is bounded: each path that cannot be applied
+    is kept for a retry (without its content), up to MAX_FAILING per link; then the
+    receiver takes no further entries (SSH flow control holds the peer) until one of
+    them applies. Nothing is dropped."""
+    monkeypatch.setattr(replicate, "MAX_FAILING", 3)
+
+    def msg(i: int) -> EntryMsg:
+        return EntryMsg(i, Entry(b"data/f%d" % i, Kind.FILE, Stamp(i, "beta")), None)
+
+    async def run() -> tuple[bool, bool]:
+        ctx = Context("alpha", None, None, None, b"/", lambda peer: [], None)  # type: ignore[arg-type]
+        receiver = Receiver(ctx, "beta", None, Frames(), LinkStats())
+        for i in (1, 2):
+            receiver._fail(msg(i), "No space left on device")
+        await asyncio.wait_for(receiver._room_to_fail(), 5)  # two failing: room left
+        receiver._fail(msg(3), "No space left on device")
+        waiting = asyncio.ensure_future(receiver._room_to_fail())
+        await asyncio.sleep(0.05)  # give it every chance to return wrongly
+        held = not waiting.done()
+        await receiver._settle(msg(2), None)  # data/f2 applies on a retry
+        await asyncio.wait_for(waiting, 5)
+        return held, b"data/f2" not in ctx.failing
+
+    held, cleared = asyncio.run(run())
+    assert held and cleared

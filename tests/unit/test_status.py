@@ -60,3 +60,17 @@ def test_render_has_a_block_per_peer_then_the_daemon() -> None:
 def test_plural() -> None:
     assert [plural(1, "entry"), plural(2, "entry"), plural(0, "file")] == [
         "1 entry", "2 entries", "0 files"]
+
+
+def test_failing_paths_are_counted_all_and_listed_first_by_path() -> None:
+    """A disk full under a flood of files fails thousands of paths; status, rewritten
+    twice a second, lists the first hundred, escaped, and counts them all."""
+    from omirror.status import FAILING_SHOWN, failing_status, render
+
+    failing = {b"data/f%05d" % i: "No space left on device" for i in range(5000)}
+    failing[b"data/a\nforged"] = "Permission denied"
+    shown = failing_status(failing)
+    assert shown["failing_count"] == 5001 and len(shown["failing"]) == FAILING_SHOWN
+    assert "/data/a\\x0aforged" in shown["failing"]
+    text = render({"name": "alpha", "peers": {}, **shown})
+    assert "failing       5001" in text and "... and 4901 more" in text
