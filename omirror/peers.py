@@ -161,7 +161,7 @@ class _Server(asyncssh.SSHServer):
 
     def begin_auth(self, username: str) -> bool:
         if self._conn is not None:
-            self._conn.set_authorized_keys(authorized_keys(self._keys()))  # type: ignore[arg-type]
+            self._conn.set_authorized_keys(authorized_keys(self._keys()))
         return True
 
     def auth_completed(self) -> None:
