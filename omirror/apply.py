@@ -36,11 +36,11 @@ from omirror import fsio
 from omirror.clock import now_ns
 from omirror.config import MirrorSet, set_for
 from omirror.entry import (NAME_MAX, TEMP_PREFIX, Entry, Kind, Stamp, conflict_name,
-                           first_version, is_own_name, next_stamp)
+                           first_version, next_stamp)
 from omirror.errors import ApplyError, PathRefused
 from omirror.owners import OwnerMap, Ownership, group_name, user_name
 from omirror.owners import can_chown as can_chown_now
-from omirror.paths import local_path, logical, show, show_text
+from omirror.paths import is_own_name, local_path, logical, show, show_name, show_text
 from omirror.scanner import MARKER
 from omirror.store import Record, StatSig, Store
 
@@ -50,10 +50,7 @@ log = logging.getLogger(__name__)
 PATH_MAX = 4096
 #: Temp files and temp symlinks start with the daemon's own prefix, so the scanner and the
 #: watcher ignore them and a peer can never name one.
-_DIR_FLAGS = fsio.DIR_FLAGS
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-#: O_NONBLOCK: a local source swapped for a FIFO must not hang the tree worker.
-_READ_FLAGS = fsio.READ_FLAGS
 #: Latest stamp accepted from a peer (the year 2116): a stamp near 2**63 could not be
 #: followed by a newer local one without overflowing the store's integers.
 MAX_STAMP_NS = 1 << 62
@@ -134,12 +131,12 @@ def check_form(path: object) -> None:
         if not part:
             raise PathRefused(path, "has an empty component (a doubled or trailing '/')")
         if part in (b".", b".."):
-            raise PathRefused(path, f"has a {os.fsdecode(part)!r} component")
+            raise PathRefused(path, f"has a '{show_name(part)}' component")
         if len(part) > NAME_MAX:
             raise PathRefused(path, f"has a component of {len(part)} bytes, longer "
                                     f"than {NAME_MAX}")
         if is_own_name(part):
-            raise PathRefused(path, f"names the daemon's own file {os.fsdecode(part)!r}; "
+            raise PathRefused(path, f"names the daemon's own file '{show_name(part)}'; "
                                     "names starting with .omirror are never mirrored")
 
 
@@ -663,7 +660,7 @@ class Applier:
         try:
             with _os_errors(source, action):
                 try:
-                    return src_dir, src_name, os.open(src_name, _READ_FLAGS, dir_fd=src_dir)
+                    return src_dir, src_name, os.open(src_name, fsio.READ_FLAGS, dir_fd=src_dir)
                 except FileNotFoundError:
                     raise gone from None
         except BaseException:
@@ -760,7 +757,7 @@ class Applier:
         parent, name = opened
         try:
             with _os_errors(entry.path, "adopt"):
-                fd = os.open(name, _READ_FLAGS, dir_fd=parent)
+                fd = os.open(name, fsio.READ_FLAGS, dir_fd=parent)
                 try:
                     st = os.fstat(fd)
                     if not stat.S_ISREG(st.st_mode) or st.st_size != entry.size:
@@ -803,7 +800,7 @@ class Applier:
                     # 0700 until chown and chmod are done: a directory meant to be private
                     # is never open to others in between.
                     os.mkdir(name, 0o700, dir_fd=parent)
-                fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+                fd = os.open(name, fsio.DIR_FLAGS, dir_fd=parent)
                 try:
                     # the directory opened must be the one examined, or the one just made
                     # (ours, still 0700): another put there by a user in between would get
@@ -875,10 +872,9 @@ class Applier:
                 raise ApplyError(entry.path, None, f"cannot make symlink {show(entry.path)}:"
                                                    " its temp link was replaced by someone "
                                                    "else")
-            owner = self._ownership(mset, entry, old)
-            if self.can_chown and (owner.uid is not None or owner.gid is not None):
-                fsio.chown_link(link, -1 if owner.uid is None else owner.uid,
-                                -1 if owner.gid is None else owner.gid)
+            ids = self._ownership(mset, entry, old).chown_args()
+            if self.can_chown and ids is not None:
+                fsio.chown_link(link, *ids)
                 st = os.fstat(link)
             return st
         finally:
@@ -957,7 +953,7 @@ class Applier:
                     return None
                 with _temp_at(parent) as temp:
                     self._copy_at(parent, name, temp)
-                    fd = os.open(temp, _READ_FLAGS, dir_fd=parent)
+                    fd = os.open(temp, fsio.READ_FLAGS, dir_fd=parent)
                     try:
                         kept, _ = fsio.digest_fd(fd)
                         if digest is not None and kept != digest:
@@ -981,7 +977,7 @@ class Applier:
         """Copy a file's content, owner, mode and mtime to ``temp`` in the same directory.
 
         The caller's ``_temp_at`` removes ``temp`` if this fails."""
-        src = os.open(name, _READ_FLAGS, dir_fd=parent)
+        src = os.open(name, fsio.READ_FLAGS, dir_fd=parent)
         try:
             st = os.fstat(src)
             dst = os.open(temp, _TEMP_FLAGS, 0o600, dir_fd=parent)
@@ -1050,7 +1046,7 @@ class Applier:
         root is back (or the scan stops the set).
         """
         where = local_path(self.root, top)
-        shown = show_text(os.fsdecode(where))
+        shown = show_name(where)
         action = f"apply {show(path)}: root {show(top)}"
         try:
             held = None if self._roots is None else self._roots.get(top)
@@ -1119,12 +1115,11 @@ class Applier:
             try:
                 return fsio.step(parent, part, path, create=create, on_create=lambda made:
                                  log.debug("path=%s made missing directory %s", show(path),
-                                           show_text(os.fsdecode(made))))
+                                           show_name(made)))
             except fsio.NotInTree as e:
-                what = "a symbolic link here: writes never go through one" \
-                    if "symbolic" in e.why else "not a directory here"
-                raise PathRefused(path, f"component {show_text(os.fsdecode(part))!r} is "
-                                        f"{what}") from e
+                raise PathRefused(path, f"component '{show_name(part)}' {e.why}"
+                                        + (": writes never go through one" if e.link else "")
+                                  ) from e
 
     def _install_temp(self, mset: MirrorSet, temp: TempFile, name: bytes, path: bytes,
                       entry: Entry) -> os.stat_result:
@@ -1190,9 +1185,9 @@ class Applier:
         gets the entry's mode, as rdist gives new files the source's mode.
         """
         owner = self._ownership(mset, entry, old)
-        if self.can_chown and (owner.uid is not None or owner.gid is not None):
-            os.fchown(fd, -1 if owner.uid is None else owner.uid,
-                      -1 if owner.gid is None else owner.gid)
+        ids = owner.chown_args()
+        if self.can_chown and ids is not None:
+            os.fchown(fd, *ids)
         if mset.options.nochkmode and old is not None and _kind_of(old) is entry.kind:
             mode = stat.S_IMODE(old.st_mode)
         else:

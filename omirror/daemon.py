@@ -33,7 +33,7 @@ from omirror import control
 from omirror import peerkeys, peers, systemd
 from omirror.apply import Applier
 from omirror.config import Config, Host, MirrorSet, set_for
-from omirror.paths import has_own_name, is_own_name, logical, show, show_local
+from omirror.paths import has_own_name, is_own_name, logical, show, show_name, show_text
 from omirror.errors import OmirrorError, RootError
 from omirror.events import Coalescer, ScanRequest
 from omirror.progress import Progress, human_bytes
@@ -524,7 +524,7 @@ class Daemon:
     def _sync_target(self, text: str) -> tuple[MirrorSet, bytes]:
         """The running set and logical path of a path as the Distfile names it."""
         if not text.startswith("/") or "\0" in text:
-            raise OmirrorError(f"{show_local(os.fsencode(text))!r} is not an absolute path "
+            raise OmirrorError(f"'{show_text(text)}' is not an absolute path "
                                "(name it as the Distfile does, e.g. /srv/www/index.html)")
         path = os.fsencode(posixpath.normpath(text).strip("/"))
         shown = show(path)
@@ -614,7 +614,7 @@ class Daemon:
             if self.scanner.current is not None else "running",
             "last_seq": self.store.last_seq, "queue": self.coalescer.pending,
             "watched_dirs": self.watcher.watched_count,
-            "polled": sorted(show_local(p) for p in self.watcher.polled),
+            "polled": sorted(show_name(p) for p in self.watcher.polled),
             "stopped_sets": sorted(self.stopped_sets), "last_scan": self._last_scan,
             "peers": {name: link_status(s, self.store.last_seq, self._seq_times)
                       for name, s in self.stats.items()},

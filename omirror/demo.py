@@ -34,7 +34,7 @@ from types import FrameType
 from typing import NamedTuple
 
 from omirror import config, peerkeys
-from omirror.entry import is_own_name
+from omirror.paths import is_own_name
 from omirror.errors import ConfigError, OmirrorError
 
 log = logging.getLogger(__name__)

@@ -24,13 +24,9 @@ from typing import Iterable, Mapping
 
 import xxhash
 
-from omirror.paths import OWN_PREFIX, is_own_name
-
 #: Version vectors are small maps ``origin -> time_ns`` stored as sorted tuples, so that
 #: entries stay hashable and compare equal whatever order they were built in.
 Vector = tuple[tuple[str, int], ...]
-
-__all__ = ["OWN_PREFIX", "is_own_name"]  # re-exported: entries name the daemon's files
 
 #: Prefix of the temp files a transfer writes; what a crash leaves is swept at startup.
 TEMP_PREFIX = b".omirror-tmp-"

@@ -78,7 +78,10 @@ class ApplyError(OmirrorError):
 
 
 def _show_refused(path: object) -> str:
-    """A refused path as a log can show it: quoted and escaped, since it came from a peer
-    and may hold control characters or no valid UTF-8, and cut short if huge."""
-    text = repr(path.decode("utf-8", "surrogateescape") if isinstance(path, bytes) else path)
+    """A refused path as a log can show it: quoted, in the one escaped form of paths
+    (it came from a peer and may hold control characters or no valid UTF-8), and cut
+    short if huge."""
+    from omirror.paths import show_name  # errors is imported by every module: no cycle
+
+    text = f"'{show_name(path)}'" if isinstance(path, bytes) else repr(path)
     return text if len(text) <= 300 else text[:300] + f"... ({len(text)} characters)"

@@ -10,7 +10,7 @@ no path below a set's root is ever resolved by name in one go:
 * a set's root is opened by :func:`open_root`, which follows a symlink on the way only
   when root (or this daemon's user) owns it, so a link a user planted is refused;
 * every directory below it is opened relative to its parent with
-  ``O_NOFOLLOW|O_DIRECTORY`` (:func:`walk`): a symlink, or a file, where a directory is
+  ``O_NOFOLLOW|O_DIRECTORY`` (:func:`step`): a symlink, or a file, where a directory is
   expected raises :class:`NotInTree`, a stop and never a detour;
 * the final name is examined, opened, renamed or removed relative to that descriptor,
   and what was opened is compared by device and inode with what was listed
@@ -33,7 +33,7 @@ from typing import Callable
 
 import xxhash
 
-from omirror.paths import local_path, show_local, show_name
+from omirror.paths import local_path, show_name
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: O_NONBLOCK: a name swapped for a FIFO must not hang the thread that opens it (a FIFO
@@ -53,11 +53,12 @@ class NotInTree(Exception):
     What lies beyond is outside the tree: it is neither read, nor written, nor recorded.
     """
 
-    def __init__(self, path: bytes, part: bytes, why: str) -> None:
+    def __init__(self, path: bytes, part: bytes, *, link: bool) -> None:
         self.path = path
         self.part = part
-        self.why = why
-        super().__init__(f"component {show_name(part)!r} of {show_name(path)} {why}")
+        self.link = link
+        self.why = "is a symbolic link here" if link else "is not a directory here"
+        super().__init__(f"component '{show_name(part)}' of {show_name(path)} {self.why}")
 
 
 class Swapped(Exception):
@@ -102,7 +103,7 @@ def open_root(where: bytes) -> int:
         except OSError as e:
             st = lstat_at(fd, last) if e.errno in (errno.ELOOP, errno.ENOTDIR) else None
             if st is not None and stat.S_ISLNK(st.st_mode):
-                raise OSError(errno.ELOOP, f"{show_local(where)} is a symlink") from None
+                raise OSError(errno.ELOOP, f"{show_name(where)} is a symlink") from None
             raise
     finally:
         if last:
@@ -163,7 +164,7 @@ def _walk_trusted(fd: int, parts: list[bytes], where: bytes) -> int:
                 hops += 1
                 if hops > _MAX_HOPS:
                     raise OSError(errno.ELOOP, f"too many symlinks on the way to "
-                                               f"{show_local(where)}") from None
+                                               f"{show_name(where)}") from None
                 if target.startswith(b"/"):
                     os.close(fd)
                     fd = -1
@@ -192,7 +193,7 @@ def _trusted_link(parent: int, name: bytes, where: bytes) -> bytes | None:
             return None
         if st.st_uid not in (0, os.geteuid()):
             raise OSError(errno.ELOOP, f"{show_name(name)} on the way to "
-                                       f"{show_local(where)} is a symlink owned by uid "
+                                       f"{show_name(where)} is a symlink owned by uid "
                                        f"{st.st_uid}: only symlinks owned by root are "
                                        "followed to a root")
         return os.readlink(b"", dir_fd=link)
@@ -218,9 +219,8 @@ def step(parent: int, part: bytes, path: bytes, *, create: bool = False,
         if e.errno not in (errno.ELOOP, errno.ENOTDIR):
             raise
         st = lstat_at(parent, part)
-        if st is not None and stat.S_ISLNK(st.st_mode):
-            raise NotInTree(path, part, "is a symbolic link here") from None
-        raise NotInTree(path, part, "is not a directory here") from None
+        raise NotInTree(path, part,
+                        link=st is not None and stat.S_ISLNK(st.st_mode)) from None
     try:
         os.mkdir(part, mode, dir_fd=parent)
         if on_create is not None:
@@ -228,25 +228,6 @@ def step(parent: int, part: bytes, path: bytes, *, create: bool = False,
     except FileExistsError:
         pass
     return step(parent, part, path)
-
-
-def walk(top_fd: int, parts: list[bytes], path: bytes, *, create: bool = False,
-         mode: int = 0o755, on_create: Callable[[bytes], None] | None = None) -> int:
-    """Open the directory ``parts`` below the open directory ``top_fd`` (which stays
-    open); -1 when one is missing and not made. The caller closes what is returned."""
-    fd = os.dup(top_fd)
-    try:
-        for part in parts:
-            child = step(fd, part, path, create=create, mode=mode, on_create=on_create)
-            os.close(fd)
-            fd = child
-            if fd < 0:
-                return -1
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        raise
-    return fd
 
 
 def lstat_at(dir_fd: int, name: bytes) -> os.stat_result | None:
@@ -289,6 +270,8 @@ class Opener:
     def __init__(self, root: bytes) -> None:
         self.root = root
         self._dirs: dict[bytes, int] = {}
+        #: The roots among them: kept by :meth:`trim`, since opening one walks from /.
+        self._tops: set[bytes] = set()
 
     def __enter__(self) -> Opener:
         return self
@@ -300,6 +283,7 @@ class Opener:
         for fd in self._dirs.values():
             os.close(fd)
         self._dirs.clear()
+        self._tops.clear()
 
     def trim(self, keep: int = 64) -> None:
         """Close the directories held beyond ``keep``, oldest first. Called between the
@@ -308,7 +292,7 @@ class Opener:
         excess = len(self._dirs) - keep
         if excess <= 0:
             return
-        for path in list(self._dirs)[:excess]:
+        for path in [p for p in self._dirs if p not in self._tops][:excess]:
             os.close(self._dirs.pop(path))
 
     def directory(self, top: bytes, path: bytes) -> int:
@@ -322,6 +306,7 @@ class Opener:
             return held
         if path == top:
             fd = open_root(local_path(self.root, top))
+            self._tops.add(top)
         else:
             parent, _, name = path.rpartition(b"/")
             above = self.directory(top, parent if len(parent) >= len(top) else top)
@@ -356,11 +341,6 @@ class Opener:
             raise FileNotFoundError(errno.ENOENT, "a directory on the way is missing")
         return open_file(fd, name, expect)
 
-    def readlink(self, top: bytes, path: bytes) -> bytes:
-        fd, name = self.parent(top, path)
-        if fd < 0:
-            raise FileNotFoundError(errno.ENOENT, "a directory on the way is missing")
-        return os.readlink(name, dir_fd=fd)
 
 
 # --------------------------------------------------------------------------- content

@@ -32,6 +32,8 @@ SETID = stat.S_ISUID | stat.S_ISGID
 _CAP_CHOWN = 0
 #: The kernel's id for "an owner this host cannot name" (as NFS squashes to it).
 _OVERFLOW = 65534
+#: Numeric ids are 32 bits; (uid_t) -1 means "no change" to chown(2), never an owner.
+_ID_LIMIT = (1 << 32) - 1
 
 
 @functools.lru_cache(maxsize=4096)
@@ -112,6 +114,12 @@ class Ownership:
     gid: int | None
     exact: bool
 
+    def chown_args(self) -> tuple[int, int] | None:
+        """``(uid, gid)`` for chown(2), -1 for "leave it"; None when both are left."""
+        if self.uid is None and self.gid is None:
+            return None
+        return (-1 if self.uid is None else self.uid, -1 if self.gid is None else self.gid)
+
     def allows_setid(self, st: os.stat_result) -> bool:
         """Set-id bits may stay on a file that really got this owner and group."""
         return self.exact and st.st_uid == self.uid and st.st_gid == self.gid
@@ -120,6 +128,24 @@ class Ownership:
         """``mode`` as it may be set on the file ``st`` (after its owner was set)."""
         mode &= 0o7777
         return mode if self.allows_setid(st) else mode & ~SETID
+
+
+def local_id(kind: str, name: str, number: int) -> tuple[int, bool]:
+    """The id an entry's ``user`` or ``group`` gets here, and whether it is exact.
+
+    A name known here maps to its id (exact). Otherwise the sender's ``number`` is used
+    (or the digits of a name that is one: a uid the sender could not name), and the
+    kernel's overflow id (nobody) where none came. Used both to apply a version and to
+    recognise one already applied, so the two can never disagree.
+    """
+    found = (uid_named if kind == "user" else gid_named)(name)
+    if found is not None:
+        return found, True
+    if number < 0 and name.isascii() and name.isdigit() and len(name) <= 10:
+        number = int(name)
+    if not 0 <= number < _ID_LIMIT:
+        number = overflow_id("uid" if kind == "user" else "gid")
+    return number, False
 
 
 class OwnerMap:
@@ -138,45 +164,35 @@ class OwnerMap:
         the file being replaced (whose id stays), or None for a new file (which keeps
         the daemon's); False when the option is off.
         """
+        ids: list[int | None] = []
         exact = True
-        if keep_owner is not False:
-            new_uid = None if keep_owner is None or keep_owner is True \
-                else keep_owner.st_uid
-            exact = False
-        else:
-            new_uid = uid_named(owner)
-            if new_uid is None:
-                new_uid = self._fallback("user", owner, uid, path, origin)
+        for kind, name, number, keep in (("user", owner, uid, keep_owner),
+                                         ("group", group, gid, keep_group)):
+            if keep is not False:
+                st = keep if isinstance(keep, os.stat_result) else None
+                ids.append(None if st is None else st.st_uid if kind == "user" else st.st_gid)
                 exact = False
-        if keep_group is not False:
-            new_gid = None if keep_group is None or keep_group is True \
-                else keep_group.st_gid
-            exact = False
-        else:
-            new_gid = gid_named(group)
-            if new_gid is None:
-                new_gid = self._fallback("group", group, gid, path, origin)
+                continue
+            found, known = local_id(kind, name, number)
+            if not known:
+                self._warn_once(kind, name, found, path, origin)
                 exact = False
-        return Ownership(new_uid, new_gid, exact)
+            ids.append(found)
+        return Ownership(ids[0], ids[1], exact)
 
-    def _fallback(self, kind: str, name: str, number: int, path: bytes,
-                  origin: str) -> int:
-        """The sender's number for a name unknown here; nobody when none came."""
-        if number < 0 and name.isascii() and name.isdigit() and len(name) <= 10:
-            number = int(name)
-        if not 0 <= number < (1 << 32) - 1:
-            number = overflow_id("uid" if kind == "user" else "gid")
-        if (kind, name) not in self._warned:
-            self._warned.add((kind, name))
-            if _nameable(name):
-                log.warning("%s %s of %s (from %s) does not exist here: its files get the "
-                            "sender's %s %d, without set-user-ID or set-group-ID bits; "
-                            "create the %s with the same id to mirror them exactly", kind,
-                            show_text(repr(name)), show(path), show_text(origin),
-                            "uid" if kind == "user" else "gid", number, kind)
-        return number
+    def _warn_once(self, kind: str, name: str, number: int, path: bytes,
+                   origin: str) -> None:
+        if (kind, name) in self._warned or not _nameable(name):
+            return
+        self._warned.add((kind, name))
+        log.warning("%s '%s' of %s (from %s) does not exist here: its files get the "
+                    "sender's %s %d, without set-user-ID or set-group-ID bits; create the "
+                    "%s with the same id to mirror them exactly", kind, show_text(name),
+                    show(path), show_text(origin), "uid" if kind == "user" else "gid",
+                    number, kind)
 
-    def recorded(self, owner: str, uid: int, group: str, gid: int, mode: int,
+    @staticmethod
+    def recorded(owner: str, uid: int, group: str, gid: int, mode: int,
                  st: os.stat_result) -> tuple[str, int, str, int, int] | None:
         """``(owner, uid, group, gid, mode)`` of a recorded version when the file ``st``
         is what applying it here gives (its owner mapped, its set-id bits dropped by the
@@ -185,17 +201,11 @@ class OwnerMap:
         The scanner uses this so that the mapping of an owner unknown here is not taken
         for a local change, and sent back to the peers as one.
         """
-        want_uid = uid_named(owner)
-        want_gid = gid_named(group)
-        exact = want_uid is not None and want_gid is not None
-        if want_uid is None:
-            want_uid = uid if 0 <= uid < (1 << 32) - 1 else overflow_id("uid")
-        if want_gid is None:
-            want_gid = gid if 0 <= gid < (1 << 32) - 1 else overflow_id("gid")
+        want_uid, exact_uid = local_id("user", owner, uid)
+        want_gid, exact_gid = local_id("group", group, gid)
         if (st.st_uid, st.st_gid) != (want_uid, want_gid):
             return None
         on_disk = stat.S_IMODE(st.st_mode)
-        if on_disk != mode and (exact or on_disk != mode & ~SETID):
+        if on_disk != mode and (exact_uid and exact_gid or on_disk != mode & ~SETID):
             return None
         return owner, uid, group, gid, mode
-

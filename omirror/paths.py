@@ -57,13 +57,9 @@ def show(path: bytes) -> str:
     return "/" + show_name(path)
 
 
-def show_local(path: bytes) -> str:
-    """An absolute local path (``/var/lib/x``), escaped as :func:`show` escapes."""
-    return show_name(path)
-
-
 def show_name(name: bytes) -> str:
-    """One name or a path as it is, escaped as :func:`show` escapes."""
+    """One name, or a path as it is (a local absolute path), escaped as :func:`show`
+    escapes."""
     text = name.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
     if text.isprintable():
         return text

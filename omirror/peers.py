@@ -134,8 +134,7 @@ _PEER_OPTION = "omirror-peer"
 
 def authorized_keys(keys: dict[str, PeerKey]) -> asyncssh.SSHAuthorizedKeys | None:
     """The peers file as asyncssh's authorized keys, each key tagged with its peer."""
-    lines = [f'{_PEER_OPTION}="{name}" {peer.key.export_public_key("openssh").decode()}'
-             for name, peer in keys.items()]
+    lines = [f'{_PEER_OPTION}="{name}" {peer.openssh}\n' for name, peer in keys.items()]
     return asyncssh.import_authorized_keys("".join(lines)) if lines else None
 
 

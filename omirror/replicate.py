@@ -360,7 +360,7 @@ class Pusher(_Side):
             records = self._with_parents([r for r in page if self._wanted(r.entry, sets)],
                                          sets, ahead)
             inline = {} if self.index else await asyncio.to_thread(
-                _read_inline, self.ctx.root, [(r, sets) for r, _ in records])
+                _read_inline, self.ctx.root, [r for r, _ in records], sets)
             for record, out_of_order in records:
                 data = inline.get(record.entry.path)
                 size = 0 if data is None else len(data)
@@ -554,8 +554,8 @@ def _open_served(root: bytes, mset: MirrorSet, path: bytes) -> tuple[int, os.sta
         return opener.open_file(logical(top), path)
 
 
-def _read_inline(root: bytes,
-                 records: list[tuple[Record, Sequence[MirrorSet]]]) -> dict[bytes, bytes]:
+def _read_inline(root: bytes, records: list[Record],
+                 sets: Sequence[MirrorSet]) -> dict[bytes, bytes]:
     """Read the small files of a page in one thread hop; a file that no longer matches
     its entry is left out (the receiver will ask, and be told it changed).
 
@@ -565,7 +565,7 @@ def _read_inline(root: bytes,
     """
     out: dict[bytes, bytes] = {}
     with fsio.Opener(root) as opener:
-        for record, sets in records:
+        for record in records:
             entry = record.entry
             if entry.kind is not Kind.FILE or entry.size > INLINE_MAX:
                 continue
@@ -974,20 +974,23 @@ class Receiver(_Side):
         (the new name of a file whose old name was recorded with the same inode).
         """
         applier = self.ctx.applier
-        here = applier.lstat(mset, winner.path)
-        if winner.kind is Kind.TOMBSTONE and here is None:
+        if winner.kind is Kind.TOMBSTONE:
+            if applier.lstat(mset, winner.path) is not None:
+                return False
             self.ctx.store.put(winner, None)
             applier.expected_absent.discard(winner.path)
             return True
-        if winner.kind is Kind.FILE and winner.moved_from is not None and here is not None:
-            source = self.ctx.store.get(winner.moved_from)
-            if source is not None and source.sig is not None \
-                    and source.entry.digest == winner.digest \
-                    and stat.S_ISREG(here.st_mode) and (here.st_ino, here.st_size) == (
-                        source.sig.ino, source.sig.size):
-                applier.adopt(mset, winner, StatSig.of(here))
-                return True
-        return False
+        if winner.kind is not Kind.FILE or winner.moved_from is None:
+            return False
+        source = self.ctx.store.get(winner.moved_from)
+        if source is None or source.sig is None or source.entry.digest != winner.digest:
+            return False
+        here = applier.lstat(mset, winner.path)
+        if here is None or not stat.S_ISREG(here.st_mode) or (here.st_ino, here.st_size) != (
+                source.sig.ino, source.sig.size):
+            return False
+        applier.adopt(mset, winner, StatSig.of(here))
+        return True
 
     def _take(self, mset: MirrorSet, winner: Entry, record: Record | None,
               loser: Entry | None, data: bytes | None) -> Need | None:

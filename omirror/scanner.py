@@ -16,6 +16,7 @@ into an excluded path, and never turns a missing or unmounted root into deletion
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -24,15 +25,13 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
-import xxhash
-
 from omirror import fsio
 from omirror.clock import now_ns, offset_ns
 from omirror.config import MirrorSet
 from omirror.entry import TEMP_PREFIX, Entry, Kind, first_version, next_stamp
 from omirror.errors import RootError
 from omirror.owners import OwnerMap, group_name, user_name
-from omirror.paths import has_own_name, is_under, local_path, logical, show, show_local
+from omirror.paths import has_own_name, is_under, local_path, logical, show, show_name
 from omirror.store import FAST, Record, StatSig, Store, fast_sig
 
 log = logging.getLogger(__name__)
@@ -41,7 +40,6 @@ log = logging.getLogger(__name__)
 #: is unmounted or was wiped, never that every file in it was deleted.
 MARKER = b".omirror-root"
 _MARKER_TEXT = b"omirror root marker: its absence stops this set instead of deleting files\n"
-_READ_SIZE = 1 << 20
 _FLUSH_EVERY = 500
 _HASH_TRIES = 3
 
@@ -66,15 +64,13 @@ def hash_at(dir_fd: int, name: bytes,
     except fsio.Swapped:
         raise Unstable(name) from None
     try:
-        digest = xxhash.xxh3_128()
-        while chunk := os.read(fd, _READ_SIZE):
-            digest.update(chunk)
+        digest, _ = fsio.digest_fd(fd)
         after = os.fstat(fd)
     finally:
         os.close(fd)
     if not fsio.unchanged(after, before):
         raise Unstable(name)
-    return digest.digest(), after
+    return digest, after
 
 
 @dataclass
@@ -225,7 +221,7 @@ class Scanner:
                 self.check_root(mset, root, top, dry_run=dry_run, opener=own)
             return
         where = local_path(root, top)
-        shown = show_local(where)
+        shown = show_name(where)
         name = show(top)
         try:
             fd = opener.directory(top, top)
@@ -258,7 +254,7 @@ class Scanner:
                 "docs/operations.rst), then restart omirrord")
         if fsio.lstat_at(fd, MARKER) is not None:
             return
-        marker = show_local(os.path.join(where, MARKER))
+        marker = show_name(os.path.join(where, MARKER))
         held = self.store.get(top)
         if held is not None and not held.entry.is_tombstone:
             raise RootError(
@@ -334,7 +330,7 @@ class _Run:
                 st = os.fstat(self.opener.directory(top, top))
             else:
                 dir_fd, name = self.opener.parent(top, path)
-                found = None if dir_fd < 0 else self._stat_at(dir_fd, name)
+                found = None if dir_fd < 0 else self._stat_at(dir_fd, name, path)
                 if found is None:
                     raise FileNotFoundError(errno.ENOENT, "not there")
                 st = found
@@ -412,18 +408,8 @@ class _Run:
 
     def _open_dir(self, parent: int, name: bytes, listed: os.stat_result) -> int:
         """Open a directory that was listed in ``parent``, checking it is that one."""
-        if self.follow:
-            followed = self._followed(parent, name)
-            if followed is not None:
-                where, last = followed
-                try:
-                    fd = fsio.step(where, last, b"")
-                finally:
-                    os.close(where)
-            else:
-                fd = fsio.step(parent, name, b"")
-        else:
-            fd = fsio.step(parent, name, b"")
+        with self._target(parent, name) as target:
+            fd = -1 if target is None else fsio.step(*target, b"")
         if fd < 0:
             raise FileNotFoundError(errno.ENOENT, "gone")
         if not fsio.same_file(os.fstat(fd), listed):
@@ -474,7 +460,7 @@ class _Run:
                 try:
                     st = de.stat(follow_symlinks=False)
                     if follow and stat.S_ISLNK(st.st_mode):
-                        st = self._follow_stat(dir_fd, name, st)
+                        st = self._follow_stat(dir_fd, name, prefix + name, st)
                 except FileNotFoundError:
                     if sig is not None:
                         known[name] = sig  # gone between listing and stat: a deletion
@@ -504,35 +490,39 @@ class _Run:
 
     # -- following symlinks (install -ofollow) --------------------------------------------
 
-    def _followed(self, dir_fd: int, name: bytes) -> tuple[int, bytes] | None:
-        """Where a symlink a set follows leads: only one root owns (omirror/fsio.py)."""
-        return fsio.follow_link(dir_fd, name, local_path(self.root, b""))
+    @contextlib.contextmanager
+    def _target(self, dir_fd: int, name: bytes) -> Iterator[tuple[int, bytes] | None]:
+        """Where ``name`` of an open directory is read: itself, or, in a set that follows
+        symlinks, what it leads to through links root owns (omirror/fsio.py); None for a
+        link that is not followed (someone else's, or a loop)."""
+        if not self.follow:
+            yield dir_fd, name
+            return
+        followed = fsio.follow_link(dir_fd, name, local_path(self.root, b""))
+        try:
+            yield followed
+        finally:
+            if followed is not None:
+                os.close(followed[0])
 
-    def _follow_stat(self, dir_fd: int, name: bytes, link: os.stat_result) -> os.stat_result:
+    def _follow_stat(self, dir_fd: int, name: bytes, path: bytes,
+                     link: os.stat_result) -> os.stat_result:
         """The stat of what a symlink leads to in a set that follows symlinks; the link's
         own stat when it is not followed (owned by someone else, dangling, a loop)."""
-        followed = self._followed(dir_fd, name)
-        if followed is None:
-            self._not_followed(name, link)
-            return link
-        where, last = followed
-        try:
-            st = fsio.lstat_at(where, last)
-        finally:
-            os.close(where)
-        return link if st is None else st
-
-    def _not_followed(self, name: bytes, link: os.stat_result) -> None:
-        if name not in self.sc._specials_logged and link.st_uid not in (0, os.geteuid()):
-            self.sc._specials_logged.add(name)
+        with self._target(dir_fd, name) as target:
+            st = None if target is None else fsio.lstat_at(*target)
+        if target is None and path not in self.sc._specials_logged \
+                and link.st_uid not in (0, os.geteuid()):
+            self.sc._specials_logged.add(path)
             log.info("set=%s symlink %s is owned by uid %d: mirrored as a symlink, not "
                      "followed (only symlinks owned by root are followed)", self.mset.title,
-                     show(name), link.st_uid)
+                     show(path), link.st_uid)
+        return link if st is None else st
 
-    def _stat_at(self, dir_fd: int, name: bytes) -> os.stat_result | None:
+    def _stat_at(self, dir_fd: int, name: bytes, path: bytes) -> os.stat_result | None:
         st = fsio.lstat_at(dir_fd, name)
         if st is not None and self.follow and stat.S_ISLNK(st.st_mode):
-            st = self._follow_stat(dir_fd, name, st)
+            st = self._follow_stat(dir_fd, name, path, st)
         return st
 
     # -- one changed path ----------------------------------------------------------------
@@ -746,17 +736,13 @@ class _Run:
 
     def _hash(self, dir_fd: int, name: bytes,
               st: os.stat_result) -> tuple[bytes, os.stat_result]:
-        if self.follow and dir_fd >= 0:
-            link = fsio.lstat_at(dir_fd, name)
-            if link is not None and stat.S_ISLNK(link.st_mode):
-                followed = self._followed(dir_fd, name)
-                if followed is None:
-                    raise Unstable(name)
-                where, last = followed
-                try:
-                    return self._hash(where, last, st)
-                finally:
-                    os.close(where)
+        with self._target(dir_fd, name) as target:
+            if target is None:
+                raise Unstable(name)  # a link no longer followed: its events say what now
+            return self._hash_at(*target, st)
+
+    def _hash_at(self, dir_fd: int, name: bytes,
+                 st: os.stat_result) -> tuple[bytes, os.stat_result]:
         for attempt in range(_HASH_TRIES):
             try:
                 digest, st = hash_at(dir_fd, name, st)

@@ -45,7 +45,7 @@ with warnings.catch_warnings():
                            IN_ISDIR, IN_MODIFY, IN_MOVE_SELF, IN_MOVED_FROM, IN_MOVED_TO,
                            IN_ONLYDIR, IN_Q_OVERFLOW, IN_UNMOUNT)
 
-from omirror.entry import is_own_name
+from omirror.paths import is_own_name, show_name
 
 log = logging.getLogger(__name__)
 
@@ -195,11 +195,6 @@ def _is_under(path: bytes, top: bytes) -> bool:
     return path == top or path.startswith(top if top.endswith(b"/") else top + b"/")
 
 
-def _show(path: bytes) -> str:
-    """A path for a log line: undecodable bytes escaped, never a logging error."""
-    return path.decode("utf-8", "backslashreplace")
-
-
 def _watch_limit() -> str:
     try:
         with open(_LIMIT_FILE) as f:
@@ -341,7 +336,7 @@ class Watcher:
                 self.polled.add(directory)
                 self._warn_limit(directory)
             else:
-                log.debug("not watched: path=%s error=%s", _show(directory), error.strerror)
+                log.debug("not watched: path=%s error=%s", show_name(directory), error.strerror)
             return False
         self._remember(wd, directory)
         self.polled.discard(directory)
@@ -350,12 +345,12 @@ class Watcher:
     def _warn_limit(self, directory: bytes) -> None:
         """Say once which sysctl to raise; the rest go to DEBUG (the list is returned)."""
         if self._limit_warned:
-            log.debug("not watched (watch limit): path=%s is polled", _show(directory))
+            log.debug("not watched (watch limit): path=%s is polled", show_name(directory))
             return
         self._limit_warned = True
         log.warning("inotify watch limit reached (fs.inotify.max_user_watches=%s): %s is "
                     "polled; raise it, see conf/sysctl.d/60-omirror.conf",
-                    _watch_limit(), _show(directory))
+                    _watch_limit(), show_name(directory))
 
     def _remember(self, wd: int, path: bytes) -> None:
         # The kernel returns the existing wd for an inode already watched: if we knew it
@@ -495,7 +490,7 @@ class Watcher:
                     self._forget(wd)
                 return  # the watched parent reports the deletion or the move
             # The top of a watched tree is gone from its place and no parent says so.
-            log.warning("watched tree top %s was %s", _show(directory),
+            log.warning("watched tree top %s was %s", show_name(directory),
                         "deleted" if mask & IN_DELETE_SELF else "moved away")
             out.append(PathEvent(EventKind.DELETED, directory, True))
             self.unwatch_tree(directory)
@@ -570,5 +565,5 @@ def _subdirs(directory: bytes, skip: Callable[[bytes], bool]) -> list[bytes]:
                 if not is_own_name(entry.name) and not skip(entry.path):
                     found.append(entry.path)
     except OSError as error:
-        log.debug("not listed: path=%s error=%s", _show(directory), error.strerror)
+        log.debug("not listed: path=%s error=%s", show_name(directory), error.strerror)
     return found

@@ -33,11 +33,11 @@ from omirror.entry import (
     decide,
     dominates,
     first_version,
-    is_own_name,
     merge_vectors,
     next_stamp,
     vector_of,
 )
+from omirror.paths import is_own_name
 
 PATH = b"srv/www/index.html"
 ORIGINS = ("alpha", "beta", "gamma")

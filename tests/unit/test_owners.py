@@ -102,3 +102,22 @@ def test_can_chown_follows_the_effective_capabilities_not_the_uid() -> None:
     assert _can_chown_as(*user, "--inh-caps=+chown", "--ambient-caps=+chown") is True
     assert _can_chown_as(*user) is False
     assert _can_chown_as("--bounding-set=-chown") is False
+
+
+@pytest.mark.parametrize("owner, uid, group, gid", [
+    (UNKNOWN, 4242, UNKNOWN, 4343),  # a name unknown here, its number carried
+    ("12345", -1, "54321", -1),      # digits: a uid the sender could not name
+    (UNKNOWN, -1, UNKNOWN, -1),      # nothing carried: nobody
+    ("root", 0, "root", 0),          # exact
+])
+def test_what_resolve_gives_recorded_recognises(owner: str, uid: int, group: str,
+                                                 gid: int) -> None:
+    """Applying a version and recognising it applied follow the same mapping: a file
+    given what ``resolve`` says is that version, not a local change (the two used to
+    map digits differently, and a file of owner "12345" came back as a new version)."""
+    got = OwnerMap().resolve(owner, uid, group, gid, b"data/f", "beta")
+    assert got.uid is not None and got.gid is not None
+    st = fake_stat(got.uid, got.gid, stat.S_IFREG | got.mode(0o6755, fake_stat(got.uid,
+                                                                                 got.gid)))
+    assert OwnerMap.recorded(owner, uid, group, gid, 0o6755, st) == (owner, uid, group, gid,
+                                                                      0o6755)

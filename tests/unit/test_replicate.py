@@ -127,7 +127,7 @@ def test_a_recorded_file_swapped_for_a_fifo_is_not_read_inline(tmp_path: Path) -
     root, store, mset, _ = _recorded_then_fifo(tmp_path, 100)
     record = store.get(b"data/f")
     assert record is not None and record.entry.kind is Kind.FILE
-    assert _read_inline(os.fsencode(root), [(record, [mset])]) == {}
+    assert _read_inline(os.fsencode(root), [record], [mset]) == {}
     store.close()
 
 

@@ -283,15 +283,15 @@ def test_file_changing_while_hashed_is_left_for_later(tree: Tree,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     f = tree.data / "busy"
     f.write_bytes(b"a" * 10)
-    real_read = os.read
+    real_pread = os.pread
 
-    def read_while_writing(fd: int, n: int) -> bytes:
-        if os.lseek(fd, 0, os.SEEK_CUR) == 0:  # every attempt sees a writer at work
+    def read_while_writing(fd: int, n: int, offset: int) -> bytes:
+        if offset == 0:  # every attempt sees a writer at work
             with open(f, "ab") as w:
                 w.write(b"more")
-        return real_read(fd, n)
+        return real_pread(fd, n, offset)
 
-    monkeypatch.setattr(scanner_module.os, "read", read_while_writing)
+    monkeypatch.setattr(os, "pread", read_while_writing)
     stats = tree.scan()
     assert stats.unstable == [b"data/busy"] and tree.entry("busy") is None
 
