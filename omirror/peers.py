@@ -36,7 +36,12 @@ log = logging.getLogger(__name__)
 #: AES-GCM first: with AES-NI it is twice as fast as chacha20 here (DESIGN §5).
 CIPHERS = ("aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com",
            "aes256-gcm@openssh.com", "aes128-ctr")
-KEEPALIVE_S, KEEPALIVE_COUNT = 15, 3
+#: A peer that stops answering (frozen, its host hung, a cable pulled: its TCP
+#: connections stay open) is dropped after KEEPALIVE_S * (KEEPALIVE_COUNT + 1) = 8 s
+#: without a packet from it: status shows it down well within 10 s, and its link is
+#: retried. A busy peer still answers: keepalives are handled by its event loop, not
+#: by the tree worker that may be busy for minutes.
+KEEPALIVE_S, KEEPALIVE_COUNT = 2, 3
 #: A big window and big packets: one channel carries a whole tree's content.
 WINDOW = 8 << 20
 MAX_PACKET = 256 << 10

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import socket
 import threading
 import time
@@ -20,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from cluster import Cluster
-from faults import (Mesh, Proxy, Stamp, assert_sound, conflict_name, links_down, links_up,
-                    log_stamps)
+from faults import (Mesh, Proxy, Stamp, assert_sound, conflict_name, link_state, links_down,
+                    links_up, log_stamps)
 
 MakeCluster = Callable[..., Cluster]
 Proxies = Callable[[Cluster], Mesh]
@@ -380,3 +381,44 @@ def test_three_peers_editing_the_same_files_at_once_agree_and_lose_no_write(
     assert len(new_copies) == 2 * FILES, sorted(new_copies)
     print(f"{len(racing_copies)} conflict copies from the racing rounds, "
           f"{len(new_copies)} from the cut round")
+
+
+# ------------------------------------------------------------------------------ 6
+
+def test_a_frozen_peer_is_shown_down_within_10_s_and_holds_up_no_other_link(
+        make_cluster: MakeCluster) -> None:
+    """SIGSTOP leaves a peer's TCP connections open while nothing answers on them: only
+    keepalives tell. The other links go on at their pace meanwhile, and when the peer
+    thaws it catches up."""
+    c = make_cluster(3)
+    c.start()
+    a, b, frozen = 0, 1, 2
+    c.wait_until(lambda: all(links_up(c, i, j) for i, j in ((0, 1), (0, 2), (1, 2))),
+                 CONVERGE_S, "every link is up")
+    write(c[a].data / "before.txt", b"before\n")
+    c.wait_converged(CONVERGE_S)
+    c[frozen].proc.send_signal(signal.SIGSTOP)
+    try:
+        stopped = time.monotonic()
+        # a change while it is frozen: the link to it blocks, the one to B must not
+        for n in range(20):
+            write(c[a].data / f"during{n}.txt", b"during %d\n" % n)
+        c.wait_until(lambda: all((c[b].data / f"during{n}.txt").exists() for n in range(20)),
+                     5, "B got A's changes while C is frozen")
+        reached_b = time.monotonic() - stopped
+        c.wait_until(lambda: "up" not in link_state(c, a, frozen) + link_state(c, b, frozen),
+                     10 - (time.monotonic() - stopped), "A and B show C down within 10 s")
+        shown_down = time.monotonic() - stopped
+        # still no hold-up: a single file crosses A -> B at once
+        write(c[a].data / "later.txt", b"later\n")
+        c.wait_until(lambda: (c[b].data / "later.txt").exists(), 5,
+                     "B got a change of A's after C was shown down")
+    finally:
+        c[frozen].proc.send_signal(signal.SIGCONT)
+    c.wait_until(lambda: all(links_up(c, i, j) for i, j in ((0, 1), (0, 2), (1, 2))),
+                 CONVERGE_S, "every link is up again once C thaws")
+    c.wait_converged(CONVERGE_S)
+    assert (c[frozen].data / "later.txt").read_bytes() == b"later\n"
+    assert_sound(c)
+    print(f"B had the 20 files {reached_b:.2f} s after C froze; C shown down after "
+          f"{shown_down:.1f} s")
