@@ -143,6 +143,8 @@ def run_all(args: argparse.Namespace, work: Path, seeds: range) -> list[Outcome]
                   f"steps={outcome.steps} ops={outcome.ops_ok}+{outcome.ops_failed} failed "
                   f"faults={outcome.faults} paths={outcome.paths} {outcome.seconds:.1f}s",
                   flush=True)
+            for finding in outcome.accepted:
+                print(f"    accepted, {finding[:300]}", flush=True)
             for problem in outcome.problems[:10]:
                 text = problem if args.verbose else problem.split("\n", 1)[0][:300]
                 print(f"    {text}", flush=True)
@@ -158,6 +160,11 @@ def report(args: argparse.Namespace, work: Path, seeds: range, outcomes: list[Ou
     print(f"\n{len(outcomes)} seeds ({seeds.start}..{seeds.stop - 1}): "
           f"{len(outcomes) - len(failed)} passed, {len(failed)} failed"
           + (f" (seeds {', '.join(map(str, failed))})" if failed else ""))
+    accepted = [(o.seed, a.split(":", 1)[0]) for o in outcomes for a in o.accepted]
+    if accepted:
+        print(f"accepted findings (classes inherent to state comparison, "
+              f"docs/architecture.rst): {len(accepted)}: "
+              + ", ".join(f"seed {seed} {why}" for seed, why in accepted))
     print(f"operations: {sum(o.ops_ok for o in outcomes)} done, "
           f"{sum(o.ops_failed for o in outcomes)} refused by the tree as it was; faults: "
           f"{sum(o.faults for o in outcomes)}; peers per seed: "

@@ -38,6 +38,7 @@ from omirror.config import MirrorSet, set_for
 from omirror.entry import (NAME_MAX, TEMP_PREFIX, Entry, Kind, Stamp, conflict_name,
                            first_version, next_stamp)
 from omirror.errors import ApplyError, PathRefused
+from omirror.intents import Intent, IntentLog
 from omirror.owners import OwnerMap, Ownership, group_name, user_name
 from omirror.owners import can_chown as can_chown_now
 from omirror.paths import is_own_name, local_path, logical, show, show_name, show_text
@@ -403,6 +404,41 @@ class Applier:
         self._real_root = os.path.realpath(root)
         #: Set roots opened during one job (:meth:`holding_roots`), by logical path.
         self._roots: dict[bytes, int] | None = None
+        #: Where each change is announced before it is made (omirror/intents.py); None
+        #: in tools that apply nothing a crash could leave unrecorded.
+        self.intents: IntentLog | None = None
+
+    def _intend(self, entry: Entry, ino: int, old_ctime_ns: int = 0) -> None:
+        if self.intents is not None:
+            self.intents.note(Intent(entry, ino, old_ctime_ns))
+
+    def recover(self, intents: list[Intent], sets: Sequence[MirrorSet]) -> int:
+        """Record the versions a daemon stopped in the middle of a batch had put on disk
+        without recording them (omirror/intents.py); returns how many. Recorded without
+        a stat, so the scan that follows compares them with the disk: a local change
+        made since is still a new version."""
+        recorded = 0
+        for intent in intents:
+            entry = intent.entry
+            mset = set_for(entry.path, sets)
+            if mset is None:
+                continue
+            try:
+                st = self.lstat(mset, entry.path)
+            except (PathRefused, OSError):
+                continue
+            if entry.kind is Kind.TOMBSTONE:
+                done = st is None
+            else:
+                done = st is not None and st.st_ino == intent.ino \
+                    and _kind_of(st) is entry.kind and st.st_ctime_ns != intent.old_ctime_ns
+            record = self.store.get(entry.path)
+            if done and (record is None or record.entry.stamp != entry.stamp):
+                self.store.put(entry, None)
+                recorded += 1
+                log.info("path=%s recorded as the peer's version applied before a crash "
+                         "(stamp=%s)", show(entry.path), entry.stamp)
+        return recorded
 
     @contextlib.contextmanager
     def holding_roots(self) -> Iterator[None]:
@@ -686,6 +722,7 @@ class Applier:
                 mode = self._set_attrs(mset, fd, entry, old)
                 if old is not None and stat.S_ISDIR(old.st_mode):
                     self._remove_empty_dir(dst_dir, name, entry)
+                self._intend(entry, verified.st_ino)
                 os.rename(src_name, name, src_dir_fd=src_dir, dst_dir_fd=dst_dir)
                 self.expected_absent.add(source)
                 st = os.fstat(fd)  # not by name: what is there now may be someone else's
@@ -793,33 +830,69 @@ class Applier:
             with _os_errors(entry.path, "make directory"):
                 old = fsio.lstat_at(parent, name)
                 self._guard_target(entry.path, old)
-                if old is not None and not stat.S_ISDIR(old.st_mode):
-                    os.unlink(name, dir_fd=parent)
-                    old = None
-                if old is None:
-                    # 0700 until chown and chmod are done: a directory meant to be private
-                    # is never open to others in between.
-                    os.mkdir(name, 0o700, dir_fd=parent)
-                fd = os.open(name, fsio.DIR_FLAGS, dir_fd=parent)
-                try:
-                    # the directory opened must be the one examined, or the one just made
-                    # (ours, still 0700): another put there by a user in between would get
-                    # the entry's owner and mode
-                    here = os.fstat(fd)
-                    if (not fsio.same_file(here, old)) if old is not None else (
-                            here.st_uid != os.geteuid()
-                            or stat.S_IMODE(here.st_mode) != 0o700):
-                        raise LocalChanged(entry.path, None, f"{show(entry.path)} was "
-                                           "replaced here while a peer's version was "
-                                           "applied; the local change is recorded first")
-                    mode = self._set_attrs(mset, fd, entry, old, mtime=False)
-                    st = os.fstat(fd)
-                finally:
-                    os.close(fd)
+                if old is not None and stat.S_ISDIR(old.st_mode):
+                    st, mode = self._set_dir(mset, entry, parent, name, old)
+                else:
+                    st, mode = self._new_dir(mset, entry, parent, name, old)
                 _check_ours(entry.path, st, mode)
         finally:
             os.close(parent)
         return self._record(entry, st)
+
+    def _set_dir(self, mset: MirrorSet, entry: Entry, parent: int, name: bytes,
+                 old: os.stat_result) -> tuple[os.stat_result, int]:
+        """Give the directory that is there the entry's owner and mode."""
+        fd = os.open(name, fsio.DIR_FLAGS, dir_fd=parent)
+        try:
+            # the directory opened must be the one examined: another put there by a user
+            # in between would get the entry's owner and mode
+            if not fsio.same_file(os.fstat(fd), old):
+                raise LocalChanged(entry.path, None, f"{show(entry.path)} was replaced here "
+                                   "while a peer's version was applied; the local change is "
+                                   "recorded first")
+            self._intend(entry, old.st_ino, old.st_ctime_ns)
+            mode = self._set_attrs(mset, fd, entry, old, mtime=False)
+            return os.fstat(fd), mode
+        finally:
+            os.close(fd)
+
+    def _new_dir(self, mset: MirrorSet, entry: Entry, parent: int, name: bytes,
+                 old: os.stat_result | None) -> tuple[os.stat_result, int]:
+        """Make the directory complete under a temp name (0700 until its owner and mode
+        are set, so a directory meant to be private is never open to others), then
+        rename it into place: under its name it never has any other mode or owner, and
+        a crash in between leaves only a temp directory that the next start removes."""
+        temp = _temp_name()
+        os.mkdir(temp, 0o700, dir_fd=parent)
+        try:
+            fd = os.open(temp, fsio.DIR_FLAGS, dir_fd=parent)
+            try:
+                # ours, still 0700: one a user put at the temp name would get the
+                # entry's owner and mode
+                here = os.fstat(fd)
+                if here.st_uid != os.geteuid() or stat.S_IMODE(here.st_mode) != 0o700:
+                    raise ApplyError(entry.path, None, f"cannot make directory "
+                                     f"{show(entry.path)}: its temp directory was replaced "
+                                     "by someone else")
+                mode = self._set_attrs(mset, fd, entry, old, mtime=False)
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+            self._intend(entry, st.st_ino)
+            if old is not None:  # a file or symlink the store knows of: replaced
+                os.unlink(name, dir_fd=parent)
+            try:
+                fsio.rename_noreplace(parent, temp, name)
+            except FileExistsError:
+                raise LocalChanged(entry.path, None, f"{show(entry.path)} was made here "
+                                   "while a peer's version was applied; the local change "
+                                   "is recorded first") from None
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.rmdir(temp, dir_fd=parent)
+            raise
+        self._placed(parent, name, entry.path)
+        return st, mode
 
     def _set_root(self, mset: MirrorSet, entry: Entry) -> Record:
         """A root's own entry: its mode and owner; it exists, or nothing is applied."""
@@ -848,6 +921,7 @@ class Applier:
                     ours = self._own_symlink(mset, entry, old, parent, temp)
                     if old is not None and stat.S_ISDIR(old.st_mode):
                         self._remove_empty_dir(parent, name, entry)
+                    self._intend(entry, ours.st_ino)
                     os.rename(temp, name, src_dir_fd=parent, dst_dir_fd=parent)
                     self._placed(parent, name, entry.path)
                 st = os.stat(name, dir_fd=parent, follow_symlinks=False)
@@ -898,11 +972,13 @@ class Applier:
             parent, name = opened
             try:
                 with _os_errors(entry.path, "delete"):
+                    self._intend(entry, 0)
                     self._remove(parent, name, entry.path)
             finally:
                 os.close(parent)
         seq = self.store.put(entry, None)
         self.expected_absent.discard(entry.path)
+        log.debug("path=%s applied tombstone stamp=%s", show(entry.path), entry.stamp)
         return Record(entry, seq, None)
 
     def _remove(self, parent: int, name: bytes, path: bytes) -> None:
@@ -1144,6 +1220,7 @@ class Applier:
             # rename must not be recorded as ours (it would never be seen)
             held = temp.hold()
             try:
+                self._intend(entry, os.fstat(held).st_ino)
                 os.rename(temp.name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
                 self._placed(dir_fd, name, path)
                 temp._installed()  # closes dir_fd

@@ -30,7 +30,7 @@ import asyncssh
 
 from omirror import config as config_module
 from omirror import control
-from omirror import peerkeys, peers, systemd
+from omirror import intents, peerkeys, peers, systemd
 from omirror.apply import Applier
 from omirror.config import Config, Host, MirrorSet, set_for
 from omirror.paths import has_own_name, is_own_name, logical, show, show_name, show_text
@@ -138,10 +138,36 @@ class Daemon:
         self.scanner = Scanner(self.store, self.me.name)
         self.applier = Applier(self.root, self.store, self.me.name)
         self.scanner.expected_absent = self.applier.expected_absent
+        self._recover_intents()
         self.ctx = Context(self.me.name, self.store, self.applier, self.scanner, self.root,
                            self.sets_with, self.tree)
         self.ctx.stopped = self._stopped_set_of
         self.store.add_listener(lambda seq: loop.call_soon_threadsafe(self.ctx.notify))
+
+    def _close_store(self) -> None:
+        if self.applier.intents is not None:
+            self.applier.intents.close()
+        self.store.close()
+
+    def _recover_intents(self) -> None:
+        """Before anything scans: record what a daemon killed inside a receive batch had
+        applied without recording it (omirror/intents.py), then log every change ahead
+        again, emptied by each commit."""
+        left = intents.read(self.state_dir)
+        log_ = intents.IntentLog(self.state_dir)
+        self.applier.intents = log_
+        self.store.add_commit_hook(log_.clear)
+        if left:
+            try:
+                with self.applier.holding_roots(), self.store.batch():
+                    recorded = self.applier.recover(left, self.my_sets())
+            except OmirrorError as e:  # a root gone, say: its set stops at the scan
+                log.warning("changes of an interrupted batch not examined: %s", e)
+                recorded = 0
+            log.info("an interrupted receive batch had %d changes announced; %d of them "
+                     "were on disk and are recorded as the peers' versions", len(left),
+                     recorded)
+        log_.clear()
 
     async def run_once(self, report: Callable[[str], None]) -> int:
         """``--once``: scan, then with every peer at once push our log and pull theirs
@@ -159,7 +185,7 @@ class Daemon:
             shower.cancel()
             progress.close()
             self._worker.shutdown(wait=True)
-            self.store.close()
+            self._close_store()
         failed = 0
         for host, result in zip(hosts, results):
             stats = self._stats(host.name)
@@ -280,7 +306,7 @@ class Daemon:
         self.watcher.close()
         self._worker.shutdown(wait=True)
         self._write_status()
-        self.store.close()
+        self._close_store()
         log.info("stopped")
 
     # -- scanning and watching -----------------------------------------------------------

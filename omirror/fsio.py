@@ -386,6 +386,26 @@ def chown_link(link_fd: int, uid: int, gid: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
+_RENAME_NOREPLACE = 1
+
+
+def rename_noreplace(dir_fd: int, src: bytes, dst: bytes) -> None:
+    """``renameat2(RENAME_NOREPLACE)`` within one directory: ``FileExistsError`` if
+    ``dst`` exists, never a silent replacement (``rename(2)`` would replace an empty
+    directory a user made there at that instant). Where the call or the file system
+    lacks it, a check then a plain rename."""
+    fn = getattr(_libc(), "renameat2", None)
+    if fn is not None:
+        if fn(dir_fd, src, dir_fd, dst, _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EINVAL):
+            raise OSError(err, os.strerror(err), os.fsdecode(dst))
+    if lstat_at(dir_fd, dst) is not None:
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fsdecode(dst))
+    os.rename(src, dst, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+
 @functools.cache
 def _libc_syncfs() -> Callable[[int], int] | None:
     return getattr(_libc(), "syncfs", None)

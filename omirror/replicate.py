@@ -979,6 +979,8 @@ class Receiver(_Side):
                 return False
             self.ctx.store.put(winner, None)
             applier.expected_absent.discard(winner.path)
+            log.debug("path=%s recorded tombstone stamp=%s (already absent)",
+                      show(winner.path), winner.stamp)
             return True
         if winner.kind is not Kind.FILE or winner.moved_from is None:
             return False

@@ -799,8 +799,12 @@ class _Run:
         self.flush()
 
     def _sweep(self, dir_fd: int, path: bytes) -> None:
+        name = path.rpartition(b"/")[2]
         try:
-            os.unlink(path.rpartition(b"/")[2], dir_fd=dir_fd)
+            try:
+                os.unlink(name, dir_fd=dir_fd)
+            except IsADirectoryError:  # a directory being made (omirror/apply.py)
+                os.rmdir(name, dir_fd=dir_fd)
             log.info("set=%s removed %s, left by an interrupted transfer", self.mset.title,
                      show(path))
         except OSError as e:

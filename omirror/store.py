@@ -163,6 +163,7 @@ class Store:
         self._lock = threading.RLock()
         self._depth = 0
         self._listeners: list[Callable[[int], None]] = []
+        self._on_commit: list[Callable[[], None]] = []
         self._pending_seq = 0
         self.epoch: str = self._meta("epoch") or ""
         self.floor: int = int(self._meta("floor") or 0)
@@ -299,9 +300,16 @@ class Store:
                                        (self._last_seq,))
                 self._conn.execute("COMMIT")
                 seq, self._pending_seq = self._pending_seq, 0
+                for hook in self._on_commit:
+                    hook()
         if outer and seq:
             for listener in list(self._listeners):
                 listener(seq)
+
+    def add_commit_hook(self, hook: Callable[[], None]) -> None:
+        """Call ``hook()`` right after each commit, under the store's lock: before any
+        other writer can begin (the intent log is emptied there, omirror/intents.py)."""
+        self._on_commit.append(hook)
 
     def add_listener(self, listener: Callable[[int], None]) -> None:
         """Call ``listener(last_seq)`` after each commit that logged changes."""

@@ -513,8 +513,10 @@ class Watcher:
             # A daemon temp file renamed into place: a peer's version (or a conflict
             # copy) this daemon has just recorded, with the stat it left. Examining it
             # again would only find it unchanged, at a cost per received file; a change
-            # made to it afterwards comes with events of its own.
-            pass
+            # made to it afterwards comes with events of its own. A directory made under
+            # a temp name still needs its watch, and what went into it before the watch.
+            if is_dir:
+                out.append(PathEvent(EventKind.CREATED, path, True))
         elif own:
             out.append(self._moved_out(held))  # renamed to a daemon name: gone for us
         else:

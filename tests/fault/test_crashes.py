@@ -121,3 +121,48 @@ def test_sender_killed_mid_transfer_of_1_gib_resends_it_after_restart(
     check_outcome(c, 0, expected, digest, timing, t0)
     print(f"sender killed at {size / MB:.0f} MiB received ({sent / MB:.0f} MiB sent as of "
           f"its last status); times {timing}")
+
+
+@pytest.mark.timeout(240)
+def test_receiver_killed_inside_a_receive_batch_keeps_the_senders_stamps(
+        make_cluster: MakeCluster) -> None:
+    """A receive batch renames its files into place one by one and records them in one
+    transaction. B is killed -9 while a batch has applied files it has not committed
+    (its intent log is not empty). After the restart every file carries A's stamp in
+    every log: none became a version of B's, made at restart (which would beat a newer
+    version a third peer wrote meanwhile)."""
+    c = make_cluster(2)
+    c.start()
+    a, b = c[0].data, c[1].data
+    (a / "burst").mkdir()
+    c.wait_converged(30)
+    intents = c[1].state / "intents"
+    expected: dict[str, bytes] = {}
+    for n in range(3000):
+        data = b"file %d\n" % n
+        write(a / "burst" / f"f{n:04d}", data)
+        expected[f"burst/f{n:04d}"] = data
+
+    def mid_batch() -> bool:
+        try:
+            return intents.stat().st_size > 0 and len(os.listdir(b / "burst")) > 100
+        except FileNotFoundError:
+            return False
+
+    kill_when(c, 1, mid_batch, 60, "B has applied part of a batch it has not committed")
+    on_disk = len(os.listdir(b / "burst"))
+    c.start(1)
+    c.wait_converged(120)
+    for rel, data in expected.items():
+        assert (b / rel).read_bytes() == data, f"{rel} lost or wrong"
+    assert_sound(c)
+    for i in (0, 1):
+        stamps = log_stamps(c, i)
+        restamped = sorted(rel for rel in expected
+                           if stamps[f"/data/{rel}"][0].origin != c[0].name)
+        assert not restamped, (f"{c[i].name}: {len(restamped)} files stamped as another "
+                               f"host's versions, e.g. {restamped[:3]}")
+    log = c.log_text(1)
+    assert "an interrupted receive batch had" in log, "the kill landed outside a batch"
+    print(f"killed with {on_disk} files on B's disk; "
+          + log.split("an interrupted receive batch had", 1)[1].split("\n", 1)[0])

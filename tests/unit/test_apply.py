@@ -19,6 +19,8 @@ import pytest
 import xxhash
 
 from omirror import config, fsio
+from omirror import intents as intents_module
+from omirror.intents import Intent, IntentLog
 from omirror.apply import Applier, LocalChanged, TempFile
 from omirror.entry import Entry, Kind, Stamp, conflict_name
 from omirror.errors import ApplyError, PathRefused
@@ -949,25 +951,60 @@ def test_a_temp_symlink_swapped_before_its_chown_is_never_chowned(
 
 def test_a_directory_swapped_in_after_mkdir_gets_no_owner_or_mode(
         host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Between the applier's mkdir and its open, a user who can write the parent may put
-    their own directory at the name: it must not be given the entry's owner and mode."""
+    """Between the applier's mkdir of its temp directory and its open, a user who can
+    write the parent may put their own directory at that name: it must not be given the
+    entry's owner and mode, nor be renamed into place."""
     real_mkdir = os.mkdir
-    theirs = host.data / "d"
+    swapped: list[os.stat_result] = []
 
     def mkdir_then_swap(path: object, mode: int = 0o777, *, dir_fd: int | None = None) -> None:
         real_mkdir(path, mode, dir_fd=dir_fd)  # type: ignore[arg-type]
-        if path == b"d":
+        if isinstance(path, bytes) and path.startswith(b".omirror-tmp-"):
+            theirs = host.data / os.fsdecode(path)
             os.rmdir(theirs)
             real_mkdir(theirs, 0o777)
             os.chmod(theirs, 0o777)
             os.chown(theirs, 65534, 65534)
+            swapped.append(os.lstat(theirs))
 
     monkeypatch.setattr(os, "mkdir", mkdir_then_swap)
-    with pytest.raises(LocalChanged):
+    with pytest.raises(ApplyError, match="replaced by someone else"):
         host.applier.make_dir(host.mset, replace(dir_entry(b"data/d", mode=0o2755)))
-    st = os.lstat(theirs)
-    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (65534, 0o777)
+    assert swapped and (swapped[0].st_uid, stat.S_IMODE(swapped[0].st_mode)) == (65534, 0o777)
+    assert not os.path.lexists(host.data / "d")
     assert host.store.get(b"data/d") is None
+
+
+def test_a_new_directory_appears_under_its_name_only_complete(
+        host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The directory is made under a temp name and renamed into place with its owner
+    and final mode: under its own name it is never 0700 (a crash in between used to
+    leave it so, and the next scan made that a new local version), and a directory a
+    user makes at the name meanwhile is theirs, never replaced."""
+    real_rename = fsio.rename_noreplace
+    seen_under_name: list[int] = []
+
+    def watch(dir_fd: int, src: bytes, dst: bytes) -> None:
+        seen_under_name.append(int(os.path.lexists(host.data / os.fsdecode(dst))))
+        tmp = os.stat(src, dir_fd=dir_fd)
+        assert stat.S_IMODE(tmp.st_mode) == 0o750  # complete before it gets its name
+        real_rename(dir_fd, src, dst)
+
+    monkeypatch.setattr(fsio, "rename_noreplace", watch)
+    host.applier.make_dir(host.mset, dir_entry(b"data/d", mode=0o750))
+    assert seen_under_name == [0]
+    assert stat.S_IMODE(os.lstat(host.data / "d").st_mode) == 0o750
+    assert [n for n in os.listdir(host.data) if n.startswith(".omirror-tmp")] == []
+
+    def user_first(dir_fd: int, src: bytes, dst: bytes) -> None:
+        os.mkdir(host.data / os.fsdecode(dst), 0o705)
+        real_rename(dir_fd, src, dst)
+
+    monkeypatch.setattr(fsio, "rename_noreplace", user_first)
+    with pytest.raises(LocalChanged):
+        host.applier.make_dir(host.mset, dir_entry(b"data/e", mode=0o750))
+    assert stat.S_IMODE(os.lstat(host.data / "e").st_mode) == 0o705
+    assert [n for n in os.listdir(host.data) if n.startswith(".omirror-tmp")] == []
 
 
 def test_a_conflict_copy_never_replaces_a_file_at_its_name(host: Host) -> None:
@@ -981,3 +1018,86 @@ def test_a_conflict_copy_never_replaces_a_file_at_its_name(host: Host) -> None:
     with pytest.raises(LocalChanged):
         host.applier.keep_conflict_copy(host.mset, b"data/doc", loser)
     assert name.read_bytes() == b"a user's own file" and host.leftovers() == []
+
+
+# -- a crash inside a receive batch ---------------------------------------------------------
+
+
+class _Killed(Exception):
+    """Stands for kill -9: the batch's transaction never commits."""
+
+
+def test_versions_applied_by_a_batch_that_never_committed_are_recorded_as_the_peers(
+        host: Host, tmp_path: Path) -> None:
+    """A receive batch renames files into place one by one and records them all in one
+    transaction. Killed before the commit, the files are on disk and the store knows
+    nothing of them: the next scan stamped them as local versions made at restart, which
+    beat a newer version a third peer wrote meanwhile. The intent log says what each
+    change was; what is on disk as announced is recorded as the peer's version."""
+    state = tmp_path / "state"
+    host.applier.intents = IntentLog(state)
+    host.store.add_commit_hook(host.applier.intents.clear)
+    (host.data / "d").mkdir(mode=0o755)
+    (host.data / "gone").write_bytes(b"to be deleted")
+    (host.data / "kept").write_bytes(b"deletion announced, not done")
+    assert host.scan() == 4  # the root too
+    with pytest.raises(_Killed):
+        with host.store.batch():
+            host.write(b"data/new", b"from beta")
+            host.applier.make_dir(host.mset, dir_entry(b"data/d", mode=0o700))
+            host.applier.make_dir(host.mset, dir_entry(b"data/sub", mode=0o750))
+            host.applier.make_symlink(host.mset, link_entry(b"data/l", b"new"))
+            host.applier.delete(host.mset, tombstone(b"data/gone"))
+            host.applier._intend(tombstone(b"data/kept"), 0)  # killed before the unlink
+            raise _Killed
+    host.applier.intents.close()
+    for path in (b"data/new", b"data/sub", b"data/l"):
+        assert host.store.get(path) is None, "the batch never committed"
+    assert host.store.get(b"data/d").entry.mode == 0o755
+    assert host.store.get(b"data/gone").entry.kind is Kind.FILE
+
+    left = intents_module.read(state)
+    assert len(left) == 6
+    with host.store.batch():
+        assert host.applier.recover(left, [host.mset]) == 5
+    for path in (b"data/new", b"data/d", b"data/sub", b"data/l", b"data/gone"):
+        assert host.store.get(path).entry.stamp == PEER_STAMP, path
+    assert host.store.get(b"data/kept").entry.stamp.origin == "alpha"
+    assert host.scan() == 0, "the scan takes what was recorded as what is on disk"
+
+
+def test_recovery_records_nothing_that_did_not_reach_the_disk_as_announced(
+        host: Host, tmp_path: Path) -> None:
+    """An intent is written before its change: killed in between, the disk still holds
+    what was there, or a user changed it since. Neither is the peer's version."""
+    (host.data / "d").mkdir(mode=0o755)
+    (host.data / "f").write_bytes(b"local")
+    assert host.scan() == 3  # the root too
+    before = {p: host.store.get(p) for p in (b"data/d", b"data/f")}
+    log_ = IntentLog(tmp_path / "state")
+    d = os.lstat(host.data / "d")
+    log_.note(Intent(dir_entry(b"data/d", mode=0o700), d.st_ino, d.st_ctime_ns))  # no chmod
+    log_.note(Intent(file_entry(b"data/f", b"theirs"), os.lstat(host.data / "f").st_ino + 1))
+    log_.note(Intent(file_entry(b"data/never", b"x"), 12345))
+    log_.close()
+    with open(tmp_path / "state" / intents_module.FILE_NAME, "ab") as f:
+        f.write(b"\x00\x00\x01\x00torn")  # the record a kill cut short
+    left = intents_module.read(tmp_path / "state")
+    assert len(left) == 3
+    with host.store.batch():
+        assert host.applier.recover(left, [host.mset]) == 0
+    assert {p: host.store.get(p) for p in (b"data/d", b"data/f")} == before
+    assert host.store.get(b"data/never") is None
+
+
+def test_the_intent_log_is_emptied_by_each_commit(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "state")
+    log_ = IntentLog(tmp_path / "state")
+    store.add_commit_hook(log_.clear)
+    log_.note(Intent(tombstone(b"data/x"), 0))
+    with store.batch():
+        log_.note(Intent(tombstone(b"data/y"), 0))
+        assert len(intents_module.read(tmp_path / "state")) == 2
+    assert intents_module.read(tmp_path / "state") == []
+    log_.close()
+    store.close()
