@@ -32,7 +32,7 @@ from typing import Callable, Iterator, Sequence
 
 import xxhash
 
-from omirror import fsio
+from omirror import diskspace, fsio
 from omirror.clock import now_ns
 from omirror.config import MirrorSet, set_for
 from omirror.entry import (NAME_MAX, TEMP_PREFIX, Entry, Kind, Stamp, conflict_name,
@@ -42,6 +42,7 @@ from omirror.intents import Intent, IntentLog
 from omirror.owners import OwnerMap, Ownership, group_name, user_name
 from omirror.owners import can_chown as can_chown_now
 from omirror.paths import is_own_name, local_path, logical, show, show_name, show_text
+from omirror.progress import human_bytes
 from omirror.scanner import MARKER
 from omirror.store import Record, StatSig, Store
 
@@ -407,6 +408,10 @@ class Applier:
         #: Where each change is announced before it is made (omirror/intents.py); None
         #: in tools that apply nothing a crash could leave unrecorded.
         self.intents: IntentLog | None = None
+        #: Free space no file from a peer is written into (omirror/diskspace.py), and
+        #: the sets whose file system is short of it now, by title, for status.
+        self.reserve = diskspace.Reserve()
+        self.short: dict[str, diskspace.Shortage] = {}
 
     def _intend(self, entry: Entry, ino: int, old_ctime_ns: int = 0) -> None:
         if self.intents is not None:
@@ -582,6 +587,14 @@ class Applier:
             return
         if opened is None:
             return
+        if self.reserve:
+            try:
+                free, keep = diskspace.room(opened[0], self.reserve)
+            except OSError:
+                free, keep = 0, 1
+            if free - entry.size < keep:
+                os.close(opened[0])
+                return  # write_file refuses it, and says why
         try:
             temp = TempFile(opened[0], entry)
         except OSError:
@@ -643,8 +656,34 @@ class Applier:
         """Open the temp file that streamed content (chunks, delta blocks) is written to."""
         _expect(entry, Kind.FILE)
         dir_fd, _ = self._parent_for_write(mset, entry.path, "write")
+        try:
+            with _os_errors(entry.path, "write"):
+                self._check_room(mset, dir_fd, entry)
+        except BaseException:
+            os.close(dir_fd)
+            raise
         with _os_errors(entry.path, "write"):
-            return TempFile(dir_fd, entry)
+            return TempFile(dir_fd, entry)  # it owns dir_fd from here, even if it fails
+
+    def _check_room(self, mset: MirrorSet, dir_fd: int, entry: Entry) -> None:
+        """Refuse (:class:`diskspace.LowDisk`) a file that would cut into the reserve."""
+        if not self.reserve:
+            return
+        free, keep = diskspace.room(dir_fd, self.reserve)
+        held = self.short.get(mset.title)
+        if free - entry.size >= keep:
+            if held is not None and free - held.needed >= keep:
+                del self.short[mset.title]
+                log.info("set=%s has room again above its reserve of %s: %s free",
+                         mset.title, self.reserve, human_bytes(free))
+            return
+        shortage = diskspace.Shortage(free, keep, entry.size)
+        if held is None:
+            log.warning("set=%s low disk space: %s; files from peers wait, deletions go "
+                        "on", mset.title, shortage.text())
+        if held is None or entry.size >= held.needed:
+            self.short[mset.title] = shortage
+        raise diskspace.refuse(entry.path, show(entry.path), shortage)
 
     def install_file(self, mset: MirrorSet, entry: Entry, temp: TempFile) -> Record:
         """Verify the temp file (if :meth:`TempFile.finish` was not called yet) and rename

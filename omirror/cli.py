@@ -20,6 +20,7 @@ import click
 from click.core import ParameterSource
 
 from omirror import __version__
+from omirror.diskspace import Reserve, parse_reserve
 from omirror.errors import NotImplementedYet, OmirrorError
 from omirror.paths import show, show_text
 
@@ -47,6 +48,7 @@ class Options:
     force: bool
     verbose: int
     syslog: str | None
+    min_free: Reserve
 
 
 _OPTIONS = [
@@ -73,7 +75,20 @@ _OPTIONS = [
     click.option("--syslog", envvar="OMIRRORD_SYSLOG", default=None, metavar="FACILITY",
                  callback=lambda ctx, param, value: syslog_facility(value),
                  help="Log to syslog (/dev/log) with this facility, e.g. local7, daemon."),
+    click.option("--min-free", envvar="OMIRRORD_MIN_FREE", default="1%", show_default=True,
+                 metavar="SIZE|N%", callback=lambda ctx, param, value: _reserve(value),
+                 help="Free space that files from peers never fill: a size (512M, 2G) or "
+                      "a percentage of the file system; 0 for none."),
 ]
+
+
+def _reserve(value: str | Reserve) -> Reserve:
+    if isinstance(value, Reserve):
+        return value
+    try:
+        return parse_reserve(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 _NAMES = [f.name for f in fields(Options)]
 
 
@@ -229,7 +244,7 @@ def _run(opts: Options) -> None:
     from omirror.daemon import run_daemon
 
     sys.exit(run_daemon(opts.config, opts.name, opts.root, opts.state_dir, opts.peers,
-                        delay_s=opts.delay, compress=opts.compress))
+                        delay_s=opts.delay, compress=opts.compress, min_free=opts.min_free))
 
 
 @reports_errors
@@ -256,7 +271,7 @@ def _once(opts: Options) -> None:
                            "keeps this host in sync already; use 'omirrord sync PATH' to "
                            "push paths now")
     sys.exit(run_once(opts.config, opts.name, opts.root, opts.state_dir, opts.peers,
-                      compress=opts.compress, report=click.echo))
+                      compress=opts.compress, report=click.echo, min_free=opts.min_free))
 
 
 def _load(opts: Options) -> tuple[Any, str]:

@@ -33,6 +33,7 @@ from omirror import control
 from omirror import intents, peerkeys, peers, systemd
 from omirror.apply import Applier
 from omirror.config import Config, Host, MirrorSet, set_for
+from omirror.diskspace import DEFAULT_MIN_FREE, Reserve
 from omirror.paths import has_own_name, is_own_name, logical, show, show_name, show_text
 from omirror.errors import OmirrorError, RootError
 from omirror.events import Coalescer, ScanRequest
@@ -63,8 +64,10 @@ class Daemon:
     """One omirrord: this host's sets, its store, its watcher and its links."""
 
     def __init__(self, config_path: str, name: str | None, root: str, state_dir: str,
-                 peers_path: str, *, delay_s: float, compress: bool) -> None:
+                 peers_path: str, *, delay_s: float, compress: bool,
+                 min_free: Reserve = DEFAULT_MIN_FREE) -> None:
         self.config_path = config_path
+        self.min_free = min_free
         self.wanted_name = name
         self.root = os.fsencode(os.path.abspath(root))
         self.state_dir = state_dir
@@ -137,6 +140,7 @@ class Daemon:
         self.store = Store.open(self.state_dir)
         self.scanner = Scanner(self.store, self.me.name)
         self.applier = Applier(self.root, self.store, self.me.name)
+        self.applier.reserve = self.min_free
         self.scanner.expected_absent = self.applier.expected_absent
         self._recover_intents()
         self.ctx = Context(self.me.name, self.store, self.applier, self.scanner, self.root,
@@ -646,6 +650,8 @@ class Daemon:
                       for name, s in self.stats.items()},
             "conflicts": self.ctx.conflicts,
             **failing_status(self.ctx.failing),
+            "min_free": str(self.min_free),
+            "low_disk": {title: short.text() for title, short in self.applier.short.items()},
         }
 
     def _write_status(self) -> None:
@@ -787,16 +793,18 @@ def listen_address(me: Host) -> str:
 
 
 def run_once(config_path: str, name: str | None, root: str, state_dir: str,
-             peers_path: str, *, compress: bool, report: Callable[[str], None]) -> int:
+             peers_path: str, *, compress: bool, report: Callable[[str], None],
+             min_free: Reserve = DEFAULT_MIN_FREE) -> int:
     """``omirrord --once``: reconcile with every reachable peer, then exit."""
     daemon = Daemon(config_path, name, root, state_dir, peers_path, delay_s=0.0,
-                    compress=compress)
+                    compress=compress, min_free=min_free)
     return asyncio.run(daemon.run_once(report))
 
 
 def run_daemon(config_path: str, name: str | None, root: str, state_dir: str,
-               peers_path: str, *, delay_s: float, compress: bool) -> int:
+               peers_path: str, *, delay_s: float, compress: bool,
+               min_free: Reserve = DEFAULT_MIN_FREE) -> int:
     """Run until SIGTERM; errors in the configuration raise before anything starts."""
     daemon = Daemon(config_path, name, root, state_dir, peers_path, delay_s=delay_s,
-                    compress=compress)
+                    compress=compress, min_free=min_free)
     return asyncio.run(daemon.run())

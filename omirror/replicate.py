@@ -29,7 +29,7 @@ from typing import Any, Awaitable, Callable, Coroutine, Iterator, Sequence, Type
 
 import xxhash
 
-from omirror import fsio
+from omirror import diskspace, fsio
 from omirror.apply import (Applier, ApplyError, LocalChanged, TempFile, check_entry,
                            check_path)
 from omirror.clock import now_ns
@@ -846,7 +846,10 @@ class Receiver(_Side):
             else:
                 outcome = None
         if isinstance(outcome, ApplyError):
-            self._fail(msg, str(outcome))
+            # a file waiting for disk space is tried again soon: it waits for space, not
+            # for a fault to pass, and checking costs a statvfs
+            self._fail(msg, str(outcome),
+                       diskspace.RETRY_S if isinstance(outcome, diskspace.LowDisk) else None)
         elif isinstance(outcome, PathRefused):
             # found while applying: a symlink or a file where the path needs a directory,
             # a set root. Skipped like a path check_path refuses: retrying cannot help,
@@ -882,9 +885,11 @@ class Receiver(_Side):
     async def _apply(self, msg: EntryMsg) -> None:
         await self._settle(msg, await self.ctx.tree(self._apply_one, msg))
 
-    def _fail(self, msg: EntryMsg, error: str) -> None:
+    def _fail(self, msg: EntryMsg, error: str, delay_s: float | None = None) -> None:
         previous = self.retry.get(msg.entry.path)
         delay = _RETRY_FIRST_S if previous is None else min(previous.delay_s * 2, _RETRY_MAX_S)
+        if delay_s is not None:
+            delay = delay_s
         # without its content: a retry asks for it again, so that a disk full under a
         # stream of small files does not hold all of them in memory
         self.retry[msg.entry.path] = _Failing(replace(msg, data=None), error, delay,

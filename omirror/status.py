@@ -126,6 +126,11 @@ def render(status: dict[str, Any], now: float | None = None) -> str:
                     if polled else ""))
     if status.get("stopped_sets"):
         lines.append(f"stopped sets  {', '.join(status['stopped_sets'])} (see the log)")
+    low = status.get("low_disk") or {}
+    lines.append("low disk      " + ("none" if not low else
+                                    f"{len(low)} set(s), files from peers wait"))
+    for title, text in sorted(low.items()):
+        lines.append(f"  {title}: {text}")
     lines.append(f"conflicts     {status.get('conflicts', 0)}")
     failing = status.get("failing") or {}
     count = status.get("failing_count", len(failing))

@@ -321,7 +321,9 @@ def test_restart_after_the_store_file_was_deleted_rebuilds_and_loses_nothing(
 @pytest.mark.timeout(200)
 def test_disk_full_on_a_receiver_reports_keeps_the_old_file_and_resumes(
         mounts: Mounts, make_cluster: MakeCluster) -> None:
-    c = make_cluster(3)
+    # the low-disk guard off: this is the disk that fills anyway (another writer, a
+    # reserve set to 0); the guard has its own test below
+    c = make_cluster(3, extra_args=("--min-free", "0"))
     root = c[B].root
     if mounts.tmpfs(root, "64m"):
         (root / "data").mkdir()
@@ -369,6 +371,49 @@ def test_disk_full_on_a_receiver_reports_keeps_the_old_file_and_resumes(
     assert read(b / "big.bin") == b"N" * big_size
     assert read(b / "small.txt") == b"small v2\n"
     wait_log(c, B, "/data/big.bin", "applied after earlier failures")
+
+
+@pytest.mark.timeout(200)
+def test_low_disk_guard_stops_files_before_the_disk_is_full_and_resumes_by_itself(
+        mounts: Mounts, make_cluster: MakeCluster) -> None:
+    """B keeps 16 MiB free on its 64 MiB file system (--min-free 16M). With 20 MiB left,
+    a 6 MiB file from A waits, said so in status, while the disk is far from full; small
+    files and a deletion still apply. When space returns the file arrives by itself."""
+    c = make_cluster(2, extra_args=("--min-free", "16M"))
+    root = c[B].root
+    if not mounts.tmpfs(root, "64m"):
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    (root / "data").mkdir()
+    a, b = c[0].data, c[B].data
+    write(a / "doomed.txt", b"to be deleted\n")
+    c.start()
+    c.wait_converged(CONVERGE_S)
+    filler = root / "filler"  # outside the mirrored /data
+    with open(filler, "wb") as f:
+        f.write(b"\0" * (os.statvfs(root).f_bavail * os.statvfs(root).f_frsize - 20 * MiB))
+    write(a / "big.bin", b"B" * (6 * MiB))
+    write(a / "small.txt", b"small\n")
+    (a / "doomed.txt").unlink()
+    c.wait_until(lambda: read(b / "small.txt") == b"small\n"
+                 and not (b / "doomed.txt").exists(), CONVERGE_S,
+                 "B takes the small file and the deletion")
+    c.wait_until(lambda: c.status(B).get("low_disk"), CONVERGE_S,
+                 "B's status says its disk is low")
+    low = c.status(B)["low_disk"]
+    assert "reserve" in next(iter(low.values())), low
+    assert "low disk space" in c.status(B)["failing"]["/data/big.bin"]
+    c.assert_stays(lambda: not (b / "big.bin").exists(), 2.5,
+                   "big.bin waits while it would cut into the reserve")
+    st = os.statvfs(root)
+    assert st.f_bavail * st.f_frsize >= 19 * MiB, "the disk was written into the reserve"
+    assert "No space left" not in c.log_text(B)
+    filler.unlink()  # space returns; nobody touches B or its daemon
+    c.wait_until(lambda: read(b / "big.bin") == b"B" * (6 * MiB), CONVERGE_S,
+                 "big.bin arrives by itself once there is room")
+    c.wait_until(lambda: not c.status(B).get("low_disk"), CONVERGE_S,
+                 "B's status no longer says its disk is low")
+    assert_settled(c)
+    assert "has room again" in c.log_text(B)
 
 
 # ---------------------------------------------------------- 3. permission denied on a path
