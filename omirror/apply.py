@@ -35,7 +35,7 @@ import xxhash
 from omirror import diskspace, fsio
 from omirror.clock import now_ns
 from omirror.config import MirrorSet, set_for
-from omirror.entry import (NAME_MAX, TEMP_PREFIX, Entry, Kind, Stamp, conflict_name,
+from omirror.entry import (NAME_MAX, PARTIAL_PREFIX, TEMP_PREFIX, Entry, Kind, Stamp, conflict_name,
                            first_version, next_stamp)
 from omirror.errors import ApplyError, PathRefused
 from omirror.intents import Intent, IntentLog
@@ -158,6 +158,17 @@ def _kind_of(st: os.stat_result) -> Kind | None:
 
 def _temp_name() -> bytes:
     return TEMP_PREFIX + secrets.token_hex(8).encode()
+
+
+#: Less than this of a transfer is not worth keeping.
+PARTIAL_MIN = 1 << 20
+
+
+def partial_name(name: bytes, digest: bytes) -> bytes:
+    """What is kept of a cut transfer: a daemon name (never mirrored), one per file name
+    and version, so a resume finds it and a newer version never uses an older's start."""
+    return PARTIAL_PREFIX + xxhash.xxh3_64_hexdigest(name).encode() + b"-" \
+        + digest.hex().encode()
 
 
 @contextlib.contextmanager
@@ -335,6 +346,24 @@ class TempFile:
                             os.fsdecode(self.name), e.strerror)
         self._created = False
         self._close_dir()
+
+    def keep_partial(self) -> bool:
+        """Keep what arrived, as the start of this version, for the transfer to resume
+        from when the same version is sent again (a link cut, a restart); removes the
+        temp file instead when too little came. True if kept."""
+        if self.fd < 0 or not self._created or self.size < PARTIAL_MIN:
+            self.abort()
+            return False
+        try:
+            os.ftruncate(self.fd, self.size)  # the space reserved beyond it is given back
+            os.rename(self.name, partial_name(_split(self.path)[1], self.entry.digest),
+                      src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+        except OSError:
+            self.abort()
+            return False
+        self._created = False
+        self.abort()  # closes what is left open; the file is kept under its new name
+        return True
 
     def hold(self) -> int:
         """Close the temp file, keeping an ``O_PATH`` descriptor of it (returned, the
@@ -558,6 +587,51 @@ class Applier:
             os.close(fd)
             return -1
         return fd
+
+    # -- what arrived of a transfer that was cut ------------------------------------------
+
+    def open_partial(self, mset: MirrorSet, entry: Entry) -> tuple[int, int]:
+        """The part of this very version kept from a transfer that was cut
+        (:meth:`TempFile.keep_partial`), open read-only, and its size; (-1, 0) when
+        there is none fit to resume from. It must be ours (a user who can write the
+        directory could put a file at that name; what is built is checked against the
+        digest anyway)."""
+        try:
+            opened = self._open_parent(mset, entry.path, create=False, action="read")
+        except (ApplyError, PathRefused):
+            return -1, 0
+        if opened is None:
+            return -1, 0
+        parent, name = opened
+        try:
+            fd = os.open(partial_name(name, entry.digest), fsio.READ_FLAGS, dir_fd=parent)
+        except OSError:
+            return -1, 0
+        finally:
+            os.close(parent)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1 \
+                or not 0 < st.st_size <= entry.size:
+            os.close(fd)
+            return -1, 0
+        return fd, st.st_size
+
+    def drop_partial(self, mset: MirrorSet, entry: Entry) -> None:
+        """Remove what was kept of a cut transfer of ``entry``: it arrived whole, or that
+        version is no longer to be had."""
+        try:
+            opened = self._open_parent(mset, entry.path, create=False, action="write")
+        except (ApplyError, PathRefused):
+            return
+        if opened is None:
+            return
+        parent, name = opened
+        try:
+            os.unlink(partial_name(name, entry.digest), dir_fd=parent)
+        except OSError:
+            pass
+        finally:
+            os.close(parent)
 
     # -- files ---------------------------------------------------------------------------
 

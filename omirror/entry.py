@@ -30,6 +30,8 @@ Vector = tuple[tuple[str, int], ...]
 
 #: Prefix of the temp files a transfer writes; what a crash leaves is swept at startup.
 TEMP_PREFIX = b".omirror-tmp-"
+#: What is kept of a transfer that was cut, to resume from (omirror/apply.py).
+PARTIAL_PREFIX = b".omirror-part-"
 
 #: Infix of conflict copies: ``NAME.omirror-conflict-<host>-<time_ns>``. These are user
 #: data and are mirrored like any other file.

@@ -38,6 +38,7 @@ from omirror.entry import Entry, Kind, Outcome, decide
 from omirror.errors import OmirrorError, PathRefused
 from omirror.owners import gid_named, uid_named
 from omirror.paths import logical, show
+from omirror.progress import human_bytes
 from omirror.scanner import Scanner
 from omirror.store import Cursor, Record, StatSig, Store
 from omirror.wire import (CHUNK, INLINE_MAX, PROTOCOL_VERSION, Ack, Bye, Copy, Data, EntryMsg,
@@ -1081,16 +1082,27 @@ class Receiver(_Side):
         entry = need.entry
         old_fd = -1
         blocks: tuple[bytes, ...] = ()
-        if need.old is not None and need.old.entry.size >= DELTA_MIN and entry.size >= DELTA_MIN:
-            if need.old.entry.size <= MAX_DELTA_BLOCKS * BLOCK:
-                old_fd = await self.ctx.tree(self.ctx.applier.open_old, need.mset, need.old)
-            if old_fd >= 0:
-                try:
-                    digests, _ = await asyncio.to_thread(block_digests, old_fd, BLOCK)
-                    blocks = tuple(digests)
-                except OSError:
-                    os.close(old_fd)
-                    old_fd = -1
+        resumed = 0
+        if DELTA_MIN <= entry.size <= MAX_DELTA_BLOCKS * BLOCK:
+            # what arrived of this very version before a cut: the delta against it asks
+            # only for the rest
+            old_fd, resumed = await self.ctx.tree(self.ctx.applier.open_partial,
+                                                  need.mset, entry)
+            if resumed:
+                log.info("peer=%s path=%s resumes a cut transfer: %s of %s are here",
+                         self.peer, show(entry.path), human_bytes(resumed),
+                         human_bytes(entry.size))
+        if old_fd < 0 and need.old is not None and \
+                DELTA_MIN <= need.old.entry.size <= MAX_DELTA_BLOCKS * BLOCK \
+                and entry.size >= DELTA_MIN:
+            old_fd = await self.ctx.tree(self.ctx.applier.open_old, need.mset, need.old)
+        if old_fd >= 0:
+            try:
+                digests, _ = await asyncio.to_thread(block_digests, old_fd, BLOCK)
+                blocks = tuple(digests)
+            except OSError:
+                os.close(old_fd)
+                old_fd = -1
         temp: TempFile | None = None
         begun = asyncio.ensure_future(self.ctx.tree(self._begin, need))
         try:
@@ -1113,6 +1125,8 @@ class Receiver(_Side):
                     log.debug("peer=%s path=%s no longer available: %s", self.peer,
                               show(entry.path), part.why)
                     await self.ctx.tree(temp.abort)
+                    if resumed:
+                        await self.ctx.tree(self.ctx.applier.drop_partial, need.mset, entry)
                     return
                 if isinstance(part, Copy):
                     if old_fd < 0:
@@ -1124,9 +1138,14 @@ class Receiver(_Side):
                 if part.end:
                     break
             await self.ctx.tree(self._install, need, temp)
-        except BaseException:
+            if resumed:
+                await self.ctx.tree(self.ctx.applier.drop_partial, need.mset, entry)
+        except BaseException as e:
             if temp is not None:
-                await asyncio.shield(self.ctx.tree(temp.abort))
+                # cut (the link, a shutdown): what arrived is kept for a resume; content
+                # that is wrong, or a peer that broke the protocol, leaves nothing
+                cut = not isinstance(e, (ApplyError, PathRefused, ProtocolError))
+                await asyncio.shield(self.ctx.tree(temp.keep_partial if cut else temp.abort))
             raise
         finally:
             if old_fd >= 0:

@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 from omirror import fsio
 from omirror.clock import now_ns, offset_ns
 from omirror.config import MirrorSet
-from omirror.entry import TEMP_PREFIX, Entry, Kind, first_version, next_stamp
+from omirror.entry import PARTIAL_PREFIX, TEMP_PREFIX, Entry, Kind, first_version, next_stamp
 from omirror.errors import RootError
 from omirror.owners import OwnerMap, group_name, user_name
 from omirror.paths import has_own_name, is_under, local_path, logical, show, show_name
@@ -452,7 +452,8 @@ class _Run:
                 name = encode(de.name)  # names of a descriptor's listing come as str
                 sig = pop(name, None)
                 if name.startswith(b".omirror"):
-                    if self.sweep and name.startswith(TEMP_PREFIX):
+                    if self.sweep and (name.startswith(TEMP_PREFIX) or (
+                            name.startswith(PARTIAL_PREFIX) and _stale(de))):
                         self._sweep(dir_fd, prefix + name)
                     continue
                 if excluded is not None and excluded(prefix + name):
@@ -805,8 +806,8 @@ class _Run:
                 os.unlink(name, dir_fd=dir_fd)
             except IsADirectoryError:  # a directory being made (omirror/apply.py)
                 os.rmdir(name, dir_fd=dir_fd)
-            log.info("set=%s removed %s, left by an interrupted transfer", self.mset.title,
-                     show(path))
+            log.info("set=%s removed %s, left by an interrupted transfer or kept too long",
+                     self.mset.title, show(path))
         except OSError as e:
             log.warning("set=%s cannot remove %s: %s", self.mset.title, show(path),
                         e.strerror)
@@ -863,6 +864,17 @@ def _count(stats: ScanStats, kind: Kind) -> None:
 def _never(*_: object) -> None:
     """A fast-path signature that equals no stored one: with ``force``, nothing is trusted."""
     return None
+
+
+#: A cut transfer's start is kept this long for a resume, then removed at a start.
+PARTIAL_KEEP_S = 7 * 86400
+
+
+def _stale(de: os.DirEntry[str]) -> bool:
+    try:
+        return de.stat(follow_symlinks=False).st_mtime < time.time() - PARTIAL_KEEP_S
+    except OSError:
+        return False
 
 
 class _nothing:

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from cluster import Cluster
-from faults import (Mesh, Proxy, Stamp, assert_sound, conflict_name, link_state, links_down,
-                    links_up, log_stamps)
+from cluster import Cluster, file_digest
+from faults import (MB, Mesh, Proxy, Stamp, assert_sound, conflict_name, content_sent,
+                    link_state, links_down, links_up, log_stamps, temp_write_position,
+                    write_big)
 
 MakeCluster = Callable[..., Cluster]
 Proxies = Callable[[Cluster], Mesh]
@@ -422,3 +423,44 @@ def test_a_frozen_peer_is_shown_down_within_10_s_and_holds_up_no_other_link(
     assert_sound(c)
     print(f"B had the 20 files {reached_b:.2f} s after C froze; C shown down after "
           f"{shown_down:.1f} s")
+
+
+# ------------------------------------------------------------------------------ 7
+
+@pytest.mark.timeout(240)
+def test_a_large_transfer_cut_in_the_middle_resumes_from_what_arrived(
+        make_cluster: MakeCluster, proxies: Proxies) -> None:
+    """The link is cut when B has 60% of a 256 MiB file. What arrived is kept; when the
+    link is back and the same version is asked for again, only the rest crosses (a block
+    delta against what is kept): far less than the 1.6 times the file a restart from
+    zero sends."""
+    size = 256 * MB
+    c = make_cluster(2)
+    mesh = proxies(c)
+    c.start()
+    c.wait_until(lambda: links_up(c, 0, 1), CONVERGE_S, "the link is up both ways")
+    big = c[0].data / "big.bin"
+    write_big(big, size, seed=7)
+    digest = file_digest(big)
+    c.wait_until(lambda: temp_write_position(c, 1) > size * 6 // 10, 120,
+                 "B has received 60% of big.bin")
+    mesh.cut(0, 1)
+    c.wait_until(lambda: links_down(c, 0, 1), CONVERGE_S, "both ends see the link down")
+    sent_before = content_sent(c, 0)
+    kept = [p for p in os.listdir(c[1].data) if p.startswith(".omirror-part-")]
+    assert len(kept) == 1, f"what arrived was not kept: {os.listdir(c[1].data)}"
+    kept_size = (c[1].data / kept[0]).stat().st_size
+    assert kept_size >= size // 2, kept_size
+    mesh.restore(0, 1)
+    c.wait_until(lambda: (c[1].data / "big.bin").exists(), 120, "big.bin is installed on B")
+    c.wait_converged(120)
+    assert file_digest(c[1].data / "big.bin") == digest
+    assert_sound(c)
+    sent = content_sent(c, 0) - sent_before
+    assert sent < size // 2, (f"{sent / MB:.0f} MiB of content sent after the cut for a "
+                              f"{size // MB} MiB file of which {kept_size / MB:.0f} MiB "
+                              "arrived: the transfer restarted")
+    assert "resumes a cut transfer" in c.log_text(1)
+    assert not [p for p in os.listdir(c[1].data) if p.startswith(".omirror-part-")]
+    print(f"kept {kept_size / MB:.0f} MiB at the cut ({sent_before / MB:.0f} MiB sent by "
+          f"then); {sent / MB:.0f} MiB of content sent after it, for {size // MB} MiB")
