@@ -48,12 +48,11 @@ def note(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def one(seed: int, work: str, steps: int | None, keep: bool,
-        debug: bool) -> tuple[Outcome, list[str]]:
+def one(seed: int, work: str, steps: int | None, keep: bool) -> tuple[Outcome, list[str]]:
     base = Path(work) / f"seed-{seed}"
     history: list[str] = []
     try:
-        outcome = run_seed(base, seed, steps=steps, log=history.append, debug=debug)
+        outcome = run_seed(base, seed, steps=steps, log=history.append)
     except Exception as e:  # the harness itself broke: report it as this seed's failure
         outcome = Outcome(seed, 0, 0, 0, 0, 0, 0, 0.0, [f"harness error: {e!r}"])
     if not outcome.problems or not keep:
@@ -110,8 +109,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="keep the cluster directories (logs, trees) of failed seeds")
     ap.add_argument("--verbose", action="store_true",
                     help="print the history of every failed seed")
-    ap.add_argument("--debug", action="store_true",
-                    help="daemons log at debug level (for the logs --keep-failures keeps)")
     ap.add_argument("--load", action="store_true",
                     help="run a CPU-bound process per core beside the clusters")
     ap.add_argument("--io-load", action="store_true",
@@ -132,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_all(args: argparse.Namespace, work: Path, seeds: range) -> list[Outcome]:
     outcomes: list[Outcome] = []
     with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
-        futures = {pool.submit(one, s, str(work), args.steps, args.keep_failures,
-                               args.debug): s
+        futures = {pool.submit(one, s, str(work), args.steps, args.keep_failures): s
                    for s in seeds}
         for future in concurrent.futures.as_completed(futures):
             outcome, history = future.result()

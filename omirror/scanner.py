@@ -769,9 +769,13 @@ class _Run:
             self.stats.changes.extend(entry for entry, _ in self.pending)
         elif self.pending or self.sig_updates:
             expected = self.sc.expected_absent
+            debug = log.isEnabledFor(logging.DEBUG)
             with self.store.batch():
                 for entry, sig in self.pending:
                     self.store.put(entry, sig)
+                    if debug:
+                        log.debug("path=%s recorded %s stamp=%s", show(entry.path),
+                                  entry.kind.name.lower(), entry.stamp)
                     if expected and not entry.is_tombstone:
                         # something is there again (renamed there here, say): its later
                         # deletion is this host's own, not one a peer will send

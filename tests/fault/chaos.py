@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import stat
 import time
 from collections.abc import Callable
@@ -410,6 +411,7 @@ class Chaos:
         path = self.new_name(tree, DIR_NAMES, dirs_only_shallow=True)
         if path is None:
             return
+        op.before[path] = ABSENT
         self.begin(op, path)
         os.mkdir(self.local(op.peer, path), 0o755)
         op.seen[path] = state_at(self.local(op.peer, path))
@@ -443,6 +445,8 @@ class Chaos:
             return
         doomed = [path, *self.below(tree, path)]
         self.removing(op, doomed)
+        for p in doomed:
+            op.before[p] = state_at(self.local(op.peer, p)).state
         self.begin(op, f"{path} ({len(doomed)} paths)")
         errors: list[str] = []
         for p in sorted(doomed, key=lambda p: p.count("/"), reverse=True):
@@ -555,6 +559,12 @@ class Chaos:
         for op in self.ops:
             for path in op.seen:
                 touched.setdefault(path, []).append(op)
+        logged = [versions_logged(self.c.log_text(i)) for i in range(len(self.c))]
+
+        def looked(peer: int, path: str, from_ns: int, to_ns: int) -> bool:
+            return any(from_ns - LOG_SLACK_NS <= t <= to_ns + LOG_SLACK_NS
+                       for t in logged[peer].get(path, ()))
+
         for path, ops in sorted(touched.items()):
             final = state_at(self.local(0, path)).state
             recorded = stamps.get("/" + path)
@@ -585,7 +595,8 @@ class Chaos:
                 finding = (f"/{path}: winner {stamp.origin}@{stamp.time_ns} is older "
                            f"than {lost[-1]} (start {lost[-1].start_ns}), whose "
                            f"{lost[-1].seen[path].state} was lost; final {final}")
-                why = classify(lost[-1], path, [op for op in done if op.peer == lost[-1].peer])
+                why = classify(lost[-1], path, [op for op in done if op.peer == lost[-1].peer],
+                               looked)
                 if why:
                     self.accepted.append(f"{why}: {finding}")
                 else:
@@ -624,12 +635,24 @@ class Chaos:
         return problems
 
 
-#: Two changes of one path on a running peer closer than this may both land before its
-#: daemon looks (the coalescing delay, a busy tree worker): seen as one change.
-UNSEEN_APART_NS = 100_000_000
+#: A log line's time is cut to the millisecond.
+LOG_SLACK_NS = 1_000_000
+_LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) DEBUG omirror\.\w+: "
+                       r"path=/(\S+) (?:recorded|applied) ", re.MULTILINE)
 
 
-def classify(lost: Op, path: str, mine: list[Op]) -> str:
+def versions_logged(text: str) -> dict[str, list[int]]:
+    """When a daemon recorded or applied a version of each path, from its debug log."""
+    found: dict[str, list[int]] = {}
+    for m in _LOG_LINE.finditer(text):
+        at = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S"))
+        found.setdefault(m.group(3), []).append(int(at) * 1_000_000_000
+                                                + int(m.group(2)) * 1_000_000)
+    return found
+
+
+def classify(lost: Op, path: str, mine: list[Op],
+             looked: Callable[[int, str, int, int], bool] = lambda *_: False) -> str:
     """The accepted class of a lost operation, or "" for a real loss.
 
     Both classes are inherent to a mirror that detects changes by comparing states and
@@ -637,9 +660,10 @@ def classify(lost: Op, path: str, mine: list[Op]) -> str:
     the model accepts"); anything else is reported as a failure:
 
     - ``ended where it began``: the op brought the path back to what it held before an
-      earlier op of the same peer, and the daemon never saw the path in between (it was
-      stopped across both, or they came within :data:`UNSEEN_APART_NS`): to a daemon
-      that compares the tree with its record there was no change at all;
+      earlier op of the same peer, and the daemon never recorded anything at that path
+      in between (``looked(peer, path, from_ns, to_ns)`` is false: its log has no
+      version of the path recorded or applied then; or it was stopped across both): to
+      a daemon that compares the tree with its record there was no change at all;
     - ``written into a replaced file``: the op wrote through a descriptor whose file a
       peer's version had already replaced (its link count was 0 after the write): the
       write went to a file no longer in any tree.
@@ -652,7 +676,7 @@ def classify(lost: Op, path: str, mine: list[Op]) -> str:
         if began is None:
             break  # an op that does not say what it found: nothing to compare with
         unseen = (not first.running and not lost.running and first.epoch == lost.epoch) \
-            or lost.start_ns - first.start_ns < UNSEEN_APART_NS
+            or not looked(lost.peer, path, first.start_ns, lost.start_ns)
         if not unseen:
             break
         if began == end:
@@ -670,13 +694,15 @@ def same(op: Op, left: State, final: State) -> bool:
 
 
 def run_seed(base: Path, seed: int, *, steps: int | None = None, timeout: float = 90,
-             log: Callable[[str], None] | None = None, debug: bool = False) -> Outcome:
+             log: Callable[[str], None] | None = None) -> Outcome:
     """Build a cluster under ``base``, run one seed, heal, check; stop everything."""
     rng = random.Random(f"shape {seed}")
     peers = rng.randint(3, 5)
     steps = steps if steps is not None else rng.randint(40, 90)
     started = time.monotonic()
-    c = Cluster(base, peers, delay=0.005, extra_args=("-v",) if debug else ())
+    # the daemons log at debug level: the model reads from their logs when each one
+    # recorded or applied a version of a path (see ``classify``)
+    c = Cluster(base, peers, delay=0.005, extra_args=("-v",))
     mesh = Mesh(c)
     chaos = Chaos(c, mesh, seed, steps, log=log)
     problems: list[str] = []

@@ -1101,3 +1101,39 @@ def test_the_intent_log_is_emptied_by_each_commit(tmp_path: Path) -> None:
     assert intents_module.read(tmp_path / "state") == []
     log_.close()
     store.close()
+
+
+def test_a_write_landing_as_a_peers_version_replaces_the_file_is_put_back(
+        host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between the last check of the target and the rename over it, a writer appends to
+    the file (through a descriptor it opened before). The rename would drop that write
+    with the old file: it is put back, and recorded as the local change it is."""
+    (host.data / "f").write_bytes(b"old\n")
+    assert host.scan() == 2
+    real_rename = os.rename
+    writer = os.open(host.data / "f", os.O_WRONLY | os.O_APPEND)
+
+    def write_then_rename(src: object, dst: object, **kw: object) -> None:
+        if isinstance(src, bytes) and src.startswith(b".omirror-tmp-") and dst == b"f":
+            os.write(writer, b"appended by a user\n")
+        real_rename(src, dst, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "rename", write_then_rename)
+    try:
+        with pytest.raises(LocalChanged, match="put back"):
+            host.write(b"data/f", b"the peer's version\n")
+    finally:
+        os.close(writer)
+    monkeypatch.undo()
+    assert (host.data / "f").read_bytes() == b"old\nappended by a user\n"
+    assert host.leftovers() == []
+    assert host.scan() == 1, "the write put back is a new local version"
+    assert host.store.get(b"data/f").entry.stamp.origin == "alpha"
+
+
+def test_a_file_replaced_untouched_is_not_put_back(host: Host) -> None:
+    (host.data / "f").write_bytes(b"old\n")
+    host.scan()
+    host.write(b"data/f", b"the peer's version\n")
+    assert (host.data / "f").read_bytes() == b"the peer's version\n"
+    assert host.leftovers() == []
