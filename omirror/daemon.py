@@ -182,6 +182,7 @@ class Daemon:
         shower = asyncio.create_task(self._show_progress(progress))
         try:
             await self._scan_all("startup")
+            self.store.new = False  # what the first scan found is recorded now
             hosts = list(self.peer_hosts().values())
             results = await asyncio.gather(*(self._once_with(h) for h in hosts),
                                            return_exceptions=True)
@@ -268,6 +269,7 @@ class Daemon:
             self.watcher.start()
             self._watch_all()
             await self._scan_all("startup")
+            self.store.new = False  # what the first scan found is recorded now
             self.store.collect_tombstones(time.time_ns() - TOMBSTONE_RETENTION_NS)
             address = listen_address(self.me)
             try:

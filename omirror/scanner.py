@@ -595,6 +595,14 @@ class _Run:
                 self.stats.unchanged += 1
                 return
         changed_ns = st.st_ctime_ns
+        if previous is None and self.store.new:
+            # found by the first scan of a store that has no history (a first start, a
+            # store deleted and made again): when it was copied, restored or installed
+            # here (its ctime) says nothing of when it was made. Stamped just before its
+            # content was last modified, it loses to any version a peer made of it
+            # since (identical content is then simply adopted, not re-stamped), and a
+            # file edited here while the store was gone still wins over older versions
+            changed_ns = min(changed_ns, st.st_mtime_ns) - 1
         if self.fresh:
             changed_ns = max(changed_ns, self._arrival(path))
         stamp = next_stamp(changed_ns + offset_ns(),

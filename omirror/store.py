@@ -168,6 +168,10 @@ class Store:
         self.epoch: str = self._meta("epoch") or ""
         self.floor: int = int(self._meta("floor") or 0)
         top = conn.execute("SELECT max(seq) FROM entries").fetchone()[0] or 0
+        #: Nothing was ever recorded here (a first start, or a store deleted and made
+        #: again): what the first scan finds has no history (see the scanner). The
+        #: daemon clears it once that scan is done.
+        self.new = top == 0
         self._last_seq = max(top, int(self._meta("last_seq") or 0), self.floor)
 
     # -- opening -------------------------------------------------------------------------

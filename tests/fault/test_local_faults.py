@@ -316,6 +316,39 @@ def test_restart_after_the_store_file_was_deleted_rebuilds_and_loses_nothing(
         assert entry_of(c, 2, "dir/" + os.fsdecode(name)).stamp.origin == winner
 
 
+def test_a_host_restored_from_a_backup_without_its_store_takes_the_newer_versions(
+        make_cluster: MakeCluster) -> None:
+    """B's store is lost and its tree restored from a backup (cp -a: old mtimes, new
+    ctimes) after C wrote a newer version. What B's first scan finds has no history:
+    stamped by when it was restored it would beat C's newer write everywhere, and every
+    unchanged file would come back as a version of B's. Stamped just before its mtime,
+    the newer version wins and the unchanged files keep their writer's stamps."""
+    c = make_cluster(3)
+    a, b, cc = (p.data for p in c.peers)
+    c.start()
+    write(a / "f.txt", b"v1 by A\n")  # written live: A stamps them as it sees them
+    write(a / "keep.txt", b"unchanged\n")
+    c.wait_converged(CONVERGE_S)
+    c.stop(B)
+    backup = c[B].base / "backup"
+    subprocess.run(["cp", "-a", str(b), str(backup)], check=True)
+    for p in c[B].state.iterdir():
+        if p.name.startswith("state.db"):
+            p.unlink()
+    write(cc / "f.txt", b"v2 by C, newer than the backup\n")
+    c.wait_converged(CONVERGE_S, [0, 2])
+    shutil.rmtree(b)
+    subprocess.run(["cp", "-a", str(backup), str(b)], check=True)
+    c.start(B)
+    assert_settled(c)
+    for i in range(3):
+        assert read(c[i].data / "f.txt") == b"v2 by C, newer than the backup\n", \
+            f"peer {i}: the restored old version beat C's newer one"
+        assert entry_of(c, i, "f.txt").stamp.origin == c[2].name
+        assert entry_of(c, i, "keep.txt").stamp.origin == c[0].name, \
+            f"peer {i}: an unchanged file came back as a version of B's"
+
+
 # ------------------------------------------------------------- 2. disk full on a receiver
 
 @pytest.mark.timeout(200)
