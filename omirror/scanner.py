@@ -603,6 +603,13 @@ class _Run:
             # since (identical content is then simply adopted, not re-stamped), and a
             # file edited here while the store was gone still wins over older versions
             changed_ns = min(changed_ns, st.st_mtime_ns) - 1
+        elif previous is not None and previous.is_tombstone \
+                and changed_ns + offset_ns() <= previous.stamp.time_ns:
+            # back where its deletion was recorded, with a ctime from before that: a
+            # directory above it was renamed away and back (a rename leaves the ctimes
+            # of what the directory holds as they were). It came back when that rename
+            # was made, not when it was last changed
+            changed_ns = max(changed_ns, self._carried_back(path))
         if self.fresh:
             changed_ns = max(changed_ns, self._arrival(path))
         stamp = next_stamp(changed_ns + offset_ns(),
@@ -668,6 +675,21 @@ class _Run:
         mode = 0 if stat.S_ISLNK(st.st_mode) else stat.S_IMODE(st.st_mode)
         return {"mode": mode, "owner": user_name(st.st_uid), "uid": st.st_uid,
                 "group": group_name(st.st_gid), "gid": st.st_gid}
+
+    def _carried_back(self, path: bytes) -> int:
+        """The latest ctime of the directories above ``path`` in its set: no earlier
+        than the rename of whichever of them brought it back."""
+        top = self.top_of(path)
+        latest = 0
+        parent = path.rpartition(b"/")[0]
+        while top is not None and parent and (parent == top or is_under(parent, top)):
+            st = self._lstat(parent)
+            if st is not None:
+                latest = max(latest, st.st_ctime_ns)
+            if parent == top:
+                break
+            parent = parent.rpartition(b"/")[0]
+        return latest
 
     def _arrival(self, path: bytes) -> int:
         """When the nearest directory above ``path`` found renamed in this run got there."""

@@ -483,6 +483,8 @@ class Chaos:
             return
         moved = [source, *self.below(tree, source)]
         self.removing(op, moved)
+        for p in (*moved, dest):
+            op.before[p] = state_at(self.local(op.peer, p)).state
         self.begin(op, f"{source} -> {dest}")
         os.rename(self.local(op.peer, source), self.local(op.peer, dest))
         if kind == "dir":  # what it held when renamed, also what came in since the listing

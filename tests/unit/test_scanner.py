@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import time
 import socket
 import stat
 from pathlib import Path
@@ -668,3 +669,38 @@ def test_a_directory_replaced_by_a_file_or_symlink_deletes_what_it_held(
     order = [path for path, _ in tree.log()]
     assert order.index(b"data/d") > max(order.index(b"data/d/sub/f"),
                                         order.index(b"data/d/sub"), order.index(b"data/d/g"))
+
+
+def _until_ctime_passes(probe: Path, ns: int) -> None:
+    """Wait (1 s at most) until the file system's clock, which ticks coarsely, is past
+    ``ns``: two changes then get ctimes that tell them apart."""
+    end = time.monotonic() + 1.0
+    while time.monotonic() < end:
+        probe.write_bytes(b"")
+        if os.lstat(probe).st_ctime_ns > ns:
+            return
+    raise AssertionError("the file system clock did not move in 1 s")
+
+
+def test_a_file_carried_back_by_a_directory_renamed_away_and_back_is_stamped_by_the_return(
+        tree: Tree) -> None:
+    """d is renamed to e and back before the daemon looked at d again: its record is
+    still live, while the file's old path has its tombstone. The file is back with the
+    ctime it had before (a rename leaves it): stamped by that, it would be older than
+    its own deletion, and a version made elsewhere in between would beat the return."""
+    (tree.data / "d").mkdir()
+    (tree.data / "d" / "f").write_bytes(b"carried")
+    tree.scan()
+    base = os.fsencode(tree.base)
+    made_at = os.lstat(tree.data / "d" / "f").st_ctime_ns
+    _until_ctime_passes(tree.base / "probe", made_at + 10_000_000)
+    os.rename(tree.data / "d", tree.data / "e")
+    tree.clock_ns = made_at + 1  # the deletion is seen right after the file was made
+    # the file's event came first: its move is recorded, the directory's is not yet
+    tree.scanner.scan_paths(tree.mset, base, [(b"data/e/f", False)])
+    assert tree.entry("d/f").is_tombstone and not tree.entry("d").is_tombstone
+    os.rename(tree.data / "e", tree.data / "d")
+    back_at = os.lstat(tree.data / "d").st_ctime_ns
+    tree.scanner.scan_paths(tree.mset, base, [(b"data/d", True)])
+    f = tree.entry("d/f")
+    assert f.kind is Kind.FILE and f.stamp.time_ns >= back_at
