@@ -123,12 +123,34 @@ class Scanner:
         #: How owners of versions from peers map here: a file that holds what applying
         #: a version gave it is no local change (omirror/owners.py).
         self.owners = OwnerMap()
+        #: Directories recorded as arriving (renamed here, or back where they had been
+        #: deleted), by path: when they arrived, and when that was recorded (monotonic).
+        #: What they hold may be examined by a later run (a directory's own event can be
+        #: taken before the walk below it): it arrived with them, whatever its ctimes say.
+        self.arrivals: dict[bytes, tuple[int, float]] = {}
 
     async def scan(self, mset: MirrorSet, root: bytes, *, subtree: bytes | None = None,
                    dry_run: bool = False) -> ScanStats:
         """Scan in a worker thread, leaving the event loop free."""
         return await asyncio.to_thread(self.scan_set, mset, root, subtree=subtree,
                                        dry_run=dry_run)
+
+    def arrived(self, directory: bytes, at_ns: int) -> None:
+        now = time.monotonic()
+        if len(self.arrivals) >= _ARRIVALS_MAX:
+            self.arrivals = {p: a for p, a in self.arrivals.items()
+                             if now - a[1] < ARRIVAL_KEEP_S}
+        self.arrivals[directory] = (at_ns, now)
+
+    def arrival_of(self, directory: bytes) -> int:
+        """When ``directory`` arrived, if that was recorded a moment ago; else 0."""
+        held = self.arrivals.get(directory)
+        if held is None:
+            return 0
+        if time.monotonic() - held[1] >= ARRIVAL_KEEP_S:
+            del self.arrivals[directory]
+            return 0
+        return held[0]
 
     def scan_set(self, mset: MirrorSet, root: bytes, *, subtree: bytes | None = None,
                  dry_run: bool = False, sweep: bool = False,
@@ -577,6 +599,7 @@ class _Run:
             # or it came from outside the tree): what it holds arrived now, whatever its
             # own ctimes say
             self.fresh[path] = max(st.st_ctime_ns, self._arrival(path))
+            self.sc.arrived(path, self.fresh[path])
         sig = StatSig.of(st)
         previous = None if held is None else held.entry
         # a directory made anew where one was is a new version even with the same mode:
@@ -610,7 +633,7 @@ class _Run:
             # of what the directory holds as they were). It came back when that rename
             # was made, not when it was last changed
             changed_ns = max(changed_ns, self._carried_back(path))
-        if self.fresh:
+        if self.fresh or self.sc.arrivals:
             changed_ns = max(changed_ns, self._arrival(path))
         stamp = next_stamp(changed_ns + offset_ns(),
                            None if previous is None else previous.stamp, self.sc.host)
@@ -692,11 +715,15 @@ class _Run:
         return latest
 
     def _arrival(self, path: bytes) -> int:
-        """When the nearest directory above ``path`` found renamed in this run got there."""
+        """When the nearest directory above ``path`` found renamed (in this run, or in
+        one a moment ago) got there."""
         parent = path.rpartition(b"/")[0]
         while parent:
             if parent in self.fresh:
                 return self.fresh[parent]
+            earlier = self.sc.arrival_of(parent)
+            if earlier:
+                return earlier
             parent = parent.rpartition(b"/")[0]
         return 0
 
@@ -899,6 +926,11 @@ def _never(*_: object) -> None:
     """A fast-path signature that equals no stored one: with ``force``, nothing is trusted."""
     return None
 
+
+#: How long what a directory that arrived holds is stamped no earlier than its arrival:
+#: the walk below it follows its own event within the coalescing delay, or the next scan.
+ARRIVAL_KEEP_S = 60.0
+_ARRIVALS_MAX = 10_000
 
 #: A cut transfer's start is kept this long for a resume, then removed at a start.
 PARTIAL_KEEP_S = 7 * 86400

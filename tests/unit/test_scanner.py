@@ -704,3 +704,21 @@ def test_a_file_carried_back_by_a_directory_renamed_away_and_back_is_stamped_by_
     tree.scanner.scan_paths(tree.mset, base, [(b"data/d", True)])
     f = tree.entry("d/f")
     assert f.kind is Kind.FILE and f.stamp.time_ns >= back_at
+
+
+def test_what_a_renamed_directory_holds_is_stamped_by_its_arrival_in_a_later_walk_too(
+        tree: Tree) -> None:
+    """The directory's own event is taken alone first, and the walk below it comes in a
+    later run: the files it carried are still stamped no earlier than its arrival."""
+    (tree.data / "d").mkdir()
+    (tree.data / "d" / "f").write_bytes(b"carried")
+    tree.scan()
+    made_at = os.lstat(tree.data / "d" / "f").st_ctime_ns
+    _until_ctime_passes(tree.base / "probe", made_at + 10_000_000)
+    os.rename(tree.data / "d", tree.data / "e")
+    arrived_at = os.lstat(tree.data / "e").st_ctime_ns
+    base = os.fsencode(tree.base)
+    tree.scanner.scan_paths(tree.mset, base, [(b"data/e", False)])
+    assert tree.entry("e").kind is Kind.DIR and tree.entry("e/f") is None
+    tree.scanner.scan_paths(tree.mset, base, [(b"data/e", True)])
+    assert tree.entry("e/f").stamp.time_ns >= arrived_at > made_at
