@@ -569,11 +569,7 @@ class Applier:
         its blocks would not be what the record's content is)."""
         if record.sig is None:
             return -1
-        try:
-            opened = self._open_parent(mset, record.entry.path, create=False,
-                                       action="read")
-        except (ApplyError, PathRefused):
-            return -1
+        opened = self._parent_if_there(mset, record.entry.path, "read")
         if opened is None:
             return -1
         parent, name = opened
@@ -596,10 +592,7 @@ class Applier:
         there is none fit to resume from. It must be ours (a user who can write the
         directory could put a file at that name; what is built is checked against the
         digest anyway)."""
-        try:
-            opened = self._open_parent(mset, entry.path, create=False, action="read")
-        except (ApplyError, PathRefused):
-            return -1, 0
+        opened = self._parent_if_there(mset, entry.path, "read")
         if opened is None:
             return -1, 0
         parent, name = opened
@@ -619,10 +612,7 @@ class Applier:
     def drop_partial(self, mset: MirrorSet, entry: Entry) -> None:
         """Remove what was kept of a cut transfer of ``entry``: it arrived whole, or that
         version is no longer to be had."""
-        try:
-            opened = self._open_parent(mset, entry.path, create=False, action="write")
-        except (ApplyError, PathRefused):
-            return
+        opened = self._parent_if_there(mset, entry.path, "write")
         if opened is None:
             return
         parent, name = opened
@@ -655,10 +645,7 @@ class Applier:
         _expect(entry, Kind.FILE)
         if entry.path in self.prepared:
             return
-        try:
-            opened = self._open_parent(mset, entry.path, create=False, action="write")
-        except (ApplyError, PathRefused):
-            return
+        opened = self._parent_if_there(mset, entry.path, "write")
         if opened is None:
             return
         if self.reserve:
@@ -713,10 +700,7 @@ class Applier:
                 entry.stamp, entry.size, entry.digest):
             temp.abort()
             return None
-        try:
-            opened = self._open_parent(mset, entry.path, create=False, action="write")
-        except (ApplyError, PathRefused):
-            opened = None
+        opened = self._parent_if_there(mset, entry.path, "write")
         if opened is not None:
             here = os.fstat(opened[0])
             os.close(opened[0])
@@ -1287,6 +1271,15 @@ class Applier:
                 os.close(fd)
             raise
         return fd, parts[-1]
+
+    def _parent_if_there(self, mset: MirrorSet, path: bytes,
+                         action: str) -> tuple[int, bytes] | None:
+        """:meth:`_open_parent` for what is only worth doing if the path can be there:
+        None also where it would be refused."""
+        try:
+            return self._open_parent(mset, path, create=False, action=action)
+        except (ApplyError, PathRefused):
+            return None
 
     def _parent_for_write(self, mset: MirrorSet, path: bytes,
                           action: str) -> tuple[int, bytes]:
