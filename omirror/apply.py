@@ -820,7 +820,7 @@ class Applier:
                 if old is not None and stat.S_ISDIR(old.st_mode):
                     self._remove_empty_dir(dst_dir, name, entry)
                 self._intend(entry, verified.st_ino)
-                os.rename(src_name, name, src_dir_fd=src_dir, dst_dir_fd=dst_dir)
+                _rename_over(src_dir, src_name, name, old, entry.path, dst_dir)
                 self.expected_absent.add(source)
                 st = os.fstat(fd)  # not by name: what is there now may be someone else's
                 moved = fsio.lstat_at(dst_dir, name)
@@ -1019,7 +1019,7 @@ class Applier:
                     if old is not None and stat.S_ISDIR(old.st_mode):
                         self._remove_empty_dir(parent, name, entry)
                     self._intend(entry, ours.st_ino)
-                    os.rename(temp, name, src_dir_fd=parent, dst_dir_fd=parent)
+                    _rename_over(parent, temp, name, old, entry.path)
                     self._placed(parent, name, entry.path)
                 st = os.stat(name, dir_fd=parent, follow_symlinks=False)
                 if not fsio.same_file(st, ours):
@@ -1084,7 +1084,7 @@ class Applier:
             return
         self._guard_target(path, old)
         if not stat.S_ISDIR(old.st_mode):
-            os.unlink(name, dir_fd=parent)
+            _take_away(parent, name, path, old)
             return
         try:
             os.rmdir(name, dir_fd=parent)
@@ -1327,7 +1327,7 @@ class Applier:
             held = temp.hold()
             try:
                 self._intend(entry, os.fstat(held).st_ino)
-                os.rename(temp.name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                _rename_over(dir_fd, temp.name, name, old, path)
                 st = os.fstat(held)
                 replaced.check(st)  # a write that landed as we replaced the file
                 self._placed(dir_fd, name, path)
@@ -1441,6 +1441,48 @@ def _check_ours(path: bytes, st: os.stat_result, mode: int,
                                             and st.st_mtime_ns != mtime_ns):
         raise LocalChanged(path, None, f"{show(path)} changed here as a peer's version "
                                        "was applied; the local change is recorded first")
+
+
+def _rename_over(src_dir: int, src: bytes, name: bytes, old: os.stat_result | None,
+                 path: bytes, dst_dir: int | None = None) -> None:
+    """Rename ``src`` to ``name``, which was checked to hold ``old``. Where nothing was
+    there, nothing may be replaced: a file or symlink a user made there since the check
+    is theirs (:class:`LocalChanged`), not ours to rename over."""
+    if old is not None:
+        os.rename(src, name, src_dir_fd=src_dir,
+                  dst_dir_fd=src_dir if dst_dir is None else dst_dir)
+        return
+    try:
+        fsio.rename_noreplace(src_dir, src, name, dst_dir)
+    except FileExistsError:
+        raise LocalChanged(path, None, f"{show(path)} was made here while a peer's version "
+                           "was applied; the local change is recorded first") from None
+
+
+def _take_away(parent: int, name: bytes, path: bytes, old: os.stat_result) -> None:
+    """Delete the file or symlink at ``name``, checked to be ``old``, without losing a
+    write that lands after the check: it is renamed to a temp name first (what is
+    there then is what goes), examined, and only then unlinked; if it is not the file
+    checked, or was written since, it is renamed back (:class:`LocalChanged`)."""
+    temp = _temp_name()
+    os.rename(name, temp, src_dir_fd=parent, dst_dir_fd=parent)
+    gone = fsio.lstat_at(parent, temp)
+    # the rename moves the file's ctime, not its content, size, mtime or mode
+    if gone is None or (gone.st_ino, gone.st_dev, gone.st_size, gone.st_mtime_ns,
+                        gone.st_mode, gone.st_uid, gone.st_gid) == (
+            old.st_ino, old.st_dev, old.st_size, old.st_mtime_ns, old.st_mode, old.st_uid,
+            old.st_gid):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp, dir_fd=parent)
+        return
+    try:
+        fsio.rename_noreplace(parent, temp, name)
+    except FileExistsError:  # made again meanwhile: both are local, the later stays
+        log.warning("path=%s was written here as a peer's deletion took it away, and made "
+                    "again since: the written one is dropped", show(path))
+        os.unlink(temp, dir_fd=parent)
+    raise LocalChanged(path, None, f"{show(path)} was written here as a peer's deletion "
+                       "took it away; it is put back and recorded first")
 
 
 class _Replaced:

@@ -389,21 +389,22 @@ def chown_link(link_fd: int, uid: int, gid: int) -> None:
 _RENAME_NOREPLACE = 1
 
 
-def rename_noreplace(dir_fd: int, src: bytes, dst: bytes) -> None:
-    """``renameat2(RENAME_NOREPLACE)`` within one directory: ``FileExistsError`` if
-    ``dst`` exists, never a silent replacement (``rename(2)`` would replace an empty
-    directory a user made there at that instant). Where the call or the file system
-    lacks it, a check then a plain rename."""
+def rename_noreplace(src_dir: int, src: bytes, dst: bytes,
+                     dst_dir: int | None = None) -> None:
+    """``renameat2(RENAME_NOREPLACE)``: ``FileExistsError`` if ``dst`` exists, never a
+    silent replacement of what someone put there an instant before. Where the call or
+    the file system lacks it, a check then a plain rename."""
+    target_dir = src_dir if dst_dir is None else dst_dir
     fn = getattr(_libc(), "renameat2", None)
     if fn is not None:
-        if fn(dir_fd, src, dir_fd, dst, _RENAME_NOREPLACE) == 0:
+        if fn(src_dir, src, target_dir, dst, _RENAME_NOREPLACE) == 0:
             return
         err = ctypes.get_errno()
         if err not in (errno.ENOSYS, errno.EINVAL):
             raise OSError(err, os.strerror(err), os.fsdecode(dst))
-    if lstat_at(dir_fd, dst) is not None:
+    if lstat_at(target_dir, dst) is not None:
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fsdecode(dst))
-    os.rename(src, dst, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    os.rename(src, dst, src_dir_fd=src_dir, dst_dir_fd=target_dir)
 
 
 @functools.cache

@@ -984,11 +984,11 @@ def test_a_new_directory_appears_under_its_name_only_complete(
     real_rename = fsio.rename_noreplace
     seen_under_name: list[int] = []
 
-    def watch(dir_fd: int, src: bytes, dst: bytes) -> None:
+    def watch(dir_fd: int, src: bytes, dst: bytes, *rest: int | None) -> None:
         seen_under_name.append(int(os.path.lexists(host.data / os.fsdecode(dst))))
         tmp = os.stat(src, dir_fd=dir_fd)
         assert stat.S_IMODE(tmp.st_mode) == 0o750  # complete before it gets its name
-        real_rename(dir_fd, src, dst)
+        real_rename(dir_fd, src, dst, *rest)
 
     monkeypatch.setattr(fsio, "rename_noreplace", watch)
     host.applier.make_dir(host.mset, dir_entry(b"data/d", mode=0o750))
@@ -996,9 +996,9 @@ def test_a_new_directory_appears_under_its_name_only_complete(
     assert stat.S_IMODE(os.lstat(host.data / "d").st_mode) == 0o750
     assert [n for n in os.listdir(host.data) if n.startswith(".omirror-tmp")] == []
 
-    def user_first(dir_fd: int, src: bytes, dst: bytes) -> None:
+    def user_first(dir_fd: int, src: bytes, dst: bytes, *rest: int | None) -> None:
         os.mkdir(host.data / os.fsdecode(dst), 0o705)
-        real_rename(dir_fd, src, dst)
+        real_rename(dir_fd, src, dst, *rest)
 
     monkeypatch.setattr(fsio, "rename_noreplace", user_first)
     with pytest.raises(LocalChanged):
@@ -1137,3 +1137,51 @@ def test_a_file_replaced_untouched_is_not_put_back(host: Host) -> None:
     host.write(b"data/f", b"the peer's version\n")
     assert (host.data / "f").read_bytes() == b"the peer's version\n"
     assert host.leftovers() == []
+
+
+def test_a_symlink_or_file_a_user_makes_where_a_peers_version_goes_is_never_replaced(
+        host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The path was checked absent; a user makes a symlink (or a file) there before the
+    applier's rename. Renaming over it would drop the user's: the rename refuses to
+    replace, and the user's is recorded first."""
+    real = fsio.rename_noreplace
+
+    def user_first(src_dir: int, src: bytes, dst: bytes, *rest: int | None) -> None:
+        os.symlink(b"theirs", host.data / os.fsdecode(dst))
+        real(src_dir, src, dst, *rest)
+
+    monkeypatch.setattr(fsio, "rename_noreplace", user_first)
+    with pytest.raises(LocalChanged):
+        host.applier.make_symlink(host.mset, link_entry(b"data/l", b"ours"))
+    assert os.readlink(host.data / "l") == "theirs"
+    with pytest.raises(LocalChanged):
+        host.write(b"data/f", b"the peer's\n")
+    assert os.readlink(host.data / "f") == "theirs"
+    assert host.leftovers() == []
+    assert host.store.get(b"data/l") is None and host.store.get(b"data/f") is None
+
+
+def test_a_write_landing_as_a_peers_deletion_takes_the_file_away_is_put_back(
+        host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between the check of the target and its removal a writer rewrites the file: the
+    deletion would drop that write. The file is taken away under a temp name, found
+    written, put back, and recorded as the local change it is."""
+    (host.data / "f").write_bytes(b"old\n")
+    assert host.scan() == 2
+    real_rename = os.rename
+
+    def write_then_rename(src: object, dst: object, **kw: object) -> None:
+        if src == b"f" and isinstance(dst, bytes) and dst.startswith(b".omirror-tmp-"):
+            (host.data / "f").write_bytes(b"rewritten by a user\n")
+        real_rename(src, dst, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "rename", write_then_rename)
+    with pytest.raises(LocalChanged, match="put back"):
+        host.applier.delete(host.mset, tombstone(b"data/f"))
+    monkeypatch.undo()
+    assert (host.data / "f").read_bytes() == b"rewritten by a user\n"
+    assert host.leftovers() == []
+    assert not host.store.get(b"data/f").entry.is_tombstone
+    assert host.scan() == 1
+    host.applier.delete(host.mset, tombstone(b"data/f"))  # untouched: it goes
+    assert not (host.data / "f").exists() and host.leftovers() == []
