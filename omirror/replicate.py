@@ -1175,6 +1175,11 @@ class Receiver(_Side):
             return
         for _ in range(3):
             record = ctx.store.get(entry.path)
+            if record is not None and ctx.applier.moved_away(need.mset, entry.path):
+                # as in _apply_entry: a peer's rename applied here took the file away,
+                # and its tombstone may never come (that peer holds a newer version of
+                # the path now, this one): nothing here to keep or to compare
+                record = None
             if ctx.applier.disk_matches(need.mset, entry.path, record):
                 break
             ctx.scanner.scan_paths(need.mset, ctx.root, [(entry.path, False)])
