@@ -1445,18 +1445,47 @@ def _check_ours(path: bytes, st: os.stat_result, mode: int,
 
 def _rename_over(src_dir: int, src: bytes, name: bytes, old: os.stat_result | None,
                  path: bytes, dst_dir: int | None = None) -> None:
-    """Rename ``src`` to ``name``, which was checked to hold ``old``. Where nothing was
-    there, nothing may be replaced: a file or symlink a user made there since the check
-    is theirs (:class:`LocalChanged`), not ours to rename over."""
-    if old is not None:
-        os.rename(src, name, src_dir_fd=src_dir,
-                  dst_dir_fd=src_dir if dst_dir is None else dst_dir)
-        return
+    """Rename ``src`` to ``name``, which was checked to hold ``old``.
+
+    Where nothing was there, nothing may be replaced: a file or symlink a user made
+    there since the check is theirs (:class:`LocalChanged`), not ours to rename over.
+    Where something was, the two names are swapped at once (``RENAME_EXCHANGE``), and
+    what came out from under ``name`` is examined: the version checked, unchanged, is
+    removed; anything else (written since the check, or another file a user renamed
+    there) is swapped back, and the local change is recorded first.
+    """
+    target_dir = src_dir if dst_dir is None else dst_dir
+    if old is not None and not stat.S_ISDIR(old.st_mode):  # a directory was removed
+        try:
+            swapped = fsio.rename_exchange(src_dir, src, name, target_dir)
+        except FileNotFoundError:
+            raise LocalChanged(path, None, f"{show(path)} was removed here while a peer's "
+                               "version was applied; the local change is recorded "
+                               "first") from None
+        if not swapped:
+            os.rename(src, name, src_dir_fd=src_dir, dst_dir_fd=target_dir)
+            return
+        out = fsio.lstat_at(src_dir, src)
+        if out is None or _same_version(out, old):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(src, dir_fd=src_dir)
+            return
+        fsio.rename_exchange(target_dir, name, src, src_dir)  # theirs back at its name
+        raise LocalChanged(path, None, f"{show(path)} changed here as a peer's version "
+                           "replaced it; the local change is recorded first")
     try:
         fsio.rename_noreplace(src_dir, src, name, dst_dir)
     except FileExistsError:
         raise LocalChanged(path, None, f"{show(path)} was made here while a peer's version "
                            "was applied; the local change is recorded first") from None
+
+
+def _same_version(now: os.stat_result, then: os.stat_result) -> bool:
+    """One file, neither written nor chmod'ed nor chown'ed between the two stats (a
+    rename moves its ctime, and nothing else)."""
+    return (now.st_ino, now.st_dev, now.st_size, now.st_mtime_ns, now.st_mode, now.st_uid,
+            now.st_gid) == (then.st_ino, then.st_dev, then.st_size, then.st_mtime_ns,
+                            then.st_mode, then.st_uid, then.st_gid)
 
 
 def _take_away(parent: int, name: bytes, path: bytes, old: os.stat_result) -> None:
@@ -1467,11 +1496,7 @@ def _take_away(parent: int, name: bytes, path: bytes, old: os.stat_result) -> No
     temp = _temp_name()
     os.rename(name, temp, src_dir_fd=parent, dst_dir_fd=parent)
     gone = fsio.lstat_at(parent, temp)
-    # the rename moves the file's ctime, not its content, size, mtime or mode
-    if gone is None or (gone.st_ino, gone.st_dev, gone.st_size, gone.st_mtime_ns,
-                        gone.st_mode, gone.st_uid, gone.st_gid) == (
-            old.st_ino, old.st_dev, old.st_size, old.st_mtime_ns, old.st_mode, old.st_uid,
-            old.st_gid):
+    if gone is None or _same_version(gone, old):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp, dir_fd=parent)
         return

@@ -386,7 +386,7 @@ def chown_link(link_fd: int, uid: int, gid: int) -> None:
         raise OSError(err, os.strerror(err))
 
 
-_RENAME_NOREPLACE = 1
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 
 
 def rename_noreplace(src_dir: int, src: bytes, dst: bytes,
@@ -405,6 +405,21 @@ def rename_noreplace(src_dir: int, src: bytes, dst: bytes,
     if lstat_at(target_dir, dst) is not None:
         raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fsdecode(dst))
     os.rename(src, dst, src_dir_fd=src_dir, dst_dir_fd=target_dir)
+
+
+def rename_exchange(src_dir: int, src: bytes, dst: bytes,
+                    dst_dir: int | None = None) -> bool:
+    """``renameat2(RENAME_EXCHANGE)``: swap two names at once, both of which exist.
+    False where the call or the file system lacks it (the caller renames instead)."""
+    fn = getattr(_libc(), "renameat2", None)
+    if fn is None:
+        return False
+    if fn(src_dir, src, src_dir if dst_dir is None else dst_dir, dst, _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(err, os.strerror(err), os.fsdecode(dst))
 
 
 @functools.cache

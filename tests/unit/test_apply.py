@@ -377,6 +377,7 @@ def test_failed_rename_is_an_apply_error_and_cleans_up(host: Host,
         raise PermissionError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(os, "rename", refuse)
+    monkeypatch.setattr(fsio, "rename_exchange", refuse)
     with pytest.raises(ApplyError, match=r"^cannot write /data/a: Permission denied$") as e:
         host.write(b"data/a", b"new")
     monkeypatch.undo()
@@ -1106,29 +1107,43 @@ def test_the_intent_log_is_emptied_by_each_commit(tmp_path: Path) -> None:
 def test_a_write_landing_as_a_peers_version_replaces_the_file_is_put_back(
         host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
     """Between the last check of the target and the rename over it, a writer appends to
-    the file (through a descriptor it opened before). The rename would drop that write
-    with the old file: it is put back, and recorded as the local change it is."""
+    the file (through a descriptor it opened before), or renames another file over it.
+    The rename would drop that write with the old file: the names are swapped at once,
+    what came out is examined, and the user's file is swapped back and recorded as the
+    local change it is."""
     (host.data / "f").write_bytes(b"old\n")
     assert host.scan() == 2
-    real_rename = os.rename
+    real_exchange = fsio.rename_exchange
     writer = os.open(host.data / "f", os.O_WRONLY | os.O_APPEND)
 
-    def write_then_rename(src: object, dst: object, **kw: object) -> None:
-        if isinstance(src, bytes) and src.startswith(b".omirror-tmp-") and dst == b"f":
+    def write_then_swap(src_dir: int, src: bytes, dst: bytes, *rest: int | None) -> bool:
+        if src.startswith(b".omirror-tmp-") and dst == b"f":
             os.write(writer, b"appended by a user\n")
-        real_rename(src, dst, **kw)  # type: ignore[arg-type]
+        return real_exchange(src_dir, src, dst, *rest)
 
-    monkeypatch.setattr(os, "rename", write_then_rename)
+    monkeypatch.setattr(fsio, "rename_exchange", write_then_swap)
     try:
-        with pytest.raises(LocalChanged, match="put back"):
+        with pytest.raises(LocalChanged, match="changed here"):
             host.write(b"data/f", b"the peer's version\n")
     finally:
         os.close(writer)
-    monkeypatch.undo()
     assert (host.data / "f").read_bytes() == b"old\nappended by a user\n"
     assert host.leftovers() == []
-    assert host.scan() == 1, "the write put back is a new local version"
+    assert host.scan() == 1, "the write kept is a new local version"
     assert host.store.get(b"data/f").entry.stamp.origin == "alpha"
+
+    def rename_over_then_swap(src_dir: int, src: bytes, dst: bytes,
+                              *rest: int | None) -> bool:
+        if src.startswith(b".omirror-tmp-") and dst == b"f":
+            (host.root / "staged").write_bytes(b"renamed into place by a user\n")
+            os.rename(host.root / "staged", host.data / "f")
+        return real_exchange(src_dir, src, dst, *rest)
+
+    monkeypatch.setattr(fsio, "rename_exchange", rename_over_then_swap)
+    with pytest.raises(LocalChanged, match="changed here"):
+        host.write(b"data/f", b"the peer's version, again\n")
+    assert (host.data / "f").read_bytes() == b"renamed into place by a user\n"
+    assert host.leftovers() == []
 
 
 def test_a_file_replaced_untouched_is_not_put_back(host: Host) -> None:
