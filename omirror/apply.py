@@ -1313,8 +1313,8 @@ class Applier:
         decided on, not overwritten.
         """
         dir_fd = temp.dir_fd
-        with _os_errors(path, "write"), _Replaced(dir_fd, name, path) as replaced:
-            old = replaced.old
+        with _os_errors(path, "write"):
+            old = fsio.lstat_at(dir_fd, name)
             self._guard_target(path, old)
             mode = self._set_attrs(mset, temp.fd, entry, old)
             if old is not None and stat.S_ISDIR(old.st_mode):
@@ -1329,7 +1329,6 @@ class Applier:
                 self._intend(entry, os.fstat(held).st_ino)
                 _rename_over(dir_fd, temp.name, name, old, path)
                 st = os.fstat(held)
-                replaced.check(st)  # a write that landed as we replaced the file
                 self._placed(dir_fd, name, path)
                 temp._installed()  # closes dir_fd
             finally:
@@ -1508,86 +1507,6 @@ def _take_away(parent: int, name: bytes, path: bytes, old: os.stat_result) -> No
         os.unlink(temp, dir_fd=parent)
     raise LocalChanged(path, None, f"{show(path)} was written here as a peer's deletion "
                        "took it away; it is put back and recorded first")
-
-
-class _Replaced:
-    """The regular file a rename is about to replace, held open so that a write landing
-    between the last check of the target and the rename is not lost with it.
-
-    The store is checked right before the rename, but a writer may still write, truncate
-    or chmod the old file in the instant between that check and the rename (or through
-    a descriptor it opened before). After the rename the old file is examined through
-    the descriptor held here: if it changed since it was checked, what it holds now is
-    put back at its name, as a copy with its mode, owner and mtime, and
-    :class:`LocalChanged` makes the caller record it as the local change it is, to be
-    decided against the peer's version like any other. A write made after this check
-    goes to a file that is in no tree, as with every tool that installs by rename.
-    """
-
-    def __init__(self, dir_fd: int, name: bytes, path: bytes) -> None:
-        self.dir_fd, self.name, self.path = dir_fd, name, path
-        self.fd = -1
-        self.old = fsio.lstat_at(dir_fd, name)
-        if self.old is not None and stat.S_ISREG(self.old.st_mode):
-            try:
-                self.fd = os.open(name, fsio.READ_FLAGS, dir_fd=dir_fd)
-            except OSError:
-                self.fd = -1
-            else:
-                # what is open is what the guard checks: a file swapped in after the
-                # lstat is not the store's, and so a local change
-                self.old = os.fstat(self.fd)
-
-    def __enter__(self) -> _Replaced:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def check(self, ours: os.stat_result) -> None:
-        """After the rename that put ``ours`` at the name."""
-        if self.fd < 0 or self.old is None:
-            return
-        now = os.fstat(self.fd)
-        # the rename itself moves the old file's ctime (its link count drops), not its
-        # content, size, mtime or mode
-        if (now.st_size, now.st_mtime_ns, now.st_mode, now.st_uid, now.st_gid) == (
-                self.old.st_size, self.old.st_mtime_ns, self.old.st_mode, self.old.st_uid,
-                self.old.st_gid):
-            return
-        self._put_back(ours, now)
-        raise LocalChanged(self.path, None, f"{show(self.path)} was written here as a "
-                           "peer's version replaced it; the local change is put back and "
-                           "recorded first")
-
-    def _put_back(self, ours: os.stat_result, now: os.stat_result) -> None:
-        temp = _temp_name()
-        fd = os.open(temp, _TEMP_FLAGS, 0o600, dir_fd=self.dir_fd)
-        try:
-            offset = 0
-            while chunk := os.pread(self.fd, _CHUNK, offset):
-                os.write(fd, chunk)
-                offset += len(chunk)
-            with contextlib.suppress(OSError):
-                os.fchown(fd, now.st_uid, now.st_gid)
-            os.fchmod(fd, stat.S_IMODE(now.st_mode))
-            os.utime(fd, ns=(now.st_atime_ns, now.st_mtime_ns))
-            os.fsync(fd)
-            there = fsio.lstat_at(self.dir_fd, self.name)
-            if there is None or not fsio.same_file(there, ours):
-                raise LocalChanged(self.path, None, f"{show(self.path)} changed again here "
-                                   "as a peer's version replaced it")
-            os.rename(temp, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
-            log.info("path=%s was written here as a peer's version replaced it: the local "
-                     "write is put back", show(self.path))
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(temp, dir_fd=self.dir_fd)
-            raise
-        finally:
-            os.close(fd)
 
 
 def _matches(st: os.stat_result | None, record: Record | None) -> bool:
