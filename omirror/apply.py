@@ -1,21 +1,16 @@
-"""Apply versions received from peers to this host's trees: the only writer of mirrored trees.
+"""The Applier: puts a version from a peer in place here, and records it.
 
-Paths come from the network, so nothing here trusts them. :func:`check_path` refuses a
-path that is malformed or outside the sets both hosts share; then every write opens the
-parent directory one component at a time from the set's root, with ``O_NOFOLLOW`` and
-``O_DIRECTORY``, and makes every later system call relative to that descriptor with the
-final name only. A symlink planted anywhere in the path (by a user, or by a peer in an
-earlier entry) therefore cannot lead a write out of the tree: opening it fails instead.
+It is the only writer of mirrored trees. It decides nothing: resolve.py decides, then
+calls one method here per path (a file installed from its temp file, a directory, a
+symlink, a deletion, a conflict copy). Every step reaches the tree through descriptors
+(omirror/setdirs.py) and replaces only what the store says is there: a name that holds
+anything else is a local change (:class:`LocalChanged`), recorded first and decided on,
+never overwritten. Replacements are swaps (``RENAME_EXCHANGE``) whose loser is examined,
+and deletions go through a temp name, so a write landing in that instant is put back.
 
-Files are written to a temp file in the target directory, checked against their digest,
-fsynced, given their mode, owner and mtime, and renamed over the old name, so a reader
-sees the old file or the new one, never a half; a failure (a full disk) leaves the old
-file as it was and no temp file behind. After each change the final path's ``lstat`` is
-recorded with the entry, which is how the watcher and the scanner recognise the echo of
-this write and do not send it back.
-
-The applier does not decide anything: the receiver runs ``decide()`` and checks
-:meth:`Applier.disk_matches` first, then calls one method here per path.
+After each change the final path's ``lstat`` is recorded with the entry, which is how
+the watcher and the scanner recognise the echo of this write and do not send it back;
+before each, one line in the intent log (omirror/intents.py) says what it will be.
 """
 
 from __future__ import annotations
@@ -24,381 +19,28 @@ import contextlib
 import errno
 import logging
 import os
-import re
-import secrets
 import stat
 import time
-from typing import Callable, Iterator, Sequence
-
-import xxhash
+from typing import Callable, Sequence
 
 from omirror import diskspace, fsio
 from omirror.clock import now_ns
 from omirror.config import MirrorSet, set_for
-from omirror.entry import (NAME_MAX, PARTIAL_PREFIX, TEMP_PREFIX, Entry, Kind, Stamp, conflict_name,
-                           first_version, next_stamp)
-from omirror.errors import ApplyError, PathRefused
+from omirror.entry import Entry, Kind, Stamp, conflict_name, first_version, kind_of, next_stamp
+from omirror.errors import ApplyError, LocalChanged, PathRefused
 from omirror.intents import Intent, IntentLog
 from omirror.owners import OwnerMap, Ownership, group_name, user_name
 from omirror.owners import can_chown as can_chown_now
-from omirror.paths import is_own_name, local_path, logical, show, show_name, show_text
+from omirror.paths import PATH_MAX, join, show, split
 from omirror.progress import human_bytes
-from omirror.scanner import MARKER
-from omirror.store import Record, StatSig, Store
+from omirror.setdirs import SetDirs
+from omirror.staging import (TEMP_FLAGS, TempFile, check_temp, os_errors,
+                             partial_name, sync_batch, temp_at, temp_name)
+from omirror.store import Record, StatSig, Store, matches
 
 log = logging.getLogger(__name__)
 
-#: Longest logical path accepted from a peer (Linux PATH_MAX).
-PATH_MAX = 4096
-#: Temp files and temp symlinks start with the daemon's own prefix, so the scanner and the
-#: watcher ignore them and a peer can never name one.
-_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-#: Latest stamp accepted from a peer (the year 2116): a stamp near 2**63 could not be
-#: followed by a newer local one without overflowing the store's integers.
-MAX_STAMP_NS = 1 << 62
-#: A host identity as the Distfile spells it (omirror/config.py): what an origin may be.
-_HOST_NAME = re.compile(r"[A-Za-z0-9_.:\[\]-]{1,255}\Z")
 _CHUNK = 1 << 20
-_KINDS = {stat.S_IFREG: Kind.FILE, stat.S_IFDIR: Kind.DIR, stat.S_IFLNK: Kind.SYMLINK}
-
-
-# --------------------------------------------------------------------------- path checks
-
-
-def check_path(path: bytes, sets: Sequence[MirrorSet]) -> MirrorSet:
-    """The set that a path from a peer belongs to, or :class:`PathRefused`.
-
-    ``sets`` are the sets this host shares with that peer: a peer may only write where
-    both hosts mirror. The set is chosen by the one rule (:func:`config.set_for`), so
-    an exclusion in one set does not hide the path from a nested set that mirrors it.
-    """
-    check_form(path)
-    mset = set_for(path, sets)
-    if mset is not None:
-        return mset
-    excluded_by = next((m for m in sets if m.root_of(path) is not None), None)
-    if excluded_by is not None:
-        raise PathRefused(path, f"excluded here by set {excluded_by.title}")
-    raise PathRefused(path, "is in no set this host shares with the peer")
-
-
-def check_entry(entry: Entry) -> None:
-    """Refuse an entry whose fields, well-typed as the wire checked them, still cannot be
-    a version any honest peer made: :class:`PathRefused`, so the entry is skipped and
-    the link goes on (retrying could not help, and closing the link would meet it again
-    on every reconnect).
-
-    Origins are host names (they become part of conflict copies' names and of log
-    lines), owners and groups are names without NUL or control characters (they are
-    looked up in the password database), and stamps stay far below the store's integer
-    limit (a later local version is always one more).
-    """
-    check_form(entry.path)
-    if entry.moved_from is not None:
-        check_form(entry.moved_from)
-    origins = [entry.stamp.origin, *(origin for origin, _ in entry.vector)]
-    for origin in origins:
-        if not _HOST_NAME.match(origin):
-            raise PathRefused(entry.path, f"its origin {show_text(repr(origin))} is not a "
-                                          "host name")
-    for what, name in (("owner", entry.owner), ("group", entry.group)):
-        if not name.isprintable() or "/" in name or ":" in name:
-            raise PathRefused(entry.path, f"its {what} {show_text(repr(name))} is not a "
-                                          "user or group name")
-    times = [entry.stamp.time_ns, *(t for _, t in entry.vector)]
-    if max(times) >= MAX_STAMP_NS:
-        raise PathRefused(entry.path, f"its stamp {max(times)} lies beyond the year 2116")
-
-
-def check_form(path: object) -> None:
-    """Refuse a path that is not a plain relative path of real names.
-
-    Every component is checked, not the joined string: ``b"a//b"``, ``b"a/./b"`` and a
-    trailing ``/`` all name a path some other way than the scanner would, and ``..``
-    climbs out. Names of the daemon's own files (``.omirror*``: temp files, the root
-    marker) are refused so a peer cannot overwrite or forge them; conflict copies are
-    ``NAME.omirror-conflict-...`` and pass.
-    """
-    if not isinstance(path, bytes):
-        raise PathRefused(path, f"is a {type(path).__name__}, not bytes")
-    if not path:
-        raise PathRefused(path, "is empty")
-    if len(path) > PATH_MAX:
-        raise PathRefused(path, f"is {len(path)} bytes long, longer than {PATH_MAX}")
-    if path.startswith(b"/"):
-        raise PathRefused(path, "is absolute; logical paths are relative to /")
-    if b"\0" in path:
-        raise PathRefused(path, "contains a NUL byte")
-    for part in path.split(b"/"):
-        if not part:
-            raise PathRefused(path, "has an empty component (a doubled or trailing '/')")
-        if part in (b".", b".."):
-            raise PathRefused(path, f"has a '{show_name(part)}' component")
-        if len(part) > NAME_MAX:
-            raise PathRefused(path, f"has a component of {len(part)} bytes, longer "
-                                    f"than {NAME_MAX}")
-        if is_own_name(part):
-            raise PathRefused(path, f"names the daemon's own file '{show_name(part)}'; "
-                                    "names starting with .omirror are never mirrored")
-
-
-@contextlib.contextmanager
-def _os_errors(path: bytes, action: str) -> Iterator[None]:
-    """Turn a failed system call into an :class:`ApplyError` that says what failed."""
-    try:
-        yield
-    except OSError as e:
-        reason = e.strerror or errno.errorcode.get(e.errno or 0, str(e))
-        raise ApplyError(path, e.errno, f"cannot {action} {show(path)}: {reason}") from e
-
-
-def _kind_of(st: os.stat_result) -> Kind | None:
-    return _KINDS.get(stat.S_IFMT(st.st_mode))
-
-
-def _temp_name() -> bytes:
-    return TEMP_PREFIX + secrets.token_hex(8).encode()
-
-
-#: Less than this of a transfer is not worth keeping.
-PARTIAL_MIN = 1 << 20
-
-
-def partial_name(name: bytes, digest: bytes) -> bytes:
-    """What is kept of a cut transfer: a daemon name (never mirrored), one per file name
-    and version, so a resume finds it and a newer version never uses an older's start."""
-    return PARTIAL_PREFIX + xxhash.xxh3_64_hexdigest(name).encode() + b"-" \
-        + digest.hex().encode()
-
-
-@contextlib.contextmanager
-def _temp_at(parent: int) -> Iterator[bytes]:
-    """A fresh temp name in a directory; whatever the block made under it is removed if
-    the block fails, so no ``.omirror-tmp-*`` outlives an error."""
-    temp = _temp_name()
-    try:
-        yield temp
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temp, dir_fd=parent)
-        raise
-
-
-def _split(path: bytes) -> tuple[bytes, bytes]:
-    """``b"a/b/c"`` -> ``(b"a/b", b"c")``."""
-    parent, _, name = path.rpartition(b"/")
-    return parent, name
-
-
-def _join(parent: bytes, name: bytes) -> bytes:
-    return parent + b"/" + name if parent else name
-
-
-# --------------------------------------------------------------------------- temp files
-
-
-class LocalChanged(ApplyError):
-    """The local file changed since the store recorded it (a write the scanner has not
-    seen yet): record it, then decide again."""
-
-
-class TempFile:
-    """A file being received: ``.omirror-tmp-<hex>`` in the target directory.
-
-    It is created in the target directory, not in a spool, so that the final rename is
-    atomic and the content is never copied twice. It is append-only and hashed as it
-    grows, so :meth:`finish` can check the digest without reading the file again. Use it
-    as a context manager (or call :meth:`abort`) so a failed transfer leaves nothing.
-    """
-
-    def __init__(self, dir_fd: int, entry: Entry) -> None:
-        """Create the temp file in the directory open at ``dir_fd``, which it owns from
-        now on, even when this fails."""
-        self.entry = entry
-        self.path = entry.path
-        self.name = _temp_name()
-        self.size = 0
-        self._written_back = 0
-        self.dir_fd = dir_fd
-        self.fd = -1
-        self._hash = xxhash.xxh3_128()
-        self._finished = False
-        self._synced = False
-        self._created = False
-        try:
-            self.fd = os.open(self.name, _TEMP_FLAGS, 0o600, dir_fd=dir_fd)
-            self._created = True
-            if entry.size > _CHUNK:
-                self._reserve(entry.size)
-        except BaseException:
-            self.abort()
-            raise
-
-    def __enter__(self) -> TempFile:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.abort()
-
-    def _reserve(self, size: int) -> None:
-        """Allocate the whole size up front: a disk too small fails now, not after
-        gigabytes were received."""
-        try:
-            os.posix_fallocate(self.fd, 0, size)
-        except OSError as e:
-            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                self._fail(e, "write")
-
-    @contextlib.contextmanager
-    def _guard(self, action: str) -> Iterator[None]:
-        if self.fd < 0:
-            raise ValueError(f"temp file for {show(self.path)} is closed")
-        try:
-            yield
-        except OSError as e:
-            self._fail(e, action)
-
-    def _fail(self, error: OSError, action: str) -> None:
-        self.abort()
-        reason = error.strerror or str(error)
-        raise ApplyError(self.path, error.errno,
-                         f"cannot {action} {show(self.path)}: {reason}") from error
-
-    def write(self, data: bytes) -> None:
-        """Append ``data``; more than the entry announced is refused at once, so a peer
-        cannot fill the disk through one entry."""
-        if self.size + len(data) > self.entry.size:
-            self.abort()
-            raise ApplyError(self.path, None,
-                             f"cannot write {show(self.path)}: more content than the "
-                             f"{self.entry.size} bytes its entry announced")
-        with self._guard("write"):
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self.fd, view):]
-        self._hash.update(data)
-        self.size += len(data)
-        if self.size - self._written_back >= _WRITEBACK_EVERY:
-            fsio.start_writeback(self.fd, self._written_back, self.size - self._written_back)
-            self._written_back = self.size
-
-    def copy_from(self, fd: int, offset: int, length: int) -> None:
-        """Append ``length`` bytes of another open file from ``offset``: the blocks of a
-        delta that the older local version already holds."""
-        while length > 0:
-            with self._guard("write"):
-                chunk = os.pread(fd, min(_CHUNK, length), offset)
-            if not chunk:
-                self.abort()
-                raise ApplyError(self.path, None,
-                                 f"cannot write {show(self.path)}: the local file it is "
-                                 f"built from ended {length} bytes early")
-            self.write(chunk)
-            offset += len(chunk)
-            length -= len(chunk)
-
-    def finish(self, *, sync: bool = True) -> None:
-        """Check size and digest against the entry, then fsync; idempotent.
-
-        On a mismatch the temp file is removed: what was received is no version at all.
-        Without ``sync`` the caller fsyncs later (:meth:`sync`), before the rename.
-        """
-        if self._finished:
-            if sync and not self._synced:
-                self.sync()
-            return
-        if self.fd < 0:
-            raise ValueError(f"temp file for {show(self.path)} is closed")
-        if self.size != self.entry.size or self._hash.digest() != self.entry.digest:
-            self.abort()
-            raise ApplyError(self.path, None,
-                             f"cannot write {show(self.path)}: content does not match its "
-                             f"digest ({self.size} bytes received, {self.entry.size} "
-                             "expected)")
-        if sync:
-            self.sync()
-        self._finished = True
-
-    def sync(self) -> None:
-        """Make the content durable. Of many temp files written first and synced
-        afterwards, the first fsync commits them all (one journal commit on ext4 and
-        xfs), so the others return at once."""
-        with self._guard("write"):
-            os.fsync(self.fd)
-        self._synced = True
-
-    def synced(self) -> None:
-        """The content was made durable by a sync of the whole file system."""
-        self._synced = True
-
-    def abort(self) -> None:
-        """Remove the temp file and close it; idempotent, and a no-op once installed."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        if self._created and self.dir_fd >= 0:
-            try:
-                os.unlink(self.name, dir_fd=self.dir_fd)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                log.warning("path=%s cannot remove temp file %s: %s", show(self.path),
-                            os.fsdecode(self.name), e.strerror)
-        self._created = False
-        self._close_dir()
-
-    def keep_partial(self) -> bool:
-        """Keep what arrived, as the start of this version, for the transfer to resume
-        from when the same version is sent again (a link cut, a restart); removes the
-        temp file instead when too little came. True if kept."""
-        if self.fd < 0 or not self._created or self.size < PARTIAL_MIN:
-            self.abort()
-            return False
-        try:
-            os.ftruncate(self.fd, self.size)  # the space reserved beyond it is given back
-            os.rename(self.name, partial_name(_split(self.path)[1], self.entry.digest),
-                      src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
-        except OSError:
-            self.abort()
-            return False
-        self._created = False
-        self.abort()  # closes what is left open; the file is kept under its new name
-        return True
-
-    def hold(self) -> int:
-        """Close the temp file, keeping an ``O_PATH`` descriptor of it (returned, the
-        caller's to close); it is then renamed into place or aborted."""
-        with self._guard("write"):
-            held = os.open(self.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
-                           dir_fd=self.dir_fd)
-        try:
-            st, ours = os.fstat(held), os.fstat(self.fd)
-            if not fsio.same_file(st, ours):
-                raise ApplyError(self.path, None,
-                                 f"cannot write {show(self.path)}: its temp file "
-                                 f"{os.fsdecode(self.name)} was replaced by someone else")
-            os.close(self.fd)
-            self.fd = -1
-        except BaseException:
-            os.close(held)
-            raise
-        return held
-
-    def _installed(self) -> None:
-        """The temp name was renamed away: nothing is left to remove."""
-        self._created = False
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        self._close_dir()
-
-    def _close_dir(self) -> None:
-        if self.dir_fd >= 0:
-            os.close(self.dir_fd)
-            self.dir_fd = -1
-
-
-# --------------------------------------------------------------------------- the applier
 
 
 class Applier:
@@ -426,14 +68,8 @@ class Applier:
         self.expected_absent: set[bytes] = set()
         #: Small files written and synced ahead for a batch (:meth:`prepare`), by path.
         self.prepared: dict[bytes, TempFile] = {}
-        #: Logical paths where something this applier renamed into place really is, when
-        #: its directory was renamed while it went in (:meth:`_placed`); the caller has
-        #: them scanned (:meth:`take_strays`).
-        self.strays: list[bytes] = []
-        #: The root as /proc names it (symlinks above it resolved), for :meth:`_placed`.
-        self._real_root = os.path.realpath(root)
-        #: Set roots opened during one job (:meth:`holding_roots`), by logical path.
-        self._roots: dict[bytes, int] | None = None
+        #: The directories of the sets, opened through descriptors.
+        self.dirs = SetDirs(root)
         #: Where each change is announced before it is made (omirror/intents.py); None
         #: in tools that apply nothing a crash could leave unrecorded.
         self.intents: IntentLog | None = None
@@ -458,14 +94,14 @@ class Applier:
             if mset is None:
                 continue
             try:
-                st = self.lstat(mset, entry.path)
+                st = self.dirs.lstat(mset, entry.path)
             except (PathRefused, OSError):
                 continue
             if entry.kind is Kind.TOMBSTONE:
                 done = st is None
             else:
                 done = st is not None and st.st_ino == intent.ino \
-                    and _kind_of(st) is entry.kind and st.st_ctime_ns != intent.old_ctime_ns
+                    and kind_of(st) is entry.kind and st.st_ctime_ns != intent.old_ctime_ns
             record = self.store.get(entry.path)
             if done and (record is None or record.entry.stamp != entry.stamp):
                 self.store.put(entry, None)
@@ -473,49 +109,6 @@ class Applier:
                 log.info("path=%s recorded as the peer's version applied before a crash "
                          "(stamp=%s)", show(entry.path), entry.stamp)
         return recorded
-
-    @contextlib.contextmanager
-    def holding_roots(self) -> Iterator[None]:
-        """Keep the set roots opened for the length of one job (a batch of entries):
-        opening a root walks every directory from ``/`` (omirror/fsio.py), and each entry
-        opens it several times. Never longer: a descriptor held for the daemon's life
-        would keep an unmounted disk busy."""
-        if self._roots is not None:
-            yield
-            return
-        self._roots = {}
-        try:
-            yield
-        finally:
-            roots, self._roots = self._roots, None
-            for fd in roots.values():
-                os.close(fd)
-
-    def take_strays(self) -> list[bytes]:
-        strays, self.strays = self.strays, []
-        return strays
-
-    def _placed(self, parent: int, name: bytes, path: bytes) -> None:
-        """Check that the directory open at ``parent`` is still where ``path`` says.
-
-        A user may rename a directory while a file goes into it through a descriptor
-        opened before: the file is then below the new name, and the event of our own
-        rename into place is one the watcher drops (its source is a temp name), so the
-        scanner would only find it if its walk of the renamed directory came later. Where
-        it really is is kept in :attr:`strays` for the caller to scan.
-        """
-        try:
-            where = os.readlink(b"/proc/self/fd/%d" % parent)
-        except OSError:
-            return  # no /proc: the next periodic rescan finds such a file
-        root = self._real_root
-        expected = local_path(root, _split(path)[0])
-        if where == expected or where.endswith(b" (deleted)"):
-            return
-        if where.startswith(root + b"/") and len(self.strays) < _MAX_STRAYS:
-            self.strays.append(where[len(root) + 1:] + b"/" + name)
-            log.info("path=%s its directory was renamed while it was written: it is at %s",
-                     show(path), show(self.strays[-1]))
 
     # -- checks --------------------------------------------------------------------------
 
@@ -528,40 +121,7 @@ class Applier:
         mtime and ctime, and its entry holds neither. A path beyond a symlink is refused
         (:class:`PathRefused`): what the disk shows there is outside the tree.
         """
-        return _matches(self.lstat(mset, path), record)
-
-    def lstat(self, mset: MirrorSet, path: bytes) -> os.stat_result | None:
-        """``lstat`` of a path of ``mset``, reached through descriptors from its root;
-        None when it (or a directory on the way) is missing. :class:`PathRefused` when
-        the path lies beyond a symlink or a file here: what is there is outside the tree,
-        neither examined nor replaced."""
-        top = self._top(mset, path)
-        if path == top:
-            fd = self._open_root(top, path)
-            try:
-                return os.fstat(fd)
-            finally:
-                os.close(fd)
-        opened = self._open_parent(mset, path, create=False, action="examine")
-        if opened is None:
-            return None
-        parent, name = opened
-        try:
-            with _os_errors(path, "examine"):
-                return fsio.lstat_at(parent, name)
-        finally:
-            os.close(parent)
-
-    def check_parents(self, mset: MirrorSet, path: bytes) -> None:
-        """Refuse a path that lies beyond a symlink (or a file) here, with
-        :class:`PathRefused`: what the disk shows at such a path is outside the tree, so
-        it is neither examined nor replaced. The parents are walked as a write walks
-        them; a missing one is fine (the path is simply absent)."""
-        if path == self._top(mset, path):
-            return
-        opened = self._open_parent(mset, path, create=False, action="examine")
-        if opened is not None:
-            os.close(opened[0])
+        return matches(self.dirs.lstat(mset, path), record)
 
     def open_old(self, mset: MirrorSet, record: Record) -> int:
         """Open the local version a block delta is built against, read-only; -1 when the
@@ -569,7 +129,7 @@ class Applier:
         its blocks would not be what the record's content is)."""
         if record.sig is None:
             return -1
-        opened = self._parent_if_there(mset, record.entry.path, "read")
+        opened = self.dirs.parent_if_there(mset, record.entry.path, "read")
         if opened is None:
             return -1
         parent, name = opened
@@ -592,7 +152,7 @@ class Applier:
         there is none fit to resume from. It must be ours (a user who can write the
         directory could put a file at that name; what is built is checked against the
         digest anyway)."""
-        opened = self._parent_if_there(mset, entry.path, "read")
+        opened = self.dirs.parent_if_there(mset, entry.path, "read")
         if opened is None:
             return -1, 0
         parent, name = opened
@@ -612,7 +172,7 @@ class Applier:
     def drop_partial(self, mset: MirrorSet, entry: Entry) -> None:
         """Remove what was kept of a cut transfer of ``entry``: it arrived whole, or that
         version is no longer to be had."""
-        opened = self._parent_if_there(mset, entry.path, "write")
+        opened = self.dirs.parent_if_there(mset, entry.path, "write")
         if opened is None:
             return
         parent, name = opened
@@ -645,7 +205,7 @@ class Applier:
         _expect(entry, Kind.FILE)
         if entry.path in self.prepared:
             return
-        opened = self._parent_if_there(mset, entry.path, "write")
+        opened = self.dirs.parent_if_there(mset, entry.path, "write")
         if opened is None:
             return
         if self.reserve:
@@ -673,16 +233,8 @@ class Applier:
         each (ext4 allocates delayed blocks at writeback, so fsyncs do not share
         commits), and that was most of the time a receiver spent on a tree of small
         files. A batch of a few is fsynced file by file."""
-        temps = list(self.prepared.values())
-        if len(temps) >= _SYNCFS_MIN and fsio.syncfs(temps[0].fd):
-            for temp in temps:
-                temp.synced()
-            return
-        for path, temp in list(self.prepared.items()):
-            try:
-                temp.sync()
-            except ApplyError:
-                self.prepared.pop(path, None)
+        for temp in sync_batch(list(self.prepared.values())):
+            self.prepared.pop(temp.path, None)
 
     def discard_prepared(self) -> None:
         """Remove the temp files of a batch that were not installed."""
@@ -700,7 +252,7 @@ class Applier:
                 entry.stamp, entry.size, entry.digest):
             temp.abort()
             return None
-        opened = self._parent_if_there(mset, entry.path, "write")
+        opened = self.dirs.parent_if_there(mset, entry.path, "write")
         if opened is not None:
             here = os.fstat(opened[0])
             os.close(opened[0])
@@ -713,14 +265,14 @@ class Applier:
     def begin_file(self, mset: MirrorSet, entry: Entry) -> TempFile:
         """Open the temp file that streamed content (chunks, delta blocks) is written to."""
         _expect(entry, Kind.FILE)
-        dir_fd, _ = self._parent_for_write(mset, entry.path, "write")
+        dir_fd, _ = self.dirs.parent_for_write(mset, entry.path, "write")
         try:
-            with _os_errors(entry.path, "write"):
+            with os_errors(entry.path, "write"):
                 self._check_room(mset, dir_fd, entry)
         except BaseException:
             os.close(dir_fd)
             raise
-        with _os_errors(entry.path, "write"):
+        with os_errors(entry.path, "write"):
             return TempFile(dir_fd, entry)  # it owns dir_fd from here, even if it fails
 
     def _check_room(self, mset: MirrorSet, dir_fd: int, entry: Entry) -> None:
@@ -747,10 +299,10 @@ class Applier:
         """Verify the temp file (if :meth:`TempFile.finish` was not called yet) and rename
         it over the target; the temp file is removed whatever fails."""
         _expect(entry, Kind.FILE)
-        _check_temp(temp, entry)
+        check_temp(temp, entry)
         with temp:
             temp.finish()
-            st = self._install_temp(mset, temp, _split(entry.path)[1], entry.path, entry)
+            st = self._install_temp(mset, temp, split(entry.path)[1], entry.path, entry)
         return self._record(entry, st)
 
     def copy_local(self, mset: MirrorSet, entry: Entry, source: bytes, *,
@@ -765,7 +317,7 @@ class Applier:
         the same peer right after this entry.
         """
         _expect(entry, Kind.FILE)
-        self._top(mset, source)
+        self.dirs.top(mset, source)
         if source == entry.path:
             raise ValueError(f"copy_local of {show(source)} onto itself")
         action = "move" if move else "copy"
@@ -786,12 +338,12 @@ class Applier:
         """Open the local source file and its directory, or say that it is gone."""
         gone = ApplyError(source, errno.ENOENT, f"cannot {action} {show(source)} to "
                                                 f"{show(entry.path)}: it is gone")
-        opened = self._open_parent(mset, source, create=False, action=action)
+        opened = self.dirs.open_parent(mset, source, create=False, action=action)
         if opened is None:
             raise gone
         src_dir, src_name = opened
         try:
-            with _os_errors(source, action):
+            with os_errors(source, action):
                 try:
                     return src_dir, src_name, os.open(src_name, fsio.READ_FLAGS, dir_fd=src_dir)
                 except FileNotFoundError:
@@ -803,9 +355,9 @@ class Applier:
     def _move(self, mset: MirrorSet, entry: Entry, source: bytes, src_dir: int,
               src_name: bytes, fd: int) -> os.stat_result:
         verified = self._verify_source(entry, source, fd)
-        dst_dir, name = self._parent_for_write(mset, entry.path, "write")
+        dst_dir, name = self.dirs.parent_for_write(mset, entry.path, "write")
         try:
-            with _os_errors(entry.path, "write"):
+            with os_errors(entry.path, "write"):
                 old = fsio.lstat_at(dst_dir, name)
                 self._guard_target(entry.path, old)
                 named = fsio.lstat_at(src_dir, src_name)
@@ -837,14 +389,14 @@ class Applier:
     def _copy(self, mset: MirrorSet, entry: Entry, source: bytes,
               fd: int) -> os.stat_result:
         """Copy through a temp file, which checks the digest as the bytes go by."""
-        with _os_errors(source, "copy"):
+        with os_errors(source, "copy"):
             size = os.fstat(fd).st_size
         if size != entry.size:
             raise _not_the_content("copy", source, entry)
         with self.begin_file(mset, entry) as temp:
             temp.copy_from(fd, 0, size)
             temp.finish()
-            return self._install_temp(mset, temp, _split(entry.path)[1], entry.path, entry)
+            return self._install_temp(mset, temp, split(entry.path)[1], entry.path, entry)
 
     def _verify_source(self, entry: Entry, source: bytes, fd: int) -> os.stat_result:
         """Check that the file about to be renamed holds the entry's content; return
@@ -854,7 +406,7 @@ class Applier:
         with it, exactly as a scan trusts it: a renamed 10 GB file is not read again.
         Otherwise the file is hashed.
         """
-        with _os_errors(source, "read"):
+        with os_errors(source, "read"):
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise ApplyError(source, None, f"cannot move {show(source)}: it is not a "
@@ -884,13 +436,13 @@ class Applier:
         and mode (root, 4755) for its own content.
         """
         _expect(entry, Kind.FILE)
-        opened = self._open_parent(mset, entry.path, create=False, action="adopt")
+        opened = self.dirs.open_parent(mset, entry.path, create=False, action="adopt")
         if opened is None:
             raise ApplyError(entry.path, errno.ENOENT, f"cannot adopt {show(entry.path)}: "
                                                        "it is not here")
         parent, name = opened
         try:
-            with _os_errors(entry.path, "adopt"):
+            with os_errors(entry.path, "adopt"):
                 fd = os.open(name, fsio.READ_FLAGS, dir_fd=parent)
                 try:
                     st = os.fstat(fd)
@@ -919,12 +471,12 @@ class Applier:
         mirrored: every change inside a directory moves its mtime anyway.
         """
         _expect(entry, Kind.DIR)
-        top = self._top(mset, entry.path)
+        top = self.dirs.top(mset, entry.path)
         if entry.path == top:
             return self._set_root(mset, entry)
-        parent, name = self._parent_for_write(mset, entry.path, "make directory")
+        parent, name = self.dirs.parent_for_write(mset, entry.path, "make directory")
         try:
-            with _os_errors(entry.path, "make directory"):
+            with os_errors(entry.path, "make directory"):
                 old = fsio.lstat_at(parent, name)
                 self._guard_target(entry.path, old)
                 if old is not None and stat.S_ISDIR(old.st_mode):
@@ -959,7 +511,7 @@ class Applier:
         are set, so a directory meant to be private is never open to others), then
         rename it into place: under its name it never has any other mode or owner, and
         a crash in between leaves only a temp directory that the next start removes."""
-        temp = _temp_name()
+        temp = temp_name()
         os.mkdir(temp, 0o700, dir_fd=parent)
         try:
             fd = os.open(temp, fsio.DIR_FLAGS, dir_fd=parent)
@@ -988,14 +540,14 @@ class Applier:
             with contextlib.suppress(OSError):
                 os.rmdir(temp, dir_fd=parent)
             raise
-        self._placed(parent, name, entry.path)
+        self.dirs.placed(parent, name, entry.path)
         return st, mode
 
     def _set_root(self, mset: MirrorSet, entry: Entry) -> Record:
         """A root's own entry: its mode and owner; it exists, or nothing is applied."""
-        fd = self._open_root(entry.path, entry.path)
+        fd = self.dirs.open_root(entry.path, entry.path)
         try:
-            with _os_errors(entry.path, "set the attributes of"):
+            with os_errors(entry.path, "set the attributes of"):
                 self._set_attrs(mset, fd, entry, os.fstat(fd), mtime=False)
                 st = os.fstat(fd)
         finally:
@@ -1008,10 +560,10 @@ class Applier:
         _expect(entry, Kind.SYMLINK)
         if not entry.target or b"\0" in entry.target or len(entry.target) > PATH_MAX:
             raise PathRefused(entry.path, "symlink target is empty, too long or holds a NUL")
-        parent, name = self._parent_for_write(mset, entry.path, "make symlink")
+        parent, name = self.dirs.parent_for_write(mset, entry.path, "make symlink")
         try:
-            with _os_errors(entry.path, "make symlink"):
-                with _temp_at(parent) as temp:
+            with os_errors(entry.path, "make symlink"):
+                with temp_at(parent) as temp:
                     os.symlink(entry.target, temp, dir_fd=parent)
                     old = fsio.lstat_at(parent, name)
                     self._guard_target(entry.path, old)
@@ -1020,7 +572,7 @@ class Applier:
                         self._remove_empty_dir(parent, name, entry)
                     self._intend(entry, ours.st_ino)
                     _rename_over(parent, temp, name, old, entry.path)
-                    self._placed(parent, name, entry.path)
+                    self.dirs.placed(parent, name, entry.path)
                 st = os.stat(name, dir_fd=parent, follow_symlinks=False)
                 if not fsio.same_file(st, ours):
                     # replaced here right after the rename: record what we made, which
@@ -1061,14 +613,14 @@ class Applier:
         mirrors them. The tombstone is recorded anyway; an absent path is already deleted.
         """
         _expect(entry, Kind.TOMBSTONE)
-        if entry.path == self._top(mset, entry.path):
+        if entry.path == self.dirs.top(mset, entry.path):
             raise PathRefused(entry.path, f"is a root of set {mset.title}; a root is never "
                                           "deleted by a peer")
-        opened = self._open_parent(mset, entry.path, create=False, action="delete")
+        opened = self.dirs.open_parent(mset, entry.path, create=False, action="delete")
         if opened is not None:
             parent, name = opened
             try:
-                with _os_errors(entry.path, "delete"):
+                with os_errors(entry.path, "delete"):
                     self._intend(entry, 0)
                     self._remove(parent, name, entry.path)
             finally:
@@ -1111,20 +663,20 @@ class Applier:
         recorded as a new local version, mirrored like any user file. Returns None when
         there is no regular file at ``path`` to keep.
         """
-        self._top(mset, path)
-        opened = self._open_parent(mset, path, create=False, action="keep a conflict copy of")
+        self.dirs.top(mset, path)
+        opened = self.dirs.open_parent(mset, path, create=False, action="keep a conflict copy of")
         if opened is None:
             return None
         parent, name = opened
         copy = conflict_name(name, loser)
-        copy_path = _join(_split(path)[0], copy)
+        copy_path = join(split(path)[0], copy)
         try:
-            with _os_errors(copy_path, "keep a conflict copy at"):
+            with os_errors(copy_path, "keep a conflict copy at"):
                 old = fsio.lstat_at(parent, name)
                 if old is None or not stat.S_ISREG(old.st_mode):
                     log.debug("path=%s no local file to keep as a conflict copy", show(path))
                     return None
-                with _temp_at(parent) as temp:
+                with temp_at(parent) as temp:
                     self._copy_at(parent, name, temp)
                     fd = os.open(temp, fsio.READ_FLAGS, dir_fd=parent)
                     try:
@@ -1136,7 +688,7 @@ class Applier:
                         # a file a user put at the copy's name is theirs, not replaced
                         self._guard_target(copy_path, fsio.lstat_at(parent, copy))
                         os.rename(temp, copy, src_dir_fd=parent, dst_dir_fd=parent)
-                        self._placed(parent, copy, copy_path)
+                        self.dirs.placed(parent, copy, copy_path)
                         st = os.fstat(fd)
                     finally:
                         os.close(fd)
@@ -1153,7 +705,7 @@ class Applier:
         src = os.open(name, fsio.READ_FLAGS, dir_fd=parent)
         try:
             st = os.fstat(src)
-            dst = os.open(temp, _TEMP_FLAGS, 0o600, dir_fd=parent)
+            dst = os.open(temp, TEMP_FLAGS, 0o600, dir_fd=parent)
             try:
                 offset = 0
                 while chunk := os.pread(src, _CHUNK, offset):
@@ -1181,12 +733,12 @@ class Applier:
         _expect(entry, Kind.FILE)
         if isinstance(data_or_temp, TempFile):
             temp = data_or_temp
-            _check_temp(temp, entry)
+            check_temp(temp, entry)
         else:
             temp = self.begin_file(mset, entry)
-        parent_path, name = _split(entry.path)
+        parent_path, name = split(entry.path)
         copy = conflict_name(name, entry.stamp)
-        copy_path = _join(parent_path, copy)
+        copy_path = join(parent_path, copy)
         with temp:
             if not isinstance(data_or_temp, TempFile):
                 temp.write(data_or_temp)
@@ -1198,111 +750,6 @@ class Applier:
 
     # -- shared steps --------------------------------------------------------------------
 
-    def _top(self, mset: MirrorSet, path: bytes) -> bytes:
-        """The logical root of the set entry holding ``path``; refuses a path outside it.
-
-        The receiver checked the path with :func:`check_path` already; this repeats the
-        cheap part, so that no caller can make the applier write outside a set.
-        """
-        check_form(path)
-        top = mset.root_of(path)
-        if top is None:
-            raise PathRefused(path, f"is not inside set {mset.title}")
-        return logical(top)
-
-    def _open_root(self, top: bytes, path: bytes) -> int:
-        """Open a set root, which must exist and carry its marker.
-
-        A root is never created here: a missing root, or an empty mount point without the
-        marker, means the disk is not mounted, and writing into the mount point would
-        hide files and later look like a mass change. The error is retried until the
-        root is back (or the scan stops the set).
-        """
-        where = local_path(self.root, top)
-        shown = show_name(where)
-        action = f"apply {show(path)}: root {show(top)}"
-        try:
-            held = None if self._roots is None else self._roots.get(top)
-            if held is not None:
-                fd = os.dup(held)
-            else:
-                # a symlink on the way that root does not own is refused (omirror/fsio.py)
-                fd = fsio.open_root(where)
-                if self._roots is not None:
-                    self._roots[top] = os.dup(fd)
-        except OSError as e:
-            raise ApplyError(path, e.errno, f"cannot {action} ({shown}) is not "
-                                            f"usable: {e.strerror}") from e
-        try:
-            os.stat(MARKER, dir_fd=fd, follow_symlinks=False)
-        except OSError as e:
-            os.close(fd)
-            raise ApplyError(path, e.errno, f"cannot {action} ({shown}) has no "
-                                            f"{os.fsdecode(MARKER)} marker: it looks "
-                                            "unmounted or wiped, so nothing is written into "
-                                            "it") from e
-        return fd
-
-    def _open_parent(self, mset: MirrorSet, path: bytes, *, create: bool,
-                     action: str) -> tuple[int, bytes] | None:
-        """Open the directory holding ``path``, walking down from its set root.
-
-        Each component is opened relative to the one above with ``O_NOFOLLOW`` and
-        ``O_DIRECTORY``, so a symlink anywhere below the root is refused rather than
-        followed. Missing directories are made when ``create`` (a child can arrive for
-        a parent deleted here); otherwise None says the path cannot exist. Returns the
-        open directory (the caller closes it) and the final name.
-        """
-        top = self._top(mset, path)
-        if path == top:
-            raise PathRefused(path, f"is a root of set {mset.title}; a root is always a "
-                                    "directory")
-        parts = (path[len(top) + 1:] if top else path).split(b"/")
-        fd = self._open_root(top, path)
-        try:
-            for part in parts[:-1]:
-                child = self._step(fd, part, path, create, action)
-                os.close(fd)
-                fd = child
-                if fd < 0:
-                    return None
-        except BaseException:
-            if fd >= 0:
-                os.close(fd)
-            raise
-        return fd, parts[-1]
-
-    def _parent_if_there(self, mset: MirrorSet, path: bytes,
-                         action: str) -> tuple[int, bytes] | None:
-        """:meth:`_open_parent` for what is only worth doing if the path can be there:
-        None also where it would be refused."""
-        try:
-            return self._open_parent(mset, path, create=False, action=action)
-        except (ApplyError, PathRefused):
-            return None
-
-    def _parent_for_write(self, mset: MirrorSet, path: bytes,
-                          action: str) -> tuple[int, bytes]:
-        """:meth:`_open_parent`, making missing directories, so it always opens one."""
-        opened = self._open_parent(mset, path, create=True, action=action)
-        if opened is None:  # not reached: with create, every missing directory is made
-            raise ApplyError(path, errno.ENOENT, f"cannot {action} {show(path)}: its "
-                                                 "directory vanished while it was made")
-        return opened
-
-    @staticmethod
-    def _step(parent: int, part: bytes, path: bytes, create: bool, action: str) -> int:
-        """Open one directory below ``parent``; -1 when it is missing and not made."""
-        with _os_errors(path, action):
-            try:
-                return fsio.step(parent, part, path, create=create, on_create=lambda made:
-                                 log.debug("path=%s made missing directory %s", show(path),
-                                           show_name(made)))
-            except fsio.NotInTree as e:
-                raise PathRefused(path, f"component '{show_name(part)}' {e.why}"
-                                        + (": writes never go through one" if e.link else "")
-                                  ) from e
-
     def _install_temp(self, mset: MirrorSet, temp: TempFile, name: bytes, path: bytes,
                       entry: Entry) -> os.stat_result:
         """Give the finished temp file its attributes and rename it to ``name``.
@@ -1313,7 +760,7 @@ class Applier:
         decided on, not overwritten.
         """
         dir_fd = temp.dir_fd
-        with _os_errors(path, "write"):
+        with os_errors(path, "write"):
             old = fsio.lstat_at(dir_fd, name)
             self._guard_target(path, old)
             mode = self._set_attrs(mset, temp.fd, entry, old)
@@ -1329,7 +776,7 @@ class Applier:
                 self._intend(entry, os.fstat(held).st_ino)
                 _rename_over(dir_fd, temp.name, name, old, path)
                 st = os.fstat(held)
-                self._placed(dir_fd, name, path)
+                self.dirs.placed(dir_fd, name, path)
                 temp._installed()  # closes dir_fd
             finally:
                 os.close(held)
@@ -1341,7 +788,7 @@ class Applier:
         is there now: its record is still live, until the peer's tombstone comes."""
         if path not in self.expected_absent:
             return False
-        return self.lstat(mset, path) is None
+        return self.dirs.lstat(mset, path) is None
 
     def _guard_target(self, path: bytes, st: os.stat_result | None) -> None:
         """Raise :class:`LocalChanged` if ``st`` (the target's lstat) is not what the
@@ -1350,7 +797,7 @@ class Applier:
         scanner records first."""
         if st is None and path in self.expected_absent:
             return  # moved away by a peer's rename applied here: as expected
-        if not _matches(st, self.store.get(path)):
+        if not matches(st, self.store.get(path)):
             raise LocalChanged(path, None, f"{show(path)} changed here while a peer's "
                                            "version was being applied; the local change is "
                                            "recorded first")
@@ -1371,7 +818,7 @@ class Applier:
         ids = owner.chown_args()
         if self.can_chown and ids is not None:
             os.fchown(fd, *ids)
-        if mset.options.nochkmode and old is not None and _kind_of(old) is entry.kind:
+        if mset.options.nochkmode and old is not None and kind_of(old) is entry.kind:
             mode = stat.S_IMODE(old.st_mode)
         else:
             mode = entry.mode & 0o7777
@@ -1465,7 +912,7 @@ def _rename_over(src_dir: int, src: bytes, name: bytes, old: os.stat_result | No
             os.rename(src, name, src_dir_fd=src_dir, dst_dir_fd=target_dir)
             return
         out = fsio.lstat_at(src_dir, src)
-        if out is None or _same_version(out, old):
+        if out is None or fsio.same_version(out, old):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(src, dir_fd=src_dir)
             return
@@ -1479,23 +926,15 @@ def _rename_over(src_dir: int, src: bytes, name: bytes, old: os.stat_result | No
                            "was applied; the local change is recorded first") from None
 
 
-def _same_version(now: os.stat_result, then: os.stat_result) -> bool:
-    """One file, neither written nor chmod'ed nor chown'ed between the two stats (a
-    rename moves its ctime, and nothing else)."""
-    return (now.st_ino, now.st_dev, now.st_size, now.st_mtime_ns, now.st_mode, now.st_uid,
-            now.st_gid) == (then.st_ino, then.st_dev, then.st_size, then.st_mtime_ns,
-                            then.st_mode, then.st_uid, then.st_gid)
-
-
 def _take_away(parent: int, name: bytes, path: bytes, old: os.stat_result) -> None:
     """Delete the file or symlink at ``name``, checked to be ``old``, without losing a
     write that lands after the check: it is renamed to a temp name first (what is
     there then is what goes), examined, and only then unlinked; if it is not the file
     checked, or was written since, it is renamed back (:class:`LocalChanged`)."""
-    temp = _temp_name()
+    temp = temp_name()
     os.rename(name, temp, src_dir_fd=parent, dst_dir_fd=parent)
     gone = fsio.lstat_at(parent, temp)
-    if gone is None or _same_version(gone, old):
+    if gone is None or fsio.same_version(gone, old):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp, dir_fd=parent)
         return
@@ -1509,32 +948,6 @@ def _take_away(parent: int, name: bytes, path: bytes, old: os.stat_result) -> No
                        "took it away; it is put back and recorded first")
 
 
-def _matches(st: os.stat_result | None, record: Record | None) -> bool:
-    """Whether a path's lstat (None: nothing there) is what ``record`` says is there."""
-    if st is None:
-        return record is None or record.entry.is_tombstone
-    if record is None or record.entry.is_tombstone or record.sig is None:
-        return False
-    if _kind_of(st) is not record.entry.kind:
-        return False
-    if record.entry.kind is Kind.DIR:
-        # not by times (each file written into it moves them), but a chmod is a change
-        return st.st_ino == record.sig.ino and stat.S_IMODE(st.st_mode) == record.entry.mode
-    return StatSig.of(st) == record.sig
-
-
-#: Bound on the paths :meth:`Applier._placed` keeps for a caller that never takes them.
-_MAX_STRAYS = 1024
-#: Batches of at least this many small files are made durable with one syncfs.
-_SYNCFS_MIN = 8
-
-
-#: A big file being received is handed to writeback every this many bytes, so that the
-#: fsync before its rename finds most of it on disk already (a 1 GiB file otherwise
-#: waited for all of it there, after the last byte came).
-_WRITEBACK_EVERY = 8 << 20
-
-
 def _expect(entry: Entry, kind: Kind) -> None:
     if entry.kind is not kind:
         raise ValueError(f"{show(entry.path)}: a {entry.kind.name.lower()} entry given where "
@@ -1544,14 +957,3 @@ def _expect(entry: Entry, kind: Kind) -> None:
 def _not_the_content(action: str, source: bytes, entry: Entry) -> ApplyError:
     return ApplyError(source, None, f"cannot {action} {show(source)} to {show(entry.path)}: "
                                     "its content does not match the digest of the entry")
-
-
-def _check_temp(temp: TempFile, entry: Entry) -> None:
-    """A temp file is installed only as the content it was verified against.
-
-    The entry may differ otherwise (the receiver records the merged version vector).
-    """
-    if (temp.path, temp.entry.size, temp.entry.digest) != (entry.path, entry.size,
-                                                           entry.digest):
-        raise ValueError(f"temp file of {show(temp.path)} given for another version or "
-                         f"path: {show(entry.path)}")

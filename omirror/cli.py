@@ -1,4 +1,4 @@
-"""The ``omirrord`` command line: the contract of DESIGN §1, and nothing else.
+"""The ``omirrord`` command line: the contract of docs/contract.rst, and nothing else.
 
 Every option of the daemon is accepted before or after the subcommand
 (``omirrord -C x check`` and ``omirrord check -C x``) and from its environment variable,

@@ -4,7 +4,7 @@ Everything that can be wrong in the file is found here, at startup, and reported
 ``file:line:col: found X, expected Y``, so that a typo stops the daemon before it mirrors
 the wrong tree rather than after.
 
-What is accepted (DESIGN.md section 1)::
+What is accepted (docs/contract.rst, "The Distfile")::
 
     HOSTS = ( alpha beta:2808 me@gamma [::1]:2809 )
     FILES = ( /srv/www /etc/nginx )

@@ -38,7 +38,9 @@ from omirror.paths import has_own_name, is_own_name, logical, show, show_name, s
 from omirror.errors import OmirrorError, RootError
 from omirror.events import Coalescer, ScanRequest
 from omirror.progress import Progress, human_bytes
-from omirror.replicate import Context, LinkStats, Pusher, Receiver
+from omirror.link import Context, LinkStats
+from omirror.push import Pusher
+from omirror.receive import Receiver
 from omirror.scanner import Scanner
 from omirror.status import SeqTimes, failing_status, link_status
 from omirror.store import TOMBSTONE_RETENTION_NS, Store
@@ -163,7 +165,7 @@ class Daemon:
         self.store.add_commit_hook(log_.clear)
         if left:
             try:
-                with self.applier.holding_roots(), self.store.batch():
+                with self.applier.dirs.holding_roots(), self.store.batch():
                     recorded = self.applier.recover(left, self.my_sets())
             except OmirrorError as e:  # a root gone, say: its set stops at the scan
                 log.warning("changes of an interrupted batch not examined: %s", e)

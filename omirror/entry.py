@@ -18,25 +18,23 @@ Two questions are kept apart on purpose:
 from __future__ import annotations
 
 import enum
+import os
 import re
+import stat
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
 
-import xxhash
+from omirror import fsio
+from omirror.paths import NAME_MAX
+
 
 #: Version vectors are small maps ``origin -> time_ns`` stored as sorted tuples, so that
 #: entries stay hashable and compare equal whatever order they were built in.
 Vector = tuple[tuple[str, int], ...]
 
-#: Prefix of the temp files a transfer writes; what a crash leaves is swept at startup.
-TEMP_PREFIX = b".omirror-tmp-"
-#: What is kept of a transfer that was cut, to resume from (omirror/apply.py).
-PARTIAL_PREFIX = b".omirror-part-"
-
 #: Infix of conflict copies: ``NAME.omirror-conflict-<host>-<time_ns>``. These are user
 #: data and are mirrored like any other file.
 CONFLICT_INFIX = b".omirror-conflict-"
-NAME_MAX = 255
 
 
 class Kind(enum.IntEnum):
@@ -46,6 +44,15 @@ class Kind(enum.IntEnum):
     FILE = 1
     DIR = 2
     SYMLINK = 3
+
+
+_KINDS = {stat.S_IFREG: Kind.FILE, stat.S_IFDIR: Kind.DIR, stat.S_IFLNK: Kind.SYMLINK}
+
+
+def kind_of(st: os.stat_result) -> Kind | None:
+    """The kind of what an lstat shows; None for what is never mirrored (a FIFO, a
+    socket, a device)."""
+    return _KINDS.get(stat.S_IFMT(st.st_mode))
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -223,7 +230,7 @@ def conflict_name(name: bytes, loser: Stamp) -> bytes:
     raw = loser.origin.encode("utf-8", "replace")
     origin = _UNSAFE.sub(b"_", raw)
     if len(origin) > _ORIGIN_MAX:
-        origin = origin[:_ORIGIN_MAX - 17] + b"~" + xxhash.xxh3_64_hexdigest(raw).encode()
+        origin = origin[:_ORIGIN_MAX - 17] + b"~" + fsio.short_hash(raw).encode()
     suffix = CONFLICT_INFIX + origin + b"-" + str(loser.time_ns).encode()
     # NAME_MAX is 255 bytes on every Linux file system omirror serves: shorten the name,
     # never the suffix that makes the copy unique.

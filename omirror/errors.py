@@ -85,3 +85,8 @@ def _show_refused(path: object) -> str:
 
     text = f"'{show_name(path)}'" if isinstance(path, bytes) else repr(path)
     return text if len(text) <= 300 else text[:300] + f"... ({len(text)} characters)"
+
+
+class LocalChanged(ApplyError):
+    """The local file changed since the store recorded it (a write the scanner has not
+    seen yet): the change is recorded first, then the peer's version is decided again."""

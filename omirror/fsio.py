@@ -29,7 +29,7 @@ import errno
 import functools
 import os
 import stat
-from typing import Callable
+from typing import Callable, Iterator, Sequence
 
 import xxhash
 
@@ -78,6 +78,14 @@ def unchanged(now: os.stat_result, then: os.stat_result) -> bool:
     """No write, truncation, chmod or chown landed between the two stats of one file."""
     return (now.st_size, now.st_mtime_ns, now.st_ctime_ns) == (
         then.st_size, then.st_mtime_ns, then.st_ctime_ns)
+
+
+def same_version(now: os.stat_result, then: os.stat_result) -> bool:
+    """One file, neither written nor chmod'ed nor chown'ed between the two stats (a
+    rename moves its ctime, and nothing else)."""
+    return (now.st_ino, now.st_dev, now.st_size, now.st_mtime_ns, now.st_mode, now.st_uid,
+            now.st_gid) == (then.st_ino, then.st_dev, then.st_size, then.st_mtime_ns,
+                            then.st_mode, then.st_uid, then.st_gid)
 
 
 # --------------------------------------------------------------------------- opening
@@ -346,9 +354,23 @@ class Opener:
 # --------------------------------------------------------------------------- content
 
 
+# Every digest of content is xxh3-128, and every short name derived from bytes xxh3-64:
+# these are the only calls of xxhash in the project, so the choice is made once.
+
+
+def new_digest() -> xxhash.xxh3_128:
+    """A running xxh3-128 digest, for content that arrives or is read in parts."""
+    return xxhash.xxh3_128()
+
+
+def short_hash(data: bytes) -> str:
+    """16 hex digits naming ``data`` (xxh3-64): short, stable names for long ones."""
+    return xxhash.xxh3_64_hexdigest(data)
+
+
 def digest_fd(fd: int) -> tuple[bytes, int]:
     """xxh3-128 digest and size of an open file, read from its start."""
-    digest = xxhash.xxh3_128()
+    digest = new_digest()
     offset = 0
     while chunk := os.pread(fd, CHUNK, offset):
         digest.update(chunk)
@@ -359,6 +381,38 @@ def digest_fd(fd: int) -> tuple[bytes, int]:
 def digest_bytes(data: bytes) -> bytes:
     """xxh3-128 of content held in memory (an inline file)."""
     return xxhash.xxh3_128_digest(data)
+
+
+def _blocks(fd: int, size: int) -> Iterator[bytes]:
+    """An open file, from its start, in blocks of ``size`` (the last may be short)."""
+    offset = 0
+    while data := os.pread(fd, size, offset):
+        yield data
+        offset += len(data)
+        if len(data) < size:
+            return
+
+
+def compare_blocks(fd: int, size: int,
+                   theirs: Sequence[bytes]) -> tuple[bytearray, bytes]:
+    """Which blocks of an open file have the digests ``theirs`` (1 where they do), and
+    the digest of the whole file."""
+    whole = new_digest()
+    same = bytearray()
+    for index, data in enumerate(_blocks(fd, size)):
+        whole.update(data)
+        same.append(index < len(theirs) and digest_bytes(data) == theirs[index])
+    return same, whole.digest()
+
+
+def block_digests(fd: int, size: int) -> tuple[list[bytes], bytes]:
+    """Digests of each block of an open file, and of the whole file."""
+    whole = new_digest()
+    blocks = []
+    for data in _blocks(fd, size):
+        whole.update(data)
+        blocks.append(digest_bytes(data))
+    return blocks, whole.digest()
 
 
 # --------------------------------------------------------------------------- libc

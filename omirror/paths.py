@@ -15,8 +15,17 @@ from __future__ import annotations
 
 import os
 
+from omirror.errors import PathRefused
+
 #: Prefix of the daemon's own files inside a tree (temp files, the root marker).
 OWN_PREFIX = b".omirror"
+#: Prefix of the temp files a transfer writes; what a crash leaves is swept at startup.
+TEMP_PREFIX = b".omirror-tmp-"
+#: What is kept of a transfer that was cut, to resume from (omirror/staging.py).
+PARTIAL_PREFIX = b".omirror-part-"
+#: Longest name and longest logical path accepted from a peer (Linux NAME_MAX, PATH_MAX).
+NAME_MAX = 255
+PATH_MAX = 4096
 
 
 def logical(top: str) -> bytes:
@@ -34,6 +43,17 @@ def local_path(root: bytes, path: bytes) -> bytes:
 def is_under(path: bytes, top: bytes) -> bool:
     """``path`` is ``top`` or lies below it, compared by whole components."""
     return path == top or not top or path.startswith(top + b"/")
+
+
+def split(path: bytes) -> tuple[bytes, bytes]:
+    """``b"a/b/c"`` -> ``(b"a/b", b"c")``; the parent of a top-level name is ``b""``."""
+    parent, _, name = path.rpartition(b"/")
+    return parent, name
+
+
+def join(parent: bytes, name: bytes) -> bytes:
+    """The path of ``name`` in the directory ``parent`` (``b""``: the top)."""
+    return parent + b"/" + name if parent else name
 
 
 def is_own_name(name: bytes) -> bool:
@@ -79,3 +99,35 @@ def _escape(char: str) -> str:
     if code < 0x10000:
         return f"\\u{code:04x}"
     return f"\\U{code:08x}"
+
+
+def check_form(path: object) -> None:
+    """Refuse a path that is not a plain relative path of real names.
+
+    Every component is checked, not the joined string: ``b"a//b"``, ``b"a/./b"`` and a
+    trailing ``/`` all name a path some other way than the scanner would, and ``..``
+    climbs out. Names of the daemon's own files (``.omirror*``: temp files, the root
+    marker) are refused so a peer cannot overwrite or forge them; conflict copies are
+    ``NAME.omirror-conflict-...`` and pass.
+    """
+    if not isinstance(path, bytes):
+        raise PathRefused(path, f"is a {type(path).__name__}, not bytes")
+    if not path:
+        raise PathRefused(path, "is empty")
+    if len(path) > PATH_MAX:
+        raise PathRefused(path, f"is {len(path)} bytes long, longer than {PATH_MAX}")
+    if path.startswith(b"/"):
+        raise PathRefused(path, "is absolute; logical paths are relative to /")
+    if b"\0" in path:
+        raise PathRefused(path, "contains a NUL byte")
+    for part in path.split(b"/"):
+        if not part:
+            raise PathRefused(path, "has an empty component (a doubled or trailing '/')")
+        if part in (b".", b".."):
+            raise PathRefused(path, f"has a '{show_name(part)}' component")
+        if len(part) > NAME_MAX:
+            raise PathRefused(path, f"has a component of {len(part)} bytes, longer "
+                                    f"than {NAME_MAX}")
+        if is_own_name(part):
+            raise PathRefused(path, f"names the daemon's own file '{show_name(part)}'; "
+                                    "names starting with .omirror are never mirrored")

@@ -33,7 +33,7 @@ from omirror.wire import SUBSYSTEM, SUBSYSTEMS
 
 log = logging.getLogger(__name__)
 
-#: AES-GCM first: with AES-NI it is twice as fast as chacha20 here (DESIGN §5).
+#: AES-GCM first: with AES-NI it is twice as fast as chacha20 here.
 CIPHERS = ("aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com",
            "aes256-gcm@openssh.com", "aes128-ctr")
 #: A peer that stops answering (frozen, its host hung, a cable pulled: its TCP

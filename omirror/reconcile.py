@@ -23,7 +23,7 @@ from omirror.clock import now_ns
 from omirror.config import Config, Host, MirrorSet, set_for
 from omirror.entry import Entry, Kind, Outcome, Stamp, decide
 from omirror.errors import OmirrorError, RootError, StoreError
-from omirror.replicate import LinkStats, _check_hello, _Stream
+from omirror.link import LinkStats, Stream, check_hello
 from omirror.paths import logical, show
 from omirror.scanner import Scanner
 from omirror.store import Store
@@ -202,8 +202,8 @@ class Checker:
                                                      compress=self.compress,
                                                      subsystem=INDEX_SUBSYSTEM)
         try:
-            io = _Stream(reader, writer, LinkStats())
-            _check_hello(await io.expect(Hello), host.name, io.stats)
+            io = Stream(reader, writer, LinkStats())
+            check_hello(await io.expect(Hello), host.name, io.stats)
             await io.send(Hello(PROTOCOL_VERSION, self.me.name, "", now_ns()))
             await io.send(IHave("", 0))
             await io.expect(Start)

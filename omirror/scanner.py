@@ -28,7 +28,8 @@ from typing import Callable, Iterator
 from omirror import fsio
 from omirror.clock import now_ns, offset_ns
 from omirror.config import MirrorSet
-from omirror.entry import PARTIAL_PREFIX, TEMP_PREFIX, Entry, Kind, first_version, next_stamp
+from omirror.entry import Entry, Kind, first_version, next_stamp
+from omirror.paths import PARTIAL_PREFIX, TEMP_PREFIX
 from omirror.errors import RootError
 from omirror.owners import OwnerMap, group_name, user_name
 from omirror.paths import has_own_name, is_under, local_path, logical, show, show_name

@@ -19,7 +19,7 @@ from dataclasses import asdict
 from typing import Any
 
 from omirror.paths import show
-from omirror.replicate import LinkStats
+from omirror.link import LinkStats
 
 #: Commit times are kept for this many commits; older ones collapse into one bound.
 _KEEP = 100_000

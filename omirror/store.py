@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import secrets
 import sqlite3
 import struct
@@ -26,7 +27,7 @@ from typing import Callable, Iterator
 
 import msgpack
 
-from omirror.entry import Entry, Kind, Stamp, Vector
+from omirror.entry import Entry, Kind, Stamp, Vector, kind_of
 from omirror.errors import StoreError
 
 log = logging.getLogger(__name__)
@@ -475,3 +476,17 @@ class Store:
         with self._lock:
             rows = self._conn.execute("SELECT peer, epoch, seq FROM cursors").fetchall()
         return {peer: Cursor(epoch, int(seq)) for peer, epoch, seq in rows}
+
+
+def matches(st: os.stat_result | None, record: Record | None) -> bool:
+    """Whether a path's lstat (None: nothing there) is what ``record`` says is there."""
+    if st is None:
+        return record is None or record.entry.is_tombstone
+    if record is None or record.entry.is_tombstone or record.sig is None:
+        return False
+    if kind_of(st) is not record.entry.kind:
+        return False
+    if record.entry.kind is Kind.DIR:
+        # not by times (each file written into it moves them), but a chmod is a change
+        return st.st_ino == record.sig.ino and stat.S_IMODE(st.st_mode) == record.entry.mode
+    return StatSig.of(st) == record.sig

@@ -3,7 +3,7 @@
 pyinotify 0.9.6 supplies the system-call bindings and the ``IN_*`` constants, nothing
 more. Its Notifier lost most of a 100,000-file burst on these machines, while a thread
 doing nothing but blocking reads of the inotify descriptor received every event
-(DESIGN.md §5). So a reader thread drains the descriptor into a queue of raw chunks, and
+(README.rst). So a reader thread drains the descriptor into a queue of raw chunks, and
 the asyncio loop thread does everything else: parsing, the ``wd <-> directory`` maps, move
 pairing and the callback. Because only the loop thread touches the maps, they need no
 lock.

@@ -299,7 +299,7 @@ def _path(value: object, what: str = "path") -> bytes:
 
 def decode_entry(value: object) -> Entry:
     """An entry from the wire: types and ranges only; path safety and what the names may
-    hold are the receiver's checks (``apply.check_path`` and ``apply.check_entry``),
+    hold are the receiver's checks (``resolve.check_path`` and ``resolve.check_entry``),
     which refuse one entry without closing the link."""
     f = _array(value, 15, "entry")
     try:

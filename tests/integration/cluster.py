@@ -2,7 +2,7 @@
 
 Each peer gets its own port, root, state directory, OpenSSH host key (made by
 ``ssh-keygen``) and log file; all share one Distfile and one peers file, exactly as
-``../shared/tools/contract-smoke.py`` does. The daemons are plain subprocesses
+an outside contract check does. The daemons are plain subprocesses
 (``python -m omirror``), so a test sees what a user sees: trees, exit codes, logs and
 ``<state-dir>/status.json``.
 

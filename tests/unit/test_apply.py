@@ -21,7 +21,9 @@ import xxhash
 from omirror import config, fsio
 from omirror import intents as intents_module
 from omirror.intents import Intent, IntentLog
-from omirror.apply import Applier, LocalChanged, TempFile
+from omirror.apply import Applier
+from omirror.errors import LocalChanged
+from omirror.staging import TempFile
 from omirror.entry import Entry, Kind, Stamp, conflict_name
 from omirror.errors import ApplyError, PathRefused
 from omirror.scanner import MARKER, Scanner
@@ -278,10 +280,10 @@ def test_a_file_whose_directory_is_renamed_while_it_goes_in_is_reported_where_it
         (host.data / "d").rename(host.data / "e")
         host.applier.install_file(host.mset, entry, temp)
     assert (host.data / "e" / "f").read_bytes() == b"content"
-    assert host.applier.take_strays() == [b"data/e/f"]
-    assert host.applier.take_strays() == []
+    assert host.applier.dirs.take_strays() == [b"data/e/f"]
+    assert host.applier.dirs.take_strays() == []
     host.applier.write_file(host.mset, file_entry(b"data/e/g", b"g"), b"g")
-    assert host.applier.take_strays() == []  # in place: nothing to report
+    assert host.applier.dirs.take_strays() == []  # in place: nothing to report
 
 
 def test_abort_removes_the_temp_file(host: Host) -> None:

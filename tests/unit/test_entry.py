@@ -683,7 +683,8 @@ def test_an_entry_without_a_vector_still_counts_its_own_stamp() -> None:
 
 
 def test_conflict_names_fit_in_a_file_name() -> None:
-    from omirror.entry import NAME_MAX, Stamp, conflict_name
+    from omirror.entry import Stamp, conflict_name
+    from omirror.paths import NAME_MAX
 
     name = conflict_name(b"x" * 250, Stamp(1_700_000_000_000_000_000, "host.example.org"))
     assert len(name) <= NAME_MAX and name.endswith(b"-host.example.org-1700000000000000000")
@@ -696,7 +697,8 @@ def test_a_conflict_name_from_any_origin_is_one_safe_name_that_fits(origin: str)
     (the copy could never be written, and the entry failed for ever), a NUL or a '/'
     made names no file system takes. Whatever it holds, the name is one component of
     safe characters, the same on every peer."""
-    from omirror.entry import NAME_MAX, Stamp, conflict_name
+    from omirror.entry import Stamp, conflict_name
+    from omirror.paths import NAME_MAX
 
     name = conflict_name(b"f" * 255, Stamp((1 << 62) - 1, origin))
     assert len(name) <= NAME_MAX

@@ -7,7 +7,8 @@ from dataclasses import replace
 import pytest
 
 from omirror import config
-from omirror.apply import PATH_MAX, check_entry, check_path
+from omirror.paths import PATH_MAX
+from omirror.resolve import check_entry, check_path
 from omirror.entry import Entry, Kind, Stamp, conflict_name
 from omirror.errors import PathRefused
 from omirror.paths import show

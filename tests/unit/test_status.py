@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from omirror.replicate import LinkStats
+from omirror.link import LinkStats
 from omirror.status import SeqTimes, behind, link_status, plural, render
 
 

@@ -1,5 +1,5 @@
-"""A link's two sides in one process: what the pusher serves, and what the receiver
-holds, when the tree or the peer misbehaves."""
+"""The pushing side of a link in one process: what it serves when the tree or the peer
+misbehaves."""
 
 from __future__ import annotations
 
@@ -7,16 +7,16 @@ import asyncio
 import os
 from pathlib import Path
 
-import pytest
 import xxhash
 
-from omirror import config, replicate
+from omirror import config
 from omirror.apply import Applier
-from omirror.entry import Entry, Kind, Stamp
-from omirror.replicate import Context, LinkStats, Pusher, Receiver, _read_inline
+from omirror.entry import Kind
+from omirror.link import Context, LinkStats
+from omirror.push import Pusher, _read_inline
 from omirror.scanner import MARKER, Scanner
 from omirror.store import Store
-from omirror.wire import Data, EntryMsg, NoData, Want, decode
+from omirror.wire import Data, NoData, Want, decode
 
 DISTFILE = "( /data ) -> ( alpha beta ) install ;\n"
 
@@ -141,75 +141,4 @@ def test_a_fifo_is_never_opened_to_serve_content(tmp_path: Path) -> None:
 
     sent = served(root, store, mset, scanner, Want(1, b"data/f", record.entry.digest, 0, ()))
     assert [type(m).__name__ for m in sent] == ["NoData"]
-    store.close()
-
-
-def test_a_link_with_too_many_failing_paths_takes_no_more_entries(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """What a peer can make this host hold is bounded: each path that cannot be applied
-    is kept for a retry (without its content), up to MAX_FAILING per link; then the
-    receiver takes no further entries (SSH flow control holds the peer) until one of
-    them applies. Nothing is dropped."""
-    monkeypatch.setattr(replicate, "MAX_FAILING", 3)
-
-    def msg(i: int) -> EntryMsg:
-        return EntryMsg(i, Entry(b"data/f%d" % i, Kind.FILE, Stamp(i, "beta")), None)
-
-    async def run() -> tuple[bool, bool]:
-        ctx = Context("alpha", None, None, None, b"/", lambda peer: [], None)  # type: ignore[arg-type]
-        receiver = Receiver(ctx, "beta", None, Frames(), LinkStats())
-        for i in (1, 2):
-            receiver._fail(msg(i), "No space left on device")
-        await asyncio.wait_for(receiver._room_to_fail(), 5)  # two failing: room left
-        receiver._fail(msg(3), "No space left on device")
-        waiting = asyncio.ensure_future(receiver._room_to_fail())
-        await asyncio.sleep(0.05)  # give it every chance to return wrongly
-        held = not waiting.done()
-        await receiver._settle(msg(2), None)  # data/f2 applies on a retry
-        await asyncio.wait_for(waiting, 5)
-        return held, b"data/f2" not in ctx.failing
-
-    held, cleared = asyncio.run(run())
-    assert held and cleared
-
-
-def test_fetched_content_lands_where_a_peers_rename_took_the_file_away(
-        tmp_path: Path) -> None:
-    """A peer renamed f0 away (applied here: f0 moved, its tombstone to follow) and at
-    once made a new, larger f0 (fetched, not inline), so that tombstone never comes. The
-    fetched version must be installed: comparing the disk with the old record for ever
-    ("it keeps changing here") left the path missing on this host for good."""
-    root = tmp_path / "root"
-    (root / "data").mkdir(parents=True)
-    (root / "data" / os.fsdecode(MARKER)).write_bytes(b"marker\n")
-    (root / "data" / "f0").write_bytes(b"old content\n")
-    mset = config.parse(DISTFILE, "test.conf").sets[0]
-    store = Store.open(tmp_path / "state")
-    scanner = Scanner(store, "alpha")
-    applier = Applier(os.fsencode(root), store, "alpha")
-    scanner.expected_absent = applier.expected_absent
-    scanner.scan_set(mset, os.fsencode(root))
-    old = store.get(b"data/f0")
-    assert old is not None
-    moved = Entry(b"data/f0-moved", Kind.FILE, Stamp(2 * 10**18, "beta"),
-                  vector=(("beta", 2 * 10**18),), mode=0o644, owner="root", group="root",
-                  mtime_ns=old.entry.mtime_ns, size=old.entry.size, digest=old.entry.digest,
-                  moved_from=b"data/f0")
-    applier.copy_local(mset, moved, b"data/f0", move=True)
-    content = os.urandom(100_000)
-    new = Entry(b"data/f0", Kind.FILE, Stamp(3 * 10**18, "beta"),
-                vector=(("beta", 3 * 10**18),), mode=0o644, owner="root", group="root",
-                mtime_ns=10**18, size=len(content), digest=xxhash.xxh3_128(content).digest())
-
-    async def tree(fn, *args):  # type: ignore[no-untyped-def]
-        return fn(*args)
-
-    ctx = Context("alpha", store, applier, scanner, os.fsencode(root), lambda peer: [mset],
-                  tree)
-    receiver = Receiver(ctx, "beta", None, Frames(), LinkStats())
-    temp = applier.begin_file(mset, new)
-    temp.write(content)
-    receiver._install(replicate.Need(mset, new, replicate.Purpose.INSTALL), temp)
-    assert (root / "data" / "f0").read_bytes() == content
-    assert store.get(b"data/f0").entry.stamp == new.stamp
     store.close()

@@ -1,0 +1,187 @@
+"""One link's plumbing, shared by both directions and by ``--check``: the counters, what
+a side needs from its daemon, the framed stream, the HELLO checks, and running a link's
+tasks together.
+
+A link carries one direction: push.py streams this host's log, receive.py applies a
+peer's. Neither knows of the other; they meet only in the :class:`Context`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, Sequence, TypeVar
+
+from omirror.clock import now_ns
+from omirror.config import MirrorSet
+from omirror.resolve import Resolver
+from omirror.wire import PROTOCOL_VERSION, Bye, Hello, Message, ProtocolError, encode, read_message
+
+if TYPE_CHECKING:
+    from omirror.apply import Applier
+    from omirror.scanner import Scanner
+    from omirror.store import Store
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: A peer whose clock differs more than this is named in the log and in status: its
+#: clock decides winners.
+SKEW_WARN_S = 2.0
+
+
+@dataclass
+class LinkStats:
+    """Counters of one peer, both directions; shown in status."""
+
+    out: str = "down"
+    inbound: str = "down"
+    out_since: float = 0.0
+    in_since: float = 0.0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    content_bytes_sent: int = 0
+    content_bytes_received: int = 0
+    entries_sent: int = 0
+    entries_received: int = 0
+    acked_seq: int = 0
+    #: Every entry of our log up to this seq that the peer is to get has been acked (the
+    #: ones not for it, e.g. its own versions, count once the pusher has read past them).
+    settled_seq: int = 0
+    skew_s: float = 0.0
+    expected_out: int = 0  # entries the log held to send when the link began
+    expected_in: int = 0  # entries the peer announced it would send
+    compression: str = "none"
+    last_error: str = ""
+
+
+class Context:
+    """What a link needs from its daemon: the store, the tree and the resolver, the sets it
+    shares with each peer, and the one thread that touches trees."""
+
+    def __init__(self, name: str, store: Store, applier: Applier, scanner: Scanner,
+                 root: bytes, sets_with: Callable[[str], Sequence[MirrorSet]],
+                 tree: Callable[..., Awaitable[Any]]) -> None:
+        self.name = name
+        self.store = store
+        self.applier = applier
+        self.scanner = scanner
+        self.root = root
+        self.sets_with = sets_with
+        self.tree = tree  # run a callable in the tree worker
+        #: Every link's receiver decides through this one resolver, in the tree worker.
+        self.resolver = Resolver(store, applier, scanner, root)
+        #: Paths a receiver could not apply, with why: shown in status, by every link.
+        self.failing: dict[bytes, str] = {}
+        #: ``(peer, path)`` -> the title of a set holding ``path`` that this host shares
+        #: with ``peer`` but has stopped (its root is missing or unmounted), or None.
+        self.stopped: Callable[[str, bytes], str | None] = lambda peer, path: None
+        self._changed = asyncio.Event()
+
+    @property
+    def conflicts(self) -> int:
+        """Concurrent edits met since the start, whichever side won."""
+        return self.resolver.conflicts
+
+    def notify(self, _seq: int = 0) -> None:
+        """Wake the pushers: the log grew. Safe to call from any thread via the loop."""
+        self._changed.set()
+
+    async def wait_for_change(self, timeout: float) -> None:
+        """Return once the log grew, or after ``timeout`` seconds: a pusher looks again
+        either way (a page it could not send yet, a set added by a reload)."""
+        self._changed.clear()
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+
+class Stream:
+    """Counts bytes both ways and sends whole frames."""
+
+    def __init__(self, reader: Any, writer: Any, stats: LinkStats) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.stats = stats
+
+    async def readexactly(self, n: int) -> bytes:
+        data = await self.reader.readexactly(n)
+        self.stats.bytes_received += n
+        return data
+
+    async def recv(self) -> Message:
+        """The next frame, decoded and checked (omirror/wire.py)."""
+        return await read_message(self)
+
+    async def send(self, msg: Message) -> None:
+        """Send one frame; waits while the channel's buffer is full (SSH flow control)."""
+        frame = encode(msg)
+        self.writer.write(frame)
+        self.stats.bytes_sent += len(frame)
+        await self.writer.drain()
+
+    async def expect(self, kind: type[T]) -> T:
+        """The next frame, which must be a ``kind``: the handshake's fixed order."""
+        msg = await self.recv()
+        if isinstance(msg, Bye):
+            raise ConnectionResetError(f"peer closed the link: {msg.why}")
+        if not isinstance(msg, kind):
+            raise ProtocolError(f"expected {kind.__name__}, got {type(msg).__name__}")
+        return msg
+
+
+async def run_together(*coros: Coroutine[Any, Any, None]) -> None:
+    """Run a link's tasks until one ends; raise its failure, if it failed.
+
+    The first to end ends the link (a reader that saw BYE, or any error), and the caller
+    sorts errors by type (a peer that went away, a protocol error), which an
+    ExceptionGroup would hide. A stop of the caller
+    arrives as CancelledError; one that races a link error is not lost either, since a
+    pending cancellation is delivered at the caller's next await. (asyncio.TaskGroup is
+    not used: on Python 3.11 a child's failure can leave the parent task marked as
+    being cancelled, which makes a lost peer look like a stop.)
+    """
+    tasks = [asyncio.ensure_future(coro) for coro in coros]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+        for task in tasks:  # a second failure while cancelled (a write to the closed
+            if not task.cancelled():  # channel) is the same loss, not an error to log
+                task.exception()
+    for task in done:
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            raise error
+
+
+def check_hello(hello: Hello, peer: str, stats: LinkStats) -> None:
+    """Refuse a peer whose HELLO names another host than its key, or speaks another
+    protocol; note its clock's skew, which decides winners."""
+    if hello.name != peer:
+        raise ProtocolError(f"the peer authenticated as {peer} says it is {hello.name}")
+    if hello.version != PROTOCOL_VERSION:
+        raise ProtocolError(f"peer speaks protocol {hello.version}, this omirrord "
+                            f"{PROTOCOL_VERSION}")
+    stats.skew_s = (hello.now_ns - now_ns()) / 1e9
+    if abs(stats.skew_s) > SKEW_WARN_S:
+        log.warning("peer=%s clock differs from ours by %+.1f s: its clock decides which "
+                    "version wins; run NTP on every host", peer, stats.skew_s)
+
+
+
+
+class Side:
+    """One end of a link: its daemon's context, the peer, the stream, the counters."""
+
+    def __init__(self, ctx: Context, peer: str, reader: Any, writer: Any,
+                 stats: LinkStats) -> None:
+        self.ctx = ctx
+        self.peer = peer
+        self.io = Stream(reader, writer, stats)
+        self.stats = stats

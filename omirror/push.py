@@ -1,0 +1,419 @@
+"""The pushing side of a link: stream this host's log to one peer, and serve the content
+it asks for.
+
+The pusher says who it is; the receiver answers IHAVE with how far it holds our log (our
+epoch and a seq); the pusher streams every entry after that seq, or everything when the
+epoch differs or the floor of collected tombstones has passed the cursor (Heimdal's
+TELLYOUEVERYTHING), then follows the log live. Small files travel inside their entry;
+larger ones are asked for with WANT and sent in chunks, or as a block delta against the
+receiver's old version. The index a ``--check`` reads is the same stream without
+content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import errno
+import functools
+import logging
+import os
+from dataclasses import replace
+from typing import Any, Sequence
+
+from omirror import fsio
+from omirror.clock import now_ns
+from omirror.config import MirrorSet, set_for
+from omirror.entry import Entry, Kind
+from omirror.errors import OmirrorError
+from omirror.link import Context, LinkStats, Side, check_hello, run_together
+from omirror.owners import gid_named, uid_named
+from omirror.paths import logical, show
+from omirror.store import Record, StatSig, Store
+from omirror.wire import (CHUNK, INLINE_MAX, PROTOCOL_VERSION, Ack, Bye, Copy, Data, EntryMsg,
+                          Hello, IHave, NoData, Passed, ProtocolError, Start, Want)
+
+log = logging.getLogger(__name__)
+
+#: Entries in flight before the pusher waits for acknowledgements: enough to hide the
+#: round trip, small enough to bound what either side holds.
+WINDOW_ENTRIES = 2048
+#: that) what a receiver queues before it stops reading: 2,048 small files of 64 KiB
+#: would otherwise be 128 MiB held per link, twice that from a peer that ignores the
+#: window. The receiver's bound must stay above the pusher's, or the content of a large
+#: file could wait behind entries the receiver no longer reads.
+WINDOW_BYTES = 16 << 20
+#: Log entries read per page.
+_PAGE = 256
+
+
+class Pusher(Side):
+    """Streams this host's log to one peer and serves that peer's WANTs.
+
+    Live links follow the log for ever. With ``once`` the pusher stops when the peer has
+    acknowledged everything the log held at the start, and says BYE (``--once``, and
+    the index a ``--check`` reads). An ``index`` pusher sends every entry, the peer's
+    own versions too, and no content: the reader only compares. ``replay_from``
+    (``omirrord log replay``) starts the stream at that seq when the peer holds more:
+    the entries after it are sent again, as if the peer's cursor were there.
+    """
+
+    def __init__(self, ctx: Context, peer: str, reader: Any, writer: Any, stats: LinkStats,
+                 *, once: bool = False, index: bool = False,
+                 replay_from: int | None = None) -> None:
+        super().__init__(ctx, peer, reader, writer, stats)
+        self.once = once or index
+        self.index = index
+        self.replay_from = replay_from
+        #: How far the stream has read the log; None until START is sent.
+        self.examined: int | None = None
+        self.unacked: collections.deque[int] = collections.deque()
+        #: (seq, bytes) of the entries in flight that carry content, and their sum
+        self.unacked_inline: collections.deque[tuple[int, int]] = collections.deque()
+        self.inflight_bytes = 0
+        #: The last PASSED sent: a BYE waits for its acknowledgement too, or the peer's
+        #: acknowledgement would find the channel closed
+        self.passed = 0
+        self.acked = asyncio.Event()
+        #: A receiver has one request open at a time; one that sends more and never
+        #: reads what it asked for is not read further (its requests are not queued).
+        self.wants: asyncio.Queue[Want] = asyncio.Queue(maxsize=4)
+
+    async def run(self) -> None:
+        """The handshake, then the stream, the acknowledgements and the content served,
+        until the link fails (or, ``once``, until the peer holds everything)."""
+        store = self.ctx.store
+        await self.io.send(Hello(PROTOCOL_VERSION, self.ctx.name, store.epoch, now_ns()))
+        check_hello(await self.io.expect(Hello), self.peer, self.stats)
+        ihave = await self.io.expect(IHave)
+        full = (ihave.epoch != store.epoch or ihave.seq > store.last_seq
+                or ihave.seq < store.floor)
+        start = 0 if full else ihave.seq
+        if self.replay_from is not None and self.replay_from < start:
+            log.info("peer=%s replaying our log from seq %d (it holds up to %d)", self.peer,
+                     self.replay_from, start)
+            start = self.replay_from
+        if full and ihave.epoch:
+            log.info("peer=%s holds %s of our log, which is not usable (our epoch %s, "
+                     "floor %d): sending everything", self.peer,
+                     f"{ihave.epoch}:{ihave.seq}", store.epoch, store.floor)
+        total = store.count_since(start)
+        self.stats.expected_out += total
+        await self.io.send(Start(start, full, total))
+        self.examined = start
+        self.stats.acked_seq = start  # what this peer holds now, not what an earlier link saw
+        self._settle()
+        await run_together(self._read_replies(), self._serve_wants(), self._stream(start))
+
+    async def _read_replies(self) -> None:
+        while True:
+            msg = await self.io.recv()
+            if isinstance(msg, Ack):
+                self.stats.acked_seq = max(self.stats.acked_seq, msg.seq)
+                while self.unacked and self.unacked[0] <= msg.seq:
+                    self.unacked.popleft()
+                while self.unacked_inline and self.unacked_inline[0][0] <= msg.seq:
+                    self.inflight_bytes -= self.unacked_inline.popleft()[1]
+                self._settle()
+                self.acked.set()
+            elif isinstance(msg, Want):
+                await self.wants.put(msg)
+            elif isinstance(msg, Bye):
+                raise ConnectionResetError(f"peer closed the link: {msg.why}")
+            else:
+                raise ProtocolError(f"a receiver does not send {type(msg).__name__}")
+
+    def _wanted(self, entry: Entry, sets: Sequence[MirrorSet]) -> bool:
+        """Entries of the sets shared with this peer, except the peer's own versions:
+        it made them, so it holds them or something newer. A path excluded for this peer
+        (by the one rule, :func:`config.set_for`) never leaves for it: not its name, not
+        its size, digest or content."""
+        if entry.stamp.origin == self.peer and not self.index:
+            return False
+        return set_for(entry.path, sets) is not None
+
+    @staticmethod
+    def _outgoing(entry: Entry, sets: Sequence[MirrorSet]) -> Entry:
+        """The entry as it may go to this peer: a rename from a path the peer does not
+        share (an excluded one, another set) goes as a new file, without naming it."""
+        if entry.moved_from is not None and set_for(entry.moved_from, sets) is None:
+            entry = replace(entry, moved_from=None)
+        if entry.uid < 0 or entry.gid < 0:
+            # recorded before versions carried numeric ids: this host's ids of the names
+            uid, gid = uid_named(entry.owner), gid_named(entry.group)
+            entry = replace(entry, uid=entry.uid if entry.uid >= 0 or uid is None else uid,
+                            gid=entry.gid if entry.gid >= 0 or gid is None else gid)
+        return entry
+
+    def _with_parents(self, records: list[Record], sets: Sequence[MirrorSet],
+                      ahead: dict[bytes, int]) -> list[tuple[Record, bool]]:
+        """Put a directory's entry before its children's when its own change is later in
+        the log (a chmod after the files were made), so the receiver never has to make a
+        parent up; an entry already sent ahead is not sent again at its place. Entries
+        sent ahead are marked: they are not a position in the log."""
+        out: list[tuple[Record, bool]] = []
+        for record in records:
+            if ahead.get(record.entry.path) == record.seq:
+                continue
+            chain: list[Record] = []
+            path = record.entry.path
+            while True:
+                path = path.rpartition(b"/")[0]
+                if not path or set_for(path, sets) is None:
+                    break
+                parent = self.ctx.store.get(path)
+                # only a directory that must exist goes ahead: a deletion of the parent
+                # must stay after the deletions of its children
+                if parent is None or parent.entry.kind is not Kind.DIR \
+                        or parent.seq < record.seq or ahead.get(path) == parent.seq:
+                    break
+                if self._wanted(parent.entry, sets):
+                    chain.append(parent)
+            for parent in reversed(chain):
+                ahead[parent.entry.path] = parent.seq
+                out.append((parent, True))
+            out.append((record, False))
+        return out
+
+    async def _stream(self, position: int) -> None:
+        store = self.ctx.store
+        ahead: dict[bytes, int] = {}
+        while True:
+            sets = self.ctx.sets_with(self.peer)
+            page = [r for r in _page(store, position)]
+            if not page:
+                if self.once:
+                    await self._finish()
+                    return
+                await self.ctx.wait_for_change(timeout=5.0)
+                continue
+            position = page[-1].seq
+            records = self._with_parents([r for r in page if self._wanted(r.entry, sets)],
+                                         sets, ahead)
+            inline = {} if self.index else await asyncio.to_thread(
+                _read_inline, self.ctx.root, [r for r, _ in records], sets)
+            for record, out_of_order in records:
+                data = inline.get(record.entry.path)
+                size = 0 if data is None else len(data)
+                while len(self.unacked) >= WINDOW_ENTRIES or (
+                        self.inflight_bytes and self.inflight_bytes + size > WINDOW_BYTES):
+                    self.acked.clear()
+                    await self.acked.wait()
+                if data is not None:
+                    self.stats.content_bytes_sent += len(data)
+                await self.io.send(EntryMsg(0 if out_of_order else record.seq,
+                                            self._outgoing(record.entry, sets), data))
+                if not out_of_order and not self.index:  # an index reader applies nothing
+                    self.unacked.append(record.seq)     # and acknowledges nothing
+                    if size:
+                        self.unacked_inline.append((record.seq, size))
+                        self.inflight_bytes += size
+                self.stats.entries_sent += 1
+            if not self.index and (not records or records[-1][0].seq != position):
+                # the page ended with entries not for this peer (its own, say): say so,
+                # or its cursor stays behind them and every reconnect pages them again
+                await self.io.send(Passed(position))
+                self.passed = position
+            self.examined = position
+            self._settle()
+
+    def _settle(self) -> None:
+        """Status: everything read from the log and not waiting for an ack is settled."""
+        if self.examined is not None:
+            self.stats.settled_seq = self.unacked[0] - 1 if self.unacked else self.examined
+
+    async def _finish(self) -> None:
+        """Once everything sent is acknowledged, say goodbye. An entry is acknowledged
+        only once applied, its content fetched included, so no WANT is left open."""
+        while self.unacked or self.stats.acked_seq < self.passed:
+            self.acked.clear()
+            await self.acked.wait()
+        await self.io.send(Bye("caught up"))
+
+    async def _serve_wants(self) -> None:
+        while True:
+            want = await self.wants.get()
+            await self._serve(want)
+
+    async def _serve(self, want: Want) -> None:
+        """Send the content a receiver asked for, if it may have it and it is still here.
+
+        The file is opened through descriptors from its set's root (omirror/fsio.py),
+        so a directory swapped for a symlink cannot make root send a file from outside
+        the tree; it must be a regular file (a FIFO swapped in is refused, not waited
+        on), and its content leaves only once it is known to be the version asked for.
+        """
+        sets = self.ctx.sets_with(self.peer)
+        mset = set_for(want.path, sets)
+        if mset is None:
+            log.warning("peer=%s asked for %s, which is in no set this host shares with "
+                        "it: refused", self.peer, show(want.path))
+            await self.io.send(NoData(want.want_id, "not in a set we share"))
+            return
+        record = self.ctx.store.get(want.path)
+        if record is None or record.entry.kind is not Kind.FILE \
+                or record.entry.digest != want.digest:
+            await self.io.send(NoData(want.want_id, "that version is no longer here"))
+            return
+        try:
+            fd, st = await asyncio.to_thread(_open_served, self.ctx.root, mset, want.path)
+        except (OSError, fsio.NotInTree, fsio.Swapped) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            await self.io.send(NoData(want.want_id, reason[:200] or "cannot open"))
+            if not isinstance(e, OSError):
+                await self._recheck(mset, want.path)
+            return
+        try:
+            if want.block_size and want.blocks:
+                sent = await self._send_delta(fd, want)
+            else:
+                sent = await self._send_whole(fd, want, st, record)
+        finally:
+            os.close(fd)
+        if not sent:
+            await self._recheck(mset, want.path)
+
+    async def _recheck(self, mset: MirrorSet, path: bytes) -> None:
+        """The file did not hold the version its record names (NODATA was sent, and the
+        peer waits for a newer entry). Usually a change in progress, whose events bring
+        that entry; but a record that is simply wrong would never be followed by one, so
+        the file is hashed again now and what it holds is recorded."""
+        try:
+            await self.ctx.tree(functools.partial(
+                self.ctx.scanner.scan_paths, mset, self.ctx.root, [(path, False)],
+                force=True))
+        except OmirrorError as e:  # a root gone, say: the daemon says so elsewhere
+            log.debug("path=%s not rescanned: %s", show(path), e)
+
+    async def _send_whole(self, fd: int, want: Want, st: os.stat_result,
+                          record: Record) -> bool:
+        """Stream a whole file. It is known to hold the wanted version when its stat is
+        the one recorded with that version's digest (as a scan trusts it); otherwise it
+        is hashed first, and nothing is sent unless it matches. A write during the
+        stream is caught at the end, and the receiver discards what it got."""
+        if record.sig is None or StatSig.of(st) != record.sig:
+            whole, _ = await asyncio.to_thread(fsio.digest_fd, fd)
+            if whole != want.digest:
+                await self.io.send(NoData(want.want_id, "the file changed before it was "
+                                                        "sent"))
+                return False
+        digest = fsio.new_digest()
+        offset = 0
+        while True:
+            chunk = await asyncio.to_thread(os.pread, fd, CHUNK, offset)
+            offset += len(chunk)
+            digest.update(chunk)
+            end = len(chunk) < CHUNK
+            self.stats.content_bytes_sent += len(chunk)
+            await self.io.send(Data(want.want_id, chunk, end and digest.digest() == want.digest))
+            if end:
+                break
+        if digest.digest() != want.digest:
+            await self.io.send(NoData(want.want_id, "the file changed while it was sent"))
+            return False
+        return True
+
+    async def _send_delta(self, fd: int, want: Want) -> bool:
+        """Send only the blocks that differ from the receiver's old version.
+
+        The whole file is hashed first: if it no longer is the wanted version, nothing
+        is sent. Unchanged blocks become COPY instructions, merged when adjacent; only
+        the changed blocks are read again. A file changed while it is sent is caught by
+        its stat here, or else by the receiver, which checks the digest of what it built.
+        """
+        size = want.block_size
+        before = os.fstat(fd)
+        # one byte per block, not a digest: the peer chooses the block size, and a
+        # list of digests of small blocks of a large file would be gigabytes
+        same, whole = await asyncio.to_thread(fsio.compare_blocks, fd, size, want.blocks)
+        if whole != want.digest:
+            await self.io.send(NoData(want.want_id, "the file changed before it was sent"))
+            return False
+        file_size = before.st_size
+        run_start, run_len = 0, 0
+        for index, matched in enumerate(same):
+            offset = index * size
+            length = min(size, file_size - offset)  # the last block may be short
+            if matched:
+                if run_len and run_start + run_len == offset:
+                    run_len += length
+                else:
+                    if run_len:
+                        await self.io.send(Copy(want.want_id, run_start, run_len))
+                    run_start, run_len = offset, length
+                continue
+            if run_len:
+                await self.io.send(Copy(want.want_id, run_start, run_len))
+                run_len = 0
+            data = await asyncio.to_thread(os.pread, fd, size, offset)
+            for part in range(0, len(data), CHUNK):
+                piece = data[part:part + CHUNK]
+                self.stats.content_bytes_sent += len(piece)
+                await self.io.send(Data(want.want_id, piece, False))
+        if run_len:
+            await self.io.send(Copy(want.want_id, run_start, run_len))
+        if fsio.unchanged(os.fstat(fd), before):
+            await self.io.send(Data(want.want_id, b"", True))
+            return True
+        await self.io.send(NoData(want.want_id, "the file changed while it was sent"))
+        return False
+
+
+def _page(store: Store, position: int) -> list[Record]:
+    out = []
+    for record in store.since(position):
+        out.append(record)
+        if len(out) >= _PAGE:
+            break
+    return out
+
+
+def _top_of(path: bytes, sets: Sequence[MirrorSet]) -> bytes | None:
+    """The logical root, of the set that holds ``path`` among ``sets``, below which it
+    is opened; None when no set does."""
+    mset = set_for(path, sets)
+    root = None if mset is None else mset.root_of(path)
+    return None if root is None else logical(root)
+
+
+def _open_served(root: bytes, mset: MirrorSet, path: bytes) -> tuple[int, os.stat_result]:
+    """Open a file a receiver asked for, through descriptors from its set's root."""
+    top = mset.root_of(path)
+    if top is None:
+        raise FileNotFoundError(errno.ENOENT, "not in the set")
+    with fsio.Opener(root) as opener:
+        return opener.open_file(logical(top), path)
+
+
+def _read_inline(root: bytes, records: list[Record],
+                 sets: Sequence[MirrorSet]) -> dict[bytes, bytes]:
+    """Read the small files of a page in one thread hop; a file that no longer matches
+    its entry is left out (the receiver will ask, and be told it changed).
+
+    Each file is opened through descriptors from its set's root, and must be a regular
+    file (a FIFO would block, a device is no content): the directories of one page are
+    opened once. What is read leaves only if it has the entry's digest.
+    """
+    out: dict[bytes, bytes] = {}
+    with fsio.Opener(root) as opener:
+        for record in records:
+            entry = record.entry
+            if entry.kind is not Kind.FILE or entry.size > INLINE_MAX:
+                continue
+            top = _top_of(entry.path, sets)
+            if top is None:
+                continue
+            try:
+                fd, _ = opener.open_file(top, entry.path)
+            except (OSError, fsio.NotInTree, fsio.Swapped):
+                continue
+            try:
+                data = os.read(fd, INLINE_MAX + 1)
+            except OSError:
+                continue
+            finally:
+                os.close(fd)
+            if len(data) == entry.size and fsio.digest_bytes(data) == entry.digest:
+                out[entry.path] = data
+            opener.trim()
+    return out

@@ -1,0 +1,374 @@
+"""The receiving side of a link: take one peer's log in order, have it applied, and
+acknowledge it.
+
+Frames are read as they come and queued, bounded in entries and in inline bytes, so a
+peer beyond its window stops being read (SSH flow control then holds it). Entries go to
+the tree worker in batches (omirror/resolve.py decides and applies them); one that needs
+its content has it fetched (WANT, then chunks or a block delta) into a temp file, one
+request at a time. An entry is acknowledged once applied or settled, and the cursor
+persisted below the oldest that failed, so a returning link resumes where it stopped and
+failed paths are retried, with backoff, until they apply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from omirror import diskspace, fsio
+from omirror.clock import now_ns
+from omirror.errors import ApplyError, PathRefused
+from omirror.link import Context, LinkStats, Side, check_hello, run_together
+from omirror.paths import show
+from omirror.progress import human_bytes
+from omirror.resolve import Need, Result
+from omirror.staging import TempFile
+from omirror.store import Cursor
+from omirror.wire import (PROTOCOL_VERSION, Ack, Bye, Copy, Data, EntryMsg, Hello, IHave,
+                          NoData, Passed, ProtocolError, Start, Want)
+
+log = logging.getLogger(__name__)
+
+#: Entries a receiver queues before it stops reading the peer: twice the pusher's window
+#: (omirror/push.py), so an honest pusher is never held by it.
+QUEUE_ENTRIES = 4096
+#: Inline content a receiver queues before it stops reading: above the pusher's bound,
+#: or the content of a large file could wait behind entries the receiver no longer reads.
+QUEUE_BYTES = 32 << 20
+#: Content chunks (1 MiB) a receiver holds for the request it has open.
+_CONTENT_QUEUE = 8
+#: Files at least this large are asked for as a block delta when this host holds an
+#: older version; the block size keeps the digest list small (16 bytes per MiB).
+DELTA_MIN = 4 << 20
+BLOCK = 1 << 20
+#: A receiver offers a block delta only for files of at most this many blocks (the
+#: digests must fit one WANT frame); a larger file is fetched whole.
+MAX_DELTA_BLOCKS = 100_000
+_ACK_EVERY = 64
+_BATCH = 64  # entries applied in one tree-worker job and one store transaction
+_RETRY_FIRST_S, _RETRY_MAX_S = 1.0, 60.0
+#: Paths one link keeps for a retry. Beyond it the receiver takes no further entries
+#: from that peer until some apply (a disk full under a flood of files): what a peer
+#: can make this host hold stays bounded, and nothing is dropped.
+MAX_FAILING = 10_000
+
+
+@dataclass
+class _Failing:
+    msg: EntryMsg
+    error: str
+    delay_s: float = _RETRY_FIRST_S
+    due: float = field(default_factory=time.monotonic)
+
+
+class Receiver(Side):
+    """Applies one peer's log here, in order, and acknowledges it."""
+
+    def __init__(self, ctx: Context, peer: str, reader: Any, writer: Any,
+                 stats: LinkStats) -> None:
+        super().__init__(ctx, peer, reader, writer, stats)
+        self.entries: asyncio.Queue[EntryMsg | Passed] = asyncio.Queue(maxsize=QUEUE_ENTRIES)
+        self.queued_bytes = 0  # inline content in ``entries``, at most QUEUE_BYTES
+        self._dequeued = asyncio.Event()
+        #: Content for the one request open at a time (``_open``); other content is
+        #: dropped if it is the rest of a request given up, refused if never asked for.
+        self.content: asyncio.Queue[Data | Copy | NoData] = asyncio.Queue(_CONTENT_QUEUE)
+        self._open: int | None = None
+        self._fetching = asyncio.Lock()
+        self.epoch = ""
+        self.done_seq = 0
+        self.saved_seq = 0
+        self.retry: dict[bytes, _Failing] = {}
+        #: Set each time a path leaves ``retry``: a link with MAX_FAILING paths failing
+        #: waits for it before it takes more entries.
+        self._retry_shrank = asyncio.Event()
+        self._want_id = 0
+
+    async def run(self) -> None:
+        """The handshake, then reading, applying and retrying at once, until the peer
+        says BYE or the link fails."""
+        store = self.ctx.store
+        hello = await self.io.expect(Hello)
+        check_hello(hello, self.peer, self.stats)
+        await self.io.send(Hello(PROTOCOL_VERSION, self.ctx.name, store.epoch, now_ns()))
+        cursor = store.cursor(self.peer) or Cursor("", 0)
+        await self.io.send(IHave(cursor.epoch, cursor.seq))
+        start = await self.io.expect(Start)
+        self.stats.expected_in += start.total
+        self.epoch = hello.epoch
+        self.done_seq = self.saved_seq = start.seq
+        if start.full:
+            log.info("peer=%s sends everything it has (new epoch %s)", self.peer, hello.epoch)
+        await run_together(self._read_frames(), self._apply_all(), self._retry_failing())
+
+    async def _read_frames(self) -> None:
+        while True:
+            msg = await self.io.recv()
+            if isinstance(msg, EntryMsg):
+                self.stats.entries_received += 1
+                size = 0 if msg.data is None else len(msg.data)
+                self.stats.content_bytes_received += size
+                while self.queued_bytes and self.queued_bytes + size > QUEUE_BYTES:
+                    self._dequeued.clear()  # a peer beyond the window: stop reading it
+                    await self._dequeued.wait()
+                self.queued_bytes += size
+                await self.entries.put(msg)
+            elif isinstance(msg, Passed):
+                await self.entries.put(msg)  # in order: it settles what came before it
+            elif isinstance(msg, (Data, Copy, NoData)):
+                if isinstance(msg, Data):
+                    self.stats.content_bytes_received += len(msg.data)
+                if msg.want_id == self._open:
+                    await self.content.put(msg)
+                elif not 0 < msg.want_id <= self._want_id:
+                    raise ProtocolError(f"content for request {msg.want_id}, which was "
+                                        "never made")
+            elif isinstance(msg, Bye):
+                # the pusher sends BYE only when everything it sent is acknowledged
+                log.info("peer=%s ended its stream: %s", self.peer, msg.why)
+                return
+            else:
+                raise ProtocolError(f"a pusher does not send {type(msg).__name__}")
+
+    async def _apply_all(self) -> None:
+        """Apply entries in order, in batches: what is queued goes to the tree worker in
+        one job and one store transaction, and its small files are synced together."""
+        count = 0
+        pending: list[EntryMsg] = []
+        passed: Passed | None = None  # taken from the queue, to settle after ``pending``
+        while True:
+            if not pending:
+                if passed is not None:
+                    self.done_seq = max(self.done_seq, passed.seq)
+                    passed = None
+                if self.entries.empty():
+                    await self._save_cursor()
+                await self._room_to_fail()
+                item = await self.entries.get()
+                while not isinstance(item, Passed):
+                    pending.append(self._dequeue(item))
+                    if len(pending) >= _BATCH or self.entries.empty():
+                        break
+                    item = self.entries.get_nowait()
+                else:
+                    passed = item  # ends the batch: it settles only what came before it
+                if not pending:
+                    continue
+            results = await self.ctx.tree(self._apply_batch, list(pending))
+            del pending[:len(results)]
+            for msg, outcome in results:
+                await self._settle(msg, outcome)
+                if msg.seq:  # 0: a parent sent ahead of its place in the log
+                    self.done_seq = msg.seq
+                count += 1
+                if count % _ACK_EVERY == 0:
+                    await self._save_cursor()
+
+    async def _room_to_fail(self) -> None:
+        """Wait while this link holds MAX_FAILING paths to retry: the peer's further
+        entries stay unread (SSH flow control holds it) until some of those apply."""
+        if len(self.retry) < MAX_FAILING:
+            return
+        log.warning("peer=%s %d paths cannot be applied here (see omirrord status): no "
+                    "further entries are taken from this peer until some of them are",
+                    self.peer, len(self.retry))
+        while len(self.retry) >= MAX_FAILING:
+            self._retry_shrank.clear()
+            await self._retry_shrank.wait()
+
+    def _dequeue(self, msg: EntryMsg) -> EntryMsg:
+        if msg.data is not None:
+            self.queued_bytes -= len(msg.data)
+            self._dequeued.set()
+        return msg
+
+    def _apply_batch(self, msgs: list[EntryMsg]) -> list[tuple[EntryMsg, Result]]:
+        """In the tree worker: the resolver applies ``msgs`` in order, up to the first
+        that needs its content fetched."""
+        outcomes = self.ctx.resolver.batch(
+            self.peer, self.ctx.sets_with(self.peer), [(m.entry, m.data) for m in msgs],
+            self._stopped)
+        return list(zip(msgs, outcomes))
+
+    def _apply_one(self, msg: EntryMsg) -> Result:
+        """In the tree worker: apply one entry again (a retry)."""
+        return self.ctx.resolver.one(self.peer, self.ctx.sets_with(self.peer), msg.entry,
+                                     msg.data, self._stopped)
+
+    def _stopped(self, path: bytes) -> str | None:
+        return self.ctx.stopped(self.peer, path)
+
+    async def _settle(self, msg: EntryMsg, outcome: Result) -> None:
+        """What follows an entry's application in the loop: its fetch, its failure or
+        refusal, the end of its earlier failures."""
+        if isinstance(outcome, Need):
+            try:
+                await self._fetch(outcome, msg)
+            except (ApplyError, PathRefused) as e:
+                outcome = e
+            else:
+                outcome = None
+        if isinstance(outcome, ApplyError):
+            # a file waiting for disk space is tried again soon: it waits for space, not
+            # for a fault to pass, and checking costs a statvfs
+            self._fail(msg, str(outcome),
+                       diskspace.RETRY_S if isinstance(outcome, diskspace.LowDisk) else None)
+        elif isinstance(outcome, PathRefused):
+            # found while applying: a symlink or a file where the path needs a directory,
+            # a set root. Skipped like a path check_path refuses: retrying cannot help,
+            # and closing the link would refuse it again on every reconnect
+            log.warning("peer=%s sent a path that is refused here: %s", self.peer, outcome)
+            if self.retry.pop(msg.entry.path, None) is not None:
+                self.ctx.failing.pop(msg.entry.path, None)
+                self._retry_shrank.set()
+        else:
+            # the status entry may be an earlier link's (this peer reconnected, or
+            # another peer's link failed it): the path is applied now, whoever failed it
+            retried = self.retry.pop(msg.entry.path, None) is not None
+            if retried:
+                self._retry_shrank.set()
+            if self.ctx.failing.pop(msg.entry.path, None) is not None or retried:
+                log.info("peer=%s path=%s applied after earlier failures", self.peer,
+                         show(msg.entry.path))
+
+    async def _save_cursor(self) -> None:
+        """Acknowledge what is settled; persist the cursor below the oldest failing entry
+        so that a restart retries it."""
+        if self.done_seq == self.saved_seq:
+            return
+        durable = self.done_seq
+        if self.retry:
+            durable = min(durable, min((f.msg.seq for f in self.retry.values() if f.msg.seq),
+                                       default=durable + 1) - 1)
+        cursor = Cursor(self.epoch, durable)
+        await self.ctx.tree(self.ctx.store.set_cursor, self.peer, cursor)
+        await self.io.send(Ack(self.done_seq))
+        self.saved_seq = self.done_seq
+
+    async def _apply(self, msg: EntryMsg) -> None:
+        await self._settle(msg, await self.ctx.tree(self._apply_one, msg))
+
+    def _fail(self, msg: EntryMsg, error: str, delay_s: float | None = None) -> None:
+        previous = self.retry.get(msg.entry.path)
+        delay = _RETRY_FIRST_S if previous is None else min(previous.delay_s * 2, _RETRY_MAX_S)
+        if delay_s is not None:
+            delay = delay_s
+        # without its content: a retry asks for it again, so that a disk full under a
+        # stream of small files does not hold all of them in memory
+        self.retry[msg.entry.path] = _Failing(replace(msg, data=None), error, delay,
+                                              time.monotonic() + delay)
+        self.ctx.failing[msg.entry.path] = error
+        log.warning("peer=%s %s; retrying in %.0f s", self.peer, error, delay)
+
+    async def _retry_failing(self) -> None:
+        """Apply each failed entry again when its time comes (doubling, up to a minute)."""
+        while True:
+            await asyncio.sleep(0.5)  # a timer: retries are due on their own schedule
+            now = time.monotonic()
+            for path, failing in list(self.retry.items()):
+                if failing.due <= now and self.retry.get(path) is failing:
+                    await self._apply(failing.msg)
+
+    async def _fetch(self, need: Need, msg: EntryMsg) -> None:
+        """Ask for the content of a version and build it in a temp file, then install it
+        if it still wins when it is complete. One request is open at a time (a retry
+        waits for the fetch in progress): content frames carry no path, only the id."""
+        async with self._fetching:
+            self._drop_content()
+            try:
+                await self._fetch_one(need, msg)
+            finally:
+                self._open = None
+                self._drop_content()  # what came for it after it was given up
+
+    def _drop_content(self) -> None:
+        while not self.content.empty():
+            self.content.get_nowait()
+
+    async def _fetch_one(self, need: Need, msg: EntryMsg) -> None:
+        self._want_id += 1
+        want_id = self._open = self._want_id
+        entry = need.entry
+        old_fd = -1
+        blocks: tuple[bytes, ...] = ()
+        resumed = 0
+        if DELTA_MIN <= entry.size <= MAX_DELTA_BLOCKS * BLOCK:
+            # what arrived of this very version before a cut: the delta against it asks
+            # only for the rest
+            old_fd, resumed = await self.ctx.tree(self.ctx.applier.open_partial,
+                                                  need.mset, entry)
+            if resumed:
+                log.info("peer=%s path=%s resumes a cut transfer: %s of %s are here",
+                         self.peer, show(entry.path), human_bytes(resumed),
+                         human_bytes(entry.size))
+        if old_fd < 0 and need.old is not None and \
+                DELTA_MIN <= need.old.entry.size <= MAX_DELTA_BLOCKS * BLOCK \
+                and entry.size >= DELTA_MIN:
+            old_fd = await self.ctx.tree(self.ctx.applier.open_old, need.mset, need.old)
+        if old_fd >= 0:
+            try:
+                digests, _ = await asyncio.to_thread(fsio.block_digests, old_fd, BLOCK)
+                blocks = tuple(digests)
+            except OSError:
+                os.close(old_fd)
+                old_fd = -1
+        temp: TempFile | None = None
+        begun = asyncio.ensure_future(self.ctx.tree(self._begin, need))
+        try:
+            try:
+                temp = await asyncio.shield(begun)
+            except asyncio.CancelledError:
+                # the worker makes the temp file anyway: remove it once it exists
+                begun.add_done_callback(self._abort_late)
+                raise
+            await self.io.send(Want(want_id, entry.path, entry.digest,
+                                    BLOCK if blocks else 0, blocks))
+            while True:
+                part = await self.content.get()
+                if part.want_id < want_id:
+                    continue  # queued for a request given up just before this one
+                if part.want_id != want_id:
+                    raise ProtocolError(f"content for request {part.want_id} while "
+                                        f"{want_id} is open")
+                if isinstance(part, NoData):
+                    log.debug("peer=%s path=%s no longer available: %s", self.peer,
+                              show(entry.path), part.why)
+                    await self.ctx.tree(temp.abort)
+                    if resumed:
+                        await self.ctx.tree(self.ctx.applier.drop_partial, need.mset, entry)
+                    return
+                if isinstance(part, Copy):
+                    if old_fd < 0:
+                        raise ProtocolError("COPY without a delta base")
+                    await self.ctx.tree(temp.copy_from, old_fd, part.offset, part.length)
+                    continue
+                if part.data:
+                    await self.ctx.tree(temp.write, part.data)
+                if part.end:
+                    break
+            await self.ctx.tree(self.ctx.resolver.install, self.peer,
+                                self.ctx.sets_with(self.peer), need, temp)
+            if resumed:
+                await self.ctx.tree(self.ctx.applier.drop_partial, need.mset, entry)
+        except BaseException as e:
+            if temp is not None:
+                # cut (the link, a shutdown): what arrived is kept for a resume; content
+                # that is wrong, or a peer that broke the protocol, leaves nothing
+                cut = not isinstance(e, (ApplyError, PathRefused, ProtocolError))
+                await asyncio.shield(self.ctx.tree(temp.keep_partial if cut else temp.abort))
+            raise
+        finally:
+            if old_fd >= 0:
+                os.close(old_fd)
+
+    def _abort_late(self, begun: asyncio.Future[TempFile]) -> None:
+        if not begun.cancelled() and begun.exception() is None:
+            asyncio.ensure_future(self.ctx.tree(begun.result().abort))
+
+    def _begin(self, need: Need) -> TempFile:
+        """In the tree worker: the temp file the content is built in."""
+        return self.ctx.applier.begin_file(need.mset, need.entry)
