@@ -32,7 +32,7 @@ from omirror.intents import Intent, IntentLog
 from omirror.owners import OwnerMap, Ownership, group_name, user_name
 from omirror.owners import can_chown as can_chown_now
 from omirror.paths import PATH_MAX, join, show, split
-from omirror.progress import human_bytes
+from omirror.units import human_bytes
 from omirror.setdirs import SetDirs
 from omirror.staging import (TEMP_FLAGS, TempFile, check_temp, os_errors,
                              partial_name, sync_batch, temp_at, temp_name)

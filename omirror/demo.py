@@ -35,6 +35,7 @@ from typing import NamedTuple
 
 from omirror import config, peerkeys
 from omirror.paths import is_own_name
+from omirror.units import human_bytes
 from omirror.errors import ConfigError, OmirrorError
 
 log = logging.getLogger(__name__)
@@ -454,7 +455,7 @@ def _describe(rel: str, seen: Seen) -> str:
     if seen.kind == "dir":
         return _shown(rel) + "/"
     if seen.kind == "file":
-        return f"{_shown(rel)} ({human_size(seen.size)})"
+        return f"{_shown(rel)} ({human_bytes(seen.size)})"
     if seen.kind == "link":
         return f"{_shown(rel)} -> {_shown(seen.target)}"
     return _shown(rel)
@@ -465,18 +466,6 @@ def _shown(name: str) -> str:
     not UTF-8 (kept by surrogateescape) or control characters, even a newline."""
     text = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
     return text if text.isprintable() else repr(text)[1:-1]
-
-
-def human_size(n: int) -> str:
-    """``1234`` -> ``1.2 KiB``: sizes a newcomer reads at a glance."""
-    if n < 1024:
-        return f"{n} B"
-    value = float(n)
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        value /= 1024
-        if value < 1024 or unit == "TiB":
-            break
-    return f"{value:.1f} {unit}"
 
 
 def welcome_text(layout: Layout) -> str:
@@ -620,4 +609,4 @@ def _follow(layout: Layout, daemons: Daemons, echo: Echo, stop: _StopRequested,
 
 
 __all__ = ["DemoError", "DemoPeer", "Layout", "run_demo", "prepare", "snapshot", "changes",
-           "human_size", "DEFAULT_DIR", "LABELS", "TREE", "WELCOME"]
+           "DEFAULT_DIR", "LABELS", "TREE", "WELCOME"]

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 
 from omirror.errors import ApplyError
-from omirror.progress import human_bytes
+from omirror.units import human_bytes
 
 _SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)

@@ -14,26 +14,13 @@ import time
 from typing import Callable, TextIO
 
 from omirror import systemd
+from omirror.units import human_bytes, human_time
 
 log = logging.getLogger(__name__)
 
 LOG_EVERY_S = 10.0
 DRAW_EVERY_S = 0.1
 _BAR = 24
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-def human_time(seconds: float) -> str:
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
 class Progress:

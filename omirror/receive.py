@@ -24,7 +24,7 @@ from omirror.clock import now_ns
 from omirror.errors import ApplyError, PathRefused
 from omirror.link import Context, LinkStats, Side, check_hello, run_together
 from omirror.paths import show
-from omirror.progress import human_bytes
+from omirror.units import human_bytes
 from omirror.resolve import Need, Result
 from omirror.staging import TempFile
 from omirror.store import Cursor

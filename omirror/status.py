@@ -14,13 +14,23 @@ bound then).
 from __future__ import annotations
 
 import bisect
+import json
+import logging
+import os
 import time
 from dataclasses import asdict
 from typing import Any
 
 from omirror.paths import show
 from omirror.link import LinkStats
+from omirror.units import human_bytes
 
+log = logging.getLogger(__name__)
+
+#: The file in the state directory that holds the last status, for tools that read files.
+STATUS_FILE = "status.json"
+#: How often a running daemon rewrites it.
+STATUS_EVERY_S = 0.5
 #: Commit times are kept for this many commits; older ones collapse into one bound.
 _KEEP = 100_000
 #: Failing paths listed in status (all are counted): a disk full under a flood of files
@@ -33,6 +43,19 @@ def failing_status(failing: dict[bytes, str]) -> dict[str, Any]:
     there are in all."""
     first = sorted(failing)[:FAILING_SHOWN]
     return {"failing": {show(p): failing[p] for p in first}, "failing_count": len(failing)}
+
+
+def write_status_file(state_dir: str, status: dict[str, Any]) -> None:
+    """Replace ``status.json`` at once (a reader never sees half of it); a state
+    directory that cannot take it costs a debug line, not the daemon."""
+    path = os.path.join(state_dir, STATUS_FILE)
+    temp = path + ".tmp"
+    try:
+        with open(temp, "w") as f:
+            json.dump(status, f)
+        os.replace(temp, path)
+    except OSError as e:
+        log.debug("cannot write %s: %s", path, e)
 
 
 class SeqTimes:
@@ -100,12 +123,12 @@ def render(status: dict[str, Any], now: float | None = None) -> str:
         skew = peer.get("skew_s", 0.0)
         warn = "  <- decides winners: run NTP" if abs(skew) > 2.0 else ""
         lines.append(f"  skew      {skew:+.3f} s{warn}")
-        lines.append(f"  sent      {_size(peer.get('bytes_sent', 0))} "
+        lines.append(f"  sent      {human_bytes(peer.get('bytes_sent', 0))} "
                      f"({plural(peer.get('entries_sent', 0), 'entry')}, "
-                     f"{_size(peer.get('content_bytes_sent', 0))} content)")
-        lines.append(f"  received  {_size(peer.get('bytes_received', 0))} "
+                     f"{human_bytes(peer.get('content_bytes_sent', 0))} content)")
+        lines.append(f"  received  {human_bytes(peer.get('bytes_received', 0))} "
                      f"({plural(peer.get('entries_received', 0), 'entry')}, "
-                     f"{_size(peer.get('content_bytes_received', 0))} content)")
+                     f"{human_bytes(peer.get('content_bytes_received', 0))} content)")
         if peer.get("compression", "none") != "none":
             lines.append(f"  compression {peer['compression']}")
         if peer.get("last_error"):
@@ -168,12 +191,4 @@ def _age(seconds: float) -> str:
         return f"{hours}h{m:02d}m{s:02d}s"
     return f"{m}m{s:02d}s"
 
-
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
 

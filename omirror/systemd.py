@@ -14,6 +14,9 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Hashable
+from typing import Any
+
+from omirror.units import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +178,92 @@ class Watchdog:
         finally:
             if pending is not None:
                 pending.cancel()
+
+
+# -- what systemctl status shows ------------------------------------------------------------
+
+#: STATUS= lines are sent at most this often.
+REPORT_EVERY_S = 1.0
+#: A long scan logs a progress line this often.
+SCAN_LOG_EVERY_S = 60.0
+
+
+class Reporter:
+    """Keeps systemd told: READY=1 once the daemon serves, RELOADING=1 during a reload,
+    and a STATUS= line every second (a scan's progress while one runs, else
+    ``summary()``). A scan that moves also holds off systemd's start or reload timeout:
+    a first scan of a large tree may take longer than any fixed timeout; one that hangs
+    does not move, and times out.
+
+    ``scan()`` is the scan in progress (omirror/scanner.py's counters) or None;
+    ``progress()`` is what moves while the tree worker works, for the watchdog, whose
+    ``probe()`` is a job through the tree worker and the store.
+    """
+
+    def __init__(self, summary: Callable[[], str], scan: Callable[[], Any],
+                 progress: Callable[[], Hashable],
+                 probe: Callable[[], Awaitable[object]]) -> None:
+        self.summary = summary
+        self.scan = scan
+        self.progress = progress
+        self.probe = probe
+        self.ready = False  # whether systemd has been told READY=1 (and no reload since)
+        self._shown = ""
+
+    def start(self) -> list[asyncio.Task[None]]:
+        """The tasks that keep systemd informed, from before the startup scan: STATUS=
+        lines, and the watchdog when the unit sets WatchdogSec=. Outside systemd both
+        cost a check a second and send nothing."""
+        tasks = [asyncio.create_task(self._run(), name="systemd-status")]
+        interval = watchdog_interval()
+        if interval is not None:
+            dog = Watchdog(interval, self.probe, self.progress)
+            tasks.append(asyncio.create_task(dog.run(), name="watchdog"))
+        return tasks
+
+    def tell_ready(self) -> None:
+        self._shown = self.summary()
+        ready(self._shown)
+        self.ready = True
+
+    def tell_reloading(self) -> None:
+        reloading()
+        self.ready = False
+
+    def show(self, text: str) -> None:
+        """STATUS= for systemd, sent when it changes."""
+        if text != self._shown:
+            self._shown = text
+            status(text)
+
+    async def _run(self) -> None:
+        progress = self.progress()
+        scan = None
+        scan_started = logged = time.monotonic()
+        while True:
+            await asyncio.sleep(REPORT_EVERY_S)
+            previous, progress = progress, self.progress()
+            now = time.monotonic()
+            current = self.scan()
+            if current is not scan:
+                scan, scan_started, logged = current, now, now
+            if scan is None:
+                if not self.ready:
+                    continue  # starting or reloading: the scans say what happens
+                text = self.summary()
+            else:
+                title = scan.set_title
+                label = title if title.startswith("set ") else f"set {title}"
+                text = (f"scanning {label}: {scan.files} files in {scan.dirs} directories, "
+                        f"{scan.hashed} hashed ({human_bytes(scan.hashed_bytes)})")
+                if not self.ready and progress != previous:
+                    extend_timeout(EXTEND_TIMEOUT_S)
+                if now - logged >= SCAN_LOG_EVERY_S:
+                    logged = now
+                    log.info("scanning set=%s files=%d dirs=%d hashed=%d hashed_bytes=%d "
+                             "for %.0fs", scan.set_title, scan.files, scan.dirs, scan.hashed,
+                             scan.hashed_bytes, now - scan_started)
+            self.show(text)
 
 
 def thread_io(native_id: int | None) -> tuple[int, int]:
