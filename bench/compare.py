@@ -127,21 +127,34 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
 sys.path.insert(0, str(PROJECT))
 sys.path.insert(0, str(HERE))
 
-import xxhash  # noqa: E402
-
 import latency  # noqa: E402
-from _common import (AES_CIPHER, OmirrorPair, Proc, Sshd, descendants,  # noqa: E402
-                     ensure_tools, first_line, has_aes, lua_str, machine_info, note,
-                     omirrord_argv, wait_for)
+import xxhash  # noqa: E402
+from _common import (  # noqa: E402
+    AES_CIPHER,
+    OmirrorPair,
+    Proc,
+    Sshd,
+    descendants,
+    ensure_tools,
+    first_line,
+    has_aes,
+    lua_str,
+    machine_info,
+    note,
+    omirrord_argv,
+    wait_for,
+)
+
 from omirror import control  # noqa: E402
 from omirror import peers as omirror_peers  # noqa: E402
 from omirror.errors import OmirrorError  # noqa: E402
@@ -849,7 +862,7 @@ def first_copy(bench: Bench, number: int, kind: str, title: str) -> list[Metric]
                     sent_before = link_of(pair.status(0), pair.names[1]).get("entries_sent", 0)
                     sync_disks()
                     t0 = time.perf_counter()
-                    proc = pair.start(1)
+                    pair.start(1)
                     pair.wait_up(1, timeout, POLL_S)
                     details["omirror_b_listening_s"].append(time.perf_counter() - t0)
                     if bench.relink:
@@ -1306,7 +1319,8 @@ def parse_only(text: str) -> set[int]:
     try:
         chosen = {int(x) for x in text.split(",") if x.strip()}
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--only takes scenario numbers like 1,3,5: {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--only takes scenario numbers like 1,3,5: {text!r}") from None
     if not chosen or not chosen <= set(range(1, 8)):
         raise argparse.ArgumentTypeError(f"--only takes numbers from 1 to 7: {text!r}")
     return chosen

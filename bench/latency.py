@@ -69,8 +69,19 @@ PROJECT = HERE.parent
 sys.path.insert(0, str(PROJECT))
 sys.path.insert(0, str(HERE))
 
-from _common import (STARTUP_TIMEOUT_S, OmirrorPair, Proc, Sshd, ensure_tools,  # noqa: E402
-                     first_line, lua_str, machine_info, note, wait_for)
+from _common import (  # noqa: E402
+    STARTUP_TIMEOUT_S,
+    OmirrorPair,
+    Proc,
+    Sshd,
+    ensure_tools,
+    first_line,
+    lua_str,
+    machine_info,
+    note,
+    wait_for,
+)
+
 from omirror.cli import DEFAULT_DELAY_S  # noqa: E402
 
 SEED = 20240602

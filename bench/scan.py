@@ -48,8 +48,8 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
@@ -190,7 +190,7 @@ def py_walk_lstat(top: bytes) -> int:
     n = 0
     lstat = os.lstat
     join = os.path.join
-    for dirpath, dirnames, filenames in os.walk(top):
+    for dirpath, _dirnames, filenames in os.walk(top):
         for name in filenames:
             lstat(join(dirpath, name))
             n += 1

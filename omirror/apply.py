@@ -21,7 +21,7 @@ import logging
 import os
 import stat
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from omirror import diskspace, fsio
 from omirror.clock import now_ns
@@ -32,11 +32,19 @@ from omirror.intents import Intent, IntentLog
 from omirror.owners import OwnerMap, Ownership, group_name, user_name
 from omirror.owners import can_chown as can_chown_now
 from omirror.paths import PATH_MAX, join, show, split
-from omirror.units import human_bytes
 from omirror.setdirs import SetDirs
-from omirror.staging import (TEMP_FLAGS, TempFile, check_temp, os_errors,
-                             partial_name, sync_batch, temp_at, temp_name)
+from omirror.staging import (
+    TEMP_FLAGS,
+    TempFile,
+    check_temp,
+    os_errors,
+    partial_name,
+    sync_batch,
+    temp_at,
+    temp_name,
+)
 from omirror.store import Record, StatSig, Store, matches
+from omirror.units import human_bytes
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,9 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, Callable, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 from click.core import ParameterSource
@@ -203,7 +204,7 @@ def reports_errors(func: F) -> F:
 @click.option("--json", "as_json", is_flag=True, help="With --check: the plan as JSON.")
 @click.version_option(__version__, "-V", "--version", prog_name="omirrord")
 @click.pass_context
-def main(ctx: click.Context, check_mode: bool, once_mode: bool, as_json: bool,
+def main(ctx: click.Context, /, check_mode: bool, once_mode: bool, as_json: bool,
          **_: Any) -> None:
     """omirrord: keep directory trees identical across hosts, live, over SSH."""
     if ctx.invoked_subcommand is not None:
@@ -224,7 +225,7 @@ def main(ctx: click.Context, check_mode: bool, once_mode: bool, as_json: bool,
 @main.command("run")
 @shared_options
 @click.pass_context
-def run_command(ctx: click.Context, **_: Any) -> None:
+def run_command(ctx: click.Context, /, **_: Any) -> None:
     """Run the daemon in the foreground (the default)."""
     _run(options_of(ctx))
 
@@ -233,7 +234,7 @@ def run_command(ctx: click.Context, **_: Any) -> None:
 @shared_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.pass_context
-def check_command(ctx: click.Context, as_json: bool, **_: Any) -> None:
+def check_command(ctx: click.Context, /, as_json: bool, **_: Any) -> None:
     """Dry reconciliation: compare with the peers, print the plan, change nothing."""
     _check(options_of(ctx), as_json)
 
@@ -290,7 +291,7 @@ def _load(opts: Options) -> tuple[Any, str]:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
 @reports_errors
-def status_command(ctx: click.Context, as_json: bool, **_: Any) -> None:
+def status_command(ctx: click.Context, /, as_json: bool, **_: Any) -> None:
     """Ask the running daemon how it is doing: peers, links, lag, queue, last scan,
     conflicts and failing paths."""
     import json
@@ -307,7 +308,7 @@ def status_command(ctx: click.Context, as_json: bool, **_: Any) -> None:
 @shared_options
 @click.pass_context
 @reports_errors
-def keygen_command(ctx: click.Context, **_: Any) -> None:
+def keygen_command(ctx: click.Context, /, **_: Any) -> None:
     """Make this host's key if missing, and print its line for the peers file.
 
     An existing key is kept unless -f/--force is given (its peers then need the new line).
@@ -340,7 +341,7 @@ def log_group() -> None:
 @click.option("--origin", default=None, help="Only changes made on this host.")
 @click.pass_context
 @reports_errors
-def log_dump(ctx: click.Context, since_seq: int, path_prefix: str | None,
+def log_dump(ctx: click.Context, /, since_seq: int, path_prefix: str | None,
              origin: str | None, **_: Any) -> None:
     """Print the change log: seq, stamp, origin, kind, path."""
     from omirror.store import Store
@@ -378,7 +379,7 @@ def log_dump(ctx: click.Context, since_seq: int, path_prefix: str | None,
               show_default=True, help="Collect deletions older than this many days.")
 @click.pass_context
 @reports_errors
-def log_truncate(ctx: click.Context, days: float, **_: Any) -> None:
+def log_truncate(ctx: click.Context, /, days: float, **_: Any) -> None:
     """Forget deletions older than a bound; peers behind it will be sent everything."""
     from omirror.store import Store
 
@@ -397,7 +398,7 @@ def log_truncate(ctx: click.Context, days: float, **_: Any) -> None:
               metavar="SEQ", help="Send every entry after this sequence number.")
 @click.pass_context
 @reports_errors
-def log_replay(ctx: click.Context, peer: str, from_seq: int, **_: Any) -> None:
+def log_replay(ctx: click.Context, /, peer: str, from_seq: int, **_: Any) -> None:
     """Send entries from a sequence number to a peer again.
 
     The running daemon restarts its link to the peer and streams its log from SEQ, as
@@ -416,7 +417,7 @@ def log_replay(ctx: click.Context, peer: str, from_seq: int, **_: Any) -> None:
 @click.argument("paths", nargs=-1, required=True)
 @click.pass_context
 @reports_errors
-def sync_command(ctx: click.Context, paths: tuple[str, ...], **_: Any) -> None:
+def sync_command(ctx: click.Context, /, paths: tuple[str, ...], **_: Any) -> None:
     """Push these paths out now: the running daemon rescans each (a directory with
     everything below it) and sends what changed.
 

@@ -39,8 +39,9 @@ import posixpath
 import re
 import socket
 import stat
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, NoReturn
+from typing import NoReturn
 
 from omirror.errors import ConfigError
 

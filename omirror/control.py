@@ -29,7 +29,8 @@ import pwd
 import socket
 import stat
 import struct
-from typing import Any, Awaitable, Callable, Collection, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
+from typing import Any
 
 from omirror.errors import OmirrorError
 
@@ -253,7 +254,7 @@ async def _serve_connection(reader: asyncio.StreamReader, writer: asyncio.Stream
     while True:
         try:
             line = await asyncio.wait_for(reader.readline(), IDLE_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return
         except ValueError:  # asyncio's way of saying the line exceeds the limit
             log.warning("control: pid %d sent a request longer than %d bytes; closed",
@@ -352,7 +353,7 @@ def request(state_dir: str | os.PathLike[str], cmd: str, timeout: float | None =
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the daemon refused and closed: its reply may still be there
             line = _read_line(sock)
-        except socket.timeout:
+        except TimeoutError:
             raise OmirrorError(f"omirrord did not answer {cmd} within {timeout:g} s "
                                f"(control socket {path})") from None
         except OSError as e:

@@ -23,7 +23,8 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import asyncssh
 
@@ -65,10 +66,10 @@ class Parts:
         self.ctx = Context(name, self.store, self.applier, self.scanner, daemon.root,
                            daemon.sets.shared_with, self.worker)
         self.ctx.stopped = daemon.sets.stopped_holding
-        self.store.add_listener(lambda seq: loop.call_soon_threadsafe(self.ctx.notify))
+        self.store.add_listener(lambda seq: _soon(loop, self.ctx.notify))
         self.seq_times = SeqTimes(self.store.last_seq, time.time())
         self.store.add_listener(
-            lambda seq: loop.call_soon_threadsafe(self.seq_times.note, seq, time.time()))
+            lambda seq: _soon(loop, self.seq_times.note, seq, time.time()))
         self.indexer = Indexer(daemon.sets, self.scanner, daemon.root, self.worker,
                                delay_s=daemon.delay_s, loop=loop if watch else None,
                                show_scan=daemon.reporter.show)
@@ -185,7 +186,7 @@ class Daemon:
                 listener.close()
                 try:
                     await asyncio.wait_for(listener.wait_closed(), 2)
-                except (asyncio.TimeoutError, OSError, asyncssh.Error):
+                except (TimeoutError, OSError, asyncssh.Error):
                     pass
             write_status_file(self.state_dir, self.status())
             parts.close()
@@ -391,6 +392,11 @@ class Daemon:
             if thread.name.startswith(TreeWorker.THREAD_NAME):
                 io = systemd.thread_io(thread.native_id)
         return counters, io, parts.store.last_seq
+
+
+def _soon(loop: asyncio.AbstractEventLoop, func: Callable[..., object], *args: Any) -> None:
+    """Run ``func`` in the loop: the store tells its listeners from the tree worker."""
+    loop.call_soon_threadsafe(func, *args)
 
 
 def _warn_unprotected_hardlinks(where: str = "/proc/sys/fs/protected_hardlinks") -> bool:

@@ -34,9 +34,9 @@ from types import FrameType
 from typing import NamedTuple
 
 from omirror import config, peerkeys
+from omirror.errors import ConfigError, OmirrorError
 from omirror.paths import is_own_name
 from omirror.units import human_bytes
-from omirror.errors import ConfigError, OmirrorError
 
 log = logging.getLogger(__name__)
 
@@ -608,5 +608,16 @@ def _follow(layout: Layout, daemons: Daemons, echo: Echo, stop: _StopRequested,
         log.info("stopping on signal %s", signal.Signals(stop.signals[0]).name)
 
 
-__all__ = ["DemoError", "DemoPeer", "Layout", "run_demo", "prepare", "snapshot", "changes",
-           "DEFAULT_DIR", "LABELS", "TREE", "WELCOME"]
+__all__ = [
+    "DEFAULT_DIR",
+    "LABELS",
+    "TREE",
+    "WELCOME",
+    "DemoError",
+    "DemoPeer",
+    "Layout",
+    "changes",
+    "prepare",
+    "run_demo",
+    "snapshot",
+]

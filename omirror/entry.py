@@ -21,12 +21,11 @@ import enum
 import os
 import re
 import stat
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Mapping
 
 from omirror import fsio
 from omirror.paths import NAME_MAX
-
 
 #: Version vectors are small maps ``origin -> time_ns`` stored as sorted tuples, so that
 #: entries stay hashable and compare equal whatever order they were built in.

@@ -26,8 +26,8 @@ import math
 import os
 import stat
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 from omirror.watcher import EventKind, PathEvent
 

@@ -29,7 +29,7 @@ import errno
 import functools
 import os
 import stat
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import xxhash
 

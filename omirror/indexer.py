@@ -16,14 +16,15 @@ import logging
 import os
 import random
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
+from omirror.config import MirrorSet
 from omirror.errors import OmirrorError, RootError
 from omirror.events import Coalescer, ScanRequest
 from omirror.hostsets import HostSets
 from omirror.paths import is_own_name, local_path, logical, show, show_name
 from omirror.scanner import Scanner
-from omirror.config import MirrorSet
 from omirror.watcher import EventKind, PathEvent, Watcher
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import msgpack
 
 from omirror.entry import Entry
-
 from omirror.wire import ProtocolError, decode_entry, entry_fields
 
 log = logging.getLogger(__name__)

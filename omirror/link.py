@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Coroutine, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from omirror.clock import now_ns
 from omirror.config import MirrorSet
@@ -95,7 +96,7 @@ class Context:
         self._changed.clear()
         try:
             await asyncio.wait_for(self._changed.wait(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
 
@@ -108,7 +109,7 @@ class Stream:
         self.stats = stats
 
     async def readexactly(self, n: int) -> bytes:
-        data = await self.reader.readexactly(n)
+        data: bytes = await self.reader.readexactly(n)
         self.stats.bytes_received += n
         return data
 

@@ -156,8 +156,8 @@ class OwnerMap:
         self._warned: set[tuple[str, str]] = set()
 
     def resolve(self, owner: str, uid: int, group: str, gid: int, path: bytes,
-                origin: str, *, keep_owner: os.stat_result | None | bool = False,
-                keep_group: os.stat_result | None | bool = False) -> Ownership:
+                origin: str, *, keep_owner: os.stat_result | bool | None = False,
+                keep_group: os.stat_result | bool | None = False) -> Ownership:
         """The ownership to give ``path`` for an entry's owner and group.
 
         ``keep_owner`` / ``keep_group`` are ``nochkowner`` / ``nochkgroup``: the stat of
@@ -206,6 +206,6 @@ class OwnerMap:
         if (st.st_uid, st.st_gid) != (want_uid, want_gid):
             return None
         on_disk = stat.S_IMODE(st.st_mode)
-        if on_disk != mode and (exact_uid and exact_gid or on_disk != mode & ~SETID):
+        if on_disk != mode and ((exact_uid and exact_gid) or on_disk != mode & ~SETID):
             return None
         return owner, uid, group, gid, mode

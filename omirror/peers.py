@@ -22,7 +22,8 @@ import os
 import random
 import time
 import zlib
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import asyncssh
 import asyncssh.compression
@@ -49,9 +50,10 @@ BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.5, 30.0
 CONNECT_TIMEOUT_S = 10.0
 
 #: What a link runs once its channel is open: (peer name, reader, writer).
-SessionHandler = Callable[[str, asyncssh.SSHReader, asyncssh.SSHWriter], Awaitable[None]]
+SessionHandler = Callable[[str, asyncssh.SSHReader[bytes], asyncssh.SSHWriter[bytes]],
+                          Awaitable[None]]
 #: What the listener runs for an accepted channel: (peer, subsystem, reader, writer).
-InboundHandler = Callable[[str, str, asyncssh.SSHReader, asyncssh.SSHWriter],
+InboundHandler = Callable[[str, str, asyncssh.SSHReader[bytes], asyncssh.SSHWriter[bytes]],
                           Awaitable[None]]
 
 _LINK_ERRORS = (OSError, asyncssh.Error, asyncio.IncompleteReadError, asyncio.TimeoutError,
@@ -205,7 +207,7 @@ async def listen(address: str, port: int, host_key: asyncssh.SSHKey,
     """Accept peers on ``address:port``; each authenticated omirror channel runs
     ``on_session``. Shells, exec, SFTP and forwarding are all refused."""
 
-    async def process(proc: asyncssh.SSHServerProcess) -> None:
+    async def process(proc: asyncssh.SSHServerProcess[bytes]) -> None:
         server = proc.get_extra_info("connection").get_owner()
         peer = getattr(server, "peer", None)
         if proc.subsystem not in SUBSYSTEMS or peer is None:
@@ -243,8 +245,8 @@ async def listen(address: str, port: int, host_key: asyncssh.SSHKey,
 
 async def open_link(host: Host, host_key: asyncssh.SSHKey, peer_key: PeerKey, *,
                     compress: bool = False, subsystem: str = SUBSYSTEM
-                    ) -> tuple[asyncssh.SSHClientConnection,
-                                                     asyncssh.SSHReader, asyncssh.SSHWriter]:
+                    ) -> tuple[asyncssh.SSHClientConnection, asyncssh.SSHReader[bytes],
+                               asyncssh.SSHWriter[bytes]]:
     """Connect to a peer, check its host key against the peers file, open the channel."""
     address, port = dial_address(host)
     conn = await asyncio.wait_for(asyncssh.connect(

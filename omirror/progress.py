@@ -11,7 +11,8 @@ import logging
 import os
 import sys
 import time
-from typing import Callable, TextIO
+from collections.abc import Callable
+from typing import TextIO
 
 from omirror import systemd
 from omirror.units import human_bytes, human_time

@@ -18,8 +18,9 @@ import errno
 import functools
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any
 
 from omirror import fsio
 from omirror.clock import now_ns
@@ -30,8 +31,23 @@ from omirror.link import Context, LinkStats, Side, check_hello, run_together
 from omirror.owners import gid_named, uid_named
 from omirror.paths import logical, show
 from omirror.store import Record, StatSig, Store
-from omirror.wire import (CHUNK, INLINE_MAX, PROTOCOL_VERSION, Ack, Bye, Copy, Data, EntryMsg,
-                          Hello, IHave, NoData, Passed, ProtocolError, Start, Want)
+from omirror.wire import (
+    CHUNK,
+    INLINE_MAX,
+    PROTOCOL_VERSION,
+    Ack,
+    Bye,
+    Copy,
+    Data,
+    EntryMsg,
+    Hello,
+    IHave,
+    NoData,
+    Passed,
+    ProtocolError,
+    Start,
+    Want,
+)
 
 log = logging.getLogger(__name__)
 

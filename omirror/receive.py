@@ -24,12 +24,25 @@ from omirror.clock import now_ns
 from omirror.errors import ApplyError, PathRefused
 from omirror.link import Context, LinkStats, Side, check_hello, run_together
 from omirror.paths import show
-from omirror.units import human_bytes
 from omirror.resolve import Need, Result
 from omirror.staging import TempFile
 from omirror.store import Cursor
-from omirror.wire import (PROTOCOL_VERSION, Ack, Bye, Copy, Data, EntryMsg, Hello, IHave,
-                          NoData, Passed, ProtocolError, Start, Want)
+from omirror.units import human_bytes
+from omirror.wire import (
+    PROTOCOL_VERSION,
+    Ack,
+    Bye,
+    Copy,
+    Data,
+    EntryMsg,
+    Hello,
+    IHave,
+    NoData,
+    Passed,
+    ProtocolError,
+    Start,
+    Want,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +100,7 @@ class Receiver(Side):
         #: waits for it before it takes more entries.
         self._retry_shrank = asyncio.Event()
         self._want_id = 0
+        self._late: set[asyncio.Future[None]] = set()
 
     async def run(self) -> None:
         """The handshake, then reading, applying and retrying at once, until the peer
@@ -320,7 +334,7 @@ class Receiver(Side):
         begun = asyncio.ensure_future(self.ctx.tree(self._begin, need))
         try:
             try:
-                temp = await asyncio.shield(begun)
+                temp = building = await asyncio.shield(begun)
             except asyncio.CancelledError:
                 # the worker makes the temp file anyway: remove it once it exists
                 begun.add_done_callback(self._abort_late)
@@ -337,21 +351,21 @@ class Receiver(Side):
                 if isinstance(part, NoData):
                     log.debug("peer=%s path=%s no longer available: %s", self.peer,
                               show(entry.path), part.why)
-                    await self.ctx.tree(temp.abort)
+                    await self.ctx.tree(building.abort)
                     if resumed:
                         await self.ctx.tree(self.ctx.applier.drop_partial, need.mset, entry)
                     return
                 if isinstance(part, Copy):
                     if old_fd < 0:
                         raise ProtocolError("COPY without a delta base")
-                    await self.ctx.tree(temp.copy_from, old_fd, part.offset, part.length)
+                    await self.ctx.tree(building.copy_from, old_fd, part.offset, part.length)
                     continue
                 if part.data:
-                    await self.ctx.tree(temp.write, part.data)
+                    await self.ctx.tree(building.write, part.data)
                 if part.end:
                     break
             await self.ctx.tree(self.ctx.resolver.install, self.peer,
-                                self.ctx.sets_with(self.peer), need, temp)
+                                self.ctx.sets_with(self.peer), need, building)
             if resumed:
                 await self.ctx.tree(self.ctx.applier.drop_partial, need.mset, entry)
         except BaseException as e:
@@ -366,8 +380,11 @@ class Receiver(Side):
                 os.close(old_fd)
 
     def _abort_late(self, begun: asyncio.Future[TempFile]) -> None:
+        """Remove a temp file made for a fetch given up before it existed."""
         if not begun.cancelled() and begun.exception() is None:
-            asyncio.ensure_future(self.ctx.tree(begun.result().abort))
+            task = asyncio.ensure_future(self.ctx.tree(begun.result().abort))
+            self._late.add(task)  # held until done: a task nobody holds may be collected
+            task.add_done_callback(self._late.discard)
 
     def _begin(self, need: Need) -> TempFile:
         """In the tree worker: the temp file the content is built in."""

@@ -27,8 +27,16 @@ from omirror.link import LinkStats, Stream, check_hello
 from omirror.paths import logical, show
 from omirror.scanner import Scanner
 from omirror.store import Store
-from omirror.wire import (INDEX_SUBSYSTEM, PROTOCOL_VERSION, Bye, EntryMsg, Hello, IHave,
-                          ProtocolError, Start)
+from omirror.wire import (
+    INDEX_SUBSYSTEM,
+    PROTOCOL_VERSION,
+    Bye,
+    EntryMsg,
+    Hello,
+    IHave,
+    ProtocolError,
+    Start,
+)
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ import enum
 import logging
 import re
 import stat
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
 
 from omirror import fsio
 from omirror.apply import Applier

@@ -22,17 +22,25 @@ import logging
 import os
 import stat
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator
 
 from omirror import fsio
 from omirror.clock import now_ns, offset_ns
 from omirror.config import MirrorSet
 from omirror.entry import Entry, Kind, first_version, next_stamp
-from omirror.paths import PARTIAL_PREFIX, TEMP_PREFIX
 from omirror.errors import RootError
 from omirror.owners import OwnerMap, group_name, user_name
-from omirror.paths import has_own_name, is_under, local_path, logical, show, show_name
+from omirror.paths import (
+    PARTIAL_PREFIX,
+    TEMP_PREFIX,
+    has_own_name,
+    is_under,
+    local_path,
+    logical,
+    show,
+    show_name,
+)
 from omirror.store import FAST, Record, StatSig, Store, fast_sig
 
 log = logging.getLogger(__name__)
@@ -937,7 +945,7 @@ _ARRIVALS_MAX = 10_000
 PARTIAL_KEEP_S = 7 * 86400
 
 
-def _stale(de: os.DirEntry[str]) -> bool:
+def _stale(de: os.DirEntry[str] | os.DirEntry[bytes]) -> bool:
     try:
         return de.stat(follow_symlinks=False).st_mtime < time.time() - PARTIAL_KEEP_S
     except OSError:

@@ -14,7 +14,7 @@ import contextlib
 import errno
 import logging
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 from omirror import fsio
 from omirror.config import MirrorSet

@@ -14,7 +14,7 @@ import errno
 import logging
 import os
 import secrets
-from typing import Iterator
+from collections.abc import Iterator
 
 from omirror import fsio
 from omirror.entry import Entry

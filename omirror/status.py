@@ -21,8 +21,8 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from omirror.paths import show
 from omirror.link import LinkStats
+from omirror.paths import show
 from omirror.units import human_bytes
 
 log = logging.getLogger(__name__)

@@ -16,14 +16,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import stat
 import secrets
 import sqlite3
+import stat
 import struct
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import msgpack
 
@@ -128,7 +128,8 @@ def parent_of(path: bytes) -> bytes:
 
 
 def _pack_vector(vector: Vector) -> bytes:
-    return msgpack.packb([list(pair) for pair in vector])
+    packed: bytes = msgpack.packb([list(pair) for pair in vector])
+    return packed
 
 
 def _unpack_vector(blob: bytes) -> Vector:

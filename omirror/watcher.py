@@ -34,16 +34,30 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # pyinotify imports asyncore
     import pyinotify
-    from pyinotify import (IN_ATTRIB, IN_CLOSE_WRITE, IN_CREATE, IN_DELETE,
-                           IN_DELETE_SELF, IN_DONT_FOLLOW, IN_EXCL_UNLINK, IN_IGNORED,
-                           IN_ISDIR, IN_MODIFY, IN_MOVE_SELF, IN_MOVED_FROM, IN_MOVED_TO,
-                           IN_ONLYDIR, IN_Q_OVERFLOW, IN_UNMOUNT)
+    from pyinotify import (
+        IN_ATTRIB,
+        IN_CLOSE_WRITE,
+        IN_CREATE,
+        IN_DELETE,
+        IN_DELETE_SELF,
+        IN_DONT_FOLLOW,
+        IN_EXCL_UNLINK,
+        IN_IGNORED,
+        IN_ISDIR,
+        IN_MODIFY,
+        IN_MOVE_SELF,
+        IN_MOVED_FROM,
+        IN_MOVED_TO,
+        IN_ONLYDIR,
+        IN_Q_OVERFLOW,
+        IN_UNMOUNT,
+    )
 
 from omirror.paths import is_own_name, show_name
 
@@ -123,7 +137,7 @@ class BytesINotify(pyinotify._CtypesLibcINotifyWrapper):  # type: ignore[misc]
         with a fork in another thread that setting the flag afterwards would leave open.
         """
         init1 = getattr(self._libc, "inotify_init1", None)
-        fd = init1(os.O_CLOEXEC) if init1 is not None else self.inotify_init()
+        fd: int = init1(os.O_CLOEXEC) if init1 is not None else self.inotify_init()
         if fd < 0:
             code = self.get_errno() or errno.EIO
             raise OSError(code, f"inotify_init: {os.strerror(code)}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -186,7 +187,7 @@ def _body(msg: Message) -> tuple[Type, list[Any]]:
 def encode(msg: Message) -> bytes:
     """One frame: length prefix and msgpack body."""
     kind, body = _body(msg)
-    payload = msgpack.packb([int(kind), body], use_bin_type=True)
+    payload: bytes = msgpack.packb([int(kind), body], use_bin_type=True)
     if len(payload) > MAX_FRAME:
         raise ValueError(f"{kind.name} frame of {len(payload)} bytes exceeds {MAX_FRAME}")
     return _LENGTH.pack(len(payload)) + payload
@@ -392,6 +393,7 @@ def _passed(f: object) -> Passed:
     return Passed(_int(_array(f, 1, "PASSED")[0], "seq"))
 
 
-_DECODERS = {Type.HELLO: _hello, Type.IHAVE: _ihave, Type.START: _start, Type.ENTRY: _entry,
-             Type.WANT: _want, Type.DATA: _data, Type.COPY: _copy, Type.NODATA: _nodata,
-             Type.ACK: _ack, Type.BYE: _bye, Type.PASSED: _passed}
+_DECODERS: dict[Type, Callable[[Any], Message]] = {
+    Type.HELLO: _hello, Type.IHAVE: _ihave, Type.START: _start, Type.ENTRY: _entry,
+    Type.WANT: _want, Type.DATA: _data, Type.COPY: _copy, Type.NODATA: _nodata,
+    Type.ACK: _ack, Type.BYE: _bye, Type.PASSED: _passed}

@@ -52,7 +52,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import xxhash
-
 from cluster import Cluster
 from faults import Mesh, assert_sound, links_up, log_stamps
 
@@ -279,7 +278,7 @@ class Chaos:
 
     def content(self, op: Op) -> bytes:
         r = self.rng.random()
-        for weight, low, high in SIZES:
+        for weight, low, high in SIZES:  # noqa: B007 (the chosen bounds are used below)
             if r < weight:
                 break
             r -= weight

@@ -18,17 +18,29 @@ import asyncio
 import struct
 import threading
 import time
-from collections.abc import Callable
-from typing import Any, Coroutine, TypeVar
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import asyncssh
 import xxhash
-
 from cluster import Cluster
+
 from omirror import config, peerkeys, peers
 from omirror.entry import Entry, Kind, Stamp
-from omirror.wire import (PROTOCOL_VERSION, SUBSYSTEM, Ack, Bye, EntryMsg, Hello, IHave,
-                          Message, ProtocolError, Start, decode, encode)
+from omirror.wire import (
+    PROTOCOL_VERSION,
+    SUBSYSTEM,
+    Ack,
+    Bye,
+    EntryMsg,
+    Hello,
+    IHave,
+    Message,
+    ProtocolError,
+    Start,
+    decode,
+    encode,
+)
 
 T = TypeVar("T")
 _LENGTH = struct.Struct(">I")
@@ -138,7 +150,7 @@ class Hostile:
             try:
                 self._writer.write(data)
                 await asyncio.wait_for(self._writer.drain(), timeout)
-            except (ConnectionError, asyncssh.Error, BrokenPipeError, asyncio.TimeoutError):
+            except (TimeoutError, ConnectionError, asyncssh.Error, BrokenPipeError):
                 return False
             return True
         return self._call(write(), timeout + 10)
@@ -170,7 +182,7 @@ class Hostile:
                     await self._arrived.wait()
         try:
             return self._call(asyncio.wait_for(wait(), timeout), timeout + 10)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise AssertionError(f"timed out after {timeout} s waiting for {what or match};"
                                  f" got {self.received[-5:]}") from None
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 import asyncio
 
 from hostile import Closed, Hostile
+
 from omirror.entry import Entry
-from omirror.wire import (PULL_SUBSYSTEM, Ack, Bye, Data, EntryMsg, Message, NoData, Passed,
-                          encode)
+from omirror.wire import PULL_SUBSYSTEM, Ack, Bye, Data, EntryMsg, Message, NoData, Passed, encode
 
 
 class Puller(Hostile):
@@ -57,7 +57,7 @@ class Puller(Hostile):
 
         try:
             self._call(asyncio.wait_for(run(), timeout), timeout + 10)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise AssertionError(f"no BYE within {timeout} s of pulling; got "
                                  f"{self.received[-5:]}") from None
         return list(self.received)

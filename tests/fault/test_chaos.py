@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from chaos import Op, Seen, State, classify, run_seed, versions_logged
 
 #: Seeds chosen to cover 3, 4 and 5 peers with crashes, clean stops and link cuts.

@@ -15,10 +15,17 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
 from cluster import Cluster, file_digest
-from faults import (GIB, MB, assert_sound, content_sent, kill_when, temp_write_position,
-                    log_stamps, write_big)
+from faults import (
+    GIB,
+    MB,
+    assert_sound,
+    content_sent,
+    kill_when,
+    log_stamps,
+    temp_write_position,
+    write_big,
+)
 
 MakeCluster = Callable[..., Cluster]
 BIG = GIB

@@ -38,13 +38,26 @@ from typing import Any
 import asyncssh
 import msgpack
 import pytest
-
 from cluster import Cluster
 from hostile import Closed, Hostile, digest_of, frame, rss_kib
+
 from omirror import control, peers
 from omirror.entry import Entry, Kind, Stamp
-from omirror.wire import (INDEX_SUBSYSTEM, MAX_FRAME, PROTOCOL_VERSION, PULL_SUBSYSTEM,
-                          Ack, Bye, Data, EntryMsg, Hello, IHave, NoData, Want, encode)
+from omirror.wire import (
+    INDEX_SUBSYSTEM,
+    MAX_FRAME,
+    PROTOCOL_VERSION,
+    PULL_SUBSYSTEM,
+    Ack,
+    Bye,
+    Data,
+    EntryMsg,
+    Hello,
+    IHave,
+    NoData,
+    Want,
+    encode,
+)
 
 MakeCluster = Callable[..., Cluster]
 
@@ -643,7 +656,7 @@ def test_a_frame_that_unpacks_into_millions_of_objects_is_refused_cheaply(
     """4 MiB of nested empty arrays: four million objects if unpacked naively."""
     inner = b"\xdd" + struct.pack(">I", 262_000) + b"\x90" * 262_000
     payload = b"\x92\x04\xdd" + struct.pack(">I", 15) + inner * 15
-    for k in range(2):
+    for _k in range(2):
         log = Log(c)
         with Hostile(c).connect() as h:
             h.greet()

@@ -38,8 +38,8 @@ from pathlib import Path
 
 import pytest
 import xxhash
-
 from cluster import Cluster
+
 from omirror.entry import Entry, Kind
 from omirror.store import Store
 
@@ -134,7 +134,7 @@ class Loop:
             while not self.halt.is_set():
                 self.step()
                 self.count += 1
-        except Exception as e:  # noqa: BLE001  (raised again by stop(), in the test)
+        except Exception as e:
             self.error = e
 
     def start(self) -> None:

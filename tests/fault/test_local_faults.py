@@ -30,8 +30,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
 from cluster import Cluster
+
 from omirror.entry import Entry, Kind, conflict_name
 from omirror.store import Store
 

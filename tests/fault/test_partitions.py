@@ -19,11 +19,22 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
 from cluster import Cluster, file_digest
-from faults import (MB, Mesh, Proxy, Stamp, assert_sound, conflict_name, content_sent,
-                    link_state, links_down, links_up, log_stamps, temp_write_position,
-                    write_big)
+from faults import (
+    MB,
+    Mesh,
+    Proxy,
+    Stamp,
+    assert_sound,
+    conflict_name,
+    content_sent,
+    link_state,
+    links_down,
+    links_up,
+    log_stamps,
+    temp_write_position,
+    write_big,
+)
 
 MakeCluster = Callable[..., Cluster]
 Proxies = Callable[[Cluster], Mesh]

@@ -33,6 +33,7 @@ from pathlib import Path
 from cluster import Cluster
 from hostile import digest_of
 from puller import Puller
+
 from omirror.wire import Data, EntryMsg, NoData, Want
 
 MakeCluster = Callable[..., Cluster]

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from cluster import Cluster  # pytest puts tests/integration (no __init__.py) on sys.path
 
 

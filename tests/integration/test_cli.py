@@ -167,7 +167,8 @@ def test_keygen_makes_a_key_once_and_prints_the_peers_line(tmp_path: Path) -> No
     assert forced.returncode == 0 and forced.stdout.strip() != line
 
 
-def test_keygen_finds_its_name_in_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_keygen_finds_its_name_in_the_config(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     conf = write_conf(tmp_path / "omirrd.conf", "HOSTS = ( 127.0.0.1:2900 other )\n"
                       "FILES = ( /d )\n${FILES} -> ${HOSTS}\n\tinstall ;\n")
     r = omirrord("keygen", "-C", str(conf), "-n", "127.0.0.1:2900",

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import xxhash
-
 from cluster import Cluster, Peer
 from conftest import omirror_children
+
 from omirror import config, peerkeys
 
 MakeCluster = Callable[..., Cluster]

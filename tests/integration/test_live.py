@@ -20,7 +20,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
 from cluster import Cluster, Peer
 
 MakeCluster = Callable[..., Cluster]
@@ -181,7 +180,7 @@ def test_peer_down_catches_up_also_by_relay_without_resurrecting_deletions(
         make_cluster: MakeCluster) -> None:
     c = make_cluster(3)
     c.start()
-    a, b, cc = (p.data for p in c.peers)
+    a, _b, cc = (p.data for p in c.peers)
     write(a / "keep.txt", b"v1\n")
     write(a / "doomed.txt", b"doomed\n")
     (a / "doomed-dir").mkdir()

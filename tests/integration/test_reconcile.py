@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 from cluster import Cluster
 
@@ -15,7 +14,8 @@ MakeCluster = Callable[..., Cluster]
 CONVERGE_S = 30
 
 
-def omirrord(c: Cluster, i: int, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def omirrord(c: Cluster, i: int, *args: str,
+             timeout: float = 60) -> subprocess.CompletedProcess[str]:
     p = c[i]
     env = {k: v for k, v in os.environ.items() if not k.startswith("OMIRRORD_")}
     return subprocess.run([sys.executable, "-m", "omirror", "-C", str(c.conf), "-n", p.name,

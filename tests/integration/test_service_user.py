@@ -3,15 +3,14 @@ owners as root does."""
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
-import grp
 import shutil
 import stat
 from collections.abc import Callable
 
 import pytest
-
 from cluster import Cluster, Peer
 
 CAPS = "+chown,+dac_override,+dac_read_search,+fowner,+fsetid"

@@ -11,14 +11,23 @@ import struct
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import AsyncIterator, Callable, Iterator
 
 import pytest
 
-from omirror.watcher import (IN_CREATE, IN_ISDIR, IN_MOVED_FROM, IN_MOVED_TO,
-                             IN_Q_OVERFLOW, IN_UNMOUNT, EventKind, PathEvent, Watcher,
-                             parse_events)
+from omirror.watcher import (
+    IN_CREATE,
+    IN_ISDIR,
+    IN_MOVED_FROM,
+    IN_MOVED_TO,
+    IN_Q_OVERFLOW,
+    IN_UNMOUNT,
+    EventKind,
+    PathEvent,
+    Watcher,
+    parse_events,
+)
 
 CREATED, CHANGED, DELETED, MOVED, OVERFLOW = (EventKind.CREATED, EventKind.CHANGED,
                                               EventKind.DELETED, EventKind.MOVED,

@@ -11,22 +11,21 @@ import pwd
 import select
 import stat
 import subprocess
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 import xxhash
 
 from omirror import config, fsio
 from omirror import intents as intents_module
-from omirror.intents import Intent, IntentLog
 from omirror.apply import Applier
-from omirror.errors import LocalChanged
-from omirror.staging import TempFile
 from omirror.entry import Entry, Kind, Stamp, conflict_name
-from omirror.errors import ApplyError, PathRefused
+from omirror.errors import ApplyError, LocalChanged, PathRefused
+from omirror.intents import Intent, IntentLog
 from omirror.scanner import MARKER, Scanner
+from omirror.staging import TempFile
 from omirror.store import Record, StatSig, Store
 from omirror.watcher import parse_events
 
@@ -178,7 +177,7 @@ def test_streamed_file_in_chunks_and_delta_blocks(host: Host) -> None:
             temp.copy_from(fd, 8, 4)
         finally:
             os.close(fd)
-        for i in range(3):
+        for _i in range(3):
             temp.write(b"z" * 1_000_000)
         assert temp.size == len(new)
         temp.finish()
@@ -1044,15 +1043,14 @@ def test_versions_applied_by_a_batch_that_never_committed_are_recorded_as_the_pe
     (host.data / "gone").write_bytes(b"to be deleted")
     (host.data / "kept").write_bytes(b"deletion announced, not done")
     assert host.scan() == 4  # the root too
-    with pytest.raises(_Killed):
-        with host.store.batch():
-            host.write(b"data/new", b"from beta")
-            host.applier.make_dir(host.mset, dir_entry(b"data/d", mode=0o700))
-            host.applier.make_dir(host.mset, dir_entry(b"data/sub", mode=0o750))
-            host.applier.make_symlink(host.mset, link_entry(b"data/l", b"new"))
-            host.applier.delete(host.mset, tombstone(b"data/gone"))
-            host.applier._intend(tombstone(b"data/kept"), 0)  # killed before the unlink
-            raise _Killed
+    with pytest.raises(_Killed), host.store.batch():
+        host.write(b"data/new", b"from beta")
+        host.applier.make_dir(host.mset, dir_entry(b"data/d", mode=0o700))
+        host.applier.make_dir(host.mset, dir_entry(b"data/sub", mode=0o750))
+        host.applier.make_symlink(host.mset, link_entry(b"data/l", b"new"))
+        host.applier.delete(host.mset, tombstone(b"data/gone"))
+        host.applier._intend(tombstone(b"data/kept"), 0)  # killed before the unlink
+        raise _Killed
     host.applier.intents.close()
     for path in (b"data/new", b"data/sub", b"data/l"):
         assert host.store.get(path) is None, "the batch never committed"

@@ -6,8 +6,16 @@ import pytest
 
 from omirror import config
 from omirror.entry import Entry, Kind, Stamp, first_version
-from omirror.reconcile import (CONFLICT, DELETE_HERE, DELETE_THERE, DIFFERS, RECEIVE, SEND,
-                               CheckReport, compare)
+from omirror.reconcile import (
+    CONFLICT,
+    DELETE_HERE,
+    DELETE_THERE,
+    DIFFERS,
+    RECEIVE,
+    SEND,
+    CheckReport,
+    compare,
+)
 
 SETS = config.parse("HOSTS = ( a b )\nFILES = ( /data )\n${FILES} -> ${HOSTS}\n"
                     "\tinstall ;\n\texcept_pat ( \\.tmp$ ) ;\n", "t.conf").sets

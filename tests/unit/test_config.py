@@ -8,8 +8,17 @@ import socket
 import pytest
 
 from omirror import config
-from omirror.config import (Config, Host, InstallOptions, MirrorSet, Special,
-                            check_file_safety, load, parse, parse_host)
+from omirror.config import (
+    Config,
+    Host,
+    InstallOptions,
+    MirrorSet,
+    Special,
+    check_file_safety,
+    load,
+    parse,
+    parse_host,
+)
 from omirror.errors import ConfigError
 
 BLOCK = "${FILES} -> ${HOSTS}\n\tinstall ;\n"
@@ -231,7 +240,8 @@ def test_error_reads_file_line_col_found_expected() -> None:
 @pytest.mark.parametrize("word, expected", [
     pytest.param("beta", h("beta"), id="plain"),
     pytest.param("beta:2808", h("beta"), id="default-port-dropped"),
-    pytest.param("root@Beta.Example.COM:22", h("beta.example.com:22", "beta.example.com", 22, "root"),
+    pytest.param("root@Beta.Example.COM:22",
+                 h("beta.example.com:22", "beta.example.com", 22, "root"),
                  id="user-port-lowercased"),
     pytest.param("[::1]:2809", h("[::1]:2809", "::1", 2809), id="ipv6-port"),
     pytest.param("::1", h("[::1]", "::1"), id="ipv6-bare"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -190,7 +191,7 @@ def test_continuous_changes_are_still_scanned_at_the_bound(co: Coalescer,
             taken.append(clock.now)
     assert len(taken) >= 2
     assert taken[0] - 100 <= bound + 0.05
-    assert all(b - a <= bound + 0.1 for a, b in zip(taken, taken[1:]))
+    assert all(b - a <= bound + 0.1 for a, b in itertools.pairwise(taken))
 
 
 def test_file_written_without_a_break_is_scanned_at_the_bound(clock: Clock) -> None:

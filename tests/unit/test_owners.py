@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from omirror.owners import Ownership, OwnerMap, SETID, can_chown, overflow_id
+from omirror.owners import SETID, OwnerMap, Ownership, can_chown, overflow_id
 
 UNKNOWN = "no-such-user-5b1e"
 

@@ -7,11 +7,10 @@ from dataclasses import replace
 import pytest
 
 from omirror import config
-from omirror.paths import PATH_MAX
-from omirror.resolve import check_entry, check_path
 from omirror.entry import Entry, Kind, Stamp, conflict_name
 from omirror.errors import PathRefused
-from omirror.paths import show
+from omirror.paths import PATH_MAX, show
+from omirror.resolve import check_entry, check_path
 
 DISTFILE = r"""
 www: ( /srv/www /etc/nginx ) -> ( alpha beta )

@@ -12,8 +12,14 @@ import asyncssh
 import pytest
 
 from omirror.errors import ConfigError
-from omirror.peerkeys import (PeerKey, ensure_host_key, host_key_path, load_peers,
-                              parse_peers, peer_line)
+from omirror.peerkeys import (
+    PeerKey,
+    ensure_host_key,
+    host_key_path,
+    load_peers,
+    parse_peers,
+    peer_line,
+)
 
 
 @pytest.fixture(scope="module")

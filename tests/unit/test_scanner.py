@@ -5,16 +5,18 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import time
 import socket
 import stat
+import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import xxhash
 
-from omirror import config, scanner as scanner_module
+from omirror import config
+from omirror import scanner as scanner_module
 from omirror.entry import Entry, Kind, Stamp
 from omirror.errors import RootError
 from omirror.scanner import MARKER, Scanner

@@ -77,11 +77,10 @@ def test_epoch_is_random_per_store_and_kept_across_reopen(tmp_path: Path) -> Non
 def test_failed_batch_commits_nothing_and_reuses_no_seq(store: Store) -> None:
     store.put(version(b"kept", 1), None)
     before = store.last_seq
-    with pytest.raises(RuntimeError):
-        with store.batch():
-            store.put(version(b"lost1", 2), None)
-            store.put(version(b"lost2", 3), None)
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), store.batch():
+        store.put(version(b"lost1", 2), None)
+        store.put(version(b"lost2", 3), None)
+        raise RuntimeError("boom")
     assert store.get(b"lost1") is None and store.get(b"lost2") is None
     assert store.last_seq == before
     assert store.put(version(b"next", 4), None) == before + 1
@@ -96,10 +95,9 @@ def test_listeners_hear_of_commits_only(store: Store) -> None:
             store.put(version(b"b", 2), None)
         assert heard == []  # the inner batch does not commit
     assert heard == [store.last_seq]
-    with pytest.raises(ValueError):
-        with store.batch():
-            store.put(version(b"c", 3), None)
-            raise ValueError
+    with pytest.raises(ValueError), store.batch():
+        store.put(version(b"c", 3), None)
+        raise ValueError
     store.set_sig(b"a", Kind.FILE, StatSig(1, 2, 3, 4))  # not a change: no seq, nothing to hear
     assert heard == [2]
 
@@ -192,7 +190,8 @@ _WRITER = textwrap.dedent("""
     for b in range(10**6):
         with store.batch():
             for i in range(50):
-                store.put(first_version(b"f%d/%d" % (b, i), Kind.FILE, Stamp(b * 100 + i, "a")), None)
+                entry = first_version(b"f%d/%d" % (b, i), Kind.FILE, Stamp(b * 100 + i, "a"))
+                store.put(entry, None)
         print(store.last_seq, flush=True)
 """)
 

@@ -8,12 +8,28 @@ import time
 
 import msgpack
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from omirror.entry import Entry, Kind, Stamp
-from omirror.wire import (MAX_FRAME, Ack, Bye, Copy, Data, EntryMsg, Hello, IHave, NoData,
-                          Passed, ProtocolError, Start, Want, decode, encode,
-                          read_message)
+from omirror.wire import (
+    MAX_FRAME,
+    Ack,
+    Bye,
+    Copy,
+    Data,
+    EntryMsg,
+    Hello,
+    IHave,
+    NoData,
+    Passed,
+    ProtocolError,
+    Start,
+    Want,
+    decode,
+    encode,
+    read_message,
+)
 
 ENTRY = Entry(path=b"srv/www/caf\xe9", kind=Kind.FILE, stamp=Stamp(10**18, "alpha"),
               vector=(("alpha", 10**18), ("beta", 5)), mode=0o644, owner="www",
