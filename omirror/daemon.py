@@ -223,7 +223,9 @@ class Daemon:
             progress.close()
             parts.close()
             self.parts = None
-        failed = 0
+        failed = len(self.sets.stopped)
+        for title in sorted(self.sets.stopped):
+            report(f"{title}: not reconciled: its root is not usable here (see the log)")
         for host, result in zip(hosts, results):
             stats = parts.peering.stats_of(host.name)
             if isinstance(result, BaseException):

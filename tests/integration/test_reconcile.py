@@ -131,3 +131,21 @@ def test_once_refuses_to_run_beside_its_own_daemon(make_cluster: MakeCluster) ->
     c.start(0)
     r = omirrord(c, 0, "--once")
     assert r.returncode == 2 and "keeps this host in sync already" in r.stderr
+
+
+def test_once_with_a_root_that_is_not_usable_names_its_set_and_fails(
+        make_cluster: MakeCluster) -> None:
+    """A root without its marker (an unmounted disk) stops its set. ``--once`` stopped
+    it by unwatching a watcher it never had, and died with a traceback; it now says
+    which set was not reconciled, and exits 1 having changed nothing there."""
+    from omirror.scanner import MARKER
+
+    c = make_cluster(2)
+    c.start(1)
+    (c[0].data / "kept").write_bytes(b"a file on the unmounted disk's mount point")
+    (c[0].data / os.fsdecode(MARKER)).unlink()
+    r = omirrord(c, 0, "--once")
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and "not reconciled" in r.stdout, r.stdout + r.stderr
+    assert "marker" in r.stderr, r.stderr
+    assert not (c[1].data / "kept").exists()
