@@ -27,22 +27,13 @@ from omirror import diskspace, fsio
 from omirror.clock import now_ns
 from omirror.config import MirrorSet, set_for
 from omirror.entry import Entry, Kind, Stamp, conflict_name, first_version, kind_of, next_stamp
-from omirror.errors import ApplyError, LocalChanged, PathRefused
+from omirror.errors import ApplyError, LocalChanged, PathRefused, os_errors
 from omirror.intents import Intent, IntentLog
 from omirror.owners import OwnerMap, Ownership, group_name, user_name
 from omirror.owners import can_chown as can_chown_now
 from omirror.paths import PATH_MAX, join, show, split
 from omirror.setdirs import SetDirs
-from omirror.staging import (
-    TEMP_FLAGS,
-    TempFile,
-    check_temp,
-    os_errors,
-    partial_name,
-    sync_batch,
-    temp_at,
-    temp_name,
-)
+from omirror.staging import TEMP_FLAGS, Prepared, TempFile, check_temp, temp_at, temp_name
 from omirror.store import Record, StatSig, Store, matches
 from omirror.units import human_bytes
 
@@ -74,10 +65,10 @@ class Applier:
         self.can_chown = can_chown_now() if can_chown is None else can_chown
         self.owners = OwnerMap()
         self.expected_absent: set[bytes] = set()
-        #: Small files written and synced ahead for a batch (:meth:`prepare`), by path.
-        self.prepared: dict[bytes, TempFile] = {}
         #: The directories of the sets, opened through descriptors.
         self.dirs = SetDirs(root)
+        #: Small files of a batch written and synced ahead (omirror/staging.py).
+        self.prepared = Prepared(self.dirs)
         #: Where each change is announced before it is made (omirror/intents.py); None
         #: in tools that apply nothing a crash could leave unrecorded.
         self.intents: IntentLog | None = None
@@ -89,34 +80,6 @@ class Applier:
     def _intend(self, entry: Entry, ino: int, old_ctime_ns: int = 0) -> None:
         if self.intents is not None:
             self.intents.note(Intent(entry, ino, old_ctime_ns))
-
-    def recover(self, intents: list[Intent], sets: Sequence[MirrorSet]) -> int:
-        """Record the versions a daemon stopped in the middle of a batch had put on disk
-        without recording them (omirror/intents.py); returns how many. Recorded without
-        a stat, so the scan that follows compares them with the disk: a local change
-        made since is still a new version."""
-        recorded = 0
-        for intent in intents:
-            entry = intent.entry
-            mset = set_for(entry.path, sets)
-            if mset is None:
-                continue
-            try:
-                st = self.dirs.lstat(mset, entry.path)
-            except (PathRefused, OSError):
-                continue
-            if entry.kind is Kind.TOMBSTONE:
-                done = st is None
-            else:
-                done = st is not None and st.st_ino == intent.ino \
-                    and kind_of(st) is entry.kind and st.st_ctime_ns != intent.old_ctime_ns
-            record = self.store.get(entry.path)
-            if done and (record is None or record.entry.stamp != entry.stamp):
-                self.store.put(entry, None)
-                recorded += 1
-                log.info("path=%s recorded as the peer's version applied before a crash "
-                         "(stamp=%s)", show(entry.path), entry.stamp)
-        return recorded
 
     # -- checks --------------------------------------------------------------------------
 
@@ -131,144 +94,17 @@ class Applier:
         """
         return matches(self.dirs.lstat(mset, path), record)
 
-    def open_old(self, mset: MirrorSet, record: Record) -> int:
-        """Open the local version a block delta is built against, read-only; -1 when the
-        file is no longer the one ``record`` describes (another file, or changed since:
-        its blocks would not be what the record's content is)."""
-        if record.sig is None:
-            return -1
-        opened = self.dirs.parent_if_there(mset, record.entry.path, "read")
-        if opened is None:
-            return -1
-        parent, name = opened
-        try:
-            fd, st = fsio.open_file(parent, name)
-        except (OSError, fsio.Swapped):
-            return -1
-        finally:
-            os.close(parent)
-        if StatSig.of(st) != record.sig:
-            os.close(fd)
-            return -1
-        return fd
-
-    # -- what arrived of a transfer that was cut ------------------------------------------
-
-    def open_partial(self, mset: MirrorSet, entry: Entry) -> tuple[int, int]:
-        """The part of this very version kept from a transfer that was cut
-        (:meth:`TempFile.keep_partial`), open read-only, and its size; (-1, 0) when
-        there is none fit to resume from. It must be ours (a user who can write the
-        directory could put a file at that name; what is built is checked against the
-        digest anyway)."""
-        opened = self.dirs.parent_if_there(mset, entry.path, "read")
-        if opened is None:
-            return -1, 0
-        parent, name = opened
-        try:
-            fd = os.open(partial_name(name, entry.digest), fsio.READ_FLAGS, dir_fd=parent)
-        except OSError:
-            return -1, 0
-        finally:
-            os.close(parent)
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1 \
-                or not 0 < st.st_size <= entry.size:
-            os.close(fd)
-            return -1, 0
-        return fd, st.st_size
-
-    def drop_partial(self, mset: MirrorSet, entry: Entry) -> None:
-        """Remove what was kept of a cut transfer of ``entry``: it arrived whole, or that
-        version is no longer to be had."""
-        opened = self.dirs.parent_if_there(mset, entry.path, "write")
-        if opened is None:
-            return
-        parent, name = opened
-        try:
-            os.unlink(partial_name(name, entry.digest), dir_fd=parent)
-        except OSError:
-            pass
-        finally:
-            os.close(parent)
-
     # -- files ---------------------------------------------------------------------------
 
     def write_file(self, mset: MirrorSet, entry: Entry, data: bytes) -> Record:
         """Install a file whose whole content came with its entry; a temp file
         :meth:`prepare` made for it is used."""
-        temp = self._take_prepared(mset, entry)
+        temp = self.prepared.take(mset, entry)
         if temp is None:
             temp = self.begin_file(mset, entry)
             temp.write(data)  # removes the temp file itself if it fails
         with temp:
             return self.install_file(mset, entry, temp)
-
-    # -- a batch of small files: write all, one fsync pass, then rename each ------------
-
-    def prepare(self, mset: MirrorSet, entry: Entry, data: bytes) -> None:
-        """Write the content of a small file that is about to be installed into its temp
-        file, unsynced, so that :meth:`sync_prepared` makes a whole batch durable with
-        one journal commit instead of one per file. Nothing is created but the temp file
-        (its directory must exist); whatever fails here is left to :meth:`write_file`."""
-        _expect(entry, Kind.FILE)
-        if entry.path in self.prepared:
-            return
-        opened = self.dirs.parent_if_there(mset, entry.path, "write")
-        if opened is None:
-            return
-        if self.reserve:
-            try:
-                free, keep = diskspace.room(opened[0], self.reserve)
-            except OSError:
-                free, keep = 0, 1
-            if free - entry.size < keep:
-                os.close(opened[0])
-                return  # write_file refuses it, and says why
-        try:
-            temp = TempFile(opened[0], entry)
-        except OSError:
-            return
-        try:
-            temp.write(data)
-            temp.finish(sync=False)
-        except ApplyError:
-            return  # removed by the failure; write_file says what is wrong
-        self.prepared[entry.path] = temp
-
-    def sync_prepared(self) -> None:
-        """Make every prepared file durable before any is renamed into place. One
-        ``syncfs`` for a batch of many: a fsync per small file costs a journal commit
-        each (ext4 allocates delayed blocks at writeback, so fsyncs do not share
-        commits), and that was most of the time a receiver spent on a tree of small
-        files. A batch of a few is fsynced file by file."""
-        for temp in sync_batch(list(self.prepared.values())):
-            self.prepared.pop(temp.path, None)
-
-    def discard_prepared(self) -> None:
-        """Remove the temp files of a batch that were not installed."""
-        for temp in self.prepared.values():
-            temp.abort()
-        self.prepared.clear()
-
-    def _take_prepared(self, mset: MirrorSet, entry: Entry) -> TempFile | None:
-        """The prepared temp file of exactly this version, if it is still in the
-        directory the path is in now (not one renamed away meanwhile)."""
-        temp = self.prepared.pop(entry.path, None)
-        if temp is None:
-            return None
-        if (temp.entry.stamp, temp.entry.size, temp.entry.digest) != (
-                entry.stamp, entry.size, entry.digest):
-            temp.abort()
-            return None
-        opened = self.dirs.parent_if_there(mset, entry.path, "write")
-        if opened is not None:
-            here = os.fstat(opened[0])
-            os.close(opened[0])
-            there = os.fstat(temp.dir_fd)
-            if fsio.same_file(here, there):
-                return temp
-        temp.abort()
-        return None
 
     def begin_file(self, mset: MirrorSet, entry: Entry) -> TempFile:
         """Open the temp file that streamed content (chunks, delta blocks) is written to."""
@@ -884,6 +720,35 @@ class Applier:
         sig = StatSig.of(st)
         seq = self.store.put(entry, sig)
         return Record(entry, seq, sig)
+
+
+def recover(intents: list[Intent], sets: Sequence[MirrorSet], dirs: SetDirs, store: Store) -> int:
+    """Record the versions a daemon stopped in the middle of a batch had put on disk
+    without recording them (omirror/intents.py); returns how many. Recorded without
+    a stat, so the scan that follows compares them with the disk: a local change
+    made since is still a new version."""
+    recorded = 0
+    for intent in intents:
+        entry = intent.entry
+        mset = set_for(entry.path, sets)
+        if mset is None:
+            continue
+        try:
+            st = dirs.lstat(mset, entry.path)
+        except (PathRefused, OSError):
+            continue
+        if entry.kind is Kind.TOMBSTONE:
+            done = st is None
+        else:
+            done = st is not None and st.st_ino == intent.ino \
+                and kind_of(st) is entry.kind and st.st_ctime_ns != intent.old_ctime_ns
+        record = store.get(entry.path)
+        if done and (record is None or record.entry.stamp != entry.stamp):
+            store.put(entry, None)
+            recorded += 1
+            log.info("path=%s recorded as the peer's version applied before a crash "
+                     "(stamp=%s)", show(entry.path), entry.stamp)
+    return recorded
 
 
 def _check_ours(path: bytes, st: os.stat_result, mode: int,

@@ -54,7 +54,49 @@ _serving: dict[str, set[asyncio.Task[None]]] = {}
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
+class Commands:
+    """What a running daemon answers on its socket: ``status``, ``sync`` and ``replay``.
+
+    Each request is checked here, field by field, before the daemon acts on it: the
+    socket's callers are trusted users, but a malformed request must get a clear
+    error, not a traceback in the daemon's log.
+    """
+
+    def __init__(self, status: Callable[[], dict[str, Any]],
+                 sync: Callable[[list[str]], Awaitable[dict[str, Any]]],
+                 replay: Callable[[str, int], Awaitable[dict[str, Any]]]) -> None:
+        self._status = status
+        self._sync = sync
+        self._replay = replay
+
+    def handlers(self) -> dict[str, Handler]:
+        return {"status": self.status, "sync": self.sync, "replay": self.replay}
+
+    async def status(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The daemon's status dict (omirror/status.py renders it)."""
+        return {"status": self._status()}
+
+    async def sync(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Rescan the named paths and their subtrees now; what changed goes out at once.
+        Every path is checked before anything is scanned, and all bad ones are named."""
+        paths = request.get("paths")
+        if not isinstance(paths, list) or not paths \
+                or not all(isinstance(p, str) for p in paths):
+            raise OmirrorError('sync needs "paths": a list of absolute paths')
+        return await self._sync(paths)
+
+    async def replay(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Restart the link to a peer with its stream starting at ``from_seq``."""
+        peer, from_seq = request.get("peer"), request.get("from_seq")
+        if not isinstance(peer, str) or not peer:
+            raise OmirrorError('replay needs "peer", the name of a peer')
+        if not isinstance(from_seq, int) or isinstance(from_seq, bool) or from_seq < 0:
+            raise OmirrorError('replay needs "from_seq", a whole number >= 0')
+        return await self._replay(peer, from_seq)
+
+
 def socket_path(state_dir: str | os.PathLike[str]) -> str:
+    """May be longer than sockaddr_un allows: connect and bind through ``_short``."""
     return os.path.join(os.fspath(state_dir), SOCKET_NAME)
 
 
@@ -156,6 +198,8 @@ async def serve_control(path: str | os.PathLike[str],
     serving = _serving.setdefault(path, set())
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Registered in ``_serving`` so that :func:`close_control` can cancel it; no error
+        of one connection reaches the loop's exception handler."""
         task = asyncio.current_task()
         assert task is not None
         serving.add(task)

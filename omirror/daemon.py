@@ -30,7 +30,7 @@ import asyncssh
 
 from omirror import config as config_module
 from omirror import control, intents, peerkeys, peers, systemd
-from omirror.apply import Applier
+from omirror.apply import Applier, recover
 from omirror.config import Config, Host
 from omirror.diskspace import DEFAULT_MIN_FREE, Reserve
 from omirror.errors import OmirrorError
@@ -86,7 +86,8 @@ class Parts:
         if left:
             try:
                 with self.applier.dirs.holding_roots(), self.store.batch():
-                    recorded = self.applier.recover(left, daemon.sets.running())
+                    recorded = recover(left, daemon.sets.running(), self.applier.dirs,
+                                       self.store)
             except OmirrorError as e:  # a root gone, say: its set stops at the scan
                 log.warning("changes of an interrupted batch not examined: %s", e)
                 recorded = 0
@@ -153,8 +154,9 @@ class Daemon:
         _warn_unprotected_hardlinks()
         # first, before the store is touched: a daemon that answers here owns this state
         # directory, and this one stops; no handler runs before the next await
+        commands = control.Commands(self.status, self._sync, self._replay)
         server = await control.serve_control(control.socket_path(self.state_dir),
-                                             self._control_handlers())
+                                             commands.handlers())
         parts = self.parts = Parts(self, loop, watch=True)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
@@ -254,31 +256,15 @@ class Daemon:
                             sum(s.expected_out + s.expected_in for s in links))
             await asyncio.sleep(0.2)  # the refresh period of the progress line
 
-    # -- the control socket (omirrord status, sync, log replay) ---------------------------
+    # -- what the control socket asks (omirror/control.py checks the requests) ----------
 
-    def _control_handlers(self) -> dict[str, control.Handler]:
-        return {"status": self._control_status, "sync": self._control_sync,
-                "replay": self._control_replay}
-
-    async def _control_status(self, request: dict[str, Any]) -> dict[str, Any]:
-        return {"status": self.status()}
-
-    async def _control_sync(self, request: dict[str, Any]) -> dict[str, Any]:
-        paths = request.get("paths")
-        if not isinstance(paths, list) or not paths \
-                or not all(isinstance(p, str) for p in paths):
-            raise OmirrorError('sync needs "paths": a list of absolute paths')
+    async def _sync(self, paths: list[str]) -> dict[str, Any]:
         parts = self._running()
         answer = await parts.indexer.sync(paths)
         return {**answer, "last_seq": parts.store.last_seq,
                 "links_out": parts.peering.links_out()}
 
-    async def _control_replay(self, request: dict[str, Any]) -> dict[str, Any]:
-        peer, from_seq = request.get("peer"), request.get("from_seq")
-        if not isinstance(peer, str) or not peer:
-            raise OmirrorError('replay needs "peer", the name of a peer')
-        if not isinstance(from_seq, int) or isinstance(from_seq, bool) or from_seq < 0:
-            raise OmirrorError('replay needs "from_seq", a whole number >= 0')
+    async def _replay(self, peer: str, from_seq: int) -> dict[str, Any]:
         parts = self._running()
         name = await parts.peering.replay(peer, from_seq)
         return {"peer": name, "from_seq": from_seq, "last_seq": parts.store.last_seq}

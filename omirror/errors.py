@@ -6,6 +6,10 @@ store stops the daemon); anything else escaping is a bug and is reported as one.
 
 from __future__ import annotations
 
+import contextlib
+import errno as errnos
+from collections.abc import Iterator
+
 
 class OmirrorError(Exception):
     """Base of every error omirror reports to its operator."""
@@ -90,3 +94,15 @@ def _show_refused(path: object) -> str:
 class LocalChanged(ApplyError):
     """The local file changed since the store recorded it (a write the scanner has not
     seen yet): the change is recorded first, then the peer's version is decided again."""
+
+
+@contextlib.contextmanager
+def os_errors(path: bytes, action: str) -> Iterator[None]:
+    """Turn a failed system call into an :class:`ApplyError` that says what failed."""
+    try:
+        yield
+    except OSError as e:
+        reason = e.strerror or errnos.errorcode.get(e.errno or 0, str(e))
+        from omirror.paths import show  # errors is imported by every module: no cycle
+
+        raise ApplyError(path, e.errno, f"cannot {action} {show(path)}: {reason}") from e

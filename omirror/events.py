@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from omirror.paths import is_under
 from omirror.watcher import EventKind, PathEvent
 
 __all__ = ["Coalescer", "ScanRequest"]
@@ -66,10 +67,6 @@ def _ancestors(path: bytes) -> Iterable[bytes]:
         end = path.rfind(b"/", 0, end)
     if path != b"/":
         yield b"/"
-
-
-def _is_under(path: bytes, top: bytes) -> bool:
-    return path.startswith(top if top.endswith(b"/") else top + b"/")
 
 
 def _complete_at_once(path: bytes) -> bool:
@@ -240,7 +237,7 @@ class Coalescer:
         Looks only at the directories that hold pending paths, so a burst of thousands
         of files in one directory costs one comparison per new subtree, not thousands.
         """
-        for directory in [d for d in self._by_parent if d == top or _is_under(d, top)]:
+        for directory in [d for d in self._by_parent if is_under(d, top)]:
             for path in list(self._by_parent.get(directory, ())):
                 absorbed = self._remove(path)
                 into.first_s = min(into.first_s, absorbed.first_s)

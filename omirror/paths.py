@@ -41,8 +41,9 @@ def local_path(root: bytes, path: bytes) -> bytes:
 
 
 def is_under(path: bytes, top: bytes) -> bool:
-    """``path`` is ``top`` or lies below it, compared by whole components."""
-    return path == top or not top or path.startswith(top + b"/")
+    """``path`` is ``top`` or lies below it, compared by whole components; for logical
+    paths (``b""`` is the top of everything) and local ones (``b"/"`` too)."""
+    return path == top or not top or path.startswith(top if top.endswith(b"/") else top + b"/")
 
 
 def split(path: bytes) -> tuple[bytes, bytes]:

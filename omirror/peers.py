@@ -44,7 +44,7 @@ CIPHERS = ("aes128-gcm@openssh.com", "chacha20-poly1305@openssh.com",
 #: by the tree worker that may be busy for minutes.
 KEEPALIVE_S, KEEPALIVE_COUNT = 2, 3
 #: A big window and big packets: one channel carries a whole tree's content.
-WINDOW = 8 << 20
+CHANNEL_WINDOW = 8 << 20
 MAX_PACKET = 256 << 10
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.5, 30.0
 CONNECT_TIMEOUT_S = 10.0
@@ -258,7 +258,7 @@ async def open_link(host: Host, host_key: asyncssh.SSHKey, peer_key: PeerKey, *,
         gss_auth=False), CONNECT_TIMEOUT_S)
     try:
         writer, reader, _ = await conn.open_session(subsystem=subsystem, encoding=None,
-                                                    window=WINDOW, max_pktsize=MAX_PACKET)
+                                                    window=CHANNEL_WINDOW, max_pktsize=MAX_PACKET)
     except BaseException:
         conn.close()
         raise

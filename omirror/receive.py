@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from omirror import diskspace, fsio
+from omirror import diskspace, fsio, staging
 from omirror.clock import now_ns
 from omirror.errors import ApplyError, PathRefused
 from omirror.link import Context, LinkStats, Side, check_hello, run_together
@@ -313,7 +313,7 @@ class Receiver(Side):
         if DELTA_MIN <= entry.size <= MAX_DELTA_BLOCKS * BLOCK:
             # what arrived of this very version before a cut: the delta against it asks
             # only for the rest
-            old_fd, resumed = await self.ctx.tree(self.ctx.applier.open_partial,
+            old_fd, resumed = await self.ctx.tree(staging.open_partial, self.ctx.applier.dirs,
                                                   need.mset, entry)
             if resumed:
                 log.info("peer=%s path=%s resumes a cut transfer: %s of %s are here",
@@ -322,7 +322,8 @@ class Receiver(Side):
         if old_fd < 0 and need.old is not None and \
                 DELTA_MIN <= need.old.entry.size <= MAX_DELTA_BLOCKS * BLOCK \
                 and entry.size >= DELTA_MIN:
-            old_fd = await self.ctx.tree(self.ctx.applier.open_old, need.mset, need.old)
+            old_fd = await self.ctx.tree(staging.open_old, self.ctx.applier.dirs, need.mset,
+                                         need.old)
         if old_fd >= 0:
             try:
                 digests, _ = await asyncio.to_thread(fsio.block_digests, old_fd, BLOCK)
@@ -353,7 +354,8 @@ class Receiver(Side):
                               show(entry.path), part.why)
                     await self.ctx.tree(building.abort)
                     if resumed:
-                        await self.ctx.tree(self.ctx.applier.drop_partial, need.mset, entry)
+                        await self.ctx.tree(staging.drop_partial, self.ctx.applier.dirs,
+                                            need.mset, entry)
                     return
                 if isinstance(part, Copy):
                     if old_fd < 0:
@@ -367,7 +369,8 @@ class Receiver(Side):
             await self.ctx.tree(self.ctx.resolver.install, self.peer,
                                 self.ctx.sets_with(self.peer), need, building)
             if resumed:
-                await self.ctx.tree(self.ctx.applier.drop_partial, need.mset, entry)
+                await self.ctx.tree(staging.drop_partial, self.ctx.applier.dirs,
+                                    need.mset, entry)
         except BaseException as e:
             if temp is not None:
                 # cut (the link, a shutdown): what arrived is kept for a resume; content

@@ -100,7 +100,7 @@ class Resolver:
                             break
                     self._scan_strays(sets)
         finally:
-            applier.discard_prepared()
+            applier.prepared.discard()
         return outcomes
 
     def one(self, peer: str, sets: Sequence[MirrorSet], incoming: Entry, data: bytes | None,
@@ -337,9 +337,9 @@ class Resolver:
                     local is not None and local.kind is Kind.FILE
                     and local.digest == entry.digest):
                 continue
-            applier.prepare(mset, entry, data)
+            applier.prepared.prepare(mset, entry, data, applier.reserve)
         if len(applier.prepared) > 1:
-            applier.sync_prepared()
+            applier.prepared.sync()
 
     def _scan_strays(self, sets: Sequence[MirrorSet]) -> None:
         """Record what the applier put into a directory a user renamed meanwhile, where

@@ -18,10 +18,9 @@ from collections.abc import Iterator
 
 from omirror import fsio
 from omirror.config import MirrorSet
-from omirror.errors import ApplyError, PathRefused
+from omirror.errors import ApplyError, PathRefused, os_errors
 from omirror.paths import check_form, local_path, logical, show, show_name, split
 from omirror.scanner import MARKER
-from omirror.staging import os_errors
 
 log = logging.getLogger(__name__)
 

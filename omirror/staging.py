@@ -14,12 +14,17 @@ import errno
 import logging
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 
-from omirror import fsio
-from omirror.entry import Entry
+from omirror import diskspace, fsio
+from omirror.config import MirrorSet
+from omirror.diskspace import Reserve
+from omirror.entry import Entry, Kind
 from omirror.errors import ApplyError
 from omirror.paths import PARTIAL_PREFIX, TEMP_PREFIX, show, split
+from omirror.setdirs import SetDirs
+from omirror.store import Record, StatSig
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +38,6 @@ WRITEBACK_EVERY = 8 << 20
 
 #: Batches of at least this many small files are made durable with one syncfs.
 SYNCFS_MIN = 8
-
-
-@contextlib.contextmanager
-def os_errors(path: bytes, action: str) -> Iterator[None]:
-    """Turn a failed system call into an :class:`ApplyError` that says what failed."""
-    try:
-        yield
-    except OSError as e:
-        reason = e.strerror or errno.errorcode.get(e.errno or 0, str(e))
-        raise ApplyError(path, e.errno, f"cannot {action} {show(path)}: {reason}") from e
 
 
 def temp_name() -> bytes:
@@ -297,3 +292,142 @@ def check_temp(temp: TempFile, entry: Entry) -> None:
                                                            entry.digest):
         raise ValueError(f"temp file of {show(temp.path)} given for another version or "
                          f"path: {show(entry.path)}")
+
+
+class Prepared:
+    """The small files of one receive batch, written into their temp files ahead and
+    made durable together (:func:`sync_batch`) before any is renamed into place; each is
+    still decided on when its entry is applied, and what is not installed is removed."""
+
+    def __init__(self, dirs: SetDirs) -> None:
+        self.dirs = dirs
+        self.temps: dict[bytes, TempFile] = {}
+
+    def __len__(self) -> int:
+        return len(self.temps)
+
+    def prepare(self, mset: MirrorSet, entry: Entry, data: bytes, reserve: Reserve) -> None:
+        """Write the content of a small file that is about to be installed into its temp
+        file, unsynced, so that :meth:`sync` makes a whole batch durable with
+        one journal commit instead of one per file. Nothing is created but the temp file
+        (its directory must exist); whatever fails here is left to the applier's ``write_file``."""
+        if entry.kind is not Kind.FILE or entry.path in self.temps:
+            return
+        opened = self.dirs.parent_if_there(mset, entry.path, "write")
+        if opened is None:
+            return
+        if reserve:
+            try:
+                free, keep = diskspace.room(opened[0], reserve)
+            except OSError:
+                free, keep = 0, 1
+            if free - entry.size < keep:
+                os.close(opened[0])
+                return  # write_file refuses it, and says why
+        try:
+            temp = TempFile(opened[0], entry)
+        except OSError:
+            return
+        try:
+            temp.write(data)
+            temp.finish(sync=False)
+        except ApplyError:
+            return  # removed by the failure; write_file says what is wrong
+        self.temps[entry.path] = temp
+
+    def sync(self) -> None:
+        """Make every prepared file durable before any is renamed into place. One
+        ``syncfs`` for a batch of many: a fsync per small file costs a journal commit
+        each (ext4 allocates delayed blocks at writeback, so fsyncs do not share
+        commits), and that was most of the time a receiver spent on a tree of small
+        files. A batch of a few is fsynced file by file."""
+        for temp in sync_batch(list(self.temps.values())):
+            self.temps.pop(temp.path, None)
+
+    def discard(self) -> None:
+        """Remove the temp files of a batch that were not installed."""
+        for temp in self.temps.values():
+            temp.abort()
+        self.temps.clear()
+
+    def take(self, mset: MirrorSet, entry: Entry) -> TempFile | None:
+        """The prepared temp file of exactly this version, if it is still in the
+        directory the path is in now (not one renamed away meanwhile)."""
+        temp = self.temps.pop(entry.path, None)
+        if temp is None:
+            return None
+        if (temp.entry.stamp, temp.entry.size, temp.entry.digest) != (
+                entry.stamp, entry.size, entry.digest):
+            temp.abort()
+            return None
+        opened = self.dirs.parent_if_there(mset, entry.path, "write")
+        if opened is not None:
+            here = os.fstat(opened[0])
+            os.close(opened[0])
+            there = os.fstat(temp.dir_fd)
+            if fsio.same_file(here, there):
+                return temp
+        temp.abort()
+        return None
+
+
+# -- what a fetch builds from: the old version, or what arrived before a cut ---------------
+
+
+def open_old(dirs: SetDirs, mset: MirrorSet, record: Record) -> int:
+    """Open the local version a block delta is built against, read-only; -1 when the
+    file is no longer the one ``record`` describes (another file, or changed since:
+    its blocks would not be what the record's content is)."""
+    if record.sig is None:
+        return -1
+    opened = dirs.parent_if_there(mset, record.entry.path, "read")
+    if opened is None:
+        return -1
+    parent, name = opened
+    try:
+        fd, st = fsio.open_file(parent, name)
+    except (OSError, fsio.Swapped):
+        return -1
+    finally:
+        os.close(parent)
+    if StatSig.of(st) != record.sig:
+        os.close(fd)
+        return -1
+    return fd
+
+def open_partial(dirs: SetDirs, mset: MirrorSet, entry: Entry) -> tuple[int, int]:
+    """The part of this very version kept from a transfer that was cut
+    (:meth:`TempFile.keep_partial`), open read-only, and its size; (-1, 0) when
+    there is none fit to resume from. It must be ours (a user who can write the
+    directory could put a file at that name; what is built is checked against the
+    digest anyway)."""
+    opened = dirs.parent_if_there(mset, entry.path, "read")
+    if opened is None:
+        return -1, 0
+    parent, name = opened
+    try:
+        fd = os.open(partial_name(name, entry.digest), fsio.READ_FLAGS, dir_fd=parent)
+    except OSError:
+        return -1, 0
+    finally:
+        os.close(parent)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1 \
+            or not 0 < st.st_size <= entry.size:
+        os.close(fd)
+        return -1, 0
+    return fd, st.st_size
+
+def drop_partial(dirs: SetDirs, mset: MirrorSet, entry: Entry) -> None:
+    """Remove what was kept of a cut transfer of ``entry``: it arrived whole, or that
+    version is no longer to be had."""
+    opened = dirs.parent_if_there(mset, entry.path, "write")
+    if opened is None:
+        return
+    parent, name = opened
+    try:
+        os.unlink(partial_name(name, entry.digest), dir_fd=parent)
+    except OSError:
+        pass
+    finally:
+        os.close(parent)

@@ -59,7 +59,7 @@ with warnings.catch_warnings():
         IN_UNMOUNT,
     )
 
-from omirror.paths import is_own_name, show_name
+from omirror.paths import is_own_name, is_under, show_name
 
 log = logging.getLogger(__name__)
 
@@ -204,11 +204,6 @@ def _join(directory: bytes, name: bytes) -> bytes:
     return directory + b"/" + name if directory != b"/" else b"/" + name
 
 
-def _is_under(path: bytes, top: bytes) -> bool:
-    """``path`` is ``top`` or below it (a byte prefix match on whole components)."""
-    return path == top or path.startswith(top if top.endswith(b"/") else top + b"/")
-
-
 def _watch_limit() -> str:
     try:
         with open(_LIMIT_FILE) as f:
@@ -313,12 +308,12 @@ class Watcher:
     def unwatch_tree(self, top: bytes) -> None:
         """Remove the watches at and below ``top`` and forget what was polled there."""
         top = os.path.abspath(top)
-        for path, wd in [(p, wd) for p, wd in self._path_wd.items() if _is_under(p, top)]:
+        for path, wd in [(p, wd) for p, wd in self._path_wd.items() if is_under(p, top)]:
             self._inotify.rm_watch(self._fd, wd)
             del self._path_wd[path]
             self._wd_path.pop(wd, None)
-        self.polled.difference_update([p for p in self.polled if _is_under(p, top)])
-        for registered in [t for t in self._skips if _is_under(t, top)]:
+        self.polled.difference_update([p for p in self.polled if is_under(p, top)])
+        for registered in [t for t in self._skips if is_under(t, top)]:
             del self._skips[registered]
 
     def _skip_for(self, top: bytes, skip: Callable[[bytes], bool]) -> Callable[[bytes], bool]:
@@ -328,7 +323,7 @@ class Watcher:
         may nest and exclude different things). A new predicate is remembered, so that a
         new directory watched later with the default ``skip`` still honours it.
         """
-        rules = [rule for t, rule in self._skips.items() if _is_under(top, t)]
+        rules = [rule for t, rule in self._skips.items() if is_under(top, t)]
         if skip is not _never and skip not in rules:
             self._skips[top] = skip
             rules.append(skip)
@@ -386,17 +381,17 @@ class Watcher:
         A linear pass over the watches: directory renames are rare next to file events,
         and a tree of maps keyed by component would slow down every event instead.
         """
-        moved = [(p, wd) for p, wd in self._path_wd.items() if _is_under(p, old)]
+        moved = [(p, wd) for p, wd in self._path_wd.items() if is_under(p, old)]
         for path, _ in moved:
             del self._path_wd[path]
         for path, wd in moved:
             renamed = new + path[len(old):]
             self._path_wd[renamed] = wd
             self._wd_path[wd] = renamed
-        for path in [p for p in self.polled if _is_under(p, old)]:
+        for path in [p for p in self.polled if is_under(p, old)]:
             self.polled.discard(path)
             self.polled.add(new + path[len(old):])
-        for path in [p for p in self._skips if _is_under(p, old)]:
+        for path in [p for p in self._skips if is_under(p, old)]:
             self._skips[new + path[len(old):]] = self._skips.pop(path)
         if self._skip_for(new, _never)(new):
             self.unwatch_tree(new)  # renamed to an excluded name: nothing to watch there

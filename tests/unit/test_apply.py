@@ -20,7 +20,7 @@ import xxhash
 
 from omirror import config, fsio
 from omirror import intents as intents_module
-from omirror.apply import Applier
+from omirror.apply import Applier, recover
 from omirror.entry import Entry, Kind, Stamp, conflict_name
 from omirror.errors import ApplyError, LocalChanged, PathRefused
 from omirror.intents import Intent, IntentLog
@@ -1060,7 +1060,7 @@ def test_versions_applied_by_a_batch_that_never_committed_are_recorded_as_the_pe
     left = intents_module.read(state)
     assert len(left) == 6
     with host.store.batch():
-        assert host.applier.recover(left, [host.mset]) == 5
+        assert recover(left, [host.mset], host.applier.dirs, host.store) == 5
     for path in (b"data/new", b"data/d", b"data/sub", b"data/l", b"data/gone"):
         assert host.store.get(path).entry.stamp == PEER_STAMP, path
     assert host.store.get(b"data/kept").entry.stamp.origin == "alpha"
@@ -1086,7 +1086,7 @@ def test_recovery_records_nothing_that_did_not_reach_the_disk_as_announced(
     left = intents_module.read(tmp_path / "state")
     assert len(left) == 3
     with host.store.batch():
-        assert host.applier.recover(left, [host.mset]) == 0
+        assert recover(left, [host.mset], host.applier.dirs, host.store) == 0
     assert {p: host.store.get(p) for p in (b"data/d", b"data/f")} == before
     assert host.store.get(b"data/never") is None
 

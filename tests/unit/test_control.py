@@ -268,3 +268,32 @@ async def _refused_as_nobody(tmp_path: Path) -> None:
         assert (await ask(tmp_path, "echo"))["ok"] is True  # root still may
     finally:
         await control.close_control(server, control.socket_path(tmp_path))
+
+
+@pytest.mark.parametrize("cmd, request_, error", [
+    ("sync", {}, 'sync needs "paths"'),
+    ("sync", {"paths": "/srv/www"}, 'sync needs "paths"'),
+    ("sync", {"paths": ["/srv", 3]}, 'sync needs "paths"'),
+    ("replay", {"from_seq": 3}, 'replay needs "peer"'),
+    ("replay", {"peer": "b", "from_seq": -1}, 'replay needs "from_seq"'),
+    ("replay", {"peer": "b", "from_seq": True}, 'replay needs "from_seq"'),
+])
+def test_a_malformed_command_is_refused_before_the_daemon_acts(
+        cmd: str, request_: dict[str, object], error: str) -> None:
+    """The daemon's rescans and relinks are reached only with well-formed requests."""
+    acted: list[object] = []
+
+    async def sync(paths: list[str]) -> dict[str, object]:
+        acted.append(paths)
+        return {}
+
+    async def replay(peer: str, from_seq: int) -> dict[str, object]:
+        acted.append((peer, from_seq))
+        return {}
+
+    handlers = control.Commands(lambda: {}, sync, replay).handlers()
+    with pytest.raises(OmirrorError, match=error):
+        asyncio.run(handlers[cmd](dict(request_)))
+    assert acted == []
+    assert asyncio.run(handlers["replay"]({"peer": "b", "from_seq": 0})) == {}
+    assert acted == [("b", 0)]
