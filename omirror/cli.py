@@ -94,6 +94,8 @@ _NAMES = [f.name for f in fields(Options)]
 
 
 def shared_options(func: F) -> F:
+    """Give a command every daemon option, so each works after the subcommand too
+    (:func:`options_of` merges both places)."""
     for option in reversed(_OPTIONS):
         func = option(func)
     return func
@@ -171,6 +173,7 @@ def syslog_handler(facility: str) -> logging.Handler:
 
 
 def fail(message: str) -> NoReturn:
+    """Exit 2, the contract's error status, with one line on stderr and no traceback."""
     click.echo(f"omirrord: error: {message}", err=True)
     sys.exit(EXIT_ERROR)
 

@@ -136,6 +136,8 @@ class MirrorSet:
         return self.label if self.label is not None else f"set at line {self.line}"
 
     def has_host(self, name: str) -> bool:
+        """``name`` must be an identity as :func:`parse_host` makes it, not an entry as
+        written: ``me@beta`` or ``BETA`` match nothing."""
         return any(h.name == name for h in self.hosts)
 
     def peers_of(self, name: str) -> tuple[Host, ...]:
@@ -274,6 +276,8 @@ def parse_host(word: str, filename: str = "<string>", line: int = 0, col: int = 
     """
 
     def fail(reason: str) -> NoReturn:
+        """Every error names the whole entry and the form expected; ``_ipv6`` and ``_port``
+        report through it too."""
         raise ConfigError(f"bad host entry {word!r}: {reason}; expected [user@]host[:port]",
                           filename, line, col)
 
@@ -541,22 +545,27 @@ class _Parser:
     # -- helpers
 
     def peek(self, ahead: int = 0) -> _Token:
+        """Past the end it keeps returning the EOF token, so lookahead needs no bounds check."""
         return self.tokens[min(self.pos + ahead, len(self.tokens) - 1)]
 
     def advance(self) -> _Token:
+        """Never moves past EOF: a loop that looks for ';' meets EOF and reports it."""
         token = self.peek()
         self.pos = min(self.pos + 1, len(self.tokens) - 1)
         return token
 
     def fail(self, message: str, line: int, col: int) -> NoReturn:
+        """Every parse error goes through here, so each carries ``file:line:col``."""
         raise ConfigError(message, self.filename, line, col)
 
     def fail_at(self, token: _Token | _Item, message: str) -> NoReturn:
+        """Point at where the token or value was written, not where the parser is now."""
         self.fail(message, token.line, token.col)
 
     # -- statements
 
     def parse_file(self) -> Config:
+        """The whole file; one without a block is an error, since it would mirror nothing."""
         while self.peek().kind is not _T.EOF:
             self.statement()
         if not self.sets:
@@ -565,6 +574,7 @@ class _Parser:
         return Config(path=self.filename, sets=tuple(self.sets))
 
     def statement(self) -> None:
+        """A definition or a block, told apart by the token after the first (``=``, ``:``)."""
         token, following = self.peek(), self.peek(1)
         if token.kind is _T.WORD and following.kind is _T.EQUALS:
             self.definition()
@@ -577,6 +587,7 @@ class _Parser:
                                 "'NAME = ( ... )' or a block '${FILES} -> ${HOSTS} install ;'")
 
     def definition(self) -> None:
+        """``NAME = expression``, expanded now: defining NAME again changes only what follows."""
         name = self.advance()
         if not _NAME.match(name.text):
             self.fail_at(name, f"bad variable name '{name.text}': expected letters, digits "
@@ -586,6 +597,7 @@ class _Parser:
         self.variables[name.text] = items
 
     def label(self) -> _Token:
+        """A block's ``label:``, used once per file: it is how logs name the set."""
         token = self.advance()
         self.advance()  # ':'
         if not _LABEL.match(token.text):
@@ -599,6 +611,7 @@ class _Parser:
         return token
 
     def block(self, label: _Token | None) -> None:
+        """``files -> hosts`` and its commands; rdist's ``::`` is refused, ``install`` required."""
         start = label or self.peek()
         file_items, files_at = self.expression("as the file list of a block")
         arrow = self.peek()
@@ -624,6 +637,8 @@ class _Parser:
             line=start.line))
 
     def files(self, items: list[_Item], at: _Token) -> tuple[str, ...]:
+        """Refuses a path inside another of the same list; across blocks, :func:`set_for`
+        decides instead."""
         if not items:
             self.fail_at(at, "the file list is empty: expected absolute paths")
         paths: dict[str, _Item] = {}
@@ -637,6 +652,7 @@ class _Parser:
         return tuple(paths)
 
     def hosts(self, items: list[_Item], at: _Token) -> tuple[Host, ...]:
+        """An identity listed twice is kept once, as first written (with that entry's user)."""
         if not items:
             self.fail_at(at, "HOSTS list is empty: expected host entries [user@]host[:port]")
         hosts: dict[str, Host] = {}
@@ -667,6 +683,7 @@ class _Parser:
                 and following.kind not in (_T.EQUALS, _T.COLON, _T.ARROW, _T.DCOLON, _T.OP))
 
     def command(self, rules: _Rules) -> None:
+        """Only :data:`COMMANDS`; any other rdist command is an error naming those."""
         name = self.advance()
         if name.text == "install":
             self.install(name, rules)
@@ -683,6 +700,8 @@ class _Parser:
                                f"{', '.join(COMMANDS)}")
 
     def install(self, name: _Token, rules: _Rules) -> None:
+        """Takes ``-o`` options only: rdist's destination is refused, every peer mirrors the
+        same paths."""
         rules.installed = True
         previous = name
         while (token := self.advance()).kind is not _T.SEMI:
@@ -700,6 +719,7 @@ class _Parser:
             previous = token
 
     def install_options(self, token: _Token, rules: _Rules) -> None:
+        """Several ``-o`` words add up; an unknown or empty option is an error."""
         for option in token.text[2:].split(","):
             if option not in INSTALL_OPTIONS:
                 shown = f"'{option}'" if option else "an empty option"
@@ -727,6 +747,7 @@ class _Parser:
         return items
 
     def regex(self, item: _Item) -> str:
+        """Compiled here so that a bad pattern is reported where it was written."""
         try:
             re.compile(item.text)
         except re.error as e:
@@ -734,6 +755,8 @@ class _Parser:
         return item.text
 
     def special(self, name: _Token, rules: _Rules) -> None:
+        """Without a path, any file of the set; the command must be quoted. Parsed only:
+        nothing runs specials yet (README.rst)."""
         paths: list[str | None] = [None]
         if self.peek().kind in (_T.WORD, _T.LPAREN):
             items, _ = self.operand("after special")
@@ -748,6 +771,7 @@ class _Parser:
         rules.specials.extend(Special(path, command.text) for path in paths)
 
     def expect_semi(self, name: _Token) -> None:
+        """A missing ';' is reported at the token found instead, naming the command."""
         token = self.advance()
         if token.kind is not _T.SEMI:
             self.fail_at(token, f"found {token.describe()}, expected ';' to end the "
@@ -766,6 +790,7 @@ class _Parser:
         return items, start
 
     def operand(self, context: str) -> tuple[list[_Item], _Token]:
+        """A list, word or string, with its first token: where errors about it all point."""
         token = self.peek()
         if token.kind is _T.LPAREN:
             return self.list_(), token
@@ -779,6 +804,7 @@ class _Parser:
                             f"or ${{NAME}} {context}")
 
     def list_(self) -> list[_Item]:
+        """``( ... )``: no nested lists; a ``${NAME}`` inside one adds all its words."""
         opened = self.advance()
         items: list[_Item] = []
         while True:
@@ -801,6 +827,8 @@ class _Parser:
         return [_Item(self.substitute(token), token.line, token.col)]
 
     def substitute(self, token: _Token) -> str:
+        """Each ``${NAME}`` in a word must hold one word; bare ``$NAME`` is refused as a
+        likely typo, any other ``$`` stays literal."""
         text, i = token.text, 0
         out: list[str] = []
         while (dollar := text.find("$", i)) >= 0:
@@ -829,6 +857,7 @@ class _Parser:
         return "".join(out)
 
     def lookup(self, name: str, token: _Token, offset: int) -> list[_Item]:
+        """One pass: a variable must be defined above its first use."""
         if not _NAME.match(name):
             self.fail(f"bad variable name '{name}' in ${{...}}: expected letters, digits "
                       "and '_'", token.line, token.col + offset)
@@ -850,6 +879,7 @@ class _Rules:
     specials: list[Special] = field(default_factory=list)
 
     def options(self) -> InstallOptions:
+        """``remove`` is dropped here: a mirror always removes what the source lacks."""
         return InstallOptions(**{f: f in self.flags for f in InstallOptions.__dataclass_fields__})
 
 

@@ -70,6 +70,8 @@ class Commands:
         self._replay = replay
 
     def handlers(self) -> dict[str, Handler]:
+        """For :func:`serve_control`, by ``cmd``: a request naming another gets an error that
+        lists these."""
         return {"status": self.status, "sync": self.sync, "replay": self.replay}
 
     async def status(self, request: dict[str, Any]) -> dict[str, Any]:

@@ -76,6 +76,7 @@ class DemoPeer:
 
     @property
     def name(self) -> str:
+        """The identity in HOSTS, the peers file and --name: the port tells the three apart."""
         return f"127.0.0.1:{self.port}"
 
     @property
@@ -85,18 +86,22 @@ class DemoPeer:
 
     @property
     def tree(self) -> Path:
+        """What the user edits and :func:`snapshot` walks; the only path the Distfile mirrors."""
         return self.base / TREE
 
     @property
     def state(self) -> Path:
+        """The peer's --state-dir; also how a leftover daemon is recognised by its command line."""
         return self.base / "state"
 
     @property
     def log(self) -> Path:
+        """The daemon's stdout and stderr, appended run after run; its tail explains a death."""
         return self.base / "omirrord.log"
 
     @property
     def status_path(self) -> Path:
+        """Its pid, once written, tells that the daemon is up (or left over from a killed demo)."""
         return self.state / "status.json"
 
 
@@ -266,6 +271,8 @@ class Daemons:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def command(self, p: DemoPeer) -> list[str]:
+        """This interpreter's omirror, every path absolute: the state path must match what
+        ``_runs_omirrord_on`` looks for."""
         return [sys.executable, "-m", "omirror", "-C", str(self.layout.conf.resolve()),
                 "-n", p.name, "--root", str(p.root.resolve()),
                 "--state-dir", str(p.state.resolve()),
@@ -305,6 +312,7 @@ class Daemons:
         return _status_pid(p) == self.procs[p.label].pid
 
     def died_error(self, p: DemoPeer) -> DemoError:
+        """Only for a daemon that has exited (its returncode is set), with its log's tail."""
         rc = self.procs[p.label].returncode
         how = f"was killed by signal {-rc}" if rc < 0 else f"exited with status {rc}"
         return DemoError(f"the omirrord of {p.label} ({p.name}) {how}; the last lines of "
@@ -344,6 +352,7 @@ def _die_with(parent: int) -> Callable[[], None]:
     libc = ctypes.CDLL(None, use_errno=True)
 
     def preexec() -> None:
+        """Runs in the child before exec; the ppid check covers a demo that died before it."""
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         if os.getppid() != parent:  # the demo died before prctl took effect
             os.kill(os.getpid(), signal.SIGTERM)
@@ -429,6 +438,7 @@ def changes(label: str, before: Snapshot, after: Snapshot) -> Iterator[str]:
     moved_dirs = [(old, rel) for old, rel in renamed.items() if before[old].kind == "dir"]
 
     def carried(old: str, rel: str) -> bool:
+        """Moved along with a renamed directory, which is the one line shown for it all."""
         return any(old.startswith(d + "/") and rel == n + old[len(d):] for d, n in moved_dirs)
 
     lines: list[tuple[str, str]] = []
@@ -469,6 +479,7 @@ def _shown(name: str) -> str:
 
 
 def welcome_text(layout: Layout) -> str:
+    """Written into alpha's tree once all are up, so the first lines shown are a file arriving."""
     trees = "\n".join(f"  {p.tree.resolve()}" for p in layout.peers)
     return (f"Welcome to omirror.\n\n"
             f"This file was written into alpha's tree at {time.strftime('%H:%M:%S')} by "
@@ -500,6 +511,7 @@ class _StopRequested:
         self.signals.append(signum)
 
     def hurry(self) -> bool:
+        """From the second signal on: :meth:`Daemons.stop` then kills instead of waiting."""
         return len(self.signals) > 1
 
 

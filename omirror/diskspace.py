@@ -46,6 +46,8 @@ class Reserve:
         return f"{self.percent:g}%" if self.percent else human_bytes(self.size)
 
     def bytes_of(self, st: os.statvfs_result) -> int:
+        """A percentage is of the file system's whole size, taken at each check, so it
+        follows a resize; :func:`room` compares it with what a user may still use."""
         if self.percent:
             return int(st.f_blocks * st.f_frsize * self.percent / 100)
         return self.size
@@ -76,6 +78,7 @@ class Shortage:
     needed: int
 
     def text(self) -> str:
+        """The same words in the log, in status (``low_disk``) and in the refusal."""
         return (f"{human_bytes(self.free)} free, a file of {human_bytes(self.needed)} "
                 f"waits, reserve {human_bytes(self.reserve)}")
 
@@ -87,6 +90,8 @@ def room(dir_fd: int, reserve: Reserve) -> tuple[int, int]:
 
 
 def refuse(path: bytes, shown: str, shortage: Shortage) -> LowDisk:
+    """Returned for the caller to raise; being a LowDisk, it is retried every
+    :data:`RETRY_S` instead of with the usual backoff."""
     return LowDisk(path, errno.ENOSPC, f"cannot write {shown}: low disk space "
                                        f"({shortage.text()}); it is applied when space "
                                        "returns")

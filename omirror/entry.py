@@ -130,6 +130,7 @@ class Entry:
 
     @property
     def is_tombstone(self) -> bool:
+        """A deletion is a version too: its stamp makes an older version arriving later lose."""
         return self.kind is Kind.TOMBSTONE
 
     def same_content(self, other: Entry) -> bool:
@@ -168,6 +169,9 @@ class Outcome(enum.Enum):
 
 @dataclass(frozen=True, slots=True)
 class Decision:
+    """:func:`decide`'s answer; ``vector`` is recorded whatever the outcome, so the history
+    held here learns of the other version even when it loses."""
+
     outcome: Outcome
     #: The versions were made without knowledge of each other.
     concurrent: bool

@@ -116,6 +116,8 @@ class Coalescer:
         return len(self._pending) + (self._rescan is not None)
 
     def add(self, events: Iterable[PathEvent]) -> None:
+        """The clock is read once per batch; after an overflow, every event only extends the
+        one pending rescan (the same batch's included)."""
         now = self._clock()
         for event in events:
             if event.kind is EventKind.OVERFLOW:

@@ -26,15 +26,15 @@ from dataclasses import dataclass
 import msgpack
 
 from omirror.entry import Entry
-from omirror.wire import ProtocolError, decode_entry, entry_fields
+from omirror.wire import MAX_FRAME, ProtocolError, decode_entry, entry_fields
 
 log = logging.getLogger(__name__)
 
 FILE_NAME = "intents"
 _LENGTH = struct.Struct(">I")
-#: Far above any one record (an entry with a 4 KiB path and target): a longer length
-#: is a torn or foreign file, read no further.
-_MAX_RECORD = 64 << 10
+#: An entry arrived in one frame, so its record is never longer (a long vector of long
+#: origins, a 4 KiB path and target); a longer length is a torn or foreign file.
+_MAX_RECORD = MAX_FRAME
 
 
 @dataclass(frozen=True)
@@ -58,11 +58,15 @@ class IntentLog:
         self._dirty = os.fstat(self._fd).st_size > 0
 
     def close(self) -> None:
+        """Idempotent; the file stays, so what was noted and not cleared is there for
+        :func:`read` at the next start."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
 
     def note(self, intent: Intent) -> None:
+        """Call right before the change it announces, never after :meth:`close`; the record
+        is written, not fsynced."""
         body = msgpack.packb([entry_fields(intent.entry), intent.ino, intent.old_ctime_ns],
                              use_bin_type=True)
         os.write(self._fd, _LENGTH.pack(len(body)) + body)
@@ -89,13 +93,13 @@ def read(state_dir: str | os.PathLike[str]) -> list[Intent]:
         body = data[at + _LENGTH.size:at + _LENGTH.size + length]
         if length > _MAX_RECORD or len(body) < length:
             break
-        at += _LENGTH.size + length
+        start, at = at, at + _LENGTH.size + length
         try:
             fields = msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=True)
             entry_raw, ino, old_ctime = fields
             found.append(Intent(decode_entry(entry_raw), int(ino), int(old_ctime)))
         except (ValueError, TypeError, msgpack.UnpackException, ProtocolError) as e:
             log.warning("intent log %s: record at byte %d is unreadable (%s); the rest "
-                        "is ignored", os.path.join(os.fspath(state_dir), FILE_NAME), at, e)
+                        "is ignored", os.path.join(os.fspath(state_dir), FILE_NAME), start, e)
             break
     return found

@@ -47,6 +47,8 @@ def user_name(uid: int) -> str:
 
 @functools.lru_cache(maxsize=4096)
 def group_name(gid: int) -> str:
+    """The name a group travels by; a gid without a name travels as its digits, which
+    :func:`gid_named` never takes for a name."""
     try:
         return grp.getgrgid(gid).gr_name
     except KeyError:
@@ -67,6 +69,8 @@ def uid_named(name: str) -> int | None:
 
 @functools.lru_cache(maxsize=4096)
 def gid_named(name: str) -> int | None:
+    """None for a group unknown here, and for digits. Cached, None included: a group made
+    while the daemon runs is found only after a restart."""
     if not _nameable(name):
         return None
     try:

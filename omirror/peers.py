@@ -112,6 +112,8 @@ class _BoundedInflate(asyncssh.compression.Decompressor):
         self._inflate = zlib.decompressobj()
 
     def decompress(self, data: bytes) -> bytes | None:
+        """Overrides asyncssh's to bound each packet; None (corrupt or too big) makes asyncssh
+        close the connection."""
         try:
             out = self._inflate.decompress(data, INFLATE_MAX)
         except zlib.error:
@@ -161,11 +163,14 @@ class _Server(asyncssh.SSHServer):
         self.peer: str | None = None
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        """Overridden to keep the connection, which the auth hooks need, and its address."""
         self._conn = conn
         peername = conn.get_extra_info("peername")
         self._addr = f"{peername[0]}:{peername[1]}" if peername else "?"
 
     def begin_auth(self, username: str) -> bool:
+        """Overridden to take the peer keys afresh for each connection (a reloaded peers file
+        applies to the next one); the user name is ignored, and auth always required."""
         if self._conn is not None:
             self._conn.set_authorized_keys(authorized_keys(self._keys()))
         return True
@@ -182,15 +187,19 @@ class _Server(asyncssh.SSHServer):
                 self._conn.close()
 
     def password_auth_supported(self) -> bool:
+        """Overridden to say so explicitly: only a key of the peers file names a peer."""
         return False
 
     def kbdint_auth_supported(self) -> bool:
+        """Overridden to say so explicitly: only a key of the peers file names a peer."""
         return False
 
     def host_based_auth_supported(self) -> bool:
+        """Overridden to say so explicitly: only a key of the peers file names a peer."""
         return False
 
     def public_key_auth_supported(self) -> bool:
+        """Overridden: the one way in, and only with a signature (see the class docstring)."""
         return True
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
@@ -208,6 +217,8 @@ async def listen(address: str, port: int, host_key: asyncssh.SSHKey,
     ``on_session``. Shells, exec, SFTP and forwarding are all refused."""
 
     async def process(proc: asyncssh.SSHServerProcess[bytes]) -> None:
+        """Runs only an omirror subsystem of an authenticated peer, and ends the session when
+        its channel closes, even if the session stopped reading."""
         server = proc.get_extra_info("connection").get_owner()
         peer = getattr(server, "peer", None)
         if proc.subsystem not in SUBSYSTEMS or peer is None:
@@ -289,11 +300,14 @@ class Backoff:
         self.delay_s = first_s
 
     def next(self) -> float:
+        """The wait before this retry, jittered by up to 20% so peers that lost each other do
+        not retry in step; the next one doubles, up to ``max_s``."""
         delay = self.delay_s * random.uniform(0.8, 1.2)
         self.delay_s = min(self.delay_s * 2, self.max_s)
         return delay
 
     def reset(self) -> None:
+        """After a link that stayed up, or when the peer proved it is back by connecting in."""
         self.delay_s = self.first_s
 
 

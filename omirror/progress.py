@@ -59,6 +59,8 @@ class Progress:
         return text
 
     def update(self, files: int, bytes_: int, total_files: int | None = None) -> None:
+        """Running totals, not increments. The terminal is redrawn at most every
+        DRAW_EVERY_S and the log written every LOG_EVERY_S, but STATUS= goes on every call."""
         self.files, self.bytes = files, bytes_
         if total_files is not None:
             self.total_files = max(total_files, files)

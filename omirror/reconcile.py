@@ -57,9 +57,12 @@ class PlanItem:
     reason: str
 
     def line(self) -> str:
+        """``ACTION PATH  PEER: REASON``, a form docs/contract.rst promises to scripts."""
         return f"{self.action:<12} {show(self.path)}  {self.peer}: {self.reason}"
 
     def as_json(self) -> dict[str, Any]:
+        """One element of the contract's ``plan``: stamps as ``TIME_NS@ORIGIN``, exact, not
+        the rounded :func:`when` of the reasons."""
         return {"peer": self.peer, "path": show(self.path),
                 "action": self.action, "reason": self.reason,
                 "ours": None if self.ours is None else str(self.ours.stamp),
@@ -77,11 +80,14 @@ class CheckReport:
 
     @property
     def exit_code(self) -> int:
+        """The contract's status: an unreachable peer counts only when no peer answered."""
         if self.errors or not self.checked:
             return 2
         return 1 if self.items else 0
 
     def summary(self) -> str:
+        """The text output's last line, and ``summary`` in JSON; "paths" is the largest
+        count of any one peer, not a sum."""
         peers_text = f"{len(self.checked)} peer{'s' if len(self.checked) != 1 else ''}"
         if not self.checked:
             return "no peer could be checked"
@@ -97,12 +103,14 @@ class CheckReport:
         return text
 
     def as_json(self) -> dict[str, Any]:
+        """The ``--json`` object of docs/contract.rst; ``in_sync`` is exactly exit status 0."""
         return {"plan": [i.as_json() for i in self.items], "checked": self.checked,
                 "unreachable": self.unreachable, "errors": self.errors,
                 "summary": self.summary(), "in_sync": self.exit_code == 0}
 
 
 def when(stamp: Stamp) -> str:
+    """A stamp as the reasons show it to people: UTC, cut to the millisecond."""
     seconds, ns = divmod(stamp.time_ns, 10**9)
     return (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
             + f".{ns // 10**6:03d}Z@{stamp.origin}")
@@ -228,6 +236,8 @@ class Checker:
             conn.close()
 
     async def check(self) -> CheckReport:
+        """Asks every peer at once; one that fails is reported as unreachable, not raised
+        (only cancellation and Ctrl-C are)."""
         report = CheckReport()
         local = await asyncio.to_thread(self.local_view, report)
         hosts: dict[str, Host] = {}
@@ -255,6 +265,7 @@ class Checker:
 
 
 def render(report: CheckReport, as_json: bool) -> str:
+    """The ``--check`` output as docs/contract.rst fixes it: the summary line always last."""
     if as_json:
         return json.dumps(report.as_json(), indent=2)
     lines = [item.line() for item in report.items]

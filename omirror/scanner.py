@@ -106,6 +106,8 @@ class ScanStats:
 
     @property
     def recorded(self) -> int:
+        """Versions written to the log; ``moved`` is not added, each move being already a
+        new (or changed) path."""
         return self.new + self.changed + self.deleted
 
 
@@ -145,6 +147,8 @@ class Scanner:
                                        dry_run=dry_run)
 
     def arrived(self, directory: bytes, at_ns: int) -> None:
+        """Kept ARRIVAL_KEEP_S for later runs; past _ARRIVALS_MAX only expired ones are
+        dropped, so a minute with more arrivals than that keeps them all."""
         now = time.monotonic()
         if len(self.arrivals) >= _ARRIVALS_MAX:
             self.arrivals = {p: a for p, a in self.arrivals.items()
@@ -831,6 +835,8 @@ class _Run:
     # -- recording -----------------------------------------------------------------------
 
     def flush(self) -> None:
+        """One store batch per _FLUSH_EVERY paths, not one per path; with ``dry_run``,
+        the versions go to ``stats.changes`` and the store is not written."""
         if self.dry_run:
             self.stats.changes.extend(entry for entry, _ in self.pending)
         elif self.pending or self.sig_updates:

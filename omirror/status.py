@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from omirror.link import LinkStats
+from omirror.link import SKEW_WARN_S, LinkStats
 from omirror.paths import show
 from omirror.units import human_bytes
 
@@ -67,6 +67,8 @@ class SeqTimes:
         self._times = [now]
 
     def note(self, seq: int, now: float | None = None) -> None:
+        """Called on the loop for each commit (a store listener); a seq not beyond the last
+        noted is ignored, so the list stays sorted for :meth:`committed`."""
         if seq <= self._seqs[-1]:
             return
         self._seqs.append(seq)
@@ -121,7 +123,7 @@ def render(status: dict[str, Any], now: float | None = None) -> str:
             f"{plural(entries, 'entry')}, {_age(peer.get('seconds_behind', 0.0))}"
         lines.append(f"  behind    {lag} (settled up to seq {peer.get('settled_seq', 0)})")
         skew = peer.get("skew_s", 0.0)
-        warn = "  <- decides winners: run NTP" if abs(skew) > 2.0 else ""
+        warn = "  <- decides winners: run NTP" if abs(skew) > SKEW_WARN_S else ""
         lines.append(f"  skew      {skew:+.3f} s{warn}")
         lines.append(f"  sent      {human_bytes(peer.get('bytes_sent', 0))} "
                      f"({plural(peer.get('entries_sent', 0), 'entry')}, "
@@ -166,6 +168,8 @@ def render(status: dict[str, Any], now: float | None = None) -> str:
 
 
 def plural(n: int, noun: str) -> str:
+    """Enough English for the nouns shown here: ``entry`` makes ``entries``, but a noun
+    like ``day`` would come out wrong."""
     if n == 1:
         return f"1 {noun}"
     return f"{n} {noun[:-1]}ies" if noun.endswith("y") else f"{n} {noun}s"

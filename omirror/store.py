@@ -102,6 +102,8 @@ class StatSig:
 
     @classmethod
     def of(cls, st: os.stat_result) -> StatSig:
+        """The one way to take a signature, so scanner, applier and :func:`matches` compare
+        the same fields."""
         return cls(st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
@@ -261,6 +263,7 @@ class Store:
                              f"speaks {SCHEMA_VERSION}")
 
     def close(self) -> None:
+        """Idempotent; takes the lock, so it waits for another thread's batch to end."""
         with self._lock:
             self._conn.close()
 
@@ -322,6 +325,8 @@ class Store:
         self._listeners.append(listener)
 
     def remove_listener(self, listener: Callable[[int], None]) -> None:
+        """ValueError for one never added; removed during a notification, it still hears that
+        commit."""
         self._listeners.remove(listener)
 
     # -- entries -------------------------------------------------------------------------
@@ -332,6 +337,8 @@ class Store:
         return self._last_seq
 
     def get(self, path: bytes) -> Record | None:
+        """None when the path was never recorded or its tombstone was collected; a deletion
+        still held is a tombstone record, not None."""
         with self._lock:
             row = self._conn.execute(f"SELECT {_COLUMNS} FROM entries WHERE path=?",
                                      (path,)).fetchone()
@@ -429,11 +436,15 @@ class Store:
             seq = rows[-1][1]
 
     def count_since(self, seq: int) -> int:
+        """START's ``total``: one per path, including those the pusher will skip for that
+        peer, so an upper bound."""
         with self._lock:
             return int(self._conn.execute("SELECT count(*) FROM entries WHERE seq > ?",
                                           (seq,)).fetchone()[0])
 
     def count(self, *, live_only: bool = False) -> int:
+        """Tombstones count unless ``live_only``; the scanner's test for an empty store
+        counts them."""
         query = "SELECT count(*) FROM entries" + (" WHERE kind != 0" if live_only else "")
         with self._lock:
             return int(self._conn.execute(query).fetchone()[0])
@@ -463,17 +474,21 @@ class Store:
     # -- peers ---------------------------------------------------------------------------
 
     def cursor(self, peer: str) -> Cursor | None:
+        """None for a peer never received from: the receiver then asks for everything."""
         with self._lock:
             row = self._conn.execute("SELECT epoch, seq FROM cursors WHERE peer=?",
                                      (peer,)).fetchone()
         return None if row is None else Cursor(row[0], int(row[1]))
 
     def set_cursor(self, peer: str, cursor: Cursor) -> None:
+        """The receiver keeps it below any entry still to retry, so a restart retries that
+        entry too."""
         with self.batch():
             self._conn.execute("INSERT OR REPLACE INTO cursors VALUES (?,?,?)",
                                (peer, cursor.epoch, cursor.seq))
 
     def cursors(self) -> dict[str, Cursor]:
+        """Every peer's, for tests and inspection; the daemon asks :meth:`cursor` per peer."""
         with self._lock:
             rows = self._conn.execute("SELECT peer, epoch, seq FROM cursors").fetchall()
         return {peer: Cursor(epoch, int(seq)) for peer, epoch, seq in rows}

@@ -121,6 +121,8 @@ class BytesINotify(pyinotify._CtypesLibcINotifyWrapper):  # type: ignore[misc]
     """
 
     def init(self) -> bool:
+        """Overridden to also declare ``inotify_init1``, which pyinotify leaves unbound and
+        :meth:`open_fd` needs for IN_CLOEXEC."""
         if not super().init():
             return False
         init1 = getattr(self._libc, "inotify_init1", None)
@@ -145,6 +147,7 @@ class BytesINotify(pyinotify._CtypesLibcINotifyWrapper):  # type: ignore[misc]
         return fd
 
     def inotify_add_watch(self, fd: int, pathname: bytes, mask: int) -> int:
+        """Overridden to skip the parent's check that ``pathname`` is a str: bytes go as is."""
         return self._inotify_add_watch(fd, pathname, mask)
 
     def _inotify_add_watch(self, fd: int, pathname: bytes, mask: int) -> int:
@@ -278,6 +281,8 @@ class Watcher:
 
     @property
     def watched_count(self) -> int:
+        """For status; read it in the loop thread, which alone owns the maps. Subtrees in
+        :attr:`polled` are not in it."""
         return len(self._wd_path)
 
     # -- watches ---------------------------------------------------------------------

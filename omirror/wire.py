@@ -61,6 +61,8 @@ class ProtocolError(OmirrorError):
 
 
 class Type(enum.IntEnum):
+    """The number that opens every frame's body; a number not listed closes the link."""
+
     HELLO = 1  # both ways, first: who I am, my store's epoch, my clock
     IHAVE = 2  # receiver -> pusher: how far I hold your log
     START = 3  # pusher -> receiver: streaming from this seq; full = everything (new epoch)
@@ -76,6 +78,8 @@ class Type(enum.IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class Hello:
+    """Both sides' first frame: a name other than the key's, or another version, closes the link."""
+
     version: int
     name: str
     epoch: str
@@ -84,12 +88,16 @@ class Hello:
 
 @dataclass(frozen=True, slots=True)
 class IHave:
+    """The receiver's cursor into the pusher's log, from which the pusher picks where to start."""
+
     epoch: str  # the pusher's epoch this cursor belongs to ("" = nothing held)
     seq: int
 
 
 @dataclass(frozen=True, slots=True)
 class Start:
+    """The pusher's answer to IHAVE: where its stream begins, and whether it is everything."""
+
     seq: int  # entries with a larger seq follow
     full: bool  # the receiver's cursor was unusable: this is everything (TELLYOUEVERYTHING)
     total: int = 0  # how many entries of the log follow now, for progress (live ones come on)
@@ -97,6 +105,8 @@ class Start:
 
 @dataclass(frozen=True, slots=True)
 class EntryMsg:
+    """One version of one path from the pusher's log; content inline only up to INLINE_MAX."""
+
     seq: int  # 0: sent ahead of its place in the log (a parent before its children)
     entry: Entry
     data: bytes | None  # the whole content, for small files
@@ -104,6 +114,8 @@ class EntryMsg:
 
 @dataclass(frozen=True, slots=True)
 class Want:
+    """The receiver asks for content it has decided it needs (to apply, or as a conflict copy)."""
+
     want_id: int
     path: bytes
     digest: bytes
@@ -113,6 +125,8 @@ class Want:
 
 @dataclass(frozen=True, slots=True)
 class Data:
+    """A chunk (at most CHUNK) of wanted content; ``end`` closes that WANT."""
+
     want_id: int
     data: bytes
     end: bool
@@ -120,6 +134,8 @@ class Data:
 
 @dataclass(frozen=True, slots=True)
 class Copy:
+    """A block delta: the receiver takes this range from the old version it holds."""
+
     want_id: int
     offset: int
     length: int
@@ -127,22 +143,30 @@ class Copy:
 
 @dataclass(frozen=True, slots=True)
 class NoData:
+    """The pusher cannot serve a WANT (gone, changed, not shared); a newer entry may follow."""
+
     want_id: int
     why: str
 
 
 @dataclass(frozen=True, slots=True)
 class Ack:
+    """Everything up to ``seq`` is applied or settled here: the pusher's window moves on."""
+
     seq: int
 
 
 @dataclass(frozen=True, slots=True)
 class Bye:
+    """Either side's last frame, so that the other logs a reason instead of a lost link."""
+
     why: str
 
 
 @dataclass(frozen=True, slots=True)
 class Passed:
+    """Lets the receiver move its cursor past log entries that were not for it."""
+
     seq: int  # the pusher has read its log up to here: nothing else in it is for you
 
 
@@ -153,6 +177,7 @@ Message = (Hello | IHave | Start | EntryMsg | Want | Data | Copy | NoData | Ack 
 # -- encoding ------------------------------------------------------------------------------
 
 def entry_fields(e: Entry) -> list[Any]:
+    """The 15 fields :func:`decode_entry` expects; the intent log stores entries this way too."""
     return [e.path, int(e.kind), e.stamp.time_ns, e.stamp.origin,
             [[o, t] for o, t in e.vector], e.mode, e.owner, e.group, e.mtime_ns, e.size,
             e.digest, e.target, e.moved_from, e.uid, e.gid]
@@ -196,7 +221,11 @@ def encode(msg: Message) -> bytes:
 # -- decoding ------------------------------------------------------------------------------
 
 class Reader(Protocol):
-    async def readexactly(self, n: int) -> bytes: ...
+    """All :func:`read_message` needs of a stream, so any transport (or a test) can feed it."""
+
+    async def readexactly(self, n: int) -> bytes:
+        """``asyncio.IncompleteReadError`` when the stream ends before ``n`` bytes."""
+        ...
 
 
 async def read_message(reader: Reader) -> Message:

@@ -141,9 +141,11 @@ def test_once_with_a_root_that_is_not_usable_names_its_set_and_fails(
     from omirror.scanner import MARKER
 
     c = make_cluster(2)
-    c.start(1)
-    (c[0].data / "kept").write_bytes(b"a file on the unmounted disk's mount point")
+    c.start()  # the first start marks each root
+    c.wait_converged(CONVERGE_S)
+    c.stop(0)
     (c[0].data / os.fsdecode(MARKER)).unlink()
+    (c[0].data / "kept").write_bytes(b"a file on the unmounted disk's mount point")
     r = omirrord(c, 0, "--once")
     assert r.returncode == 1, r.stdout + r.stderr
     assert "Traceback" not in r.stderr and "not reconciled" in r.stdout, r.stdout + r.stderr
