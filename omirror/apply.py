@@ -220,15 +220,29 @@ class Applier:
                 self.expected_absent.add(source)
                 st = os.fstat(fd)  # not by name: what is there now may be someone else's
                 moved = fsio.lstat_at(dst_dir, name)
-                if moved is None or not fsio.same_file(moved, st):
-                    # a file put at the source's name in the instant before the rename
-                    # went instead: it is the user's, to be recorded as such
-                    raise LocalChanged(entry.path, None, f"{show(source)} was replaced "
-                                       f"here as it was moved to {show(entry.path)}")
+                if moved is None or not fsio.same_file(moved, st) \
+                        or not _as_given(st, mode, entry.mtime_ns):
+                    # what went is not the version checked: a file put at the source's
+                    # name in the instant before the rename, or the file written since
+                    # its check (a user appending to it): it is the user's, under the
+                    # user's name, so it goes back there and is recorded first
+                    self._put_back(dst_dir, name, src_dir, src_name, source)
+                    raise LocalChanged(source, None, f"{show(source)} changed here as a "
+                                       f"peer's rename moved it to {show(entry.path)}; it "
+                                       "is put back and recorded first")
         finally:
             os.close(dst_dir)
-        _check_ours(entry.path, st, mode, entry.mtime_ns)  # a write since our utime
         return st
+
+    def _put_back(self, dst_dir: int, name: bytes, src_dir: int, src_name: bytes,
+                  source: bytes) -> None:
+        """Rename what a move took back to its source name, unless something is there
+        again (then both are the user's, and the rescans record them where they are)."""
+        try:
+            fsio.rename_noreplace(dst_dir, name, src_name, src_dir)
+        except OSError:
+            return
+        self.expected_absent.discard(source)
 
     def _copy(self, mset: MirrorSet, entry: Entry, source: bytes,
               fd: int) -> os.stat_result:
@@ -751,13 +765,18 @@ def recover(intents: list[Intent], sets: Sequence[MirrorSet], dirs: SetDirs, sto
     return recorded
 
 
+def _as_given(st: os.stat_result, mode: int, mtime_ns: int | None = None) -> bool:
+    """Whether what was just applied still has the attributes it was given."""
+    return stat.S_IMODE(st.st_mode) == mode and (mtime_ns is None
+                                                 or st.st_mtime_ns == mtime_ns)
+
+
 def _check_ours(path: bytes, st: os.stat_result, mode: int,
                 mtime_ns: int | None = None) -> None:
     """Raise :class:`LocalChanged` when what was just applied no longer has the
     attributes it was given: someone changed it in the instant since. Recording it with
     that stat would make the change look like ours, and no scan would ever see it."""
-    if stat.S_IMODE(st.st_mode) != mode or (mtime_ns is not None
-                                            and st.st_mtime_ns != mtime_ns):
+    if not _as_given(st, mode, mtime_ns):
         raise LocalChanged(path, None, f"{show(path)} changed here as a peer's version "
                                        "was applied; the local change is recorded first")
 

@@ -187,7 +187,9 @@ class Resolver:
                 try:
                     return self._take(peer, sets, mset, winner, record, decision.loser, data,
                                       temp)
-                except LocalChanged:  # new content, maybe not yet a new stat: rehash it
+                except LocalChanged as e:  # new content, maybe not yet a new stat: rehash
+                    if e.path != incoming.path:  # the source of a move, put back
+                        self._rescan(mset, e.path, force=True)
                     if temp is not None:  # used up: record the change; a retry decides
                         self._rescan(mset, incoming.path, force=True)
                         raise

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from omirror import config, fsio
+from omirror import apply, config, fsio
 from omirror import intents as intents_module
 from omirror.apply import Applier, recover
 from omirror.entry import Entry, Kind, Stamp, conflict_name
@@ -594,6 +594,33 @@ def test_copy_local_move_refuses_a_source_changed_after_it_was_verified(
                                 move=True)
     assert (host.data / "old").read_bytes() == left
     assert not (host.data / "new").exists() and host.store.get(b"data/new") is None
+
+
+@pytest.mark.parametrize("meanwhile, left", [
+    (_append_to_old, b"payload and a local write"),
+    (_rename_a_new_file_onto_old, b"the user's new file"),
+], ids=["written to", "replaced at its name"])
+def test_a_source_changed_as_the_move_renames_it_is_put_back_at_its_name(
+        host: Host, monkeypatch: pytest.MonkeyPatch, meanwhile: Callable[[Path], None],
+        left: bytes) -> None:
+    """A user appending to the file in the instant of the rename (found by chaos seed
+    1300056): the written file went to the peer's new name, the user's name was then
+    deleted by the peer's tombstone, and the write counted for nothing there. What went
+    is put back under the user's name, and recorded first."""
+    host.write(b"data/old", b"payload")
+    rename_over = apply._rename_over
+
+    def change_meanwhile(src_dir: int, src: bytes, *args: object) -> None:
+        meanwhile(host.data)
+        rename_over(src_dir, src, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(apply, "_rename_over", change_meanwhile)
+    with pytest.raises(LocalChanged, match="put back"):
+        host.applier.copy_local(host.mset, file_entry(b"data/new", b"payload"), b"data/old",
+                                move=True)
+    assert (host.data / "old").read_bytes() == left
+    assert not (host.data / "new").exists() and host.store.get(b"data/new") is None
+    assert b"data/old" not in host.applier.expected_absent
 
 
 def test_copy_local_move_hashes_a_source_the_store_does_not_vouch_for(host: Host) -> None:
