@@ -18,7 +18,7 @@ import enum
 import logging
 import re
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from omirror import fsio
@@ -323,11 +323,16 @@ class Resolver:
                  entries: Sequence[tuple[Entry, bytes | None]]) -> None:
         """Write the small files of a batch that will be installed, then sync them all at
         once: one journal commit for the batch instead of one per file. Only a guess to
-        save time: each entry is decided again when it is applied."""
+        save time: each entry is decided again when it is applied, so a guess must never
+        change an outcome. A file below a directory the same batch deletes is not written
+        ahead: its temp file would make that directory look not empty to the deletion,
+        which then keeps it as this host's own version."""
         applier = self.applier
+        deleted = {entry.path for entry, _ in entries if entry.kind is Kind.TOMBSTONE}
         for entry, data in entries:
             if data is None or entry.kind is not Kind.FILE or entry.moved_from \
-                    or len(applier.prepared) >= PREPARE_MAX:
+                    or len(applier.prepared) >= PREPARE_MAX \
+                    or any(parent in deleted for parent in _parents(entry.path)):
                 continue
             try:
                 mset = check_path(entry.path, sets)
@@ -355,6 +360,13 @@ class Resolver:
 
     def _rescan(self, mset: MirrorSet, path: bytes, *, force: bool) -> None:
         self.scanner.scan_paths(mset, self.root, [(path, False)], force=force)
+
+
+def _parents(path: bytes) -> Iterator[bytes]:
+    """``b"a/b/c"`` -> ``b"a/b"``, ``b"a"``."""
+    while b"/" in path:
+        path = path.rpartition(b"/")[0]
+        yield path
 
 
 # -- what a peer's entry must be before anything acts on it --------------------------------
