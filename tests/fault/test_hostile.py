@@ -569,7 +569,7 @@ async def test_the_ssh_layer_holds_a_fast_sender_to_its_window() -> None:
     are applied): the sender must wait, not fill the reader's memory. asyncssh alone
     re-opens the window on every delivery and buffered 1.9 GB in 6 s here; omirror.peers
     makes it count what still waits (``_bound_receive_windows``)."""
-    assert peers.WINDOW  # importing omirror.peers is what bounds the windows
+    assert peers.CHANNEL_WINDOW  # importing omirror.peers is what bounds the windows
     server_key = asyncssh.generate_private_key("ssh-ed25519")
     opened: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
 
