@@ -28,6 +28,12 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: Entries in flight before a pusher waits for acknowledgements: enough to hide the
+#: round trip, small enough to bound what either side holds.
+WINDOW_ENTRIES = 2048
+#: Inline content in flight before a pusher waits for acknowledgements: 2,048 small
+#: files of 64 KiB would otherwise be 128 MiB held per link.
+WINDOW_BYTES = 16 << 20
 #: A peer whose clock differs more than this is named in the log and in status: its
 #: clock decides winners.
 SKEW_WARN_S = 2.0

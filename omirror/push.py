@@ -27,7 +27,15 @@ from omirror.clock import now_ns
 from omirror.config import MirrorSet, set_for
 from omirror.entry import Entry, Kind
 from omirror.errors import OmirrorError
-from omirror.link import Context, LinkStats, Side, check_hello, run_together
+from omirror.link import (
+    WINDOW_BYTES,
+    WINDOW_ENTRIES,
+    Context,
+    LinkStats,
+    Side,
+    check_hello,
+    run_together,
+)
 from omirror.owners import gid_named, uid_named
 from omirror.paths import logical, show
 from omirror.store import Record, StatSig, Store
@@ -51,14 +59,6 @@ from omirror.wire import (
 
 log = logging.getLogger(__name__)
 
-#: Entries in flight before the pusher waits for acknowledgements: enough to hide the
-#: round trip, small enough to bound what either side holds.
-WINDOW_ENTRIES = 2048
-#: that) what a receiver queues before it stops reading: 2,048 small files of 64 KiB
-#: would otherwise be 128 MiB held per link, twice that from a peer that ignores the
-#: window. The receiver's bound must stay above the pusher's, or the content of a large
-#: file could wait behind entries the receiver no longer reads.
-WINDOW_BYTES = 16 << 20
 #: Log entries read per page.
 _PAGE = 256
 

@@ -22,7 +22,15 @@ from typing import Any
 from omirror import diskspace, fsio, staging
 from omirror.clock import now_ns
 from omirror.errors import ApplyError, PathRefused
-from omirror.link import Context, LinkStats, Side, check_hello, run_together
+from omirror.link import (
+    WINDOW_BYTES,
+    WINDOW_ENTRIES,
+    Context,
+    LinkStats,
+    Side,
+    check_hello,
+    run_together,
+)
 from omirror.paths import show
 from omirror.resolve import Need, Result
 from omirror.staging import TempFile
@@ -46,12 +54,12 @@ from omirror.wire import (
 
 log = logging.getLogger(__name__)
 
-#: Entries a receiver queues before it stops reading the peer: twice the pusher's window
-#: (omirror/push.py), so an honest pusher is never held by it.
-QUEUE_ENTRIES = 4096
-#: Inline content a receiver queues before it stops reading: above the pusher's bound,
-#: or the content of a large file could wait behind entries the receiver no longer reads.
-QUEUE_BYTES = 32 << 20
+#: Entries, and inline bytes, a receiver queues before it stops reading the peer: twice
+#: the pusher's window, so an honest pusher is never held by it, and a peer that ignores
+#: the window can make it hold no more. The bytes must stay above the pusher's bound, or
+#: the content of a large file could wait behind entries the receiver no longer reads.
+QUEUE_ENTRIES = 2 * WINDOW_ENTRIES
+QUEUE_BYTES = 2 * WINDOW_BYTES
 #: Content chunks (1 MiB) a receiver holds for the request it has open.
 _CONTENT_QUEUE = 8
 #: Files at least this large are asked for as a block delta when this host holds an

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import xxhash
+from linkfakes import Frames
 
 from omirror import config
 from omirror.apply import Applier
@@ -16,22 +17,9 @@ from omirror.link import Context, LinkStats
 from omirror.push import Pusher, _read_inline
 from omirror.scanner import MARKER, Scanner
 from omirror.store import Store
-from omirror.wire import Data, NoData, Want, decode
+from omirror.wire import Data, NoData, Want
 
 DISTFILE = "( /data ) -> ( alpha beta ) install ;\n"
-
-
-class Frames:
-    """A writer that keeps the messages it is given."""
-
-    def __init__(self) -> None:
-        self.sent: list[object] = []
-
-    def write(self, frame: bytes) -> None:
-        self.sent.append(decode(frame[4:]))
-
-    async def drain(self) -> None:
-        return None
 
 
 def served(root: Path, store: Store, mset: config.MirrorSet, scanner: Scanner,

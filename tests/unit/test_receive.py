@@ -5,25 +5,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from linkfakes import Frames
 
 from omirror import receive
 from omirror.entry import Entry, Kind, Stamp
 from omirror.link import Context, LinkStats
 from omirror.receive import Receiver
-from omirror.wire import EntryMsg, decode
-
-
-class Frames:
-    """A writer that keeps the messages it is given."""
-
-    def __init__(self) -> None:
-        self.sent: list[object] = []
-
-    def write(self, frame: bytes) -> None:
-        self.sent.append(decode(frame[4:]))
-
-    async def drain(self) -> None:
-        return None
+from omirror.wire import EntryMsg
 
 
 def test_a_link_with_too_many_failing_paths_takes_no_more_entries(
