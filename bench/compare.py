@@ -99,6 +99,30 @@ The scenarios (sizes at ``--scale 1``; ``--scale`` multiplies file counts and si
    ``init = false``: nothing is copied) is measured on the same trees once its inotify
    watches (counted in /proc/PID/fdinfo) cover every directory.
 
+8. Live burst: scenario 1's 10,000 files of 4 KiB copied with ``cp -a`` into a running
+   source, timed from the start of ``cp -a`` until the other side holds every file:
+
+   - omirror: a pair of its own; each run starts both peers on empty trees with fresh
+     state directories and waits until they are linked, in sync and idle (both links
+     up, nothing queued, ``entries_behind`` 0 each way). The time runs from the start of
+     ``cp -a`` into A's tree until cp has ended, A's queue is empty, its ``last_seq``
+     has grown by at least one entry per file, its link to B is up with
+     ``entries_behind`` 0, B lists no failing path, and B's tree holds every file under
+     its final name with its size (checked directory by directory, every 20 ms; a
+     complete directory is not listed again). CPU time (utime + stime of
+     /proc/PID/stat) and memory (VmRSS, VmHWM of /proc/PID/status) of both daemons are
+     read before and after: the details give CPU per file and the peak's growth over
+     the RSS before the burst, per file.
+   - rsync: as in scenario 1, the corpus into an empty directory (there is no ``cp -a``
+     in its time).
+   - lsyncd: started on an empty source and an empty target, its startup rsync done;
+     from the start of ``cp -a`` into its source until its target holds every file
+     (the same check), then, untimed, until none of its rsyncs has run for 0.5 s.
+   - Unison has no live mode: it is left out of this scenario ("not measured").
+
+   Every copy is compared with the corpus afterwards, untimed; ``cp -a``'s own time
+   (beside omirror, beside lsyncd) is in the details.
+
 Prints the machine (CPU, cores, kernel, file system, AES-NI), the tool versions and one
 table: per scenario the medians of each tool, the ratios omirror/peer, the target and
 whether omirror meets it. ``--json`` writes all samples as JSON to stdout (the table
@@ -380,6 +404,38 @@ def check_same(tool: str, src: Path, dst: Path) -> None:
         raise RuntimeError(f"{tool}: the copy differs from its source: {diff}")
 
 
+class Arrival:
+    """Whether ``dst`` holds every regular file of a source tree under its final name and
+    with its size (both omirror and rsync rename a complete file into place), checked
+    incrementally: a directory found complete is not listed again, and a check stops at
+    the first incomplete directory, so polling it every ``POLL_S`` stays cheap. The
+    contents are compared afterwards (``check_same``), untimed."""
+
+    def __init__(self, src: Path, dst: Path) -> None:
+        self.dst = dst
+        self.todo: dict[str, dict[str, int]] = {}
+        for dirpath, dirnames, filenames in os.walk(src):
+            dirnames.sort()
+            sizes = {name: os.lstat(os.path.join(dirpath, name)).st_size
+                     for name in sorted(filenames)}
+            if sizes:
+                self.todo[os.path.relpath(dirpath, src)] = sizes
+
+    def complete(self) -> bool:
+        for rel in list(self.todo):
+            want = self.todo[rel]
+            try:
+                with os.scandir(self.dst / rel) as entries:
+                    have = {e.name: e.stat(follow_symlinks=False).st_size for e in entries
+                            if e.name in want and e.is_file(follow_symlinks=False)}
+            except FileNotFoundError:
+                return False
+            if have != want:
+                return False
+            del self.todo[rel]
+        return True
+
+
 # -- processes and memory ------------------------------------------------------------------
 
 
@@ -397,6 +453,20 @@ def memory_of(pid: int) -> tuple[int, int]:
             elif line.startswith("VmHWM:"):
                 hwm += int(line.split()[1]) * KiB
     return rss, hwm
+
+
+def cpu_of(pid: int) -> float:
+    """User + system CPU seconds (utime + stime of /proc/PID/stat) of ``pid`` and its live
+    descendants."""
+    total = 0
+    for p in (pid, *descendants(pid)):
+        try:
+            stat = Path(f"/proc/{p}/stat").read_bytes()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2:].split()
+        total += int(fields[11]) + int(fields[12])  # fields 14 and 15: utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def inotify_watches(pid: int) -> int:
@@ -1202,6 +1272,213 @@ def memory(bench: Bench) -> list[Metric]:
     return metrics
 
 
+# -- scenario 8: live burst ------------------------------------------------------------------
+
+
+def start_cp(bench: Bench, src: Path, dst: Path) -> Proc:
+    """``cp -a src/. dst/`` started in its own process group (stopped with the rest on an
+    error); the caller polls it."""
+    proc = Proc("cp", ["cp", "-a", f"{src}/.", f"{dst}/"], bench.log("cp"))
+    bench.procs.append(proc)
+    return proc
+
+
+def end_cp(bench: Bench, proc: Proc) -> None:
+    proc.stop()
+    with contextlib.suppress(ValueError):
+        bench.procs.remove(proc)
+
+
+def cp_done(proc: Proc) -> bool:
+    """Whether cp has ended; an error if it failed."""
+    rc = proc.proc.poll()
+    if rc is None:
+        return False
+    if rc != 0:
+        raise RuntimeError(f"cp -a exited with status {rc}:\n{proc.tail()}")
+    return True
+
+
+def live_burst(bench: Bench) -> list[Metric]:
+    fx = fixture(bench, "files4k")  # scenario 1's corpus
+    fx.pair.stop_all()  # scenario 1's A, idle: not part of this scenario
+    corpus = fx.corpus
+    timeout = timeout_for(corpus.files, corpus.bytes)
+    metric = Metric(8, f"live burst, cp -a of {corpus.files:,} files of 4 KiB", "s",
+                    Target("<= 1.0x rsync", 1.0, "rsync"))
+    if "unison" in bench.tools:
+        metric.failed["unison"] = "not measured (Unison has no live mode)"
+    details: dict[str, Any] = {
+        "cp_s": {"omirror": [], "lsyncd": []}, "omirror_after_cp_s": [],
+        "lsyncd_after_cp_s": [], "omirror_entries": [], "rsync_bytes_sent": [],
+        "omirror_cpu_s": {"A": [], "B": []}, "omirror_cpu_us_per_file": [],
+        "omirror_rss_before_bytes": {"A": [], "B": []},
+        "omirror_rss_after_bytes": {"A": [], "B": []},
+        "omirror_hwm_after_bytes": {"A": [], "B": []},
+        "omirror_hwm_growth_per_file": {"A": [], "B": []}}
+    base = fx.base / "live"
+    note("scenario 8: live burst; setup (untimed): an omirror pair, rsync's and lsyncd's "
+         "directories")
+    pair = bench.new_pair(base / "omirror")
+    rsync_dst = base / "rsync" / "data"
+    lsrc, ldst = base / "lsyncd-src" / "data", base / "lsyncd" / "data"
+    tools = [t for t in bench.tools if t != "unison"]
+    failed: set[str] = set()
+    try:
+        for run in range(bench.args.runs):
+            order = [t for t in bench.order(run) if t in tools and t not in failed]
+            note(f"scenario 8 run {run + 1}/{bench.args.runs}: order {', '.join(order)}")
+            for tool in order:
+                cp: Proc | None = None
+                ls: Lsyncd | None = None
+                try:
+                    if tool == "omirror":
+                        # both peers empty, fresh state, running, linked, in sync, idle
+                        for i in (0, 1):
+                            wipe_state(pair, i)
+                            empty_dir(pair.data[i])
+                        for i in (0, 1):
+                            pair.start(i)
+                        for i in (0, 1):
+                            pair.wait_up(i, timeout)
+                        if bench.relink:
+                            bench.relink_a(pair)
+                        wait_for(lambda: pair_in_sync(pair), timeout,
+                                 "the two omirrord are linked and in sync", pair.running(),
+                                 POLL_S)
+                        arrival = Arrival(corpus.path, pair.data[1])
+                        pids = [p.pid for p in pair.running()]
+                        sync_disks()
+                        st = pair.status(0)
+                        if not st:
+                            raise RuntimeError("omirror A does not answer")
+                        seq_before = st["last_seq"]
+                        cpu_before = [cpu_of(pid) for pid in pids]
+                        mem_before = [memory_of(pid) for pid in pids]
+                        t0 = time.perf_counter()
+                        cp = start_cp(bench, corpus.path, pair.data[0])
+                        cp_end: list[float] = []
+
+                        def omirror_done() -> bool:
+                            assert cp is not None
+                            if not cp_end:
+                                if not cp_done(cp):
+                                    return False
+                                cp_end.append(time.perf_counter())
+                            st = pair.status(0)
+                            link = link_of(st, pair.names[1])
+                            if not (st and not st.get("queue")
+                                    and st["last_seq"] - seq_before >= corpus.files
+                                    and link.get("out") == "up"
+                                    and link.get("entries_behind") == 0):
+                                return False
+                            st_b = pair.status(1)
+                            if not st_b:
+                                return False
+                            no_failing(st_b, "B")
+                            return arrival.complete()
+                        wait_for(omirror_done, timeout,
+                                 "A has recorded the copy, B has acknowledged it and holds "
+                                 "every file", pair.running(), POLL_S)
+                        seconds = time.perf_counter() - t0
+                        cpu = [cpu_of(pid) - c for pid, c in zip(pids, cpu_before)]
+                        mem_after = [memory_of(pid) for pid in pids]
+                        st = pair.status(0)
+                        details["omirror_entries"].append(
+                            st["last_seq"] - seq_before if st else None)
+                        details["cp_s"]["omirror"].append(cp_end[0] - t0)
+                        details["omirror_after_cp_s"].append(seconds - (cp_end[0] - t0))
+                        for who, c, (rss0, _), (rss1, hwm1) in zip("AB", cpu, mem_before,
+                                                                    mem_after):
+                            details["omirror_cpu_s"][who].append(c)
+                            details["omirror_rss_before_bytes"][who].append(rss0)
+                            details["omirror_rss_after_bytes"][who].append(rss1)
+                            details["omirror_hwm_after_bytes"][who].append(hwm1)
+                            details["omirror_hwm_growth_per_file"][who].append(
+                                (hwm1 - rss0) / corpus.files)
+                        details["omirror_cpu_us_per_file"].append(
+                            1e6 * sum(cpu) / corpus.files)
+                        check_same(tool, corpus.path, pair.data[1])
+                        pair.stop_all()
+                    elif tool == "rsync":
+                        empty_dir(rsync_dst)
+                        sync_disks()
+                        seconds, stats = bench.rsync(corpus.path, rsync_dst, timeout)
+                        details["rsync_bytes_sent"].append(stats.get("bytes_sent"))
+                        check_same(tool, corpus.path, rsync_dst)
+                    else:
+                        empty_dir(lsrc)
+                        empty_dir(ldst)
+                        ls = bench.lsyncd(f"s8-r{run}", lsrc, ldst)
+                        arrival = Arrival(corpus.path, ldst)
+                        sync_disks()
+                        proc = ls.start()
+                        ls.wait_log(Lsyncd.STARTUP, 0, timeout, "lsyncd's startup rsync ends")
+                        offset = ls.log_size()
+                        sync_disks()
+                        t0 = time.perf_counter()
+                        cp = start_cp(bench, corpus.path, lsrc)
+                        cp_end = []
+
+                        def lsyncd_done() -> bool:
+                            nonlocal offset
+                            assert cp is not None and ls is not None
+                            try:
+                                with open(ls.logfile, "rb") as f:
+                                    f.seek(offset)
+                                    raw = f.read()
+                            except FileNotFoundError:
+                                raw = b""
+                            offset += len(raw)
+                            text = raw.decode(errors="replace")
+                            bad = Lsyncd.FAILED.search(text)
+                            if bad:
+                                raise RuntimeError(
+                                    "lsyncd reports a failure: "
+                                    f"{text[max(0, bad.start() - 200):bad.end() + 200]}")
+                            if not cp_end:
+                                if not cp_done(cp):
+                                    return False
+                                cp_end.append(time.perf_counter())
+                            return arrival.complete()
+                        wait_for(lsyncd_done, timeout, "lsyncd's target holds every file",
+                                 (proc,), POLL_S)
+                        seconds = time.perf_counter() - t0
+                        details["cp_s"]["lsyncd"].append(cp_end[0] - t0)
+                        details["lsyncd_after_cp_s"].append(seconds - (cp_end[0] - t0))
+                        # untimed: let lsyncd's last rsync (directories' times) end before
+                        # it is stopped, so that no temp file is left behind
+                        idle_since = [time.monotonic()]
+
+                        def lsyncd_idle() -> bool:
+                            if descendants(proc.pid):
+                                idle_since[0] = time.monotonic()
+                            return time.monotonic() - idle_since[0] >= 0.5
+                        wait_for(lsyncd_idle, timeout, "lsyncd runs no rsync for 0.5 s",
+                                 (proc,), POLL_S)
+                        ls.stop()
+                        check_same(tool, corpus.path, ldst)
+                except (RuntimeError, OSError, OmirrorError, subprocess.SubprocessError,
+                        KeyError, TypeError) as e:
+                    note(f"  {tool} FAILED: {e}")
+                    metric.failed[tool] = str(e)[:2000]
+                    failed.add(tool)
+                    if tool == "omirror":
+                        pair.stop_all()
+                    continue
+                finally:
+                    if cp is not None:
+                        end_cp(bench, cp)
+                    if ls is not None:
+                        ls.stop()
+                metric.add(tool, seconds)
+                note(f"  {tool}: {seconds:.3f} s")
+    finally:
+        pair.stop_all()
+    bench.details["scenario 8"] = details
+    return [metric]
+
+
 # -- output --------------------------------------------------------------------------------
 
 
@@ -1307,6 +1584,23 @@ def report(bench: Bench, metrics: list[Metric], info: dict[str, str],
     if d5:
         p(f"5: omirror, both scans done and listening after (median) "
           f"{statistics.median(d5):.3f} s; the rest is the links coming up")
+    d8 = bench.details.get("scenario 8", {})
+    if d8.get("omirror_cpu_us_per_file"):
+        def med(xs: list[float]) -> float:
+            return statistics.median(xs)
+        cp_o, cp_l = d8["cp_s"]["omirror"], d8["cp_s"]["lsyncd"]
+        p(f"8: cp -a itself took {med(cp_o):.3f} s beside omirror"
+          + (f", {med(cp_l):.3f} s beside lsyncd" if cp_l else "")
+          + f"; omirror was done {med(d8['omirror_after_cp_s']):.3f} s after cp ended"
+          + (f", lsyncd {med(d8['lsyncd_after_cp_s']):.3f} s" if d8["lsyncd_after_cp_s"]
+             else "") + " (medians)")
+        cpu, hwm = d8["omirror_cpu_s"], d8["omirror_hwm_after_bytes"]
+        growth = d8["omirror_hwm_growth_per_file"]
+        p(f"8: omirror CPU {med(d8['omirror_cpu_us_per_file']):.0f} us per file "
+          f"(A {med(cpu['A']):.2f} s, B {med(cpu['B']):.2f} s); peak RSS (VmHWM) "
+          f"A {human(med(hwm['A']))}, B {human(med(hwm['B']))}, "
+          f"{med(growth['A']):.0f} and {med(growth['B']):.0f} B per file over the RSS "
+          "before the burst (medians)")
     if s.scale != 1.0:
         p(f"targets are meant for --scale 1; at --scale {s.scale:g} the fixed 1 MiB change "
           f"is {100 * DELTA_BYTES / s.big:.1f}% of the file")
@@ -1321,8 +1615,8 @@ def parse_only(text: str) -> set[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"--only takes scenario numbers like 1,3,5: {text!r}") from None
-    if not chosen or not chosen <= set(range(1, 8)):
-        raise argparse.ArgumentTypeError(f"--only takes numbers from 1 to 7: {text!r}")
+    if not chosen or not chosen <= set(range(1, 9)):
+        raise argparse.ArgumentTypeError(f"--only takes numbers from 1 to 8: {text!r}")
     return chosen
 
 
@@ -1331,7 +1625,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3, help="runs per scenario; medians (3)")
     ap.add_argument("--scale", type=float, default=1.0,
                     help="multiplies the file counts and sizes (1.0)")
-    ap.add_argument("--only", type=parse_only, default=set(range(1, 8)),
+    ap.add_argument("--only", type=parse_only, default=set(range(1, 9)),
                     help="the scenarios to run, e.g. 1,3,5 (all)")
     ap.add_argument("--workdir", help="work directory (default: a fresh one under /tmp); "
                     "must be empty or not exist")
@@ -1395,6 +1689,7 @@ def run(bench: Bench) -> int:
         5: lambda: restart(bench),
         6: lambda: latency_scenario(bench),
         7: lambda: memory(bench),
+        8: lambda: live_burst(bench),
     }
     metrics: list[Metric] = []
     for number in sorted(args.only):
@@ -1417,7 +1712,7 @@ def run(bench: Bench) -> int:
 def free_after(number: int, only: set[int]) -> Iterator[str]:
     """The fixtures no scenario after ``number`` needs (their disk space is freed)."""
     later = {n for n in only if n > number}
-    users = {"files4k": {1}, "big": {3, 4}, "tiny": {2, 5}}
+    users = {"files4k": {1, 8}, "big": {3, 4}, "tiny": {2, 5}}
     for kind, used_by in users.items():
         if number in used_by and not later & used_by:
             yield kind
