@@ -70,7 +70,8 @@ _OPTIONS = [
     click.option("-z", "--compress", envvar="OMIRRORD_COMPRESS", is_flag=True,
                  help="Compress the stream, for slow links."),
     click.option("-f", "--force", envvar="OMIRRORD_FORCE", is_flag=True,
-                 help="With --check/--once: compare contents, not only stamps."),
+                 help="With --check: compare contents, not only stamps; with keygen: "
+                      "replace an existing host key."),
     click.option("-v", "--verbose", envvar="OMIRRORD_VERBOSE", count=True,
                  help="More log output (-vv for every file)."),
     click.option("--syslog", envvar="OMIRRORD_SYSLOG", default=None, metavar="FACILITY",
