@@ -812,6 +812,23 @@ def caught_up(pair: OmirrorPair, sent_before: int) -> bool:
     return True
 
 
+def recorded_and_acked(pair: OmirrorPair, seq_before: int, new: int = 1, *,
+                       idle: bool = False) -> bool:
+    """A's log has grown by at least ``new`` entries since ``seq_before`` (with ``idle``,
+    nothing is left queued to record either), its link to B is up, B has acknowledged
+    all of it and has no failing path."""
+    st = pair.status(0)
+    link = link_of(st, pair.names[1])
+    if not (st and st["last_seq"] - seq_before >= new and not (idle and st.get("queue"))
+            and link.get("out") == "up" and link.get("entries_behind") == 0):
+        return False
+    st_b = pair.status(1)
+    if not st_b:
+        return False
+    no_failing(st_b, "B")
+    return True
+
+
 def pair_in_sync(pair: OmirrorPair) -> bool:
     """Both daemons (started since their stats were last zero) have scanned, have both
     links up, nothing queued and nothing unacknowledged either way."""
@@ -1017,20 +1034,7 @@ def delta(bench: Bench) -> list[Metric]:
                         seq_before = before_st["last_seq"] if before_st else 0
                         sync_disks()
                         t0 = overwrite_middle(src / "big.dat", size)
-
-                        def done() -> bool:
-                            st = pair.status(0)
-                            link = link_of(st, pair.names[1])
-                            if not (st and st["last_seq"] > seq_before
-                                    and link.get("out") == "up"
-                                    and link.get("entries_behind") == 0):
-                                return False
-                            st_b = pair.status(1)
-                            if not st_b:
-                                return False
-                            no_failing(st_b, "B")
-                            return True
-                        wait_for(done, timeout,
+                        wait_for(lambda: recorded_and_acked(pair, seq_before), timeout,
                                  "A has recorded the change and B acknowledged it",
                                  pair.running(), POLL_S)
                         seconds = time.perf_counter() - t0
@@ -1365,18 +1369,8 @@ def live_burst(bench: Bench) -> list[Metric]:
                                 if not cp_done(cp):
                                     return False
                                 cp_end.append(time.perf_counter())
-                            st = pair.status(0)
-                            link = link_of(st, pair.names[1])
-                            if not (st and not st.get("queue")
-                                    and st["last_seq"] - seq_before >= corpus.files
-                                    and link.get("out") == "up"
-                                    and link.get("entries_behind") == 0):
-                                return False
-                            st_b = pair.status(1)
-                            if not st_b:
-                                return False
-                            no_failing(st_b, "B")
-                            return arrival.complete()
+                            return recorded_and_acked(pair, seq_before, corpus.files,
+                                                      idle=True) and arrival.complete()
                         wait_for(omirror_done, timeout,
                                  "A has recorded the copy, B has acknowledged it and holds "
                                  "every file", pair.running(), POLL_S)

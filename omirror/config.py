@@ -105,6 +105,12 @@ class Special:
     command: str
 
 
+def set_label(title: str) -> str:
+    """"set web" for a labelled set's title; an unlabelled one is "set at line 3"
+    already (:attr:`MirrorSet.title`)."""
+    return title if title.startswith("set ") else f"set {title}"
+
+
 @dataclass(frozen=True)
 class MirrorSet:
     """One block of the Distfile: these files, kept identical on these hosts, with these rules."""

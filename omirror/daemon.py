@@ -40,7 +40,7 @@ from omirror.link import Context
 from omirror.peering import Peering
 from omirror.progress import Progress
 from omirror.scanner import Scanner
-from omirror.status import STATUS_EVERY_S, SeqTimes, failing_status, write_status_file
+from omirror.status import STATUS_EVERY_S, SeqTimes, failing_status, plural, write_status_file
 from omirror.store import TOMBSTONE_RETENTION_NS, Store
 from omirror.treeworker import TreeWorker
 
@@ -347,8 +347,8 @@ class Daemon:
         out = sum(1 for s in links if s is not None and s.out == "up")
         inbound = sum(1 for s in links if s is not None and s.inbound == "up")
         queue = 0 if parts is None else parts.indexer.coalescer.pending
-        text = (f"mirroring {_plural(len(self.sets.running()), 'set')} with "
-                f"{_plural(len(hosts), 'peer')}; links up: {out} out, {inbound} in; "
+        text = (f"mirroring {plural(len(self.sets.running()), 'set')} with "
+                f"{plural(len(hosts), 'peer')}; links up: {out} out, {inbound} in; "
                 f"queue {queue}")
         if parts is not None and parts.ctx.failing:
             text += f"; {len(parts.ctx.failing)} failing"
@@ -400,10 +400,6 @@ def _warn_unprotected_hardlinks(where: str = "/proc/sys/fs/protected_hardlinks")
                 "/etc/shadow included, into a mirrored tree, and omirrord reads it as "
                 "root and mirrors it; set it to 1 (conf/sysctl.d/60-omirror.conf)")
     return True
-
-
-def _plural(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def listen_address(me: Host) -> str:

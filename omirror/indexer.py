@@ -19,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from omirror.config import MirrorSet
+from omirror.config import MirrorSet, set_label
 from omirror.errors import OmirrorError, RootError
 from omirror.events import Coalescer, ScanRequest
 from omirror.hostsets import HostSets
@@ -224,8 +224,3 @@ class Indexer:
                 self.coalescer.add(PathEvent(EventKind.CREATED, p, is_dir=True)
                                    for p in sorted(self.watcher.polled))
                 self._wake.set()
-
-
-def set_label(title: str) -> str:
-    """"set web" for a labelled set; an unlabelled one is titled "set at line 3" already."""
-    return title if title.startswith("set ") else f"set {title}"

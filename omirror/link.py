@@ -79,7 +79,7 @@ class Context:
         self.sets_with = sets_with
         self.tree = tree  # run a callable in the tree worker
         #: Every link's receiver decides through this one resolver, in the tree worker.
-        self.resolver = Resolver(store, applier, scanner, root)
+        self.resolver = Resolver(store, applier, scanner)
         #: Paths a receiver could not apply, with why: shown in status, by every link.
         self.failing: dict[bytes, str] = {}
         #: ``(peer, path)`` -> the title of a set holding ``path`` that this host shares

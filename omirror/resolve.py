@@ -71,11 +71,10 @@ class Resolver:
     (for status).
     """
 
-    def __init__(self, store: Store, applier: Applier, scanner: Scanner, root: bytes) -> None:
+    def __init__(self, store: Store, applier: Applier, scanner: Scanner) -> None:
         self.store = store
         self.applier = applier
         self.scanner = scanner
-        self.root = root
         self.conflicts = 0
 
     # -- a batch, and one entry -----------------------------------------------------------
@@ -256,7 +255,7 @@ class Resolver:
                 # a directory kept for what it holds that the deleting peer never had:
                 # record it all now (the directory again, newer than the tombstone),
                 # or the peers would not have these files until the next full rescan
-                self.scanner.scan_paths(mset, self.root, [(winner.path, True)])
+                self._rescan(mset, winner.path, recursive=True)
         elif local is not None and local.kind is Kind.FILE and local.digest == winner.digest \
                 and record is not None and record.sig is not None:
             applier.adopt(mset, winner, record.sig)
@@ -356,10 +355,11 @@ class Resolver:
                 mset = check_path(path, sets)
             except PathRefused:
                 continue  # out of the sets shared with this peer: the rescan has it
-            self.scanner.scan_paths(mset, self.root, [(path, False)])
+            self._rescan(mset, path)
 
-    def _rescan(self, mset: MirrorSet, path: bytes, *, force: bool) -> None:
-        self.scanner.scan_paths(mset, self.root, [(path, False)], force=force)
+    def _rescan(self, mset: MirrorSet, path: bytes, *, force: bool = False,
+                recursive: bool = False) -> None:
+        self.scanner.scan_paths(mset, self.applier.root, [(path, recursive)], force=force)
 
 
 def _parents(path: bytes) -> Iterator[bytes]:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
+from omirror.config import set_label
 from omirror.units import human_bytes
 
 log = logging.getLogger(__name__)
@@ -252,10 +253,9 @@ class Reporter:
                     continue  # starting or reloading: the scans say what happens
                 text = self.summary()
             else:
-                title = scan.set_title
-                label = title if title.startswith("set ") else f"set {title}"
-                text = (f"scanning {label}: {scan.files} files in {scan.dirs} directories, "
-                        f"{scan.hashed} hashed ({human_bytes(scan.hashed_bytes)})")
+                text = (f"scanning {set_label(scan.set_title)}: {scan.files} files in "
+                        f"{scan.dirs} directories, {scan.hashed} hashed "
+                        f"({human_bytes(scan.hashed_bytes)})")
                 if not self.ready and progress != previous:
                     extend_timeout(EXTEND_TIMEOUT_S)
                 if now - logged >= SCAN_LOG_EVERY_S:

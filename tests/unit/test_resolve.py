@@ -45,7 +45,7 @@ def test_fetched_content_lands_where_a_peers_rename_took_the_file_away(
                 vector=(("beta", 3 * 10**18),), mode=0o644, owner="root", group="root",
                 mtime_ns=10**18, size=len(content), digest=xxhash.xxh3_128(content).digest())
 
-    resolver = Resolver(store, applier, scanner, os.fsencode(root))
+    resolver = Resolver(store, applier, scanner)
     temp = applier.begin_file(mset, new)
     temp.write(content)
     resolver.install("beta", [mset], Need(mset, new, Purpose.INSTALL), temp)

@@ -271,8 +271,7 @@ class Side:
         self.applier = Applier(os.fsencode(self.root), self.store, HOST, clock=clock,
                                can_chown=False)
         self.scanner.expected_absent = self.applier.expected_absent
-        self.resolver = Resolver(self.store, self.applier, self.scanner,
-                                 os.fsencode(self.root))
+        self.resolver = Resolver(self.store, self.applier, self.scanner)
 
     def close(self) -> None:
         self.store.close()
