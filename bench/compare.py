@@ -805,11 +805,7 @@ def caught_up(pair: OmirrorPair, sent_before: int) -> bool:
     if not (link.get("out") == "up" and link.get("entries_sent", 0) > sent_before
             and link.get("entries_behind") == 0):
         return False
-    st = pair.status(1)
-    if not st:
-        return False
-    no_failing(st, "B")
-    return True
+    return b_answers_clean(pair)
 
 
 def recorded_and_acked(pair: OmirrorPair, seq_before: int, new: int = 1, *,
@@ -822,10 +818,15 @@ def recorded_and_acked(pair: OmirrorPair, seq_before: int, new: int = 1, *,
     if not (st and st["last_seq"] - seq_before >= new and not (idle and st.get("queue"))
             and link.get("out") == "up" and link.get("entries_behind") == 0):
         return False
-    st_b = pair.status(1)
-    if not st_b:
+    return b_answers_clean(pair)
+
+
+def b_answers_clean(pair: OmirrorPair) -> bool:
+    """B answers status and lists no failing path (one ends the measurement)."""
+    st = pair.status(1)
+    if not st:
         return False
-    no_failing(st_b, "B")
+    no_failing(st, "B")
     return True
 
 
