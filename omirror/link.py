@@ -86,6 +86,9 @@ class Context:
         #: with ``peer`` but has stopped (its root is missing or unmounted), or None.
         self.stopped: Callable[[str, bytes], str | None] = lambda peer, path: None
         self._changed = asyncio.Event()
+        #: Peers with a link into this host up (how many: a reconnect overlaps its end)
+        self._receiving: dict[str, int] = {}
+        self._receiving_changed = asyncio.Event()
 
     @property
     def conflicts(self) -> int:
@@ -95,6 +98,21 @@ class Context:
     def notify(self, _seq: int = 0) -> None:
         """Wake the pushers: the log grew. Safe to call from any thread via the loop."""
         self._changed.set()
+
+    def receiving(self, peer: str, up: bool) -> None:
+        """A link from ``peer`` into this host began (``up``) or ended."""
+        count = self._receiving.get(peer, 0) + (1 if up else -1)
+        if count > 0:
+            self._receiving[peer] = count
+        else:
+            self._receiving.pop(peer, None)
+        self._receiving_changed.set()
+        self._receiving_changed = asyncio.Event()
+
+    def direct_from(self) -> tuple[tuple[str, ...], asyncio.Event]:
+        """The peers whose links into this host are up, and an event set when that
+        changes: what each receiver tells its pusher (wire.Direct)."""
+        return tuple(sorted(self._receiving)), self._receiving_changed
 
     async def wait_for_change(self, timeout: float) -> None:
         """Return once the log grew, or after ``timeout`` seconds: a pusher looks again

@@ -47,6 +47,7 @@ from omirror.wire import (
     Bye,
     Copy,
     Data,
+    Direct,
     EntryMsg,
     Hello,
     IHave,
@@ -94,6 +95,8 @@ class Pusher(Side):
         #: A receiver has one request open at a time; one that sends more and never
         #: reads what it asked for is not read further (its requests are not queued).
         self.wants: asyncio.Queue[Want] = asyncio.Queue(maxsize=4)
+        #: Hosts whose own versions reach the peer from them (it says so: wire.Direct)
+        self.direct: frozenset[str] = frozenset()
 
     async def run(self) -> None:
         """The handshake, then the stream, the acknowledgements and the content served,
@@ -134,6 +137,8 @@ class Pusher(Side):
                 self.acked.set()
             elif isinstance(msg, Want):
                 await self.wants.put(msg)
+            elif isinstance(msg, Direct):
+                self.direct = frozenset(msg.origins)
             elif isinstance(msg, Bye):
                 raise ConnectionResetError(f"peer closed the link: {msg.why}")
             else:
@@ -147,6 +152,13 @@ class Pusher(Side):
         if entry.stamp.origin == self.peer and not self.index:
             return False
         return set_for(entry.path, sets) is not None
+
+    def _carries_content(self, entry: Entry) -> bool:
+        """A small file travels with its entry unless it is another host's version that
+        the peer receives from that host itself: relayed, it would cross to the peer once
+        per host of the mesh."""
+        origin = entry.stamp.origin
+        return origin == self.ctx.name or origin not in self.direct
 
     @staticmethod
     def _outgoing(entry: Entry, sets: Sequence[MirrorSet]) -> Entry:
@@ -207,7 +219,8 @@ class Pusher(Side):
             records = self._with_parents([r for r in page if self._wanted(r.entry, sets)],
                                          sets, ahead)
             inline = {} if self.index else await asyncio.to_thread(
-                _read_inline, self.ctx.root, [r for r, _ in records], sets)
+                _read_inline, self.ctx.root,
+                [r for r, _ in records if self._carries_content(r.entry)], sets)
             for record, out_of_order in records:
                 data = inline.get(record.entry.path)
                 size = 0 if data is None else len(data)

@@ -42,6 +42,7 @@ from omirror.wire import (
     Bye,
     Copy,
     Data,
+    Direct,
     EntryMsg,
     Hello,
     IHave,
@@ -125,7 +126,26 @@ class Receiver(Side):
         self.done_seq = self.saved_seq = start.seq
         if start.full:
             log.info("peer=%s sends everything it has (new epoch %s)", self.peer, hello.epoch)
-        await run_together(self._read_frames(), self._apply_all(), self._retry_failing())
+        self.ctx.receiving(self.peer, True)
+        try:
+            await run_together(self._read_frames(), self._apply_all(), self._retry_failing(),
+                               self._tell_direct())
+        finally:
+            self.ctx.receiving(self.peer, False)
+
+    async def _tell_direct(self) -> None:
+        """Keep the pusher told which hosts' own versions reach this host from them: it
+        relays those without their content, so that in a mesh each file's bytes cross
+        to each host once, not once per peer. A version relayed without content that is
+        still missing here is fetched like a large file."""
+        told: tuple[str, ...] | None = None
+        while True:
+            origins, changed = self.ctx.direct_from()
+            origins = tuple(o for o in origins if o != self.peer)
+            if origins != told:
+                await self.io.send(Direct(origins))
+                told = origins
+            await changed.wait()
 
     async def _read_frames(self) -> None:
         while True:

@@ -25,7 +25,7 @@ import msgpack
 from omirror.entry import Entry, Kind, Stamp
 from omirror.errors import OmirrorError
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 #: The channel that carries one direction of live replication: the connecting side pushes.
 SUBSYSTEM = "omirror-1"
 #: The connecting side asks to be pushed to once, until caught up (``omirrord --once``).
@@ -74,6 +74,7 @@ class Type(enum.IntEnum):
     ACK = 9  # receiver -> pusher: everything up to this seq is applied or settled
     BYE = 10  # either way, last: why the link is being closed
     PASSED = 11  # pusher -> receiver: nothing more for you up to this seq
+    DIRECT = 12  # receiver -> pusher: the hosts whose own versions reach me directly
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,8 +171,17 @@ class Passed:
     seq: int  # the pusher has read its log up to here: nothing else in it is for you
 
 
+@dataclass(frozen=True, slots=True)
+class Direct:
+    """The hosts whose links into the receiver are up: their own versions reach it from
+    them, so a pusher relaying such a version sends it without its content (the receiver
+    asks for it only if it still lacks it). Sent again whenever the list changes."""
+
+    origins: tuple[str, ...]
+
+
 Message = (Hello | IHave | Start | EntryMsg | Want | Data | Copy | NoData | Ack | Bye
-           | Passed)
+           | Passed | Direct)
 
 
 # -- encoding ------------------------------------------------------------------------------
@@ -206,6 +216,8 @@ def _body(msg: Message) -> tuple[Type, list[Any]]:
         return Type.BYE, [msg.why]
     if isinstance(msg, Passed):
         return Type.PASSED, [msg.seq]
+    if isinstance(msg, Direct):
+        return Type.DIRECT, [list(msg.origins)]
     raise TypeError(f"not a protocol message: {msg!r}")
 
 
@@ -422,7 +434,15 @@ def _passed(f: object) -> Passed:
     return Passed(_int(_array(f, 1, "PASSED")[0], "seq"))
 
 
+def _direct(f: object) -> Direct:
+    origins = _array(f, 1, "DIRECT")[0]
+    if not isinstance(origins, list) or len(origins) > _MAX_VECTOR:
+        raise ProtocolError(f"DIRECT: expected an array of at most {_MAX_VECTOR} names, "
+                            f"got {_shape(origins)}")
+    return Direct(tuple(_str(o, "origin") for o in origins))
+
+
 _DECODERS: dict[Type, Callable[[Any], Message]] = {
     Type.HELLO: _hello, Type.IHAVE: _ihave, Type.START: _start, Type.ENTRY: _entry,
     Type.WANT: _want, Type.DATA: _data, Type.COPY: _copy, Type.NODATA: _nodata,
-    Type.ACK: _ack, Type.BYE: _bye, Type.PASSED: _passed}
+    Type.ACK: _ack, Type.BYE: _bye, Type.PASSED: _passed, Type.DIRECT: _direct}

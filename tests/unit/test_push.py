@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import xxhash
@@ -12,12 +13,12 @@ from linkfakes import Frames
 
 from omirror import config
 from omirror.apply import Applier
-from omirror.entry import Kind
+from omirror.entry import Kind, Stamp
 from omirror.link import Context, LinkStats
 from omirror.push import Pusher, _read_inline
 from omirror.scanner import MARKER, Scanner
 from omirror.store import Store
-from omirror.wire import Data, NoData, Want
+from omirror.wire import Data, EntryMsg, NoData, Want
 
 DISTFILE = "( /data ) -> ( alpha beta ) install ;\n"
 
@@ -129,4 +130,51 @@ def test_a_fifo_is_never_opened_to_serve_content(tmp_path: Path) -> None:
 
     sent = served(root, store, mset, scanner, Want(1, b"data/f", record.entry.digest, 0, ()))
     assert [type(m).__name__ for m in sent] == ["NoData"]
+    store.close()
+
+
+def test_a_relayed_version_travels_without_content_to_a_peer_that_has_its_origin(
+        tmp_path: Path) -> None:
+    """In a mesh each host relays what it received. Sent inline by every relay, each
+    small file crossed to each host once per peer (ten peers: nine copies); a peer that
+    receives a host's versions from that host itself (it says so: DIRECT) gets them from
+    a relay without content, and asks for it only if it still lacks it."""
+    root = tmp_path / "root"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / os.fsdecode(MARKER)).write_bytes(b"marker\n")
+    for name in ("ours", "gammas", "deltas"):
+        (root / "data" / name).write_bytes(b"content of %s\n" % name.encode())
+    mset = config.parse(DISTFILE, "test.conf").sets[0]
+    store = Store.open(tmp_path / "state")
+    Scanner(store, "alpha").scan_set(mset, os.fsencode(root))
+    for name, origin in (("gammas", "gamma"), ("deltas", "delta")):  # received from them
+        record = store.get(b"data/" + name.encode())
+        assert record is not None
+        store.put(replace(record.entry, stamp=Stamp(record.entry.stamp.time_ns + 1, origin)),
+                  record.sig)
+
+    names = {b"data/ours", b"data/gammas", b"data/deltas"}
+
+    async def run() -> dict[bytes, bool]:
+        async def tree(fn, *args):  # type: ignore[no-untyped-def]
+            return fn(*args)
+        ctx = Context("alpha", store, None, None, os.fsencode(root),  # type: ignore[arg-type]
+                      lambda peer: [mset], tree)
+        frames = Frames()
+        pusher = Pusher(ctx, "beta", None, frames, LinkStats())
+        pusher.direct = frozenset({"gamma"})
+        streaming = asyncio.ensure_future(pusher._stream(0))
+
+        def carried() -> dict[bytes, bool]:
+            return {m.entry.path: m.data is not None for m in frames.sent
+                    if isinstance(m, EntryMsg) and m.entry.path in names}
+        for _ in range(500):
+            if len(carried()) == len(names):
+                break
+            await asyncio.sleep(0.01)
+        streaming.cancel()
+        return carried()
+
+    assert asyncio.run(run()) == {b"data/ours": True, b"data/gammas": False,
+                                  b"data/deltas": True}
     store.close()

@@ -11,7 +11,7 @@ from omirror import receive
 from omirror.entry import Entry, Kind, Stamp
 from omirror.link import Context, LinkStats
 from omirror.receive import Receiver
-from omirror.wire import EntryMsg
+from omirror.wire import Direct, EntryMsg
 
 
 def test_a_link_with_too_many_failing_paths_takes_no_more_entries(
@@ -41,3 +41,36 @@ def test_a_link_with_too_many_failing_paths_takes_no_more_entries(
 
     held, cleared = asyncio.run(run())
     assert held and cleared
+
+
+def test_a_receiver_tells_its_pusher_which_hosts_reach_it_directly() -> None:
+    """DIRECT lists the peers whose links into this host are up (not the pusher itself),
+    and is sent again when that changes: the pusher then relays those hosts' versions
+    without content, and with it again once such a link is down."""
+    async def run() -> list[object]:
+        ctx = Context("alpha", None, None, None, b"/", lambda peer: [], None)  # type: ignore[arg-type]
+        frames = Frames()
+        receiver = Receiver(ctx, "beta", None, frames, LinkStats())
+        ctx.receiving("beta", True)
+        ctx.receiving("gamma", True)
+        telling = asyncio.ensure_future(receiver._tell_direct())
+
+        async def until(n: int) -> None:
+            for _ in range(500):
+                if len(frames.sent) >= n:
+                    return
+                await asyncio.sleep(0.01)
+        await until(1)
+        ctx.receiving("delta", True)
+        await until(2)
+        ctx.receiving("gamma", True)  # a reconnect: the new link is up before the old ends
+        ctx.receiving("gamma", False)
+        ctx.receiving("delta", False)
+        await until(3)
+        ctx.receiving("gamma", False)
+        await until(4)
+        telling.cancel()
+        return frames.sent
+
+    assert asyncio.run(run()) == [Direct(("gamma",)), Direct(("delta", "gamma")),
+                                  Direct(("gamma",)), Direct(())]

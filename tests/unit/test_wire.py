@@ -18,6 +18,7 @@ from omirror.wire import (
     Bye,
     Copy,
     Data,
+    Direct,
     EntryMsg,
     Hello,
     IHave,
@@ -41,6 +42,8 @@ MESSAGES = [
     Want(1, b"srv/x", b"\x01" * 16, 65536, (b"\x02" * 16,)), Data(1, b"x" * 1000, False),
     Copy(1, 65536, 65536), NoData(1, "changed"), Ack(99), Bye("shutting down"),
     Passed(50001),
+    Direct(("gamma", "[::1]:2900")),
+    Direct(()),
 ]
 
 
