@@ -13,6 +13,7 @@ hide what it is.
 
 from __future__ import annotations
 
+import functools
 import os
 
 from omirror.errors import PathRefused
@@ -113,6 +114,14 @@ def check_form(path: object) -> None:
     """
     if not isinstance(path, bytes):
         raise PathRefused(path, f"is a {type(path).__name__}, not bytes")
+    _check_bytes(path)
+
+
+@functools.lru_cache(maxsize=8192)
+def _check_bytes(path: bytes) -> None:
+    """:func:`check_form` of bytes; remembered for the paths that pass, since one entry
+    is checked at every layer it crosses (wire, resolver, set directories), and a
+    burst of entries meets the same paths again. A refusal raises: never remembered."""
     if not path:
         raise PathRefused(path, "is empty")
     if len(path) > PATH_MAX:

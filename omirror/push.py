@@ -189,7 +189,7 @@ class Pusher(Side):
                 path = path.rpartition(b"/")[0]
                 if not path or set_for(path, sets) is None:
                     break
-                parent = self.ctx.store.get(path)
+                parent = self.ctx.store.committed(path)
                 # only a directory that must exist goes ahead: a deletion of the parent
                 # must stay after the deletions of its children
                 if parent is None or parent.entry.kind is not Kind.DIR \
@@ -279,7 +279,7 @@ class Pusher(Side):
                         "it: refused", self.peer, show(want.path))
             await self.io.send(NoData(want.want_id, "not in a set we share"))
             return
-        record = self.ctx.store.get(want.path)
+        record = self.ctx.store.committed(want.path)
         if record is None or record.entry.kind is not Kind.FILE \
                 or record.entry.digest != want.digest:
             await self.io.send(NoData(want.want_id, "that version is no longer here"))

@@ -71,7 +71,7 @@ BLOCK = 1 << 20
 #: digests must fit one WANT frame); a larger file is fetched whole.
 MAX_DELTA_BLOCKS = 100_000
 _ACK_EVERY = 64
-_BATCH = 64  # entries applied in one tree-worker job and one store transaction
+_BATCH = 128  # entries applied in one tree-worker job and one store transaction
 _RETRY_FIRST_S, _RETRY_MAX_S = 1.0, 60.0
 #: Paths one link keeps for a retry. Beyond it the receiver takes no further entries
 #: from that peer until some apply (a disk full under a flood of files): what a peer

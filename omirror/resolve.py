@@ -41,7 +41,7 @@ _HOST_NAME = re.compile(r"[A-Za-z0-9_.:\[\]-]{1,255}\Z")
 #: A path that changes here under every attempt is given up (and retried later).
 RESCANS = 3
 #: Small files of one batch written ahead and made durable together.
-PREPARE_MAX = 64
+PREPARE_MAX = 128
 
 
 class Purpose(enum.Enum):
@@ -88,11 +88,17 @@ class Resolver:
         set roots are opened once for it."""
         applier = self.applier
         outcomes: list[Result] = []
+        considered: set[bytes] = set()
+        dirs_made = True  # since the last _prepare: a file it skipped may have its parent
         try:
             with applier.dirs.holding_roots():
-                self._prepare(sets, entries)
                 with self.store.batch():
-                    for entry, data in entries:
+                    for i, (entry, data) in enumerate(entries):
+                        if data is not None and dirs_made and entry.path not in considered:
+                            # the small files from here on whose directory exists now
+                            self._prepare(sets, entries[i:], considered)
+                            dirs_made = False
+                        dirs_made = dirs_made or entry.kind is Kind.DIR
                         outcome = self.one(peer, sets, entry, data, stopped)
                         outcomes.append(outcome)
                         if isinstance(outcome, Need):
@@ -319,18 +325,26 @@ class Resolver:
     # -- around the rules -----------------------------------------------------------------
 
     def _prepare(self, sets: Sequence[MirrorSet],
-                 entries: Sequence[tuple[Entry, bytes | None]]) -> None:
+                 entries: Sequence[tuple[Entry, bytes | None]], considered: set[bytes]) -> None:
         """Write the small files of a batch that will be installed, then sync them all at
-        once: one journal commit for the batch instead of one per file. Only a guess to
-        save time: each entry is decided again when it is applied, so a guess must never
-        change an outcome. A file below a directory the same batch deletes is not written
-        ahead: its temp file would make that directory look not empty to the deletion,
-        which then keeps it as this host's own version."""
+        once: one journal commit for the batch instead of one per file (a commit costs
+        milliseconds on a slow disk: per file, it was most of a receiver's time). Only a
+        guess to save time: each entry is decided again when it is applied, so a guess
+        must never change an outcome. A file whose directory does not exist yet is
+        left for a later call, once the batch has made it (``considered`` holds the
+        others). A file below a directory the same batch deletes is not written ahead:
+        its temp file would make that directory look not empty to the deletion, which
+        then keeps it as this host's own version."""
         applier = self.applier
         deleted = {entry.path for entry, _ in entries if entry.kind is Kind.TOMBSTONE}
         for entry, data in entries:
+            if len(applier.prepared) >= PREPARE_MAX:
+                break
+            if entry.path in considered:
+                continue
+            considered.add(entry.path)
             if data is None or entry.kind is not Kind.FILE or entry.moved_from \
-                    or len(applier.prepared) >= PREPARE_MAX \
+                    or entry.path in applier.prepared \
                     or any(parent in deleted for parent in _parents(entry.path)):
                 continue
             try:
@@ -343,9 +357,9 @@ class Resolver:
                     local is not None and local.kind is Kind.FILE
                     and local.digest == entry.digest):
                 continue
-            applier.prepared.prepare(mset, entry, data, applier.reserve)
-        if len(applier.prepared) > 1:
-            applier.prepared.sync()
+            if not applier.prepared.prepare(mset, entry, data, applier.reserve):
+                considered.discard(entry.path)  # its directory is still to be made
+        applier.prepared.sync()
 
     def _scan_strays(self, sets: Sequence[MirrorSet]) -> None:
         """Record what the applier put into a directory a user renamed meanwhile, where

@@ -42,6 +42,9 @@ class SetDirs:
         self._real_root = os.path.realpath(root)
         #: Set roots opened during one job (:meth:`holding_roots`), by logical path.
         self._roots: dict[bytes, int] | None = None
+        #: Directories below them opened during that job, by logical path: checked
+        #: (:meth:`_still_there`) each time before they are used again.
+        self._parents: dict[bytes, int] = {}
 
     @contextlib.contextmanager
     def holding_roots(self) -> Iterator[None]:
@@ -57,8 +60,40 @@ class SetDirs:
             yield
         finally:
             roots, self._roots = self._roots, None
-            for fd in roots.values():
+            parents, self._parents = self._parents, {}
+            for fd in (*roots.values(), *parents.values()):
                 os.close(fd)
+
+    def _held_parent(self, directory: bytes) -> int:
+        """A directory this job opened before, if it is still where its path says
+        (a duplicate the caller closes); -1 otherwise.
+
+        Opening a file's directory component by component from its root is most of
+        what a small file costs; a batch puts many files into few directories. What a
+        walk checks, the directory's place, is checked again here on every use: it
+        must not have been renamed (by a user, possibly out of the tree) or removed
+        since. Where /proc cannot say, nothing is held.
+        """
+        fd = self._parents.get(directory, -1)
+        if fd < 0:
+            return -1
+        if self._still_there(fd, directory):
+            return os.dup(fd)
+        del self._parents[directory]
+        os.close(fd)
+        return -1
+
+    def _still_there(self, fd: int, directory: bytes) -> bool:
+        try:
+            where = os.readlink(b"/proc/self/fd/%d" % fd)
+        except OSError:
+            return False
+        return where == local_path(self._real_root, directory)
+
+    def _hold_parent(self, directory: bytes, fd: int) -> None:
+        if self._roots is not None and directory not in self._parents \
+                and self._still_there(fd, directory):
+            self._parents[directory] = os.dup(fd)
 
     def take_strays(self) -> list[bytes]:
         """The strays found since the last call, for the caller to scan."""
@@ -180,6 +215,11 @@ class SetDirs:
             raise PathRefused(path, f"is a root of set {mset.title}; a root is always a "
                                     "directory")
         parts = (path[len(top) + 1:] if top else path).split(b"/")
+        directory = path.rpartition(b"/")[0]
+        if directory != top and self._roots is not None:
+            held = self._held_parent(directory)
+            if held >= 0:
+                return held, parts[-1]
         fd = self.open_root(top, path)
         try:
             for part in parts[:-1]:
@@ -192,6 +232,8 @@ class SetDirs:
             if fd >= 0:
                 os.close(fd)
             raise
+        if directory != top and self._roots is not None:
+            self._hold_parent(directory, fd)
         return fd, parts[-1]
 
     def parent_if_there(self, mset: MirrorSet, path: bytes,

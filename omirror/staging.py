@@ -36,8 +36,10 @@ _CHUNK = 1 << 20
 WRITEBACK_EVERY = 8 << 20
 
 
-#: Batches of at least this many small files are made durable with one syncfs.
-SYNCFS_MIN = 8
+#: Batches of at least this many small files are made durable with one syncfs: two
+#: fsyncs already cost two journal commits (ext4 allocates delayed blocks at
+#: writeback, so fsyncs of files written together do not share one).
+SYNCFS_MIN = 2
 
 
 def temp_name() -> bytes:
@@ -193,6 +195,10 @@ class TempFile:
             os.fsync(self.fd)
         self._synced = True
 
+    @property
+    def is_synced(self) -> bool:
+        return self._synced
+
     def synced(self) -> None:
         """The content was made durable by a sync of the whole file system."""
         self._synced = True
@@ -306,16 +312,20 @@ class Prepared:
     def __len__(self) -> int:
         return len(self.temps)
 
-    def prepare(self, mset: MirrorSet, entry: Entry, data: bytes, reserve: Reserve) -> None:
+    def __contains__(self, path: bytes) -> bool:
+        return path in self.temps
+
+    def prepare(self, mset: MirrorSet, entry: Entry, data: bytes, reserve: Reserve) -> bool:
         """Write the content of a small file that is about to be installed into its temp
         file, unsynced, so that :meth:`sync` makes a whole batch durable with
         one journal commit instead of one per file. Nothing is created but the temp file
-        (its directory must exist); whatever fails here is left to the applier's ``write_file``."""
+        (its directory must exist: False when it does not, True otherwise); whatever fails
+        here is left to the applier's ``write_file``."""
         if entry.kind is not Kind.FILE or entry.path in self.temps:
-            return
+            return True
         opened = self.dirs.parent_if_there(mset, entry.path, "write")
         if opened is None:
-            return
+            return False
         if reserve:
             try:
                 free, keep = diskspace.room(opened[0], reserve)
@@ -323,25 +333,23 @@ class Prepared:
                 free, keep = 0, 1
             if free - entry.size < keep:
                 os.close(opened[0])
-                return  # write_file refuses it, and says why
+                return True  # write_file refuses it, and says why
         try:
             temp = TempFile(opened[0], entry)
         except OSError:
-            return
+            return True
         try:
             temp.write(data)
             temp.finish(sync=False)
         except ApplyError:
-            return  # removed by the failure; write_file says what is wrong
+            return True  # removed by the failure; write_file says what is wrong
         self.temps[entry.path] = temp
+        return True
 
     def sync(self) -> None:
-        """Make every prepared file durable before any is renamed into place. One
-        ``syncfs`` for a batch of many: a fsync per small file costs a journal commit
-        each (ext4 allocates delayed blocks at writeback, so fsyncs do not share
-        commits), and that was most of the time a receiver spent on a tree of small
-        files. A batch of a few is fsynced file by file."""
-        for temp in sync_batch(list(self.temps.values())):
+        """Make every prepared file not yet synced durable before any is renamed into
+        place (:func:`sync_batch`)."""
+        for temp in sync_batch([t for t in self.temps.values() if not t.is_synced]):
             self.temps.pop(temp.path, None)
 
     def discard(self) -> None:

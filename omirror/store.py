@@ -24,6 +24,7 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgpack
 
@@ -165,6 +166,18 @@ class Store:
         self._conn = conn
         self._where = where
         self._lock = threading.RLock()
+        #: A second connection for readers of what is committed (the pushers, on the
+        #: event loop): WAL lets them read while the tree worker holds a transaction
+        #: open, which would otherwise stall the loop, and with it every link, for the
+        #: length of a batch. None for a store in memory: the one connection serves all.
+        self._reader: sqlite3.Connection | None = None
+        self._read_lock = threading.Lock()
+        #: Records read during the outermost transaction, for the thread that holds it:
+        #: a receiver's batch reads each path several times (to guess, to decide, to
+        #: guard the replacement). Every write of a path drops it; the end of the
+        #: transaction drops all.
+        self._cache: dict[bytes, Record | None] | None = None
+        self._cache_thread = 0
         self._depth = 0
         self._listeners: list[Callable[[int], None]] = []
         self._on_commit: list[Callable[[], None]] = []
@@ -209,10 +222,17 @@ class Store:
             conn.execute("PRAGMA foreign_keys=OFF")
             conn.executescript(_SCHEMA)
             cls._initialise(conn, where)
+            reader = None
+            if where != ":memory:":
+                reader = sqlite3.connect(where, isolation_level=None,
+                                         check_same_thread=False)
+                reader.execute("PRAGMA query_only=ON")
         except sqlite3.DatabaseError as e:
             raise StoreError(f"cannot open state database {where}: {e}; "
                              "move it aside to rebuild it from a scan") from e
-        return cls(conn, where)
+        store = cls(conn, where)
+        store._reader = reader
+        return store
 
     @classmethod
     def open_readonly(cls, state_dir: str | os.PathLike[str]) -> Store:
@@ -266,6 +286,9 @@ class Store:
         """Idempotent; takes the lock, so it waits for another thread's batch to end."""
         with self._lock:
             self._conn.close()
+        with self._read_lock:
+            if self._reader is not None:
+                self._reader.close()
 
     def __enter__(self) -> Store:
         return self
@@ -291,12 +314,14 @@ class Store:
             if outer:
                 self._conn.execute("BEGIN IMMEDIATE")
                 self._pending_seq = 0
+                self._cache, self._cache_thread = {}, threading.get_ident()
             self._depth += 1
             try:
                 yield self
             except BaseException:
                 self._depth -= 1
                 if outer:
+                    self._cache = None
                     self._conn.execute("ROLLBACK")
                     self._last_seq = max(
                         self._conn.execute("SELECT max(seq) FROM entries").fetchone()[0] or 0,
@@ -304,6 +329,7 @@ class Store:
                 raise
             self._depth -= 1
             if outer:
+                self._cache = None
                 if self._pending_seq:
                     self._conn.execute("UPDATE meta SET value=? WHERE key='last_seq'",
                                        (self._last_seq,))
@@ -336,17 +362,47 @@ class Store:
         """The sequence number of the newest change in this store."""
         return self._last_seq
 
+    def _committed(self, sql: str, args: tuple[object, ...]) -> list[Any]:
+        """Rows as last committed, read beside an open transaction (see ``_reader``)."""
+        if self._reader is None:
+            with self._lock:
+                return self._conn.execute(sql, args).fetchall()
+        with self._read_lock:
+            return self._reader.execute(sql, args).fetchall()
+
+    def committed(self, path: bytes) -> Record | None:
+        """:meth:`get` as last committed, for readers outside the tree worker: never
+        waits for a transaction in progress, never sees one that could roll back."""
+        rows = self._committed(f"SELECT {_COLUMNS} FROM entries WHERE path=?", (path,))
+        return _record(rows[0]) if rows else None
+
     def get(self, path: bytes) -> Record | None:
         """None when the path was never recorded or its tombstone was collected; a deletion
         still held is a tombstone record, not None."""
+        cache = self._cache
+        if cache is not None and self._cache_thread == threading.get_ident() \
+                and path in cache:
+            return cache[path]
         with self._lock:
             row = self._conn.execute(f"SELECT {_COLUMNS} FROM entries WHERE path=?",
                                      (path,)).fetchone()
-        return None if row is None else _record(row)
+            record = None if row is None else _record(row)
+            if self._cache is not None and self._cache_thread == threading.get_ident():
+                self._cache[path] = record
+        return record
+
+    def _written(self, path: bytes | None) -> None:
+        """Drop what the transaction's cache holds of ``path`` (None: of every path)."""
+        if self._cache is not None:
+            if path is None:
+                self._cache.clear()
+            else:
+                self._cache.pop(path, None)
 
     def put(self, entry: Entry, sig: StatSig | None) -> int:
         """Record a new version of a path and log it under the next sequence number."""
         with self.batch():
+            self._written(entry.path)
             self._last_seq += 1
             seq = self._last_seq
             self._conn.execute(
@@ -362,12 +418,14 @@ class Store:
     def set_sig(self, path: bytes, kind: Kind, sig: StatSig | None) -> None:
         """Remember a new local stat for an unchanged version; not a change, no seq."""
         with self.batch():
+            self._written(path)
             self._conn.execute("UPDATE entries SET sig_ino=?, fast=? WHERE path=?",
                                (None if sig is None else sig.ino, fast_sig(kind, sig), path))
 
     def set_vector(self, path: bytes, vector: Vector) -> None:
         """Record that this version's history now includes another; not a change, no seq."""
         with self.batch():
+            self._written(path)
             self._conn.execute("UPDATE entries SET vector=? WHERE path=?",
                                (_pack_vector(vector), path))
 
@@ -419,16 +477,17 @@ class Store:
             last = bytes(rows[-1][0])
 
     def since(self, seq: int) -> Iterator[Record]:
-        """Every record changed after ``seq``, oldest change first, a page at a time.
+        """Every record changed after ``seq`` and committed, oldest change first, a page
+        at a time.
 
-        Pages are fetched without holding the lock in between, so a long catch-up of a
-        returning peer never blocks the event loop's own writes.
+        Pages are read beside the writer (``_reader``), without a lock held in between,
+        so a long catch-up of a returning peer and the tree worker's batches never wait
+        for each other.
         """
         while True:
-            with self._lock:
-                rows = self._conn.execute(
-                    f"SELECT {_COLUMNS} FROM entries WHERE seq > ? ORDER BY seq LIMIT ?",
-                    (seq, _PAGE)).fetchall()
+            rows = self._committed(
+                f"SELECT {_COLUMNS} FROM entries WHERE seq > ? ORDER BY seq LIMIT ?",
+                (seq, _PAGE))
             if not rows:
                 return
             for row in rows:
@@ -438,9 +497,8 @@ class Store:
     def count_since(self, seq: int) -> int:
         """START's ``total``: one per path, including those the pusher will skip for that
         peer, so an upper bound."""
-        with self._lock:
-            return int(self._conn.execute("SELECT count(*) FROM entries WHERE seq > ?",
-                                          (seq,)).fetchone()[0])
+        return int(self._committed("SELECT count(*) FROM entries WHERE seq > ?",
+                                   (seq,))[0][0])
 
     def count(self, *, live_only: bool = False) -> int:
         """Tombstones count unless ``live_only``; the scanner's test for an empty store
@@ -463,6 +521,7 @@ class Store:
                 (older_than_ns,)).fetchone()
             if not top[0]:
                 return 0
+            self._written(None)
             self._conn.execute("DELETE FROM entries WHERE kind = 0 AND stamp_ns < ?",
                                (older_than_ns,))
             self.floor = max(self.floor, int(top[1]))

@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -257,3 +258,55 @@ def test_a_store_of_schema_1_is_read_and_upgraded(tmp_path: Path) -> None:
     conn = sqlite3.connect(db)
     assert conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == 2
     conn.close()
+
+
+def test_a_transaction_reads_its_own_writes_through_its_record_cache(tmp_path: Path) -> None:
+    """A batch remembers the records it read (a receiver reads each path several times);
+    every write of a path, and the end of the transaction, drops what it holds."""
+    store = Store.open(tmp_path / "state")
+    first = Entry(b"data/f", Kind.FILE, Stamp(1, "alpha"), size=1, digest=b"\x01" * 16)
+    store.put(first, None)
+    with store.batch():
+        assert store.get(b"data/f").entry == first
+        second = replace(first, stamp=Stamp(2, "beta"))
+        store.put(second, None)
+        assert store.get(b"data/f").entry == second
+        store.set_vector(b"data/f", (("alpha", 1), ("beta", 2)))
+        assert store.get(b"data/f").entry.vector == (("alpha", 1), ("beta", 2))
+        assert store.get(b"data/g") is None
+        store.put(replace(first, path=b"data/g"), None)
+        assert store.get(b"data/g") is not None
+    try:
+        with store.batch():
+            store.put(replace(first, stamp=Stamp(3, "gamma")), None)
+            assert store.get(b"data/f").entry.stamp == Stamp(3, "gamma")
+            raise RuntimeError("roll back")
+    except RuntimeError:
+        pass
+    assert store.get(b"data/f").entry.stamp == Stamp(2, "beta")
+    store.close()
+
+
+def test_committed_reads_never_see_a_transaction_in_progress(tmp_path: Path) -> None:
+    """The pushers read what is committed, beside the tree worker's open transaction,
+    without waiting for it (and never a version that could still roll back)."""
+    store = Store.open(tmp_path / "state")
+    entry = Entry(b"data/f", Kind.FILE, Stamp(1, "alpha"), size=1, digest=b"\x01" * 16)
+    store.put(entry, None)
+    done = threading.Event()
+    seen: list[object] = []
+
+    def reader() -> None:
+        seen.append(store.committed(b"data/f"))
+        seen.append([r.entry.stamp for r in store.since(0)])
+        done.set()
+    with store.batch():
+        store.put(replace(entry, stamp=Stamp(2, "beta")), None)
+        thread = threading.Thread(target=reader)
+        thread.start()
+        assert done.wait(10), "a committed read waited for the transaction"
+    thread.join(10)
+    assert seen[0] is not None and seen[0].entry.stamp == Stamp(1, "alpha")  # type: ignore[attr-defined]
+    assert seen[1] == [Stamp(1, "alpha")]
+    assert store.committed(b"data/f").entry.stamp == Stamp(2, "beta")
+    store.close()
