@@ -170,7 +170,7 @@ class Peering:
                                                          compress=self.compress,
                                                          subsystem=PULL_SUBSYSTEM)
             try:
-                await Receiver(self.ctx, host.name, reader, writer, stats).run()
+                await Receiver(self.ctx, host.name, reader, writer, stats, once=True).run()
             finally:
                 conn.close()
 

@@ -91,8 +91,12 @@ class Receiver(Side):
     """Applies one peer's log here, in order, and acknowledges it."""
 
     def __init__(self, ctx: Context, peer: str, reader: Any, writer: Any,
-                 stats: LinkStats) -> None:
+                 stats: LinkStats, *, once: bool = False) -> None:
         super().__init__(ctx, peer, reader, writer, stats)
+        #: A pull that ends when the pusher is caught up (``--once``): the pusher closes
+        #: the channel after its BYE, so nothing is sent unasked (no DIRECT), and its
+        #: relays matter for no later entry.
+        self.once = once
         self.entries: asyncio.Queue[EntryMsg | Passed] = asyncio.Queue(maxsize=QUEUE_ENTRIES)
         self.queued_bytes = 0  # inline content in ``entries``, at most QUEUE_BYTES
         self._dequeued = asyncio.Event()
@@ -126,6 +130,9 @@ class Receiver(Side):
         self.done_seq = self.saved_seq = start.seq
         if start.full:
             log.info("peer=%s sends everything it has (new epoch %s)", self.peer, hello.epoch)
+        if self.once:
+            await run_together(self._read_frames(), self._apply_all(), self._retry_failing())
+            return
         self.ctx.receiving(self.peer, True)
         try:
             await run_together(self._read_frames(), self._apply_all(), self._retry_failing(),
