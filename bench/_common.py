@@ -1,7 +1,7 @@
 """What the benchmark scripts share: processes started in their own process group and
-stopped by it, bounded polling, a private ``sshd`` on 127.0.0.1, two ``omirrord`` peers
-set up as an operator would, installing the compared tools with apt-get, and a
-description of the machine.
+stopped by it, bounded polling, a private ``sshd`` on 127.0.0.1, two (or more)
+``omirrord`` peers set up as an operator would, installing the compared tools with
+apt-get, and a description of the machine.
 
 Not a benchmark itself; ``latency.py`` and ``compare.py`` import it (they run as scripts
 from ``bench/``, so it is found next to them).
@@ -276,9 +276,10 @@ class Sshd:
                                f"{probe.stderr.strip()[-300:]}\n{self.proc.tail()}")
         return self.proc
 
-    def options(self, cipher: str | None = None) -> list[str]:
-        """ssh's options to reach this sshd (port, key, no host key check, batch)."""
-        opts = ["-p", str(self.port), "-i", str(self.key), "-o", "BatchMode=yes",
+    def options(self, cipher: str | None = None, port: int | None = None) -> list[str]:
+        """ssh's options to reach this sshd (port, key, no host key check, batch);
+        ``port`` is another way in (a proxy in front of it)."""
+        opts = ["-p", str(port or self.port), "-i", str(self.key), "-o", "BatchMode=yes",
                 "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
                 "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10"]
         if cipher:
@@ -286,7 +287,7 @@ class Sshd:
         return opts
 
 
-# -- two omirrord peers --------------------------------------------------------------------
+# -- omirrord peers ------------------------------------------------------------------------
 
 
 def omirrord_argv() -> list[str]:
@@ -299,18 +300,23 @@ def omirrord_argv() -> list[str]:
 
 
 class OmirrorPair:
-    """Two ``omirrord`` on 127.0.0.1 set up as an operator would: an ``ssh-keygen`` host
-    key per peer, one peers file, one Distfile ``FILES = ( /data )``, each peer with its
+    """``count`` ``omirrord`` (two unless told) on 127.0.0.1 set up as an operator would:
+    an ``ssh-keygen`` host key per peer, one peers file, one Distfile ``FILES = ( /data )``
+    listing every peer in its HOSTS (each is linked with every other), each peer with its
     own ``--root`` (``base/p<i>/root``) and ``--state-dir`` (``base/p<i>/state``).
 
     ``delay`` is omirrord's ``-d``; None leaves omirrord's default. Each peer is started
-    and stopped on its own (``start(i)``, ``stop(i)``).
+    and stopped on its own (``start(i)``, ``stop(i)``), with the environment of this
+    process (``OMIRRORD_*`` left out) plus ``env[i]``, empty unless the caller sets it
+    (e.g. ``OMIRROR_TEST_DIAL`` to route the peer's links through a proxy).
     """
 
-    def __init__(self, base: Path, delay: float | None = None) -> None:
+    def __init__(self, base: Path, delay: float | None = None, count: int = 2) -> None:
+        if count < 2:
+            raise ValueError(f"an omirror mirror needs two peers at least, not {count}")
         base.mkdir(parents=True)
         self.base = base
-        self.names = [f"127.0.0.1:{p}" for p in free_ports(2)]
+        self.names = [f"127.0.0.1:{p}" for p in free_ports(count)]
         conf, peers = base / "omirrd.conf", base / "peers"
         conf.write_text(f"HOSTS = ( {' '.join(self.names)} )\nFILES = ( /data )\n"
                         "${FILES} -> ${HOSTS}\n\tinstall ;\n")
@@ -341,11 +347,18 @@ class OmirrorPair:
         for f in (conf, peers):
             os.chmod(f, 0o600)
         self.data = [root / "data" for root in self.roots]
-        self.procs: list[Proc | None] = [None, None]
+        self.procs: list[Proc | None] = [None] * count
+        #: Extra environment of each peer's daemon, read by ``start``.
+        self.env: list[dict[str, str]] = [{} for _ in range(count)]
         self.version = first_line(omirrord_argv() + ["-V"])
+
+    @property
+    def count(self) -> int:
+        return len(self.names)
 
     def start(self, i: int) -> Proc:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OMIRRORD_")}
+        env.update(self.env[i])
         proc = Proc(f"omirrord p{i}", self.argvs[i], self.base / f"p{i}.log", env=env,
                     cwd=self.base)
         self.procs[i] = proc

@@ -11,9 +11,10 @@ rsync, unison, lsyncd and openssh-server when they are missing)::
 
 What runs, all on 127.0.0.1 and all started (and stopped) by this script:
 
-* omirror: two ``omirrord`` peers, A and B, set up as an operator would (``ssh-keygen``
-  host keys, one peers file, one Distfile ``FILES = ( /data )``, each with its own
-  ``--root`` and ``--state-dir``), omirrord's default delay.
+* omirror: two ``omirrord`` peers, A and B (N in scenario 9), set up as an operator
+  would (``ssh-keygen`` host keys, one peers file, one Distfile ``FILES = ( /data )``
+  listing them all, each with its own ``--root`` and ``--state-dir``), omirrord's
+  default delay.
 * a private ``sshd -D`` (own config, host key, ``authorized_keys`` with a key made for
   the run, pid file in the work directory), which rsync, Unison and lsyncd go through;
   their ssh uses ``-c aes128-gcm@openssh.com`` when /proc/cpuinfo has the ``aes`` flag
@@ -123,6 +124,44 @@ The scenarios (sizes at ``--scale 1``; ``--scale`` multiplies file counts and si
    Every copy is compared with the corpus afterwards, untimed; ``cp -a``'s own time
    (beside omirror, beside lsyncd) is in the details.
 
+9. Fan-out: 2,000 files of 4 KiB (random bytes, 100 per directory, a seed of their
+   own) copied with ``cp -a`` into one of N running peers, for N = 2, 5 and 10; omirror
+   only (rsync, Unison and lsyncd: "not measured").
+
+   - omirror: N ``omirrord`` on 127.0.0.1, one Distfile listing them all (every peer
+     linked with every other). Each run starts all N on empty trees with fresh state
+     directories and waits until every daemon has scanned and every link is up both
+     ways with nothing queued and nothing behind. The time runs from the start of
+     ``cp -a`` into peer 0's tree until cp has ended, each of the N-1 other trees holds
+     every file under its final name with its size (as in scenario 8), peer 0's
+     ``last_seq`` has grown by at least one entry per file, and every daemon answers
+     over its control socket with an empty queue, no failing path and every link up
+     both ways with ``entries_behind`` 0. Bytes: the growth over the burst of
+     ``content_bytes_sent`` summed over every daemon and every peer of it (relays
+     included), also as a ratio to (N-1) x the corpus's bytes; likewise
+     ``bytes_sent`` (every frame) and ``entries_sent``. CPU (utime + stime) of all N
+     daemons, also per file per receiving peer. Every copy is compared with the
+     corpus afterwards, untimed.
+
+10. A 40 ms round trip: 1,000 files of 4 KiB, and 40 files of 1 MiB (random bytes,
+    seeds of their own), each copied with ``cp -a`` into a running peer. There is no
+    netem here: every connection goes through a TCP proxy (``Proxy`` of
+    ``tests/fault/faults.py``, an asyncio loop in a thread of this process) that delays
+    every byte by 20 ms each way.
+
+    - omirror: a pair of its own, each of its two connections (A's to B, B's to A)
+      through a proxy of its own (``OMIRROR_TEST_DIAL``); timed as in scenario 8, from
+      the start of ``cp -a`` into A until B holds every file and A's status shows B
+      caught up and nothing failing; both peers start on empty trees with fresh state
+      and are linked, in sync and idle (over the proxies) beforehand.
+    - rsync: as in scenario 1, the corpus into an empty directory, its ssh given the
+      port of a proxy in front of the private sshd (connection set-up included).
+    - Unison and lsyncd: "not measured".
+
+    The bytes that went through the proxies (both directions) are in the details; a
+    1-byte echo through such a proxy (to an echo server in this process) is timed once
+    and printed beside the configured delay.
+
 Prints the machine (CPU, cores, kernel, file system, AES-NI), the tool versions and one
 table: per scenario the medians of each tool, the ratios omirror/peer, the target and
 whether omirror meets it. ``--json`` writes all samples as JSON to stdout (the table
@@ -146,20 +185,25 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 HERE = Path(__file__).resolve().parent
 PROJECT = HERE.parent
 sys.path.insert(0, str(PROJECT))
 sys.path.insert(0, str(HERE))
+# scenario 10's delaying proxy (tests/fault/faults.py, which imports tests/integration's
+# cluster.py); imported where it is used, last on the path so nothing here is shadowed
+sys.path += [str(PROJECT / "tests" / "fault"), str(PROJECT / "tests" / "integration")]
 
 import latency  # noqa: E402
 import xxhash  # noqa: E402
@@ -183,6 +227,9 @@ from omirror import control  # noqa: E402
 from omirror import peers as omirror_peers  # noqa: E402
 from omirror.errors import OmirrorError  # noqa: E402
 
+if TYPE_CHECKING:
+    from faults import Proxy  # type: ignore[import-not-found, unused-ignore]
+
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 SEED = 20240603
 PER_DIR = 100
@@ -194,6 +241,12 @@ BIG_MIN = 8 * MiB
 #: How often a condition on omirror's control socket or lsyncd's log is polled.
 POLL_S = 0.02
 PEERS = ("rsync", "unison", "lsyncd")
+#: Scenario 9's numbers of peers, and its target (for the largest N).
+FAN_OUT = (2, 5, 10)
+FAN_OUT_TARGET_S = 15.0
+FAN_OUT_BYTES_TARGET = 1.2
+#: Scenario 10's delay of every byte each way: a 40 ms round trip.
+RTT_DELAY_S = 0.020
 
 
 # -- sizes and targets -------------------------------------------------------------------
@@ -209,6 +262,9 @@ class Sizes:
     big: int
     latency_files: int
     memory: tuple[int, int]
+    fan_out: int  # files of 4 KiB
+    rtt_4k: int  # files of 4 KiB
+    rtt_1m: int  # files of 1 MiB
 
     @classmethod
     def at(cls, scale: float, runs: int) -> Sizes:
@@ -217,7 +273,7 @@ class Sizes:
         # the big file is a whole number of MiB, as 1 GiB is: the same block layout
         big = max(BIG_MIN, round(GiB * scale / MiB) * MiB)
         return cls(scale, n(10_000), n(50_000), big, max(runs, n(300)),
-                   (n(100_000), n(1_000_000)))
+                   (n(100_000), n(1_000_000)), n(2_000), n(1_000), n(40))
 
 
 @dataclass(frozen=True)
@@ -236,7 +292,7 @@ class Metric:
 
     scenario: int
     name: str
-    unit: str  # "s", "ms", "B", "B/file"
+    unit: str  # "s", "ms", "B", "B/file", "x" (a ratio)
     target: Target | None = None
     samples: dict[str, list[float]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
@@ -526,6 +582,7 @@ class Bench:
         self.fixtures: dict[str, Fixture] = {}
         self.pairs: list[OmirrorPair] = []
         self.procs: list[Proc] = []
+        self.proxies: list[Proxy] = []
         self.notes: list[str] = []
         self.details: dict[str, Any] = {}
         self._counter = 0
@@ -565,15 +622,30 @@ class Bench:
         for proc in reversed(self.procs):
             with contextlib.suppress(Exception):
                 proc.stop()
+        for proxy in reversed(self.proxies):
+            with contextlib.suppress(Exception):
+                proxy.stop()
 
     def log(self, stem: str) -> Path:
         self._counter += 1
         return self.logs / f"{self._counter:04d}-{stem}.log"
 
-    def new_pair(self, base: Path) -> OmirrorPair:
-        pair = OmirrorPair(base)
+    def new_pair(self, base: Path, count: int = 2) -> OmirrorPair:
+        pair = OmirrorPair(base, count=count)
         self.pairs.append(pair)
         return pair
+
+    def delaying_proxy(self, port: int, name: str, delay: float) -> Proxy:
+        """A proxy on 127.0.0.1 (a port of its own) to ``port`` that delays every byte
+        by ``delay`` seconds each way (``tests/fault/faults.py``: an asyncio loop in a
+        thread of this process); stopped with the rest."""
+        import faults
+
+        proxy = faults.Proxy(("127.0.0.1", port), name)
+        self.proxies.append(proxy)
+        proxy.start()
+        proxy.delay(delay)
+        return proxy
 
     def order(self, run: int) -> list[str]:
         k = run % len(self.tools)
@@ -605,18 +677,21 @@ class Bench:
 
     # -- rsync ------------------------------------------------------------------------
 
-    def ssh_command(self) -> list[str]:
+    def ssh_command(self, port: int | None = None) -> list[str]:
+        """ssh to the private sshd, or through ``port`` (a proxy in front of it)."""
         assert self.sshd is not None
-        return [self.bins["ssh"], *self.sshd.options(self.cipher)]
+        return [self.bins["ssh"], *self.sshd.options(self.cipher, port)]
 
     def remote(self, path: Path) -> str:
         assert self.sshd is not None
         return f"{self.sshd.user}@127.0.0.1:{path}/"
 
-    def rsync(self, src: Path, dst: Path, timeout: float) -> tuple[float, dict[str, int]]:
-        """``rsync -a --stats`` over ssh; (seconds, its statistics)."""
+    def rsync(self, src: Path, dst: Path, timeout: float,
+              port: int | None = None) -> tuple[float, dict[str, int]]:
+        """``rsync -a --stats`` over ssh (through ``port`` if given); (seconds, its
+        statistics)."""
         seconds, out = self.run("rsync", [self.bins["rsync"], "-a", "--stats", "-e",
-                                          shlex.join(self.ssh_command()), f"{src}/",
+                                          shlex.join(self.ssh_command(port)), f"{src}/",
                                           self.remote(dst)], timeout)
         return seconds, rsync_stats(out)
 
@@ -668,6 +743,13 @@ class Bench:
     def relink_a(self, pair: OmirrorPair) -> None:
         """Ask A to restart its link to B now (``omirrord log replay --from 0``)."""
         control.request(pair.states[0], "replay", timeout=10, peer=pair.names[1], from_seq=0)
+
+    def relink_all(self, pair: OmirrorPair) -> None:
+        """Ask every peer to restart its link to every other now (as ``relink_a``)."""
+        for i, state in enumerate(pair.states):
+            for j, name in enumerate(pair.names):
+                if i != j:
+                    control.request(state, "replay", timeout=10, peer=name, from_seq=0)
 
 
 class Lsyncd:
@@ -830,18 +912,26 @@ def b_answers_clean(pair: OmirrorPair) -> bool:
     return True
 
 
+def peer_label(pair: OmirrorPair, i: int) -> str:
+    return "AB"[i] if pair.count == 2 else f"peer {i}"
+
+
 def pair_in_sync(pair: OmirrorPair) -> bool:
-    """Both daemons (started since their stats were last zero) have scanned, have both
-    links up, nothing queued and nothing unacknowledged either way."""
-    for i in (0, 1):
+    """Every daemon (started since its stats were last zero) has scanned, has its links
+    with every other peer up both ways, nothing queued and nothing unacknowledged by any
+    peer (for two peers: both links up, nothing pending either way)."""
+    for i in range(pair.count):
         st = pair.status(i)
         if not st or st.get("phase") != "running" or st.get("queue"):
             return False
-        no_failing(st, "AB"[i])
-        link = link_of(st, pair.names[1 - i])
-        if link.get("out") != "up" or link.get("in") != "up" \
-                or link.get("entries_behind") != 0:
-            return False
+        no_failing(st, peer_label(pair, i))
+        for j, name in enumerate(pair.names):
+            if j == i:
+                continue
+            link = link_of(st, name)
+            if link.get("out") != "up" or link.get("in") != "up" \
+                    or link.get("entries_behind") != 0:
+                return False
     return True
 
 
@@ -1474,6 +1564,304 @@ def live_burst(bench: Bench) -> list[Metric]:
     return [metric]
 
 
+# -- scenario 9: fan-out to many peers -----------------------------------------------------
+
+
+def sent_by_each(pair: OmirrorPair) -> list[dict[str, Any]]:
+    """Per daemon, its counters summed over its peers (``content_bytes_sent``,
+    ``bytes_sent``, ``entries_sent``: they grow for the daemon's life) and the
+    ``out_since`` of each of its links out (it changes when a link goes down or up)."""
+    rows = []
+    for i in range(pair.count):
+        st = pair.status(i)
+        if not st:
+            raise RuntimeError(f"omirror {peer_label(pair, i)} does not answer")
+        links = [link_of(st, name) for j, name in enumerate(pair.names) if j != i]
+        row: dict[str, Any] = {key: sum(link.get(key, 0) for link in links)
+                               for key in ("content_bytes_sent", "bytes_sent", "entries_sent")}
+        row["out_since"] = [link.get("out_since") for link in links]
+        rows.append(row)
+    return rows
+
+
+def fan_out(bench: Bench) -> list[Metric]:
+    files = bench.sizes.fan_out
+    base = bench.work / "fan-out"
+    note(f"scenario 9: fan-out; building its corpus, {files:,} files of 4 KiB")
+    corpus = build_tree(base / "corpus" / "data", files, lambda rng: 4 * KiB, SEED + 9)
+    timeout = timeout_for(corpus.files, corpus.bytes)
+    metrics: list[Metric] = []
+    details: dict[str, Any] = {"corpus_files": corpus.files, "corpus_bytes": corpus.bytes}
+    for n in FAN_OUT:
+        receivers = n - 1
+        title = f"fan-out to {receivers} peer{'s' if receivers > 1 else ''}"
+        t_metric = Metric(9, f"{title}, {files:,} x 4 KiB", "s",
+                          Target(f"<= {FAN_OUT_TARGET_S:g} s", FAN_OUT_TARGET_S)
+                          if n == max(FAN_OUT) else None)
+        b_metric = Metric(9, f"{title}: content bytes sent / ({receivers} x corpus)", "x",
+                          Target(f"<= {FAN_OUT_BYTES_TARGET:g}x", FAN_OUT_BYTES_TARGET))
+        for tool in bench.tools:
+            if tool != "omirror":
+                t_metric.failed[tool] = "not measured (omirror only: N peers of one mirror)"
+        metrics += [t_metric, b_metric]
+        d: dict[str, list[Any]] = {
+            "cp_s": [], "after_cp_s": [], "held_s": [], "done_s": [], "content_bytes_sent": [],
+            "content_bytes_sent_by_source": [], "content_bytes_per_receiver": [],
+            "bytes_sent": [], "entries_sent": [], "entries_recorded": [], "cpu_s": [],
+            "cpu_us_per_file_per_receiver": [], "links_restarted": []}
+        details[f"N={n}"] = d
+        note(f"scenario 9, N={n}: setup (untimed): {n} omirrord, one Distfile")
+        mesh = bench.new_pair(base / f"n{n}", count=n)
+        try:
+            for run in range(bench.args.runs):
+                note(f"scenario 9, N={n}, run {run + 1}/{bench.args.runs}")
+                cp: Proc | None = None
+                try:
+                    # every peer empty, fresh state, running, linked with every other, idle
+                    for i in range(n):
+                        wipe_state(mesh, i)
+                        empty_dir(mesh.data[i])
+                    for i in range(n):
+                        mesh.start(i)
+                    for i in range(n):
+                        mesh.wait_up(i, timeout)
+                    if bench.relink:
+                        bench.relink_all(mesh)
+                    wait_for(lambda: pair_in_sync(mesh), timeout,
+                             f"the {n} omirrord are linked and in sync", mesh.running(),
+                             POLL_S)
+                    arrivals = [Arrival(corpus.path, mesh.data[j]) for j in range(1, n)]
+                    pids = [p.pid for p in mesh.running()]
+                    sync_disks()
+                    st = mesh.status(0)
+                    if not st:
+                        raise RuntimeError("omirror peer 0 does not answer")
+                    seq_before = st["last_seq"]
+                    before = sent_by_each(mesh)
+                    cpu_before = [cpu_of(pid) for pid in pids]
+                    t0 = time.perf_counter()
+                    cp = start_cp(bench, corpus.path, mesh.data[0])
+                    cp_end: list[float] = []
+                    held: list[float] = []
+
+                    def all_done() -> bool:
+                        assert cp is not None
+                        if not cp_end:
+                            if not cp_done(cp):
+                                return False
+                            cp_end.append(time.perf_counter())
+                        if not held:
+                            if not all(a.complete() for a in arrivals):
+                                return False
+                            held.append(time.perf_counter())
+                        st = mesh.status(0)
+                        if not st or st["last_seq"] - seq_before < corpus.files:
+                            return False
+                        return pair_in_sync(mesh)
+                    wait_for(all_done, timeout,
+                             f"the {receivers} other peers hold every file and every "
+                             "daemon has nothing behind", mesh.running(), POLL_S)
+                    seconds = time.perf_counter() - t0
+                    cpu = sum(cpu_of(pid) - c for pid, c in zip(pids, cpu_before))
+                    after = sent_by_each(mesh)
+                    st = mesh.status(0)
+                    grown = {key: [a[key] - b[key] for a, b in zip(after, before)]
+                             for key in ("content_bytes_sent", "bytes_sent", "entries_sent")}
+                    content = sum(grown["content_bytes_sent"])
+                    ratio = content / (receivers * corpus.bytes)
+                    d["cp_s"].append(cp_end[0] - t0)
+                    d["after_cp_s"].append(seconds - (cp_end[0] - t0))
+                    d["held_s"].append(held[0] - t0)
+                    d["done_s"].append(seconds)
+                    d["content_bytes_sent"].append(content)
+                    d["content_bytes_sent_by_source"].append(grown["content_bytes_sent"][0])
+                    d["content_bytes_per_receiver"].append(content / receivers)
+                    d["bytes_sent"].append(sum(grown["bytes_sent"]))
+                    d["entries_sent"].append(sum(grown["entries_sent"]))
+                    d["entries_recorded"].append(st["last_seq"] - seq_before if st else None)
+                    d["cpu_s"].append(cpu)
+                    d["cpu_us_per_file_per_receiver"].append(
+                        1e6 * cpu / (corpus.files * receivers))
+                    d["links_restarted"].append(sum(
+                        x != y for a, b in zip(after, before)
+                        for x, y in zip(a["out_since"], b["out_since"])))
+                    for j in range(1, n):
+                        check_same("omirror", corpus.path, mesh.data[j])
+                except (RuntimeError, OSError, OmirrorError, subprocess.SubprocessError,
+                        KeyError, TypeError) as e:
+                    note(f"  omirror FAILED: {e}")
+                    t_metric.failed["omirror"] = b_metric.failed["omirror"] = str(e)[:2000]
+                    break
+                finally:
+                    if cp is not None:
+                        end_cp(bench, cp)
+                    mesh.stop_all()
+                t_metric.add("omirror", seconds)
+                b_metric.add("omirror", ratio)
+                note(f"  omirror: {seconds:.3f} s, content {human(content)} sent "
+                     f"({ratio:.2f}x of {receivers} x the corpus), CPU {cpu:.2f} s")
+        finally:
+            mesh.stop_all()
+    bench.details["scenario 9"] = details
+    return metrics
+
+
+# -- scenario 10: a 40 ms round trip -------------------------------------------------------
+
+
+def echo_round_trip(bench: Bench, delay: float, probes: int = 5) -> float:
+    """The median time of a 1-byte echo through a proxy like scenario 10's (``delay``
+    each way) to an echo server in a thread of this process: what such a proxy makes of
+    a round trip."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        def echo() -> None:
+            with contextlib.suppress(OSError):  # the server closed under accept()
+                conn, _ = server.accept()
+                with conn:
+                    while data := conn.recv(64):
+                        conn.sendall(data)
+        thread = threading.Thread(target=echo, daemon=True, name="echo")
+        thread.start()
+        proxy = bench.delaying_proxy(server.getsockname()[1], "echo", delay)
+        times = []
+        try:
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as conn:
+                for _ in range(probes):
+                    t0 = time.perf_counter()
+                    conn.sendall(b"x")
+                    if conn.recv(1) != b"x":
+                        raise RuntimeError("the echo through the proxy came back wrong")
+                    times.append(time.perf_counter() - t0)
+        finally:
+            proxy.stop()
+            bench.proxies.remove(proxy)
+        thread.join(10)
+    return statistics.median(times)
+
+
+def round_trip(bench: Bench) -> list[Metric]:
+    s = bench.sizes
+    base = bench.work / "round-trip"
+    note(f"scenario 10: a {2000 * RTT_DELAY_S:.0f} ms round trip; building its corpora, "
+         f"{s.rtt_4k:,} files of 4 KiB and {s.rtt_1m:,} of 1 MiB")
+    corpora = [("4k", build_tree(base / "corpus-4k" / "data", s.rtt_4k,
+                                 lambda rng: 4 * KiB, SEED + 10), "4 KiB"),
+               ("1m", build_tree(base / "corpus-1m" / "data", s.rtt_1m,
+                                 lambda rng: MiB, SEED + 11), "1 MiB")]
+    assert bench.sshd is not None
+    pair = bench.new_pair(base / "omirror")
+    ports = [int(name.rpartition(":")[2]) for name in pair.names]
+    # A's connection to B through one proxy, B's to A through another; rsync's ssh
+    # through a third, in front of the private sshd
+    a_to_b = bench.delaying_proxy(ports[1], "A -> B", RTT_DELAY_S)
+    b_to_a = bench.delaying_proxy(ports[0], "B -> A", RTT_DELAY_S)
+    to_sshd = bench.delaying_proxy(bench.sshd.port, "ssh", RTT_DELAY_S)
+    pair.env[0] = {"OMIRROR_TEST_DIAL": f"{pair.names[1]}=127.0.0.1:{a_to_b.port}"}
+    pair.env[1] = {"OMIRROR_TEST_DIAL": f"{pair.names[0]}=127.0.0.1:{b_to_a.port}"}
+    rsync_dst = base / "rsync" / "data"
+    tools = [t for t in bench.tools if t in ("omirror", "rsync")]
+    metrics: list[Metric] = []
+    details: dict[str, Any] = {"delay_each_way_s": RTT_DELAY_S,
+                               "round_trip_s": 2 * RTT_DELAY_S,
+                               "echo_round_trip_s": echo_round_trip(bench, RTT_DELAY_S)}
+    note(f"  a 1-byte echo through such a proxy: {1000 * details['echo_round_trip_s']:.1f} ms")
+    try:
+        for kind, corpus, size in corpora:
+            timeout = timeout_for(corpus.files, corpus.bytes)
+            metric = Metric(10, f"{2000 * RTT_DELAY_S:.0f} ms round trip, cp -a of "
+                            f"{corpus.files:,} files of {size}", "s",
+                            Target("<= 1.0x rsync", 1.0, "rsync"))
+            for tool in ("unison", "lsyncd"):
+                if tool in bench.tools:
+                    metric.failed[tool] = "not measured (omirror and rsync only)"
+            metrics.append(metric)
+            d: dict[str, Any] = {"files": corpus.files, "bytes": corpus.bytes,
+                                 "cp_s": [], "omirror_after_cp_s": [],
+                                 "omirror_proxied_bytes": [], "rsync_proxied_bytes": [],
+                                 "rsync_bytes_sent": []}
+            details[kind] = d
+            failed: set[str] = set()
+            for run in range(bench.args.runs):
+                order = [t for t in bench.order(run) if t in tools and t not in failed]
+                note(f"scenario 10 ({size} files) run {run + 1}/{bench.args.runs}: "
+                     f"order {', '.join(order)}")
+                for tool in order:
+                    cp: Proc | None = None
+                    try:
+                        if tool == "omirror":
+                            for i in (0, 1):
+                                wipe_state(pair, i)
+                                empty_dir(pair.data[i])
+                            for i in (0, 1):
+                                pair.start(i)
+                            for i in (0, 1):
+                                pair.wait_up(i, timeout)
+                            if bench.relink:
+                                bench.relink_a(pair)
+                            wait_for(lambda: pair_in_sync(pair), timeout,
+                                     "the two omirrord are linked (through the proxies) and "
+                                     "in sync", pair.running(), POLL_S)
+                            arrival = Arrival(corpus.path, pair.data[1])
+                            sync_disks()
+                            st = pair.status(0)
+                            if not st:
+                                raise RuntimeError("omirror A does not answer")
+                            seq_before = st["last_seq"]
+                            proxied = a_to_b.forwarded + b_to_a.forwarded
+                            t0 = time.perf_counter()
+                            cp = start_cp(bench, corpus.path, pair.data[0])
+                            cp_end: list[float] = []
+
+                            def omirror_done() -> bool:
+                                assert cp is not None
+                                if not cp_end:
+                                    if not cp_done(cp):
+                                        return False
+                                    cp_end.append(time.perf_counter())
+                                return arrival.complete() and recorded_and_acked(
+                                    pair, seq_before, corpus.files, idle=True)
+                            wait_for(omirror_done, timeout,
+                                     "A has recorded the copy, B has acknowledged it and "
+                                     "holds every file", pair.running(), POLL_S)
+                            seconds = time.perf_counter() - t0
+                            d["cp_s"].append(cp_end[0] - t0)
+                            d["omirror_after_cp_s"].append(seconds - (cp_end[0] - t0))
+                            d["omirror_proxied_bytes"].append(
+                                a_to_b.forwarded + b_to_a.forwarded - proxied)
+                            check_same(tool, corpus.path, pair.data[1])
+                            pair.stop_all()
+                        else:
+                            empty_dir(rsync_dst)
+                            proxied = to_sshd.forwarded
+                            sync_disks()
+                            seconds, stats = bench.rsync(corpus.path, rsync_dst, timeout,
+                                                         port=to_sshd.port)
+                            d["rsync_proxied_bytes"].append(to_sshd.forwarded - proxied)
+                            d["rsync_bytes_sent"].append(stats.get("bytes_sent"))
+                            check_same(tool, corpus.path, rsync_dst)
+                    except (RuntimeError, OSError, OmirrorError, subprocess.SubprocessError,
+                            KeyError, TypeError) as e:
+                        note(f"  {tool} FAILED: {e}")
+                        metric.failed[tool] = str(e)[:2000]
+                        failed.add(tool)
+                        if tool == "omirror":
+                            pair.stop_all()
+                        continue
+                    finally:
+                        if cp is not None:
+                            end_cp(bench, cp)
+                    metric.add(tool, seconds)
+                    note(f"  {tool}: {seconds:.3f} s")
+    finally:
+        pair.stop_all()
+        for proxy in (a_to_b, b_to_a, to_sshd):
+            proxy.stop()
+            with contextlib.suppress(ValueError):
+                bench.proxies.remove(proxy)
+    bench.details["scenario 10"] = details
+    return metrics
+
+
 # -- output --------------------------------------------------------------------------------
 
 
@@ -1497,6 +1885,8 @@ def fmt(value: float | None, unit: str) -> str:
         return f"{value:.3f}"
     if unit == "ms":
         return f"{value:.2f}" if value < 100 else f"{value:.1f}"
+    if unit == "x":
+        return f"{value:.2f}x"
     return f"{value:.0f}"
 
 
@@ -1541,6 +1931,58 @@ def table(metrics: list[Metric], tools: list[str]) -> list[str]:
         lines.append("  ".join(str(c).ljust(w) if i in (0, 1, len(head) - 2, len(head) - 1)
                                else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
                      .rstrip())
+    return lines
+
+
+def fan_out_lines(d9: dict[str, Any]) -> list[str]:
+    """Scenario 9's cost per receiving peer, one line per N (medians)."""
+    med = statistics.median
+    lines = []
+    for count in FAN_OUT:
+        d = d9.get(f"N={count}", {})
+        if not d.get("content_bytes_sent"):
+            continue
+        corpus, files, receivers = d9["corpus_bytes"], d9["corpus_files"], count - 1
+        lines.append(
+            f"9: N={count}: content sent {med(d['content_bytes_sent']) / corpus:.2f}x the "
+            f"corpus ({human(corpus)}), "
+            f"{med(d['content_bytes_sent']) / (receivers * corpus):.2f}x of {receivers} x "
+            f"the corpus, {human(med(d['content_bytes_per_receiver']))} per receiving peer "
+            f"({human(med(d['content_bytes_sent_by_source']))} from peer 0); "
+            f"{med(d['entries_sent']):,.0f} entries sent, "
+            f"{med(d['entries_sent']) / (files * receivers):.1f} per file per receiving "
+            f"peer; CPU of all {count} daemons "
+            f"{med(d['cpu_s']):.2f} s, {med(d['cpu_us_per_file_per_receiver']):.0f} us per "
+            f"file per receiving peer; cp -a {med(d['cp_s']):.3f} s, every file on every "
+            f"peer after {med(d['held_s']):.3f} s, nothing behind anywhere after "
+            f"{med(d['done_s']):.3f} s; links restarted during the "
+            f"burst: {max(d['links_restarted'])} (medians; the last a max)")
+    return lines
+
+
+def round_trip_lines(d10: dict[str, Any]) -> list[str]:
+    """Scenario 10's delay and each sub-scenario's bytes through the proxies (medians)."""
+    if not d10:
+        return []
+    med = statistics.median
+    lines = [f"10: round trip {1000 * d10['round_trip_s']:.0f} ms: a proxy delaying every "
+             f"byte {1000 * d10['delay_each_way_s']:.0f} ms each way on each of omirror's "
+             "two connections and in front of rsync's sshd; a 1-byte echo through such a "
+             f"proxy took {1000 * d10['echo_round_trip_s']:.1f} ms (median of 5)"]
+    for kind in ("4k", "1m"):
+        d = d10.get(kind)
+        if not d:
+            continue
+        parts = []
+        if d["omirror_after_cp_s"]:
+            parts.append(f"omirror done {med(d['omirror_after_cp_s']):.3f} s after cp -a "
+                         f"ended ({med(d['cp_s']):.3f} s), "
+                         f"{human(med(d['omirror_proxied_bytes']))} through its proxies")
+        if d["rsync_proxied_bytes"]:
+            parts.append(f"rsync {human(med(d['rsync_proxied_bytes']))} through its proxy")
+        if parts:
+            lines.append(f"10: {d['files']:,} files of {human(d['bytes'] / d['files'])}: "
+                         + "; ".join(parts) + " (medians)")
     return lines
 
 
@@ -1596,6 +2038,9 @@ def report(bench: Bench, metrics: list[Metric], info: dict[str, str],
           f"A {human(med(hwm['A']))}, B {human(med(hwm['B']))}, "
           f"{med(growth['A']):.0f} and {med(growth['B']):.0f} B per file over the RSS "
           "before the burst (medians)")
+    for line in fan_out_lines(bench.details.get("scenario 9", {})) \
+            + round_trip_lines(bench.details.get("scenario 10", {})):
+        p(line)
     if s.scale != 1.0:
         p(f"targets are meant for --scale 1; at --scale {s.scale:g} the fixed 1 MiB change "
           f"is {100 * DELTA_BYTES / s.big:.1f}% of the file")
@@ -1610,8 +2055,8 @@ def parse_only(text: str) -> set[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"--only takes scenario numbers like 1,3,5: {text!r}") from None
-    if not chosen or not chosen <= set(range(1, 9)):
-        raise argparse.ArgumentTypeError(f"--only takes numbers from 1 to 8: {text!r}")
+    if not chosen or not chosen <= set(range(1, 11)):
+        raise argparse.ArgumentTypeError(f"--only takes numbers from 1 to 10: {text!r}")
     return chosen
 
 
@@ -1620,7 +2065,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3, help="runs per scenario; medians (3)")
     ap.add_argument("--scale", type=float, default=1.0,
                     help="multiplies the file counts and sizes (1.0)")
-    ap.add_argument("--only", type=parse_only, default=set(range(1, 9)),
+    ap.add_argument("--only", type=parse_only, default=set(range(1, 11)),
                     help="the scenarios to run, e.g. 1,3,5 (all)")
     ap.add_argument("--workdir", help="work directory (default: a fresh one under /tmp); "
                     "must be empty or not exist")
@@ -1673,7 +2118,9 @@ def run(bench: Bench) -> int:
     s = bench.sizes
     note(f"tools: {', '.join(bench.tools)}; scale {s.scale:g}: {s.files_4k:,} x 4 KiB, "
          f"{s.tiny:,} tiny (also restarted), {human(s.big)}, latency "
-         f"{s.latency_files} files, memory {s.memory[0]:,} and {s.memory[1]:,} files")
+         f"{s.latency_files} files, memory {s.memory[0]:,} and {s.memory[1]:,} files, "
+         f"fan-out {s.fan_out:,} x 4 KiB, round trip {s.rtt_4k:,} x 4 KiB and "
+         f"{s.rtt_1m:,} x 1 MiB")
     scenarios: dict[int, Callable[[], list[Metric]]] = {
         1: lambda: first_copy(bench, 1, "files4k",
                               f"first copy, {s.files_4k:,} files of 4 KiB"),
@@ -1685,6 +2132,8 @@ def run(bench: Bench) -> int:
         6: lambda: latency_scenario(bench),
         7: lambda: memory(bench),
         8: lambda: live_burst(bench),
+        9: lambda: fan_out(bench),
+        10: lambda: round_trip(bench),
     }
     metrics: list[Metric] = []
     for number in sorted(args.only):
