@@ -50,7 +50,8 @@ The scenarios (sizes at ``--scale 1``; ``--scale`` multiplies file counts and si
      ``failing`` in B's status: such a run is reported as a failure, not timed), so
      that is the cheapest exact criterion of "B's tree is complete"; A's control socket
      is asked every 20 ms, B's once A's side holds. B's tree is compared with the
-     corpus afterwards, untimed. When this
+     corpus afterwards, untimed. CPU time (utime + stime) of A over the timed part and
+     of B, and both daemons' peak RSS (VmHWM), are in the details, with CPU per file. When this
      omirror's outbound link has no way to cut its reconnect backoff short (up to
      30 s), A is asked to relink at once (``replay`` from seq 0 over the control
      socket: an empty B is sent everything anyway) as soon as B listens, so that the
@@ -1021,7 +1022,10 @@ def first_copy(bench: Bench, number: int, kind: str, title: str) -> list[Metric]
     corpus = fx.corpus
     timeout = timeout_for(corpus.files, corpus.bytes)
     metric = Metric(number, title, "s", Target("<= 1.0x rsync", 1.0, "rsync"))
-    details: dict[str, list[Any]] = {"omirror_b_listening_s": [], "rsync_bytes_sent": []}
+    details: dict[str, Any] = {"omirror_b_listening_s": [], "rsync_bytes_sent": [],
+                               "omirror_cpu_s": {"A": [], "B": []},
+                               "omirror_cpu_us_per_file": [],
+                               "omirror_hwm_bytes": {"A": [], "B": []}}
     note(f"scenario {number}: {title}: omirror's A scans the corpus (untimed)")
     pair = fx.pair
     pair.stop(1)
@@ -1039,8 +1043,11 @@ def first_copy(bench: Bench, number: int, kind: str, title: str) -> list[Metric]
                     empty_dir(pair.data[1])
                     sent_before = link_of(pair.status(0), pair.names[1]).get("entries_sent", 0)
                     sync_disks()
+                    a_proc = pair.procs[0]
+                    assert a_proc is not None
+                    a_cpu = cpu_of(a_proc.pid)
                     t0 = time.perf_counter()
-                    pair.start(1)
+                    b_proc = pair.start(1)
                     pair.wait_up(1, timeout, POLL_S)
                     details["omirror_b_listening_s"].append(time.perf_counter() - t0)
                     if bench.relink:
@@ -1048,6 +1055,12 @@ def first_copy(bench: Bench, number: int, kind: str, title: str) -> list[Metric]
                     wait_for(lambda: caught_up(pair, sent_before), timeout,
                              "B has acknowledged A's whole log", pair.running(), POLL_S)
                     seconds = time.perf_counter() - t0
+                    cpu = {"A": cpu_of(a_proc.pid) - a_cpu, "B": cpu_of(b_proc.pid)}
+                    for side, pid in (("A", a_proc.pid), ("B", b_proc.pid)):
+                        details["omirror_cpu_s"][side].append(cpu[side])
+                        details["omirror_hwm_bytes"][side].append(memory_of(pid)[1])
+                    details["omirror_cpu_us_per_file"].append(
+                        1e6 * (cpu["A"] + cpu["B"]) / max(1, corpus.files))
                     pair.stop(1)
                 elif tool == "rsync":
                     empty_dir(dst)
@@ -2021,6 +2034,15 @@ def report(bench: Bench, metrics: list[Metric], info: dict[str, str],
     if d5:
         p(f"5: omirror, both scans done and listening after (median) "
           f"{statistics.median(d5):.3f} s; the rest is the links coming up")
+    for number in (1, 2, 3):
+        dn = bench.details.get(f"scenario {number}", {})
+        if dn.get("omirror_cpu_us_per_file"):
+            cpu, hwm = dn["omirror_cpu_s"], dn["omirror_hwm_bytes"]
+            p(f"{number}: omirror CPU {statistics.median(dn['omirror_cpu_us_per_file']):.0f} us "
+              f"per file (A {statistics.median(cpu['A']):.2f} s, B "
+              f"{statistics.median(cpu['B']):.2f} s); peak RSS (VmHWM) A "
+              f"{human(statistics.median(hwm['A']))}, B {human(statistics.median(hwm['B']))}"
+              " (medians)")
     d8 = bench.details.get("scenario 8", {})
     if d8.get("omirror_cpu_us_per_file"):
         def med(xs: list[float]) -> float:

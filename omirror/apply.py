@@ -712,8 +712,9 @@ class Applier:
         sig = StatSig.of(st)
         seq = self.store.put(entry, sig)
         self.expected_absent.discard(entry.path)  # something is there again, by design
-        log.debug("path=%s applied %s stamp=%s", show(entry.path), entry.kind.name.lower(),
-                  entry.stamp)
+        if log.isEnabledFor(logging.DEBUG):  # once per file: not shown for nothing
+            log.debug("path=%s applied %s stamp=%s", show(entry.path),
+                      entry.kind.name.lower(), entry.stamp)
         return Record(entry, seq, sig)
 
     def _record_local(self, path: bytes, st: os.stat_result, digest: bytes) -> Record:

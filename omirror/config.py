@@ -127,14 +127,18 @@ class MirrorSet:
     _except_prefixes: tuple[str, ...] = field(init=False, repr=False, compare=False)
     _except_set: frozenset[str] = field(init=False, repr=False, compare=False)
     _patterns: tuple[re.Pattern[str], ...] = field(init=False, repr=False, compare=False)
-    _roots: tuple[tuple[str, str], ...] = field(init=False, repr=False, compare=False)
+    #: (root, the root as a logical path, and as the prefix of what lies below it): a
+    #: path is looked up in bytes, as it comes, without decoding it for every lookup
+    _roots: tuple[tuple[str, bytes, bytes], ...] = field(init=False, repr=False,
+                                                         compare=False)
 
     def __post_init__(self) -> None:
         setattr_ = object.__setattr__
         setattr_(self, "_except_set", frozenset(self.excepts))
         setattr_(self, "_except_prefixes", tuple(_dir_prefix(p) for p in self.excepts))
         setattr_(self, "_patterns", tuple(re.compile(p) for p in self.except_pats))
-        setattr_(self, "_roots", tuple((f, _dir_prefix(f)) for f in self.files))
+        setattr_(self, "_roots", tuple(
+            (f, os.fsencode(f)[1:], os.fsencode(_dir_prefix(f))[1:]) for f in self.files))
 
     @property
     def title(self) -> str:
@@ -171,9 +175,8 @@ class MirrorSet:
 
     def root_of(self, path: bytes) -> str | None:
         """The entry of ``files`` that contains the logical path, or None if none does."""
-        logical = "/" + os.fsdecode(path)
-        for root, prefix in self._roots:
-            if logical == root or logical.startswith(prefix):
+        for root, top, prefix in self._roots:
+            if path == top or path.startswith(prefix):
                 return root
         return None
 

@@ -32,7 +32,7 @@ T = TypeVar("T")
 #: round trip, small enough to bound what either side holds.
 WINDOW_ENTRIES = 2048
 #: Inline content in flight before a pusher waits for acknowledgements: 2,048 small
-#: files of 64 KiB would otherwise be 128 MiB held per link.
+#: files of up to 1 MiB (wire.INLINE_MAX) would otherwise be 2 GiB held per link.
 WINDOW_BYTES = 16 << 20
 #: A peer whose clock differs more than this is named in the log and in status: its
 #: clock decides winners.
@@ -125,15 +125,40 @@ class Context:
 
 
 class Stream:
-    """Counts bytes both ways and sends whole frames."""
+    """Counts bytes both ways and sends whole frames.
+
+    Frames may be queued (:meth:`queue`) and written together (:meth:`flush`): SSH
+    sends one packet, encrypted and authenticated as one, per write, so a pusher
+    streaming small entries writes a page of them at once, not a packet each. Reads
+    take what the channel holds, in chunks, and cut frames from it, rather than two
+    reads per frame.
+    """
+
+    #: Queued frames are written once they hold this much.
+    FLUSH_AT = 256 << 10
+    _READ = 256 << 10
 
     def __init__(self, reader: Any, writer: Any, stats: LinkStats) -> None:
         self.reader = reader
         self.writer = writer
         self.stats = stats
+        self._out: list[bytes] = []
+        self._out_size = 0
+        self._in = b""
+        self._at = 0
 
     async def readexactly(self, n: int) -> bytes:
-        data: bytes = await self.reader.readexactly(n)
+        """``n`` bytes; ``asyncio.IncompleteReadError`` when the stream ends before."""
+        while len(self._in) - self._at < n:
+            chunk: bytes = await self.reader.read(max(self._READ, n))
+            if not chunk:
+                partial = self._in[self._at:]
+                self._in, self._at = b"", 0
+                raise asyncio.IncompleteReadError(partial, n)
+            self._in = self._in[self._at:] + chunk
+            self._at = 0
+        data = self._in[self._at:self._at + n]
+        self._at += n
         self.stats.bytes_received += n
         return data
 
@@ -141,12 +166,30 @@ class Stream:
         """The next frame, decoded and checked (omirror/wire.py)."""
         return await read_message(self)
 
-    async def send(self, msg: Message) -> None:
-        """Send one frame; waits while the channel's buffer is full (SSH flow control)."""
+    def queue(self, msg: Message) -> bool:
+        """Add one frame to what the next :meth:`flush` writes; True once that is
+        :data:`FLUSH_AT` or more (the caller flushes). The caller must flush before it
+        waits for anything, or the peer never sees what it waits on."""
         frame = encode(msg)
-        self.writer.write(frame)
+        self._out.append(frame)
+        self._out_size += len(frame)
         self.stats.bytes_sent += len(frame)
+        return self._out_size >= self.FLUSH_AT
+
+    async def flush(self) -> None:
+        """Write what is queued in one write; waits while the channel's buffer is full
+        (SSH flow control)."""
+        if self._out:
+            out = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+            self._out.clear()
+            self._out_size = 0
+            self.writer.write(out)
         await self.writer.drain()
+
+    async def send(self, msg: Message) -> None:
+        """Send one frame, after what is queued."""
+        self.queue(msg)
+        await self.flush()
 
     async def expect(self, kind: type[T]) -> T:
         """The next frame, which must be a ``kind``: the handshake's fixed order."""

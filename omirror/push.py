@@ -18,7 +18,7 @@ import errno
 import functools
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -62,6 +62,11 @@ log = logging.getLogger(__name__)
 
 #: Log entries read per page.
 _PAGE = 256
+#: The small files of a page are read this much at a time (and held until sent).
+_READ_AT_ONCE = 8 << 20
+#: Up to this many bytes of small files are read on the event loop itself; more are
+#: read in a thread.
+_READ_HERE = 128 << 10
 
 
 class Pusher(Side):
@@ -180,6 +185,7 @@ class Pusher(Side):
         parent up; an entry already sent ahead is not sent again at its place. Entries
         sent ahead are marked: they are not a position in the log."""
         out: list[tuple[Record, bool]] = []
+        parents: dict[bytes, Record | None] = {}  # the records of one page share parents
         for record in records:
             if ahead.get(record.entry.path) == record.seq:
                 continue
@@ -189,7 +195,9 @@ class Pusher(Side):
                 path = path.rpartition(b"/")[0]
                 if not path or set_for(path, sets) is None:
                     break
-                parent = self.ctx.store.committed(path)
+                if path not in parents:
+                    parents[path] = self.ctx.store.committed(path)
+                parent = parents[path]
                 # only a directory that must exist goes ahead: a deletion of the parent
                 # must stay after the deletions of its children
                 if parent is None or parent.entry.kind is not Kind.DIR \
@@ -208,6 +216,7 @@ class Pusher(Side):
         ahead: dict[bytes, int] = {}
         while True:
             sets = self.ctx.sets_with(self.peer)
+            await self.io.flush()  # nothing queued waits while the stream does
             page = [r for r in _page(store, position)]
             if not page:
                 if self.once:
@@ -218,26 +227,8 @@ class Pusher(Side):
             position = page[-1].seq
             records = self._with_parents([r for r in page if self._wanted(r.entry, sets)],
                                          sets, ahead)
-            inline = {} if self.index else await asyncio.to_thread(
-                _read_inline, self.ctx.root,
-                [r for r, _ in records if self._carries_content(r.entry)], sets)
-            for record, out_of_order in records:
-                data = inline.get(record.entry.path)
-                size = 0 if data is None else len(data)
-                while len(self.unacked) >= WINDOW_ENTRIES or (
-                        self.inflight_bytes and self.inflight_bytes + size > WINDOW_BYTES):
-                    self.acked.clear()
-                    await self.acked.wait()
-                if data is not None:
-                    self.stats.content_bytes_sent += len(data)
-                await self.io.send(EntryMsg(0 if out_of_order else record.seq,
-                                            self._outgoing(record.entry, sets), data))
-                if not out_of_order and not self.index:  # an index reader applies nothing
-                    self.unacked.append(record.seq)     # and acknowledges nothing
-                    if size:
-                        self.unacked_inline.append((record.seq, size))
-                        self.inflight_bytes += size
-                self.stats.entries_sent += 1
+            for group in _groups(records, self.index, self._carries_content):
+                await self._send_group(group, sets)
             if not self.index and (not records or records[-1][0].seq != position):
                 # the page ended with entries not for this peer (its own, say): say so,
                 # or its cursor stays behind them and every reconnect pages them again
@@ -245,6 +236,40 @@ class Pusher(Side):
                 self.passed = position
             self.examined = position
             self._settle()
+
+    async def _send_group(self, records: list[tuple[Record, bool]],
+                          sets: Sequence[MirrorSet]) -> None:
+        """Send entries, with the content of the small files among them (read first, all
+        at once: one thread hop, or none for a change or two)."""
+        carried = [] if self.index else [
+            r for r, _ in records if _small_file(r) and self._carries_content(r.entry)]
+        if sum(r.entry.size for r in carried) <= _READ_HERE:
+            # a change or two, just written (in the page cache): a thread hop would
+            # cost more than the reads, and it is on the path of every single edit
+            inline = _read_inline(self.ctx.root, carried, sets)
+        else:
+            await self.io.flush()  # what is queued goes while the files are read
+            inline = await asyncio.to_thread(_read_inline, self.ctx.root, carried, sets)
+        for record, out_of_order in records:
+            data = inline.pop(record.entry.path, None)
+            size = 0 if data is None else len(data)
+            while len(self.unacked) >= WINDOW_ENTRIES or (
+                    self.inflight_bytes and self.inflight_bytes + size > WINDOW_BYTES):
+                await self.io.flush()  # the acknowledgements wait for what is queued
+                self.acked.clear()
+                await self.acked.wait()
+            if data is not None:
+                self.stats.content_bytes_sent += len(data)
+            # a page's entries go out in few writes (SSH packets), not one each
+            if self.io.queue(EntryMsg(0 if out_of_order else record.seq,
+                                      self._outgoing(record.entry, sets), data)):
+                await self.io.flush()
+            if not out_of_order and not self.index:  # an index reader applies nothing
+                self.unacked.append(record.seq)     # and acknowledges nothing
+                if size:
+                    self.unacked_inline.append((record.seq, size))
+                    self.inflight_bytes += size
+            self.stats.entries_sent += 1
 
     def _settle(self) -> None:
         """Status: everything read from the log and not waiting for an ack is settled."""
@@ -395,6 +420,27 @@ def _page(store: Store, position: int) -> list[Record]:
         if len(out) >= _PAGE:
             break
     return out
+
+
+def _small_file(record: Record) -> bool:
+    return record.entry.kind is Kind.FILE and record.entry.size <= INLINE_MAX
+
+
+def _groups(records: list[tuple[Record, bool]], index: bool,
+            carries: Callable[[Entry], bool]) -> Iterator[list[tuple[Record, bool]]]:
+    """A page cut where the small files' content read at once would pass
+    :data:`_READ_AT_ONCE`: a page of large "small" files is not held in memory whole."""
+    group: list[tuple[Record, bool]] = []
+    size = 0
+    for record, out_of_order in records:
+        if not index and _small_file(record) and carries(record.entry):
+            if group and size + record.entry.size > _READ_AT_ONCE:
+                yield group
+                group, size = [], 0
+            size += record.entry.size
+        group.append((record, out_of_order))
+    if group:
+        yield group
 
 
 def _top_of(path: bytes, sets: Sequence[MirrorSet]) -> bytes | None:

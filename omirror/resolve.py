@@ -182,7 +182,8 @@ class Resolver:
             decision = decide(None if record is None else record.entry, incoming)
             if decision.outcome is not Outcome.TAKE:
                 return self._keep_ours(peer, mset, record, decision, incoming, data, temp)
-            winner = replace(incoming, vector=decision.vector)
+            winner = incoming if incoming.vector == decision.vector else \
+                replace(incoming, vector=decision.vector)
             if record is not None and self.applier.moved_away(mset, incoming.path):
                 # this host applied a peer's rename of the path: its file is gone, its
                 # tombstone may never come (the peer's log holds a newer version of the

@@ -37,8 +37,10 @@ SUBSYSTEMS = (SUBSYSTEM, PULL_SUBSYSTEM, INDEX_SUBSYSTEM)
 #: its entry, so 4 MiB leaves room and still bounds what a peer can make us buffer.
 MAX_FRAME = 4 << 20
 CHUNK = 1 << 20
-#: Files up to this size travel inside their entry: no round trip for small files.
-INLINE_MAX = 64 << 10
+#: Files up to this size travel inside their entry: no round trip per file (over a
+#: link with a 40 ms round trip, forty files of 1 MiB fetched one by one took 1.6 s of
+#: round trips alone). The pusher's window bounds what is in flight.
+INLINE_MAX = 1 << 20
 
 _INT64 = (1 << 63) - 1
 #: Numeric owner and group ids: -1 (not known) or a 32-bit id.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 from omirror.wire import decode
 
 
@@ -11,8 +13,13 @@ class Frames:
     def __init__(self) -> None:
         self.sent: list[object] = []
 
-    def write(self, frame: bytes) -> None:
-        self.sent.append(decode(frame[4:]))
+    def write(self, frames: bytes) -> None:
+        """One write may hold several frames (omirror/link.py queues a page's)."""
+        at = 0
+        while at < len(frames):
+            (length,) = struct.unpack_from(">I", frames, at)
+            self.sent.append(decode(frames[at + 4:at + 4 + length]))
+            at += 4 + length
 
     async def drain(self) -> None:
         return None
