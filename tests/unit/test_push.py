@@ -13,11 +13,11 @@ from linkfakes import Frames
 
 from omirror import config
 from omirror.apply import Applier
-from omirror.entry import Kind, Stamp
+from omirror.entry import Entry, Kind, Stamp
 from omirror.link import Context, LinkStats
 from omirror.push import Pusher, _read_inline
 from omirror.scanner import MARKER, Scanner
-from omirror.store import Store
+from omirror.store import Record, Store
 from omirror.wire import Data, EntryMsg, NoData, Want
 
 DISTFILE = "( /data ) -> ( alpha beta ) install ;\n"
@@ -178,3 +178,23 @@ def test_a_relayed_version_travels_without_content_to_a_peer_that_has_its_origin
     assert asyncio.run(run()) == {b"data/ours": True, b"data/gammas": False,
                                   b"data/deltas": True}
     store.close()
+
+
+def test_a_page_of_large_small_files_is_read_a_few_mib_at_a_time() -> None:
+    """Files up to 1 MiB travel inline; a page of 256 of them read at once would hold
+    256 MiB. The page is cut where the content read at once would pass 8 MiB."""
+    from omirror import push
+
+    def record(i: int, size: int, kind: Kind = Kind.FILE) -> tuple[Record, bool]:
+        entry = Entry(b"data/f%d" % i, kind, Stamp(i, "alpha"), size=size,
+                      digest=b"\x01" * 16)
+        return Record(entry, i, None), False
+
+    mib = 1 << 20
+    records = [record(i, mib) for i in range(20)] + [record(20, 0, Kind.DIR),
+                                                     record(21, 5 * mib)]
+    groups = list(push._groups(records, False, lambda entry: True))
+    assert [len(g) for g in groups] == [8, 8, 6]  # a directory, and a file too large to
+    assert [r for g in groups for r in g] == records  # travel inline, read nothing
+    assert len(list(push._groups(records, True, lambda entry: True))) == 1  # an index
+    assert len(list(push._groups(records, False, lambda entry: False))) == 1  # relayed
