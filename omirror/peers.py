@@ -248,6 +248,10 @@ async def listen(address: str, port: int, host_key: asyncssh.SSHKey,
         sftp_factory=None, encryption_algs=CIPHERS, compression_algs=_compression(compress),
         keepalive_interval=KEEPALIVE_S, keepalive_count_max=KEEPALIVE_COUNT,
         login_timeout=30, line_editor=False, reuse_address=True,
+        # what this side receives, a peer's log: the same big window and packets as a
+        # link out asks for (asyncssh's defaults, 2 MiB and 32 KiB, made a 1 GiB file
+        # 32,768 packets, each handled in Python on both sides)
+        window=CHANNEL_WINDOW, max_pktsize=MAX_PACKET,
         # GSS-API off, whatever python-gssapi and a host keytab would allow: only a key
         # of the peers file says who a peer is
         gss_host=None, gss_kex=False, gss_auth=False, known_client_hosts=None,
