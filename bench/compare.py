@@ -936,6 +936,24 @@ def pair_in_sync(pair: OmirrorPair) -> bool:
     return True
 
 
+def start_fresh(bench: Bench, pair: OmirrorPair, timeout: float, what: str) -> None:
+    """Every peer of ``pair`` on an empty tree with a fresh state directory, running,
+    linked with every other, in sync and idle (scenarios 8-10, before each timed run)."""
+    for i in range(pair.count):
+        wipe_state(pair, i)
+        empty_dir(pair.data[i])
+    for i in range(pair.count):
+        pair.start(i)
+    for i in range(pair.count):
+        pair.wait_up(i, timeout)
+    if bench.relink:
+        if pair.count == 2:
+            bench.relink_a(pair)
+        else:
+            bench.relink_all(pair)
+    wait_for(lambda: pair_in_sync(pair), timeout, what, pair.running(), POLL_S)
+
+
 def wipe_state(pair: OmirrorPair, i: int) -> None:
     """Stop peer ``i`` and give it a fresh state directory (its host key kept)."""
     pair.stop(i)
@@ -1441,19 +1459,8 @@ def live_burst(bench: Bench) -> list[Metric]:
                 ls: Lsyncd | None = None
                 try:
                     if tool == "omirror":
-                        # both peers empty, fresh state, running, linked, in sync, idle
-                        for i in (0, 1):
-                            wipe_state(pair, i)
-                            empty_dir(pair.data[i])
-                        for i in (0, 1):
-                            pair.start(i)
-                        for i in (0, 1):
-                            pair.wait_up(i, timeout)
-                        if bench.relink:
-                            bench.relink_a(pair)
-                        wait_for(lambda: pair_in_sync(pair), timeout,
-                                 "the two omirrord are linked and in sync", pair.running(),
-                                 POLL_S)
+                        start_fresh(bench, pair, timeout,
+                                    "the two omirrord are linked and in sync")
                         arrival = Arrival(corpus.path, pair.data[1])
                         pids = [p.pid for p in pair.running()]
                         sync_disks()
@@ -1630,19 +1637,7 @@ def fan_out(bench: Bench) -> list[Metric]:
                 note(f"scenario 9, N={n}, run {run + 1}/{bench.args.runs}")
                 cp: Proc | None = None
                 try:
-                    # every peer empty, fresh state, running, linked with every other, idle
-                    for i in range(n):
-                        wipe_state(mesh, i)
-                        empty_dir(mesh.data[i])
-                    for i in range(n):
-                        mesh.start(i)
-                    for i in range(n):
-                        mesh.wait_up(i, timeout)
-                    if bench.relink:
-                        bench.relink_all(mesh)
-                    wait_for(lambda: pair_in_sync(mesh), timeout,
-                             f"the {n} omirrord are linked and in sync", mesh.running(),
-                             POLL_S)
+                    start_fresh(bench, mesh, timeout, f"the {n} omirrord are linked and in sync")
                     arrivals = [Arrival(corpus.path, mesh.data[j]) for j in range(1, n)]
                     pids = [p.pid for p in mesh.running()]
                     sync_disks()
@@ -1802,18 +1797,8 @@ def round_trip(bench: Bench) -> list[Metric]:
                     cp: Proc | None = None
                     try:
                         if tool == "omirror":
-                            for i in (0, 1):
-                                wipe_state(pair, i)
-                                empty_dir(pair.data[i])
-                            for i in (0, 1):
-                                pair.start(i)
-                            for i in (0, 1):
-                                pair.wait_up(i, timeout)
-                            if bench.relink:
-                                bench.relink_a(pair)
-                            wait_for(lambda: pair_in_sync(pair), timeout,
-                                     "the two omirrord are linked (through the proxies) and "
-                                     "in sync", pair.running(), POLL_S)
+                            start_fresh(bench, pair, timeout, "the two omirrord are linked "
+                                        "(through the proxies) and in sync")
                             arrival = Arrival(corpus.path, pair.data[1])
                             sync_disks()
                             st = pair.status(0)
