@@ -64,9 +64,6 @@ log = logging.getLogger(__name__)
 _PAGE = 256
 #: The small files of a page are read this much at a time (and held until sent).
 _READ_AT_ONCE = 8 << 20
-#: Up to this many bytes of small files are read on the event loop itself; more are
-#: read in a thread.
-_READ_HERE = 128 << 10
 
 
 class Pusher(Side):
@@ -158,10 +155,13 @@ class Pusher(Side):
             return False
         return set_for(entry.path, sets) is not None
 
-    def _carries_content(self, entry: Entry) -> bool:
-        """A small file travels with its entry unless it is another host's version that
-        the peer receives from that host itself: relayed, it would cross to the peer once
-        per host of the mesh."""
+    def _reads_inline(self, record: Record) -> bool:
+        """A small file travels with its entry (not in an index), unless it is another
+        host's version that the peer receives from that host itself: relayed, it would
+        cross to the peer once per host of the mesh."""
+        entry = record.entry
+        if self.index or entry.kind is not Kind.FILE or entry.size > INLINE_MAX:
+            return False
         origin = entry.stamp.origin
         return origin == self.ctx.name or origin not in self.direct
 
@@ -227,7 +227,7 @@ class Pusher(Side):
             position = page[-1].seq
             records = self._with_parents([r for r in page if self._wanted(r.entry, sets)],
                                          sets, ahead)
-            for group in _groups(records, self.index, self._carries_content):
+            for group in _groups(records, self._reads_inline):
                 await self._send_group(group, sets)
             if not self.index and (not records or records[-1][0].seq != position):
                 # the page ended with entries not for this peer (its own, say): say so,
@@ -240,14 +240,10 @@ class Pusher(Side):
     async def _send_group(self, records: list[tuple[Record, bool]],
                           sets: Sequence[MirrorSet]) -> None:
         """Send entries, with the content of the small files among them (read first, all
-        at once: one thread hop, or none for a change or two)."""
-        carried = [] if self.index else [
-            r for r, _ in records if _small_file(r) and self._carries_content(r.entry)]
-        if sum(r.entry.size for r in carried) <= _READ_HERE:
-            # a change or two, just written (in the page cache): a thread hop would
-            # cost more than the reads, and it is on the path of every single edit
-            inline = _read_inline(self.ctx.root, carried, sets)
-        else:
+        at once, in one thread hop)."""
+        carried = [r for r, _ in records if self._reads_inline(r)]
+        inline: dict[bytes, bytes] = {}
+        if carried:
             await self.io.flush()  # what is queued goes while the files are read
             inline = await asyncio.to_thread(_read_inline, self.ctx.root, carried, sets)
         for record, out_of_order in records:
@@ -422,18 +418,14 @@ def _page(store: Store, position: int) -> list[Record]:
     return out
 
 
-def _small_file(record: Record) -> bool:
-    return record.entry.kind is Kind.FILE and record.entry.size <= INLINE_MAX
-
-
-def _groups(records: list[tuple[Record, bool]], index: bool,
-            carries: Callable[[Entry], bool]) -> Iterator[list[tuple[Record, bool]]]:
-    """A page cut where the small files' content read at once would pass
+def _groups(records: list[tuple[Record, bool]],
+            inline: Callable[[Record], bool]) -> Iterator[list[tuple[Record, bool]]]:
+    """A page cut where the content of the files read ``inline`` would pass
     :data:`_READ_AT_ONCE`: a page of large "small" files is not held in memory whole."""
     group: list[tuple[Record, bool]] = []
     size = 0
     for record, out_of_order in records:
-        if not index and _small_file(record) and carries(record.entry):
+        if inline(record):
             if group and size + record.entry.size > _READ_AT_ONCE:
                 yield group
                 group, size = [], 0

@@ -130,13 +130,13 @@ class Receiver(Side):
         self.done_seq = self.saved_seq = start.seq
         if start.full:
             log.info("peer=%s sends everything it has (new epoch %s)", self.peer, hello.epoch)
+        tasks = [self._read_frames(), self._apply_all(), self._retry_failing()]
         if self.once:
-            await run_together(self._read_frames(), self._apply_all(), self._retry_failing())
+            await run_together(*tasks)
             return
         self.ctx.receiving(self.peer, True)
         try:
-            await run_together(self._read_frames(), self._apply_all(), self._retry_failing(),
-                               self._tell_direct())
+            await run_together(*tasks, self._tell_direct())
         finally:
             self.ctx.receiving(self.peer, False)
 

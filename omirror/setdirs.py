@@ -91,8 +91,7 @@ class SetDirs:
         return where == local_path(self._real_root, directory)
 
     def _hold_parent(self, directory: bytes, fd: int) -> None:
-        if self._roots is not None and directory not in self._parents \
-                and self._still_there(fd, directory):
+        if directory not in self._parents and self._still_there(fd, directory):
             self._parents[directory] = os.dup(fd)
 
     def take_strays(self) -> list[bytes]:

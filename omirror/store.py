@@ -172,12 +172,11 @@ class Store:
         #: length of a batch. None for a store in memory: the one connection serves all.
         self._reader: sqlite3.Connection | None = None
         self._read_lock = threading.Lock()
-        #: Records read during the outermost transaction, for the thread that holds it:
-        #: a receiver's batch reads each path several times (to guess, to decide, to
-        #: guard the replacement). Every write of a path drops it; the end of the
-        #: transaction drops all.
+        #: Records read during the outermost transaction (only its thread can hold the
+        #: lock meanwhile): a receiver's batch reads each path several times (to guess,
+        #: to decide, to guard the replacement). Every write of a path drops it; the end
+        #: of the transaction drops all.
         self._cache: dict[bytes, Record | None] | None = None
-        self._cache_thread = 0
         self._depth = 0
         self._listeners: list[Callable[[int], None]] = []
         self._on_commit: list[Callable[[], None]] = []
@@ -314,7 +313,7 @@ class Store:
             if outer:
                 self._conn.execute("BEGIN IMMEDIATE")
                 self._pending_seq = 0
-                self._cache, self._cache_thread = {}, threading.get_ident()
+                self._cache = {}
             self._depth += 1
             try:
                 yield self
@@ -379,16 +378,15 @@ class Store:
     def get(self, path: bytes) -> Record | None:
         """None when the path was never recorded or its tombstone was collected; a deletion
         still held is a tombstone record, not None."""
-        cache = self._cache
-        if cache is not None and self._cache_thread == threading.get_ident() \
-                and path in cache:
-            return cache[path]
         with self._lock:
+            cache = self._cache
+            if cache is not None and path in cache:
+                return cache[path]
             row = self._conn.execute(f"SELECT {_COLUMNS} FROM entries WHERE path=?",
                                      (path,)).fetchone()
             record = None if row is None else _record(row)
-            if self._cache is not None and self._cache_thread == threading.get_ident():
-                self._cache[path] = record
+            if cache is not None:
+                cache[path] = record
         return record
 
     def _written(self, path: bytes | None) -> None:

@@ -193,8 +193,9 @@ def test_a_page_of_large_small_files_is_read_a_few_mib_at_a_time() -> None:
     mib = 1 << 20
     records = [record(i, mib) for i in range(20)] + [record(20, 0, Kind.DIR),
                                                      record(21, 5 * mib)]
-    groups = list(push._groups(records, False, lambda entry: True))
+    def small(r: Record) -> bool:
+        return r.entry.kind is Kind.FILE and r.entry.size <= mib
+    groups = list(push._groups(records, small))
     assert [len(g) for g in groups] == [8, 8, 6]  # a directory, and a file too large to
     assert [r for g in groups for r in g] == records  # travel inline, read nothing
-    assert len(list(push._groups(records, True, lambda entry: True))) == 1  # an index
-    assert len(list(push._groups(records, False, lambda entry: False))) == 1  # relayed
+    assert len(list(push._groups(records, lambda r: False))) == 1  # an index, relayed
