@@ -23,7 +23,7 @@ import stat
 import time
 from collections.abc import Callable, Sequence
 
-from omirror import diskspace, fsio
+from omirror import diskspace, fsio, xattrs
 from omirror.clock import now_ns
 from omirror.config import MirrorSet, set_for
 from omirror.entry import Entry, Kind, Stamp, conflict_name, first_version, kind_of, next_stamp
@@ -64,6 +64,7 @@ class Applier:
         self.clock = clock
         self.can_chown = can_chown_now() if can_chown is None else can_chown
         self.owners = OwnerMap()
+        self.xattrs = xattrs.Writer()
         self.expected_absent: set[bytes] = set()
         #: The directories of the sets, opened through descriptors.
         self.dirs = SetDirs(root)
@@ -604,7 +605,7 @@ class Applier:
             st = self._install_temp(mset, temp, copy, copy_path, entry)
         log.warning("path=%s a peer's version lost a conflict: kept as %s", show(entry.path),
                     show(copy_path))
-        return self._record_local(copy_path, st, entry.digest)
+        return self._record_local(copy_path, st, entry.digest, entry.xattrs)
 
     # -- shared steps --------------------------------------------------------------------
 
@@ -676,6 +677,9 @@ class Applier:
         ids = owner.chown_args()
         if self.can_chown and ids is not None:
             os.fchown(fd, *ids)
+        # attributes before the mode: an ACL moves the group bits, the mode then puts
+        # them (and the ACL's mask) where the sender has them
+        self.xattrs.apply(fd, entry.xattrs, xattrs.Policy.of(mset.options), mset.title)
         if mset.options.nochkmode and old is not None and kind_of(old) is entry.kind:
             mode = stat.S_IMODE(old.st_mode)
         else:
@@ -717,7 +721,8 @@ class Applier:
                       entry.kind.name.lower(), entry.stamp)
         return Record(entry, seq, sig)
 
-    def _record_local(self, path: bytes, st: os.stat_result, digest: bytes) -> Record:
+    def _record_local(self, path: bytes, st: os.stat_result, digest: bytes,
+                      attributes: xattrs.Xattrs = ()) -> Record:
         """Record a file made here (a conflict copy) as a new local version."""
         held = self.store.get(path)
         previous = None if held is None else held.entry
@@ -727,6 +732,7 @@ class Applier:
             "mode": stat.S_IMODE(st.st_mode), "owner": user_name(st.st_uid),
             "uid": st.st_uid, "group": group_name(st.st_gid), "gid": st.st_gid,
             "mtime_ns": st.st_mtime_ns, "size": st.st_size, "digest": digest,
+            "xattrs": attributes,
         }
         if previous is None:
             entry = first_version(path, Kind.FILE, stamp, **attrs)

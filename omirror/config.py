@@ -90,6 +90,10 @@ class InstallOptions:
     ignlnks: bool = False
     savetargets: bool = False
     follow: bool = False
+    #: extended attributes and ACLs are not mirrored (omirror/xattrs.py)
+    noxattrs: bool = False
+    #: ``security.*`` attributes (SELinux labels, file capabilities) are mirrored too
+    securityxattrs: bool = False
 
 
 #: Options accepted after ``install -o``; ``remove`` is rdist's "delete what the source
@@ -735,6 +739,9 @@ class _Parser:
                 self.fail_at(token, f"unknown install option {shown}; expected "
                                     f"{', '.join(INSTALL_OPTIONS)}")
             rules.flags.add(option)
+        if {"noxattrs", "securityxattrs"} <= rules.flags:
+            self.fail_at(token, "install options noxattrs and securityxattrs contradict "
+                                "each other; keep one")
 
     def arguments(self, name: _Token, what: str) -> list[_Item]:
         """The values of a command up to its ';' (words, strings, lists, ${NAME}s).

@@ -124,6 +124,9 @@ class Entry:
     size: int = 0
     digest: bytes = b""
     target: bytes = b""
+    #: Extended attributes and POSIX ACLs (omirror/xattrs.py), sorted by name: part of
+    #: the version, so that a change of them alone is a new version.
+    xattrs: tuple[tuple[bytes, bytes], ...] = ()
     #: Set when the version was found to be a rename of another path, so a receiver
     #: holding that path's version can rename locally instead of transferring content.
     moved_from: bytes | None = field(default=None, compare=False)
@@ -143,6 +146,7 @@ class Entry:
             and self.digest == other.digest
             and self.target == other.target
             and self.size == other.size
+            and self.xattrs == other.xattrs
             and (self.kind is not Kind.FILE or self.mtime_ns == other.mtime_ns)
         )
 

@@ -234,8 +234,10 @@ def check_hello(hello: Hello, peer: str, stats: LinkStats) -> None:
     if hello.name != peer:
         raise ProtocolError(f"the peer authenticated as {peer} says it is {hello.name}")
     if hello.version != PROTOCOL_VERSION:
+        side = "that peer" if hello.version < PROTOCOL_VERSION else "this host"
         raise ProtocolError(f"peer speaks protocol {hello.version}, this omirrord "
-                            f"{PROTOCOL_VERSION}")
+                            f"{PROTOCOL_VERSION}: upgrade omirror on {side}, every peer "
+                            "must speak the same protocol")
     stats.skew_s = (hello.now_ns - now_ns()) / 1e9
     if abs(stats.skew_s) > SKEW_WARN_S:
         log.warning("peer=%s clock differs from ours by %+.1f s: its clock decides which "

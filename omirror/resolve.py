@@ -21,7 +21,7 @@ import stat
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
-from omirror import fsio
+from omirror import fsio, xattrs
 from omirror.apply import Applier
 from omirror.config import MirrorSet, set_for
 from omirror.entry import Decision, Entry, Kind, Outcome, decide
@@ -426,6 +426,14 @@ def check_entry(entry: Entry) -> None:
         if not name.isprintable() or "/" in name or ":" in name:
             raise PathRefused(entry.path, f"its {what} {show_text(repr(name))} is not a "
                                           "user or group name")
+    if entry.xattrs:
+        if entry.kind not in (Kind.FILE, Kind.DIR):
+            raise PathRefused(entry.path, f"a {entry.kind.name.lower()} entry with extended "
+                                          "attributes")
+        try:
+            xattrs.check(entry.xattrs)
+        except xattrs.BadXattrs as e:
+            raise PathRefused(entry.path, str(e)) from None
     times = [entry.stamp.time_ns, *(t for _, t in entry.vector)]
     if max(times) >= MAX_STAMP_NS:
         raise PathRefused(entry.path, f"its stamp {max(times)} lies beyond the year 2116")

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
-from omirror import fsio
+from omirror import fsio, xattrs
 from omirror.clock import now_ns, offset_ns
 from omirror.config import MirrorSet
 from omirror.entry import Entry, Kind, first_version, next_stamp
@@ -124,6 +124,7 @@ class Scanner:
         self.host = host
         self.clock = clock
         self._specials_logged: set[bytes] = set()
+        self._no_xattrs: set[str] = set()
         #: Paths that applying a peer's rename moved away here: their deletion is the
         #: peer's, and arrives as its tombstone. Recording one of our own first would
         #: send every peer a second deletion for each renamed path.
@@ -319,6 +320,7 @@ class _Run:
         self.root = root
         self.dry_run = dry_run
         self.follow = mset.options.follow
+        self.policy = xattrs.Policy.of(mset.options)
         self.stats = ScanStats(mset.title)
         self.pending: list[tuple[Entry, StatSig]] = []
         self.sig_updates: list[tuple[bytes, Kind, StatSig]] = []
@@ -589,6 +591,8 @@ class _Run:
             else:
                 source = self._moved_source(path, kind, st, held)
                 moved_from = None if source is None else source.entry.path
+            if kind is not Kind.SYMLINK:
+                attrs["xattrs"] = self._xattrs(path, kind, st, dir_fd, name, held)
         except FileNotFoundError:
             return  # gone since it was listed; a later event or scan will say so
         except Unstable:
@@ -623,7 +627,7 @@ class _Run:
         # what it replaced, even when it holds the same thing
         if previous is not None and not previous.is_tombstone and not replaced:
             candidate = replace(previous, kind=kind, mode=0, owner="", group="", mtime_ns=0,
-                                size=0, digest=b"", target=b"")
+                                size=0, digest=b"", target=b"", xattrs=())
             candidate = replace(candidate, **attrs)  # type: ignore[arg-type]
             if previous.same_content(candidate) and not self._renamed_over(
                     path, kind, st, held):
@@ -655,7 +659,7 @@ class _Run:
         else:
             entry = previous.successor(stamp, kind=kind, mode=0, owner="", group="",
                                        uid=-1, gid=-1, mtime_ns=0, size=0, digest=b"",
-                                       target=b"")
+                                       target=b"", xattrs=())
             entry = replace(entry, **attrs)  # type: ignore[arg-type]
         if moved_from is not None:
             entry = replace(entry, moved_from=moved_from)
@@ -673,6 +677,35 @@ class _Run:
             if previous.kind is Kind.DIR and kind is not Kind.DIR:
                 self._bury_below(path)
         self.pending.append((entry, sig))
+
+    def _xattrs(self, path: bytes, kind: Kind, st: os.stat_result, dir_fd: int, name: bytes,
+                held: Record | None) -> xattrs.Xattrs:
+        """The extended attributes of the file or directory examined (the one listed:
+        opened without following, checked by device and inode). What this set does not
+        mirror, or this file system cannot show, is kept as recorded."""
+        recorded = () if held is None or held.entry.kind is not kind else held.entry.xattrs
+        policy = self.policy
+        if not policy.enabled:
+            return recorded
+        if dir_fd < 0:  # a set's root
+            fd = os.dup(self.opener.directory(path, path))
+        else:
+            with self._target(dir_fd, name) as target:
+                if target is None:
+                    raise Unstable(name)
+                flags = fsio.READ_FLAGS if kind is Kind.FILE else fsio.DIR_FLAGS
+                fd = os.open(target[1], flags, dir_fd=target[0])
+        try:
+            if not fsio.same_file(os.fstat(fd), st):
+                raise Unstable(name)
+            found = xattrs.read(fd, policy)
+        finally:
+            os.close(fd)
+        if found is None and self.mset.title not in self.sc._no_xattrs:
+            self.sc._no_xattrs.add(self.mset.title)
+            log.info("set=%s the file system at %s keeps no extended attributes: none are "
+                     "read from it", self.mset.title, show(path))
+        return xattrs.merged(found, recorded, policy)
 
     def _bury_below(self, path: bytes) -> None:
         """A directory replaced by a file or a symlink took everything below it away:
@@ -692,7 +725,7 @@ class _Run:
         stamp = next_stamp(now, record.entry.stamp, self.sc.host)
         tomb = record.entry.successor(stamp, kind=Kind.TOMBSTONE, mode=0, owner="",
                                       group="", uid=-1, gid=-1, mtime_ns=0, size=0,
-                                      digest=b"", target=b"")
+                                      digest=b"", target=b"", xattrs=())
         self.pending.append((tomb, None))  # type: ignore[arg-type]
         self.stats.deleted += 1
 

@@ -25,7 +25,7 @@ import msgpack
 from omirror.entry import Entry, Kind, Stamp
 from omirror.errors import OmirrorError
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 #: The channel that carries one direction of live replication: the connecting side pushes.
 SUBSYSTEM = "omirror-1"
 #: The connecting side asks to be pushed to once, until caught up (``omirrord --once``).
@@ -51,10 +51,13 @@ BLOCK_MIN, BLOCK_MAX = 64 << 10, 64 << 20
 _MAX_PATH = 4096
 _MAX_NAME = 255
 _MAX_VECTOR = 256
+#: Extended attributes of one version: Linux's value limit, and a bound on their number.
+_MAX_XATTRS = 1024
+_MAX_XATTR_VALUE = 65536
 #: No message holds more arrays than an ENTRY with a full vector (frame, fields, entry,
 #: vector and its pairs); 4 MiB of empty arrays would otherwise unpack into four million
 #: lists (about 280 MB and a second of the event loop) before the shape is checked.
-_MAX_ARRAYS = _MAX_VECTOR + 8
+_MAX_ARRAYS = _MAX_VECTOR + 9
 _LENGTH = struct.Struct(">I")
 
 
@@ -189,10 +192,12 @@ Message = (Hello | IHave | Start | EntryMsg | Want | Data | Copy | NoData | Ack 
 # -- encoding ------------------------------------------------------------------------------
 
 def entry_fields(e: Entry) -> list[Any]:
-    """The 15 fields :func:`decode_entry` expects; the intent log stores entries this way too."""
+    """The 16 fields :func:`decode_entry` expects; the intent log stores entries this way
+    too. The extended attributes travel as one flat array, name, value, name, value."""
     return [e.path, int(e.kind), e.stamp.time_ns, e.stamp.origin,
             [[o, t] for o, t in e.vector], e.mode, e.owner, e.group, e.mtime_ns, e.size,
-            e.digest, e.target, e.moved_from, e.uid, e.gid]
+            e.digest, e.target, e.moved_from, e.uid, e.gid,
+            [item for pair in e.xattrs for item in pair]]
 
 
 def _body(msg: Message) -> tuple[Type, list[Any]]:
@@ -345,7 +350,8 @@ def decode_entry(value: object) -> Entry:
     """An entry from the wire: types and ranges only; path safety and what the names may
     hold are the receiver's checks (``resolve.check_path`` and ``resolve.check_entry``),
     which refuse one entry without closing the link."""
-    f = _array(value, 15, "entry")
+    # an entry of 15 fields is one an older omirrord left in its intent log
+    f = value if isinstance(value, list) and len(value) == 15 else _array(value, 16, "entry")
     try:
         kind = Kind(_int(f[1], "entry kind", 0, 3))
     except ValueError:
@@ -368,7 +374,19 @@ def decode_entry(value: object) -> Entry:
         mtime_ns=_int(f[8], "mtime", -_INT64, _INT64), size=_int(f[9], "size"),
         digest=digest, target=_bytes(f[11], "symlink target", _MAX_PATH),
         moved_from=None if f[12] is None else _path(f[12], "moved_from"),
-        uid=_int(f[13], "uid", -1, _ID_MAX), gid=_int(f[14], "gid", -1, _ID_MAX))
+        uid=_int(f[13], "uid", -1, _ID_MAX), gid=_int(f[14], "gid", -1, _ID_MAX),
+        xattrs=_xattrs(f[15]) if len(f) > 15 else ())
+
+
+def _xattrs(value: object) -> tuple[tuple[bytes, bytes], ...]:
+    """Types and sizes; which names may come is the receiver's check (xattrs.check)."""
+    if not isinstance(value, list) or len(value) % 2 or len(value) > 2 * _MAX_XATTRS:
+        raise ProtocolError(f"entry xattrs: expected an array of name, value pairs, got "
+                            f"{_shape(value)}")
+    items = [_bytes(v, "xattr name" if i % 2 == 0 else "xattr value",
+                    _MAX_NAME if i % 2 == 0 else _MAX_XATTR_VALUE)
+             for i, v in enumerate(value)]
+    return tuple(zip(items[::2], items[1::2]))
 
 
 def _hello(f: object) -> Hello:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from omirror import apply, config, fsio
+from omirror import apply, config, fsio, xattrs
 from omirror import intents as intents_module
 from omirror.apply import Applier, recover
 from omirror.entry import Entry, Kind, Stamp, conflict_name
@@ -1227,3 +1227,59 @@ def test_a_write_landing_as_a_peers_deletion_takes_the_file_away_is_put_back(
     assert host.scan() == 1
     host.applier.delete(host.mset, tombstone(b"data/f"))  # untouched: it goes
     assert not (host.data / "f").exists() and host.leftovers() == []
+
+
+# -- extended attributes and ACLs -----------------------------------------------------------
+
+ACL_TEXT = b"user::rw-\nuser:nobody=%d:r--\ngroup::r--\nmask::r--\nother::---" % (
+    pwd.getpwnam("nobody").pw_uid)
+DEFAULT_ACL = b"user::rwx\ngroup::r-x\ngroup:nogroup=%d:rwx\nmask::rwx\nother::---" % (
+    grp.getgrnam("nogroup").gr_gid)
+
+
+def test_a_peers_file_and_directory_arrive_with_their_attributes_and_acls(host: Host) -> None:
+    assert host.scan() == 1  # the first scan records /data itself
+    attrs = ((b"system.posix_acl_access", ACL_TEXT), (b"user.a", b"\0\xff"))
+    entry = replace(file_entry(b"data/f", b"x", mode=0o640), xattrs=attrs)
+    host.applier.write_file(host.mset, entry, b"x")
+    f = host.path(b"data/f")
+    assert os.getxattr(f, b"user.a") == b"\0\xff"
+    assert xattrs.acl_to_text(os.getxattr(f, b"system.posix_acl_access")) == ACL_TEXT
+    assert stat.S_IMODE(os.stat(f).st_mode) == 0o640  # the mask is the group bits
+    d_entry = replace(dir_entry(b"data/d", 0o770),
+                      xattrs=((b"system.posix_acl_default", DEFAULT_ACL),))
+    host.applier.make_dir(host.mset, d_entry)
+    assert xattrs.acl_to_text(
+        os.getxattr(host.path(b"data/d"), b"system.posix_acl_default")) == DEFAULT_ACL
+    assert host.scan() == 0  # what was applied is what the scanner reads back: no echo
+    assert host.store.get(b"data/f").entry.xattrs == attrs  # type: ignore[union-attr]
+
+
+def test_a_change_of_attributes_alone_is_applied_without_content(host: Host) -> None:
+    record = host.write(b"data/f", b"same")
+    os.setxattr(host.path(b"data/f"), b"user.old", b"1")
+    host.scan()
+    record = host.store.get(b"data/f")
+    assert record is not None and record.sig is not None
+    newer = replace(record.entry, stamp=Stamp(record.entry.stamp.time_ns + 1, "beta"),
+                    xattrs=((b"user.new", b"2"),))
+    host.applier.adopt(host.mset, newer, record.sig)
+    f = host.path(b"data/f")
+    assert os.listxattr(f) == ["user.new"] and f.read_bytes() == b"same"
+    assert host.scan() == 0
+
+
+def test_a_set_with_noxattrs_leaves_the_attributes_here_alone(tmp_path: Path) -> None:
+    h = Host(tmp_path, "-onoxattrs")
+    try:
+        h.write(b"data/f", b"x")
+        os.setxattr(h.path(b"data/f"), b"user.local", b"1")
+        record = h.store.get(b"data/f")
+        assert record is not None
+        st = os.lstat(h.path(b"data/f"))
+        newer = replace(record.entry, stamp=Stamp(record.entry.stamp.time_ns + 1, "beta"),
+                        xattrs=((b"user.peer", b"2"),))
+        h.applier.adopt(h.mset, newer, StatSig.of(st))
+        assert os.listxattr(h.path(b"data/f")) == ["user.local"]
+    finally:
+        h.store.close()

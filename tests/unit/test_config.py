@@ -57,6 +57,11 @@ GOOD = [
         [dict(options=InstallOptions(True, True, True, True, True, True))],
         id="all-install-options"),
     pytest.param(
+        "( /a ) -> a install -onoxattrs ;\n( /b ) -> a install -osecurityxattrs ;",
+        [dict(options=InstallOptions(noxattrs=True)),
+         dict(options=InstallOptions(securityxattrs=True))],
+        id="xattr-options"),
+    pytest.param(
         "( /a ) -> a install ;",
         [dict(options=InstallOptions(), label=None, excepts=(), except_pats=(), specials=())],
         id="minimal-block"),
@@ -186,6 +191,8 @@ BAD = [
     pytest.param("( /x/${R ) -> h install ;", 1, 6, "unclosed '${'", id="unclosed-brace"),
     pytest.param("( /a ) -> h install -onochkowner,bogus ;", 1, 21,
                  "unknown install option 'bogus'; expected nochkowner", id="unknown-option"),
+    pytest.param("( /a ) -> h install -onoxattrs -osecurityxattrs ;", 1, 32,
+                 "noxattrs and securityxattrs contradict", id="xattr-options-contradict"),
     pytest.param("( /a ) -> h install -b ;", 1, 21, "unknown install flag '-b'",
                  id="unknown-flag"),
     pytest.param("( /a ) -> h install /dest ;", 1, 21, "install takes no destination",

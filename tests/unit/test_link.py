@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from omirror.entry import Entry, Kind, Stamp
-from omirror.link import LinkStats, Stream
-from omirror.wire import Ack, EntryMsg, Passed, encode
+from omirror.link import LinkStats, Stream, check_hello
+from omirror.wire import PROTOCOL_VERSION, Ack, EntryMsg, Hello, Passed, ProtocolError, encode
 
 
 class _Writer:
@@ -88,3 +88,13 @@ def test_a_stream_that_ends_inside_a_read_says_what_arrived() -> None:
         return raised.value
     error = asyncio.run(run())
     assert error.partial == b"cdefg" and error.expected == 10
+
+
+def test_a_peer_of_an_older_protocol_is_refused_with_what_to_do() -> None:
+    older = Hello(PROTOCOL_VERSION - 1, "beta", "e" * 32, 1)
+    with pytest.raises(ProtocolError, match=f"peer speaks protocol {PROTOCOL_VERSION - 1}, "
+                       f"this omirrord {PROTOCOL_VERSION}: upgrade omirror on that peer"):
+        check_hello(older, "beta", LinkStats())
+    newer = Hello(PROTOCOL_VERSION + 1, "beta", "e" * 32, 1)
+    with pytest.raises(ProtocolError, match="upgrade omirror on this host"):
+        check_hello(newer, "beta", LinkStats())

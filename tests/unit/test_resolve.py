@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import xxhash
 
 from omirror import config
 from omirror.apply import Applier
 from omirror.entry import Entry, Kind, Stamp
-from omirror.resolve import Need, Purpose, Resolver
+from omirror.errors import PathRefused
+from omirror.resolve import Need, Purpose, Resolver, check_entry
 from omirror.scanner import MARKER, Scanner
 from omirror.store import Store
 
@@ -52,3 +54,20 @@ def test_fetched_content_lands_where_a_peers_rename_took_the_file_away(
     assert (root / "data" / "f0").read_bytes() == content
     assert store.get(b"data/f0").entry.stamp == new.stamp
     store.close()
+
+
+@pytest.mark.parametrize("kind, attrs, why", [
+    (Kind.FILE, ((b"trusted.overlay.opaque", b"y"),), "not one omirror mirrors"),
+    (Kind.DIR, ((b"system.posix_acl_default", b"user:rwx"),), "ACL entry"),
+    (Kind.SYMLINK, ((b"user.a", b"1"),), "a symlink entry with extended attributes"),
+    (Kind.TOMBSTONE, ((b"user.a", b"1"),), "a tombstone entry with extended attributes"),
+])
+def test_a_peers_entry_with_attributes_no_peer_makes_is_refused(
+        kind: Kind, attrs: tuple[tuple[bytes, bytes], ...], why: str) -> None:
+    entry = Entry(path=b"data/x", kind=kind, stamp=Stamp(5, "beta"), xattrs=attrs,
+                  digest=b"\0" * 16 if kind is Kind.FILE else b"",
+                  target=b"t" if kind is Kind.SYMLINK else b"")
+    with pytest.raises(PathRefused, match=why):
+        check_entry(entry)
+    check_entry(Entry(path=b"data/x", kind=Kind.FILE, stamp=Stamp(5, "beta"),
+                      digest=b"\0" * 16, xattrs=((b"user.a", b"1"),)))

@@ -141,6 +141,56 @@ def test_chmod_is_a_change_without_rehash_of_content_semantics(tree: Tree) -> No
     assert tree.entry("f").mode == 0o600
 
 
+def test_a_change_of_extended_attributes_alone_is_a_new_version(tree: Tree) -> None:
+    f = tree.data / "f"
+    f.write_bytes(b"x")
+    (tree.data / "d").mkdir()
+    os.setxattr(f, b"user.b", b"2")
+    os.setxattr(f, b"trusted.t", b"never mirrored")
+    tree.scan()
+    first = tree.entry("f")
+    assert first.xattrs == ((b"user.b", b"2"),)
+    os.setxattr(f, b"user.a", b"1")
+    os.setxattr(tree.data / "d", b"user.dir", b"3")
+    stats = tree.scan()
+    assert stats.changed == 2 and stats.hashed == 1
+    second = tree.entry("f")
+    assert second.stamp > first.stamp and second.digest == first.digest
+    assert second.xattrs == ((b"user.a", b"1"), (b"user.b", b"2"))
+    assert tree.entry("d").xattrs == ((b"user.dir", b"3"),)
+    os.removexattr(f, b"user.a")
+    os.removexattr(f, b"user.b")
+    assert tree.scan().changed == 1 and tree.entry("f").xattrs == ()
+    tree.scan()
+    f.unlink()
+    tree.scan()
+    assert tree.entry("f").is_tombstone and tree.entry("f").xattrs == ()
+
+
+def test_a_set_without_attributes_keeps_what_it_recorded(tmp_path: Path) -> None:
+    """A host whose set says noxattrs neither reads attributes nor drops the ones a
+    peer's version carries: a local edit keeps them in its version."""
+    tree = Tree(tmp_path, extra="")
+    tree.mset = mirror_set().__class__(**{
+        **{f: getattr(tree.mset, f) for f in ("label", "files", "hosts", "excepts",
+                                              "except_pats", "specials", "line")},
+        "options": config.InstallOptions(noxattrs=True)})
+    f = tree.data / "f"
+    f.write_bytes(b"x")
+    os.setxattr(f, b"user.local", b"1")
+    tree.scan()
+    assert tree.entry("f").xattrs == ()
+    record = tree.store.get(b"data/f")
+    assert record is not None
+    carried = ((b"user.peer", b"2"),)
+    from dataclasses import replace as _replace
+    tree.store.put(_replace(record.entry, xattrs=carried), record.sig)
+    f.write_bytes(b"edited")
+    assert tree.scan().changed == 1
+    assert tree.entry("f").xattrs == carried
+    tree.store.close()
+
+
 def test_deleted_directory_becomes_tombstones_children_first(tree: Tree) -> None:
     (tree.data / "d" / "e").mkdir(parents=True)
     (tree.data / "d" / "e" / "f").write_bytes(b"1")

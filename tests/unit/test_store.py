@@ -236,7 +236,8 @@ def test_a_store_of_schema_1_is_read_and_upgraded(tmp_path: Path) -> None:
     db = tmp_path / store_module.DB_NAME
     conn = sqlite3.connect(db)
     conn.executescript(store_module._SCHEMA.replace(
-        ",\n    uid INTEGER NOT NULL DEFAULT -1,\n    gid INTEGER NOT NULL DEFAULT -1", ""))
+        ",\n    uid INTEGER NOT NULL DEFAULT -1,\n    gid INTEGER NOT NULL DEFAULT -1", "")
+        .replace(",\n    xattrs BLOB", ""))
     conn.executemany("INSERT INTO meta VALUES (?, ?)", [("schema", 1), ("epoch", "e" * 32),
                                                          ("floor", 0), ("last_seq", 1)])
     conn.execute("INSERT INTO entries (path, dir, seq, kind, stamp_ns, origin, vector, mode, "
@@ -256,7 +257,39 @@ def test_a_store_of_schema_1_is_read_and_upgraded(tmp_path: Path) -> None:
         upgraded.put(replace(record.entry, uid=0, gid=0), None)
         assert upgraded.get(b"data/f").entry.uid == 0  # type: ignore[union-attr]
     conn = sqlite3.connect(db)
-    assert conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == 2
+    assert conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == 3
+    conn.close()
+
+
+def test_a_store_of_schema_2_gains_extended_attributes(tmp_path: Path) -> None:
+    """Schema 3 added the extended attributes: a store of schema 2 is read as it is by
+    --check (no attributes) and upgraded in place by a daemon, where a version keeps
+    the attributes it is given."""
+    from omirror import store as store_module
+
+    db = tmp_path / store_module.DB_NAME
+    conn = sqlite3.connect(db)
+    conn.executescript(store_module._SCHEMA.replace(",\n    xattrs BLOB", ""))
+    conn.executemany("INSERT INTO meta VALUES (?, ?)", [("schema", 2), ("epoch", "e" * 32),
+                                                         ("floor", 0), ("last_seq", 1)])
+    conn.execute("INSERT INTO entries (path, dir, seq, kind, stamp_ns, origin, vector, mode, "
+                 "owner, grp, mtime_ns, size, digest, target, moved_from, sig_ino, fast) "
+                 "VALUES (?,?,1,1,5,'beta',?,420,'root','root',0,1,?,?,NULL,NULL,?)",
+                 (b"data/f", b"data", msgpack.packb([["beta", 5]]), b"\0" * 16, b"",
+                  store_module.fast_sig(1, None)))
+    conn.commit()
+    conn.close()
+    with Store.open_readonly(tmp_path) as old:
+        record = old.get(b"data/f")
+        assert record is not None and record.entry.xattrs == ()
+    attrs = ((b"system.posix_acl_access", b"user::rw-"), (b"user.a", b"\0\xff"))
+    with Store.open(tmp_path) as upgraded:
+        record = upgraded.get(b"data/f")
+        assert record is not None and record.entry.xattrs == ()
+        upgraded.put(replace(record.entry, xattrs=attrs), None)
+        assert upgraded.get(b"data/f").entry.xattrs == attrs  # type: ignore[union-attr]
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == 3
     conn.close()
 
 

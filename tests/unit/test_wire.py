@@ -34,7 +34,9 @@ from omirror.wire import (
 
 ENTRY = Entry(path=b"srv/www/caf\xe9", kind=Kind.FILE, stamp=Stamp(10**18, "alpha"),
               vector=(("alpha", 10**18), ("beta", 5)), mode=0o644, owner="www",
-              group="adm", mtime_ns=-5, size=3, digest=b"\x07" * 16, moved_from=b"srv/old")
+              group="adm", mtime_ns=-5, size=3, digest=b"\x07" * 16, moved_from=b"srv/old",
+              xattrs=((b"system.posix_acl_access", b"user::rw-\ngroup::r--\nother::---"),
+                      (b"user.a", b"\0\xff")))
 
 MESSAGES = [
     Hello(1, "alpha", "ab" * 16, 10**18), IHave("", 0), IHave("e" * 32, 42),
@@ -60,9 +62,9 @@ def body(kind: int, fields: object) -> bytes:
 
 def entry_list(**changes: object) -> list[object]:
     fields = ["path", "kind", "time", "origin", "vector", "mode", "owner", "group", "mtime",
-              "size", "digest", "target", "moved_from", "uid", "gid"]
+              "size", "digest", "target", "moved_from", "uid", "gid", "xattrs"]
     values = dict(zip(fields, [b"p", 1, 5, "a", [["a", 5]], 0o644, "u", "g", 1, 3,
-                               b"\0" * 16, b"", None, 1000, 1000]))
+                               b"\0" * 16, b"", None, 1000, 1000, []]))
     values.update(changes)
     return [values[f] for f in fields]
 
@@ -88,6 +90,11 @@ def entry_list(**changes: object) -> list[object]:
     (body(5, [1, b"p", b"\0" * 16, 0, "notalist"]), "blocks"),
     (body(4, [1, entry_list(uid=-2), None]), "uid"),
     (body(4, [1, entry_list(gid=1 << 32), None]), "gid"),
+    (body(4, [1, entry_list(xattrs=[b"user.a"]), None]), "xattrs"),
+    (body(4, [1, entry_list(xattrs=[b"user.a", "1"]), None]), "xattr value"),
+    (body(4, [1, entry_list(xattrs=[b"u" * 300, b"1"]), None]), "xattr name"),
+    (body(4, [1, entry_list(xattrs=[b"user.a", b"x" * 65537]), None]), "xattr value"),
+    (body(4, [1, entry_list()[:14], None]), "expected an array of 16"),
     # a block of one byte would make the pusher hash a 64 MiB file in 64 M pieces
     (body(5, [1, b"p", b"\0" * 16, 1, [b"\0" * 16]]), "WANT block size 1"),
     (body(5, [1, b"p", b"\0" * 16, 1 << 30, [b"\0" * 16]]), "block size"),
@@ -95,6 +102,15 @@ def entry_list(**changes: object) -> list[object]:
 def test_malformed_frames_are_refused_with_a_reason(payload: bytes, match: str) -> None:
     with pytest.raises(ProtocolError, match=match):
         decode(payload)
+
+
+def test_an_entry_of_fifteen_fields_is_one_without_extended_attributes() -> None:
+    """An older omirrord's intent log holds entries without the attributes' field."""
+    msg = decode(body(4, [1, entry_list()[:15], None]))
+    assert isinstance(msg, EntryMsg) and msg.entry.xattrs == ()
+    with_attrs = decode(body(4, [1, entry_list(xattrs=[b"user.a", b"1"]), None]))
+    assert isinstance(with_attrs, EntryMsg)
+    assert with_attrs.entry.xattrs == ((b"user.a", b"1"),)
 
 
 class _Stream:
