@@ -364,8 +364,10 @@ class Pusher(Side):
         ranges = await asyncio.to_thread(lambda: list(fsio.extents(fd, offset, offset + length)))
         for start, part, is_data in ranges:
             if not is_data:
-                if digest is not None:
+                if digest is not None and part > CHUNK:  # a large hole: off the loop
                     await asyncio.to_thread(fsio.hash_zeros, digest, part)
+                elif digest is not None:
+                    fsio.hash_zeros(digest, part)
                 await self.io.send(Hole(want.want_id, part))
                 continue
             pos, end = start, start + part
