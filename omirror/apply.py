@@ -33,13 +33,24 @@ from omirror.owners import OwnerMap, Ownership, group_name, user_name
 from omirror.owners import can_chown as can_chown_now
 from omirror.paths import PATH_MAX, join, show, split
 from omirror.setdirs import SetDirs
-from omirror.staging import TEMP_FLAGS, Prepared, TempFile, check_temp, temp_at, temp_name
+from omirror.staging import (
+    TEMP_FLAGS,
+    Prepared,
+    RoomCheck,
+    TempFile,
+    check_temp,
+    temp_at,
+    temp_name,
+)
 from omirror.store import Record, StatSig, Store, matches
 from omirror.units import human_bytes
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
+#: Versions whose data need is remembered (a bound on what failing peers can make us
+#: hold; the oldest is forgotten first, and at worst crosses once more).
+_DATA_NEEDED_MAX = 10_000
 
 
 class Applier:
@@ -77,6 +88,9 @@ class Applier:
         #: the sets whose file system is short of it now, by title, for status.
         self.reserve = diskspace.Reserve()
         self.short: dict[str, diskspace.Shortage] = {}
+        #: Data a version (path, digest) was found to need when it was begun without
+        #: room for its whole size (a sparse file needs room for its data only).
+        self.data_needed: dict[tuple[bytes, bytes], int] = {}
 
     def _intend(self, entry: Entry, ino: int, old_ctime_ns: int = 0) -> None:
         if self.intents is not None:
@@ -113,32 +127,71 @@ class Applier:
         dir_fd, _ = self.dirs.parent_for_write(mset, entry.path, "write")
         try:
             with os_errors(entry.path, "write"):
-                self._check_room(mset, dir_fd, entry)
+                room = self._check_room(mset, dir_fd, entry)
         except BaseException:
             os.close(dir_fd)
             raise
         with os_errors(entry.path, "write"):
-            return TempFile(dir_fd, entry)  # it owns dir_fd from here, even if it fails
+            return TempFile(dir_fd, entry, room)  # it owns dir_fd from here, even if it fails
 
-    def _check_room(self, mset: MirrorSet, dir_fd: int, entry: Entry) -> None:
-        """Refuse (:class:`diskspace.LowDisk`) a file that would cut into the reserve."""
+    def _check_room(self, mset: MirrorSet, dir_fd: int, entry: Entry) -> RoomCheck | None:
+        """Refuse (:class:`diskspace.LowDisk`) a file that would cut into the reserve.
+
+        A file whose whole size fits is written as it comes (None). One that does not
+        may still be sparse, and only its data takes space: it is begun with a check of
+        each range of data as it arrives (the returned :data:`RoomCheck`), unless an
+        earlier attempt at this version already found it needs more than is free. A
+        file that turns out to have no hole is then known to need its whole size, so a
+        dense file crosses in vain at most once, and waits as before.
+        """
         if not self.reserve:
-            return
+            return None
         free, keep = diskspace.room(dir_fd, self.reserve)
         held = self.short.get(mset.title)
+        if held is not None and free - held.needed >= keep:
+            del self.short[mset.title]
+            log.info("set=%s has room again above its reserve of %s: %s free",
+                     mset.title, self.reserve, human_bytes(free))
         if free - entry.size >= keep:
-            if held is not None and free - held.needed >= keep:
-                del self.short[mset.title]
-                log.info("set=%s has room again above its reserve of %s: %s free",
-                         mset.title, self.reserve, human_bytes(free))
+            return None
+        needed = self.data_needed.get((entry.path, entry.digest), 0)
+        if free - needed >= keep and needed < entry.size:
+            def room(length: int, data: int, holes: bool) -> None:
+                self._check_range(mset, dir_fd, entry, length, data, holes)
+            return room
+        raise self._short(mset, entry, diskspace.Shortage(free, keep, needed or entry.size))
+
+    def _check_range(self, mset: MirrorSet, dir_fd: int, entry: Entry, length: int,
+                     data: int, holes: bool) -> None:
+        """Before a range of data of a file begun without room for its whole size: the
+        free space (which what was written already took) must hold it above the reserve."""
+        try:
+            free, keep = diskspace.room(dir_fd, self.reserve)
+        except OSError as e:
+            raise ApplyError(entry.path, e.errno, f"cannot write {show(entry.path)}: "
+                                                  f"{e.strerror}") from e
+        if free - length >= keep:
             return
-        shortage = diskspace.Shortage(free, keep, entry.size)
+        # all the data, as far as is known: what came, or the whole size when no hole did
+        needed = data if holes else entry.size
+        key = (entry.path, entry.digest)
+        if key not in self.data_needed and len(self.data_needed) >= _DATA_NEEDED_MAX:
+            del self.data_needed[next(iter(self.data_needed))]
+        self.data_needed[key] = max(needed, self.data_needed.get(key, 0))
+        raise self._short(mset, entry, diskspace.Shortage(free + data - length, keep,
+                                                          needed))
+
+    def _short(self, mset: MirrorSet, entry: Entry,
+               shortage: diskspace.Shortage) -> diskspace.LowDisk:
+        """Note a file refused for lack of space (status shows the set as low); the
+        refusal is returned for the caller to raise."""
+        held = self.short.get(mset.title)
         if held is None:
             log.warning("set=%s low disk space: %s; files from peers wait, deletions go "
                         "on", mset.title, shortage.text())
-        if held is None or entry.size >= held.needed:
+        if held is None or shortage.needed >= held.needed:
             self.short[mset.title] = shortage
-        raise diskspace.refuse(entry.path, show(entry.path), shortage)
+        return diskspace.refuse(entry.path, show(entry.path), shortage)
 
     def install_file(self, mset: MirrorSet, entry: Entry, temp: TempFile) -> Record:
         """Verify the temp file (if :meth:`TempFile.finish` was not called yet) and rename
@@ -148,6 +201,7 @@ class Applier:
         with temp:
             temp.finish()
             st = self._install_temp(mset, temp, split(entry.path)[1], entry.path, entry)
+        self.data_needed.pop((entry.path, entry.digest), None)
         return self._record(entry, st)
 
     def copy_local(self, mset: MirrorSet, entry: Entry, source: bytes, *,

@@ -358,7 +358,11 @@ class Opener:
 # these are the only calls of xxhash in the project, so the choice is made once.
 
 
-def new_digest() -> xxhash.xxh3_128:
+#: A running digest, for the type of what :func:`new_digest` returns.
+Digest = xxhash.xxh3_128
+
+
+def new_digest() -> Digest:
     """A running xxh3-128 digest, for content that arrives or is read in parts."""
     return xxhash.xxh3_128()
 
@@ -368,10 +372,102 @@ def short_hash(data: bytes) -> str:
     return xxhash.xxh3_64_hexdigest(data)
 
 
+#: Zeros stand in for a hole wherever content is hashed: a hole is never read, it is
+#: known to hold zeros. Shared and read-only.
+ZEROS = bytes(CHUNK)
+
+
+def hash_zeros(digest: Digest, length: int) -> None:
+    """Feed ``length`` zero bytes (a hole) to a running digest, without a buffer of that
+    size: a hole of gigabytes costs its hashing, neither memory nor reads."""
+    view = memoryview(ZEROS)
+    while length > 0:
+        step_len = min(length, len(ZEROS))
+        digest.update(view[:step_len])
+        length -= step_len
+
+
+def extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
+    """The ranges of ``[start, end)`` of an open file as ``(offset, length, is_data)``,
+    as the file system reports them (``lseek`` ``SEEK_DATA``/``SEEK_HOLE``): a hole is
+    what it allocated nothing for, so one smaller than its block does not exist.
+
+    Where the file system cannot say, everything is data. A file that shrinks meanwhile
+    ends the ranges at its new end (the caller's digest then tells).
+    """
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno != errno.ENXIO:  # EINVAL, EOPNOTSUPP: no hole is known here
+                if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                    raise
+                yield pos, end - pos, True
+                return
+            # no data from pos on: a hole up to the end of the file, or past it
+            data = min(end, os.fstat(fd).st_size)
+            if data <= pos:
+                return
+        data = min(data, end)
+        if data > pos:
+            yield pos, data - pos, False
+            pos = data
+            if pos >= end:
+                return
+        try:
+            hole = os.lseek(fd, pos, os.SEEK_HOLE)
+        except OSError as e:
+            if e.errno not in (errno.ENXIO, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            hole = end
+        hole = end if hole <= pos else min(hole, end)
+        yield pos, hole - pos, True
+        pos = hole
+
+
+def has_hole(fd: int, st: os.stat_result) -> bool:
+    """The open file has a hole before its end: fewer blocks than its size first (cheap,
+    and enough for most files), then the file system asked where the first hole is."""
+    if st.st_blocks * 512 >= st.st_size:
+        return False
+    try:
+        return os.lseek(fd, 0, os.SEEK_HOLE) < st.st_size
+    except OSError:
+        return False
+
+
+def read_range(fd: int, offset: int, length: int) -> Iterator[bytes]:
+    """The data of ``[offset, offset + length)`` of an open file in chunks of at most
+    :data:`CHUNK`; ends early (short) when the file does."""
+    while length > 0:
+        data = os.pread(fd, min(CHUNK, length), offset)
+        if not data:
+            return
+        yield data
+        offset += len(data)
+        length -= len(data)
+
+
 def digest_fd(fd: int) -> tuple[bytes, int]:
-    """xxh3-128 digest and size of an open file, read from its start."""
+    """xxh3-128 digest and size of an open file, read from its start.
+
+    The digest is of the logical content: holes count as the zeros they read as, but
+    are hashed from :data:`ZEROS`, not read. What the file grew by meanwhile is read on
+    to its end, so the size is what was hashed.
+    """
     digest = new_digest()
     offset = 0
+    for start, length, is_data in extents(fd, 0, os.fstat(fd).st_size):
+        if not is_data:
+            hash_zeros(digest, length)
+            offset += length
+            continue
+        for data in read_range(fd, start, length):
+            digest.update(data)
+            offset += len(data)
+        if offset < start + length:  # the file shrank under us
+            return digest.digest(), offset
     while chunk := os.pread(fd, CHUNK, offset):
         digest.update(chunk)
         offset += len(chunk)
@@ -383,9 +479,33 @@ def digest_bytes(data: bytes) -> bytes:
     return xxhash.xxh3_128_digest(data)
 
 
-def _blocks(fd: int, size: int) -> Iterator[bytes]:
-    """An open file, from its start, in blocks of ``size`` (the last may be short)."""
+def _blocks(fd: int, size: int) -> Iterator[bytes | int]:
+    """An open file, from its start, in blocks of ``size`` (the last may be short). A
+    block that is all hole is its length (an int), not read; a block partly a hole is
+    read only where it holds data."""
+    end = os.fstat(fd).st_size
     offset = 0
+    while offset < end:
+        length = min(size, end - offset)
+        ranges = list(extents(fd, offset, offset + length))
+        if not ranges:  # the file shrank under us
+            return
+        if not any(is_data for _, _, is_data in ranges):
+            yield length
+        elif len(ranges) == 1:
+            data = os.pread(fd, length, offset)
+            yield data
+            if len(data) < length:
+                return
+        else:
+            block = bytearray(length)
+            for start, part, is_data in ranges:
+                if is_data:
+                    data = os.pread(fd, part, start)
+                    block[start - offset:start - offset + len(data)] = data
+            yield bytes(block)
+        offset += length
+    # what the file grew by since its size was taken is read as it is
     while data := os.pread(fd, size, offset):
         yield data
         offset += len(data)
@@ -393,26 +513,44 @@ def _blocks(fd: int, size: int) -> Iterator[bytes]:
             return
 
 
+class _BlockHasher:
+    """Digests of blocks and of the whole, holes hashed as zeros: an all-hole block's
+    digest is that of zeros of its length, computed once per length."""
+
+    def __init__(self) -> None:
+        self.whole = new_digest()
+        self._zero_blocks: dict[int, bytes] = {}
+
+    def add(self, block: bytes | int) -> bytes:
+        if isinstance(block, bytes):
+            self.whole.update(block)
+            return digest_bytes(block)
+        hash_zeros(self.whole, block)
+        known = self._zero_blocks.get(block)
+        if known is None:
+            zeros = new_digest()
+            hash_zeros(zeros, block)
+            known = self._zero_blocks[block] = zeros.digest()
+        return known
+
+
 def compare_blocks(fd: int, size: int,
                    theirs: Sequence[bytes]) -> tuple[bytearray, bytes]:
     """Which blocks of an open file have the digests ``theirs`` (1 where they do), and
     the digest of the whole file."""
-    whole = new_digest()
+    hasher = _BlockHasher()
     same = bytearray()
-    for index, data in enumerate(_blocks(fd, size)):
-        whole.update(data)
-        same.append(index < len(theirs) and digest_bytes(data) == theirs[index])
-    return same, whole.digest()
+    for index, block in enumerate(_blocks(fd, size)):
+        digest = hasher.add(block)  # the whole digest needs every block
+        same.append(index < len(theirs) and digest == theirs[index])
+    return same, hasher.whole.digest()
 
 
 def block_digests(fd: int, size: int) -> tuple[list[bytes], bytes]:
     """Digests of each block of an open file, and of the whole file."""
-    whole = new_digest()
-    blocks = []
-    for data in _blocks(fd, size):
-        whole.update(data)
-        blocks.append(digest_bytes(data))
-    return blocks, whole.digest()
+    hasher = _BlockHasher()
+    blocks = [hasher.add(block) for block in _blocks(fd, size)]
+    return blocks, hasher.whole.digest()
 
 
 # --------------------------------------------------------------------------- libc

@@ -50,6 +50,7 @@ from omirror.wire import (
     Direct,
     EntryMsg,
     Hello,
+    Hole,
     IHave,
     NoData,
     Passed,
@@ -348,20 +349,38 @@ class Pusher(Side):
                                                         "sent"))
                 return False
         digest = fsio.new_digest()
-        offset = 0
-        while True:
-            chunk = await asyncio.to_thread(os.pread, fd, CHUNK, offset)
-            offset += len(chunk)
-            digest.update(chunk)
-            end = len(chunk) < CHUNK
-            self.stats.content_bytes_sent += len(chunk)
-            await self.io.send(Data(want.want_id, chunk, end and digest.digest() == want.digest))
-            if end:
-                break
-        if digest.digest() != want.digest:
+        complete = await self._send_range(fd, want, 0, st.st_size, digest)
+        if not complete or digest.digest() != want.digest:
             await self.io.send(NoData(want.want_id, "the file changed while it was sent"))
             return False
+        await self.io.send(Data(want.want_id, b"", True))
         return True
+
+    async def _send_range(self, fd: int, want: Want, offset: int, length: int,
+                          digest: fsio.Digest | None = None) -> bool:
+        """Send a range of the file as it lies on disk: its holes as HOLE (never read,
+        hashed as zeros), its data in chunks. False when the file ended before the
+        range did (it shrank: what was sent is no version, and the caller says so)."""
+        ranges = await asyncio.to_thread(lambda: list(fsio.extents(fd, offset, offset + length)))
+        for start, part, is_data in ranges:
+            if not is_data:
+                if digest is not None and part > CHUNK:  # a large hole: off the loop
+                    await asyncio.to_thread(fsio.hash_zeros, digest, part)
+                elif digest is not None:
+                    fsio.hash_zeros(digest, part)
+                await self.io.send(Hole(want.want_id, part))
+                continue
+            pos, end = start, start + part
+            while pos < end:
+                chunk = await asyncio.to_thread(os.pread, fd, min(CHUNK, end - pos), pos)
+                if not chunk:
+                    return False
+                pos += len(chunk)
+                if digest is not None:
+                    digest.update(chunk)
+                self.stats.content_bytes_sent += len(chunk)
+                await self.io.send(Data(want.want_id, chunk, False))
+        return sum(part for _, part, _ in ranges) == length
 
     async def _send_delta(self, fd: int, want: Want) -> bool:
         """Send only the blocks that differ from the receiver's old version.
@@ -395,11 +414,9 @@ class Pusher(Side):
             if run_len:
                 await self.io.send(Copy(want.want_id, run_start, run_len))
                 run_len = 0
-            data = await asyncio.to_thread(os.pread, fd, size, offset)
-            for part in range(0, len(data), CHUNK):
-                piece = data[part:part + CHUNK]
-                self.stats.content_bytes_sent += len(piece)
-                await self.io.send(Data(want.want_id, piece, False))
+            # a block that differs goes as it lies here: its holes as HOLE
+            if not await self._send_range(fd, want, offset, length):
+                break  # it shrank: the stat below says so
         if run_len:
             await self.io.send(Copy(want.want_id, run_start, run_len))
         if fsio.unchanged(os.fstat(fd), before):
@@ -455,7 +472,8 @@ def _open_served(root: bytes, mset: MirrorSet, path: bytes) -> tuple[int, os.sta
 def _read_inline(root: bytes, records: list[Record],
                  sets: Sequence[MirrorSet]) -> dict[bytes, bytes]:
     """Read the small files of a page in one thread hop; a file that no longer matches
-    its entry is left out (the receiver will ask, and be told it changed).
+    its entry is left out (the receiver will ask, and be told it changed), and so is a
+    sparse one (the receiver will ask, and get its holes).
 
     Each file is opened through descriptors from its set's root, and must be a regular
     file (a FIFO would block, a device is no content): the directories of one page are
@@ -471,10 +489,14 @@ def _read_inline(root: bytes, records: list[Record],
             if top is None:
                 continue
             try:
-                fd, _ = opener.open_file(top, entry.path)
+                fd, st = opener.open_file(top, entry.path)
             except (OSError, fsio.NotInTree, fsio.Swapped):
                 continue
             try:
+                if fsio.has_hole(fd, st):
+                    # inline content is dense: a sparse file goes without it, and the
+                    # receiver's WANT gets its holes as HOLE
+                    continue
                 data = os.read(fd, INLINE_MAX + 1)
             except OSError:
                 continue

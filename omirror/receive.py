@@ -4,10 +4,10 @@ acknowledge it.
 Frames are read as they come and queued, bounded in entries and in inline bytes, so a
 peer beyond its window stops being read (SSH flow control then holds it). Entries go to
 the tree worker in batches (omirror/resolve.py decides and applies them); one that needs
-its content has it fetched (WANT, then chunks or a block delta) into a temp file, one
-request at a time. An entry is acknowledged once applied or settled, and the cursor
-persisted below the oldest that failed, so a returning link resumes where it stopped and
-failed paths are retried, with backoff, until they apply.
+its content has it fetched (WANT, then chunks, holes or a block delta) into a temp file,
+one request at a time; a hole stays a hole here. An entry is acknowledged once applied or
+settled, and the cursor persisted below the oldest that failed, so a returning link
+resumes where it stopped and failed paths are retried, with backoff, until they apply.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from omirror.wire import (
     Direct,
     EntryMsg,
     Hello,
+    Hole,
     IHave,
     NoData,
     Passed,
@@ -102,7 +103,8 @@ class Receiver(Side):
         self._dequeued = asyncio.Event()
         #: Content for the one request open at a time (``_open``); other content is
         #: dropped if it is the rest of a request given up, refused if never asked for.
-        self.content: asyncio.Queue[Data | Copy | NoData] = asyncio.Queue(_CONTENT_QUEUE)
+        self.content: asyncio.Queue[Data | Copy | Hole | NoData] = \
+            asyncio.Queue(_CONTENT_QUEUE)
         self._open: int | None = None
         self._fetching = asyncio.Lock()
         self.epoch = ""
@@ -168,7 +170,7 @@ class Receiver(Side):
                 await self.entries.put(msg)
             elif isinstance(msg, Passed):
                 await self.entries.put(msg)  # in order: it settles what came before it
-            elif isinstance(msg, (Data, Copy, NoData)):
+            elif isinstance(msg, (Data, Copy, Hole, NoData)):
                 if isinstance(msg, Data):
                     self.stats.content_bytes_received += len(msg.data)
                 if msg.want_id == self._open:
@@ -396,6 +398,10 @@ class Receiver(Side):
                     if old_fd < 0:
                         raise ProtocolError("COPY without a delta base")
                     await self.ctx.tree(building.copy_from, old_fd, part.offset, part.length)
+                    continue
+                if isinstance(part, Hole):
+                    # refused (ApplyError) when it passes the end of the entry's file
+                    await self.ctx.tree(building.hole, part.length)
                     continue
                 if part.data:
                     await self.ctx.tree(building.write, part.data)

@@ -2,9 +2,10 @@
 
 A temp file is made in the target directory itself, so that its rename into place is
 atomic (ypxfr's temp file, then rename) and the content is never copied twice. It is
-append-only and hashed as it grows, so it is checked against the entry's digest without
-being read again; it is synced before the rename, so an acknowledged version is on disk.
-A transfer that is cut keeps what arrived under a partial name, to resume from.
+written from start to end (a hole skipped, never allocated) and hashed as it grows, so it
+is checked against the entry's digest without being read again; it is synced before the
+rename, so an acknowledged version is on disk. A transfer that is cut keeps what arrived
+under a partial name, to resume from.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import os
 import secrets
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from omirror import diskspace, fsio
 from omirror.config import MirrorSet
@@ -70,23 +71,39 @@ def temp_at(parent: int) -> Iterator[bytes]:
         raise
 
 
+#: Told, before a range of data is written, its length, how much data the file will
+#: then hold, and whether a hole came before: it raises (``diskspace.LowDisk``) to stop
+#: a file whose data would cut into the reserve of free space (``Applier.begin_file``).
+RoomCheck = Callable[[int, int, bool], None]
+
+
 class TempFile:
     """A file being received: ``.omirror-tmp-<hex>`` in the target directory.
 
     It is created in the target directory, not in a spool, so that the final rename is
-    atomic and the content is never copied twice. It is append-only and hashed as it
-    grows, so :meth:`finish` can check the digest without reading the file again. Use it
-    as a context manager (or call :meth:`abort`) so a failed transfer leaves nothing.
+    atomic and the content is never copied twice. It is written from its start to its
+    end, data and holes in order, and hashed as it grows (a hole as its zeros), so
+    :meth:`finish` can check the digest without reading the file again. A hole is
+    skipped, never written nor allocated: a sparse file arrives as sparse as it was
+    sent. Use it as a context manager (or call :meth:`abort`) so a failed transfer
+    leaves nothing.
     """
 
-    def __init__(self, dir_fd: int, entry: Entry) -> None:
+    def __init__(self, dir_fd: int, entry: Entry, room: RoomCheck | None = None) -> None:
         """Create the temp file in the directory open at ``dir_fd``, which it owns from
-        now on, even when this fails."""
+        now on, even when this fails. ``room``, when given, is asked before each range
+        of data (see :data:`RoomCheck`)."""
         self.entry = entry
         self.path = entry.path
         self.name = temp_name()
+        #: Where the content built so far ends (data and holes), the next write's offset.
         self.size = 0
+        #: Bytes of data (not holes) written, and whether any hole came.
+        self.data_bytes = 0
+        self.holes = False
+        self._room = room
         self._written_back = 0
+        self._end = 0  # where the file itself ends: past it, only a hole came
         self.dir_fd = dir_fd
         self.fd = -1
         self._hash = fsio.new_digest()
@@ -96,8 +113,6 @@ class TempFile:
         try:
             self.fd = os.open(self.name, TEMP_FLAGS, 0o600, dir_fd=dir_fd)
             self._created = True
-            if entry.size > _CHUNK:
-                self._reserve(entry.size)
         except BaseException:
             self.abort()
             raise
@@ -108,11 +123,14 @@ class TempFile:
     def __exit__(self, *exc: object) -> None:
         self.abort()
 
-    def _reserve(self, size: int) -> None:
-        """Allocate the whole size up front: a disk too small fails now, not after
-        gigabytes were received."""
+    def _reserve(self, offset: int, length: int) -> None:
+        """Allocate a range of data before it is written, so a large file takes its
+        space in few extents. Only data is reserved: a hole is never allocated (the
+        whole size was, once, which made every sparse file dense)."""
+        if self.entry.size <= _CHUNK:
+            return
         try:
-            os.posix_fallocate(self.fd, 0, size)
+            os.posix_fallocate(self.fd, offset, length)
         except OSError as e:
             if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                 self._fail(e, "write")
@@ -132,38 +150,81 @@ class TempFile:
         raise ApplyError(self.path, error.errno,
                          f"cannot {action} {show(self.path)}: {reason}") from error
 
-    def write(self, data: bytes) -> None:
-        """Append ``data``; more than the entry announced is refused at once, so a peer
-        cannot fill the disk through one entry."""
-        if self.size + len(data) > self.entry.size:
+    def _check_bound(self, length: int) -> None:
+        """More than the entry announced is refused at once, so a peer cannot fill the
+        disk (or make a file larger than it said) through one entry."""
+        if self.size + length > self.entry.size:
             self.abort()
             raise ApplyError(self.path, None,
                              f"cannot write {show(self.path)}: more content than the "
                              f"{self.entry.size} bytes its entry announced")
+
+    def write(self, data: bytes) -> None:
+        """Write ``data`` where the content built so far ends."""
+        self._check_bound(len(data))
+        if not data:
+            return
+        if self._room is not None:
+            try:
+                self._room(len(data), self.data_bytes + len(data), self.holes)
+            except BaseException:
+                self.abort()
+                raise
         with self._guard("write"):
+            self._reserve(self.size, len(data))
             view = memoryview(data)
-            while view:
+            while view:  # at the descriptor's offset, which is always self.size
                 view = view[os.write(self.fd, view):]
         self._hash.update(data)
         self.size += len(data)
+        self.data_bytes += len(data)
+        self._end = self.size
         if self.size - self._written_back >= WRITEBACK_EVERY:
             fsio.start_writeback(self.fd, self._written_back, self.size - self._written_back)
             self._written_back = self.size
 
+    def hole(self, length: int) -> None:
+        """Skip ``length`` bytes that are a hole: nothing is written or allocated (a
+        trailing hole is given its length by :meth:`finish`), the digest takes zeros."""
+        self._check_bound(length)
+        if self.fd < 0:
+            raise ValueError(f"temp file for {show(self.path)} is closed")
+        with self._guard("write"):
+            # the descriptor's offset stays where the content ends (a crash test reads
+            # it as the bytes received); the next write lands past the hole
+            os.lseek(self.fd, self.size + length, os.SEEK_SET)
+        fsio.hash_zeros(self._hash, length)
+        self.size += length
+        self.holes = True
+
     def copy_from(self, fd: int, offset: int, length: int) -> None:
-        """Append ``length`` bytes of another open file from ``offset``: the blocks of a
-        delta that the older local version already holds."""
-        while length > 0:
-            with self._guard("write"):
-                chunk = os.pread(fd, min(_CHUNK, length), offset)
-            if not chunk:
-                self.abort()
-                raise ApplyError(self.path, None,
-                                 f"cannot write {show(self.path)}: the local file it is "
-                                 f"built from ended {length} bytes early")
-            self.write(chunk)
-            offset += len(chunk)
-            length -= len(chunk)
+        """Add ``length`` bytes of another open file from ``offset``: the blocks of a
+        delta that the older local version (or the part kept of a cut transfer) already
+        holds. What is a hole there stays a hole here, and is not read."""
+        with self._guard("read"):
+            ranges = list(fsio.extents(fd, offset, offset + length))
+        done = 0
+        for start, part, is_data in ranges:
+            if not is_data:
+                self.hole(part)
+                done += part
+                continue
+            pos, end = start, start + part
+            while pos < end:
+                with self._guard("read"):
+                    chunk = os.pread(fd, min(_CHUNK, end - pos), pos)
+                if not chunk:
+                    break
+                self.write(chunk)
+                pos += len(chunk)
+            done += pos - start
+            if pos < end:
+                break
+        if done < length:
+            self.abort()
+            raise ApplyError(self.path, None,
+                             f"cannot write {show(self.path)}: the local file it is "
+                             f"built from ended {length - done} bytes early")
 
     def finish(self, *, sync: bool = True) -> None:
         """Check size and digest against the entry, then fsync; idempotent.
@@ -183,6 +244,11 @@ class TempFile:
                              f"cannot write {show(self.path)}: content does not match its "
                              f"digest ({self.size} bytes received, {self.entry.size} "
                              "expected)")
+        if self._end < self.size:
+            # the content ends in a hole: the file is given its size, still unallocated
+            with self._guard("write"):
+                os.ftruncate(self.fd, self.size)
+            self._end = self.size
         if sync:
             self.sync()
         self._finished = True

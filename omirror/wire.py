@@ -80,6 +80,7 @@ class Type(enum.IntEnum):
     BYE = 10  # either way, last: why the link is being closed
     PASSED = 11  # pusher -> receiver: nothing more for you up to this seq
     DIRECT = 12  # receiver -> pusher: the hosts whose own versions reach me directly
+    HOLE = 13  # pusher -> receiver: the next bytes of the wanted content are a hole
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +149,16 @@ class Copy:
 
 
 @dataclass(frozen=True, slots=True)
+class Hole:
+    """The next ``length`` bytes of the wanted content are a hole in the pusher's file:
+    zeros that are neither sent nor allocated. The receiver refuses one that passes the
+    end of the file the WANT is for (only it knows which that is)."""
+
+    want_id: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
 class NoData:
     """The pusher cannot serve a WANT (gone, changed, not shared); a newer entry may follow."""
 
@@ -186,7 +197,7 @@ class Direct:
 
 
 Message = (Hello | IHave | Start | EntryMsg | Want | Data | Copy | NoData | Ack | Bye
-           | Passed | Direct)
+           | Passed | Direct | Hole)
 
 
 # -- encoding ------------------------------------------------------------------------------
@@ -225,6 +236,8 @@ def _body(msg: Message) -> tuple[Type, list[Any]]:
         return Type.PASSED, [msg.seq]
     if isinstance(msg, Direct):
         return Type.DIRECT, [list(msg.origins)]
+    if isinstance(msg, Hole):
+        return Type.HOLE, [msg.want_id, msg.length]
     raise TypeError(f"not a protocol message: {msg!r}")
 
 
@@ -462,7 +475,13 @@ def _direct(f: object) -> Direct:
     return Direct(tuple(_str(o, "origin") for o in origins))
 
 
+def _hole(f: object) -> Hole:
+    a = _array(f, 2, "HOLE")
+    return Hole(_int(a[0], "want id"), _int(a[1], "hole length", 1))
+
+
 _DECODERS: dict[Type, Callable[[Any], Message]] = {
     Type.HELLO: _hello, Type.IHAVE: _ihave, Type.START: _start, Type.ENTRY: _entry,
     Type.WANT: _want, Type.DATA: _data, Type.COPY: _copy, Type.NODATA: _nodata,
-    Type.ACK: _ack, Type.BYE: _bye, Type.PASSED: _passed, Type.DIRECT: _direct}
+    Type.ACK: _ack, Type.BYE: _bye, Type.PASSED: _passed, Type.DIRECT: _direct,
+    Type.HOLE: _hole}

@@ -364,8 +364,9 @@ def temp_write_position(c: Cluster, i: int) -> int:
     """How far peer ``i``'s daemon has written into its temp files: the largest file
     offset of a descriptor it holds open on a ``.omirror-tmp*`` file (0: none).
 
-    The temp file's size says nothing: the receiver reserves the whole size up front
-    (``posix_fallocate``). The offset is the bytes written so far.
+    The temp file's size says less: the receiver reserves each range of data before it
+    writes it (``posix_fallocate``). The offset is the bytes built so far (a hole moves
+    it too).
     """
     p = c[i]
     if not p.running:

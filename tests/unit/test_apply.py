@@ -435,6 +435,54 @@ def test_real_disk_full_keeps_the_old_file(small_fs: Path, tmp_path: Path, size:
     assert sorted(os.listdir(data)) == [".omirror-root", "a"]
 
 
+def test_a_sparse_file_needs_room_for_its_data_and_a_dense_one_for_its_size(
+        host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reserve of 1 MiB, 10 MiB free (less what temp files hold). A sparse 64 MiB
+    file of 8 KiB of data arrives; a dense 16 MiB one stops at the reserve, and its
+    next attempt is refused before a byte crosses, until there is room for all of it."""
+    MiB = 1 << 20
+    free = {"total": 10 * MiB}
+
+    def room(dir_fd: int, reserve: object) -> tuple[int, int]:
+        held = sum(os.stat(host.data / n).st_blocks * 512 for n in os.listdir(host.data)
+                   if n.startswith(".omirror-tmp-"))
+        return free["total"] - held, MiB
+
+    monkeypatch.setattr(apply.diskspace, "room", room)
+    host.applier.reserve = apply.diskspace.Reserve(size=MiB)
+
+    sparse = b"s" * 8192 + bytes(64 * MiB - 8192)
+    entry = file_entry(b"data/sparse", sparse)
+    with host.applier.begin_file(host.mset, entry) as temp:
+        temp.write(b"s" * 8192)
+        temp.hole(64 * MiB - 8192)
+        host.applier.install_file(host.mset, entry, temp)
+    st = os.stat(host.data / "sparse")
+    assert st.st_size == 64 * MiB and st.st_blocks * 512 < MiB
+    assert host.applier.short == {}
+
+    dense = b"d" * (16 * MiB)
+    entry = file_entry(b"data/dense", dense)
+    temp = host.applier.begin_file(host.mset, entry)
+    with pytest.raises(apply.diskspace.LowDisk, match="low disk space"):
+        for i in range(16):
+            temp.write(dense[i * MiB:(i + 1) * MiB])
+    assert 8 <= i < 10  # stopped at the reserve, not at the end of the disk
+    assert host.leftovers() == []
+    assert host.applier.short[host.mset.title].needed == 16 * MiB
+    with pytest.raises(apply.diskspace.LowDisk, match="low disk space"):
+        host.applier.begin_file(host.mset, entry)  # known dense: refused at once
+    assert host.leftovers() == []
+
+    free["total"] = 20 * MiB
+    with host.applier.begin_file(host.mset, entry) as temp:
+        for i in range(16):
+            temp.write(dense[i * MiB:(i + 1) * MiB])
+        host.applier.install_file(host.mset, entry, temp)
+    assert (host.data / "dense").read_bytes() == dense
+    assert host.applier.short == {} and host.applier.data_needed == {}
+
+
 # -- type changes --------------------------------------------------------------------------
 
 

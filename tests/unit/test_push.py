@@ -8,8 +8,10 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import xxhash
 from linkfakes import Frames
+from test_fsio import holes_reported, make_sparse
 
 from omirror import config
 from omirror.apply import Applier
@@ -18,7 +20,7 @@ from omirror.link import Context, LinkStats
 from omirror.push import Pusher, _read_inline
 from omirror.scanner import MARKER, Scanner
 from omirror.store import Record, Store
-from omirror.wire import Data, EntryMsg, NoData, Want
+from omirror.wire import Data, EntryMsg, Hole, NoData, Want
 
 DISTFILE = "( /data ) -> ( alpha beta ) install ;\n"
 
@@ -199,3 +201,35 @@ def test_a_page_of_large_small_files_is_read_a_few_mib_at_a_time() -> None:
     assert [len(g) for g in groups] == [8, 8, 6]  # a directory, and a file too large to
     assert [r for g in groups for r in g] == records  # travel inline, read nothing
     assert len(list(push._groups(records, lambda r: False))) == 1  # an index, relayed
+
+
+def test_a_sparse_small_file_goes_without_its_content_and_is_served_with_its_holes(
+        tmp_path: Path) -> None:
+    """Inline content is dense: a sparse file of inline size is left out of its entry
+    (the receiver asks for it), and what a WANT gets is its data and its holes."""
+    if not holes_reported(tmp_path):
+        pytest.skip(f"the file system of {tmp_path} does not report holes")
+    root = tmp_path / "root"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / os.fsdecode(MARKER)).write_bytes(b"marker\n")
+    content = make_sparse(root / "data" / "sparse",
+                          ((0, b"h" * 4096), (256 << 10, b"t" * 4096)), 512 << 10)
+    (root / "data" / "dense").write_bytes(b"d" * 4096)
+    mset = config.parse(DISTFILE, "test.conf").sets[0]
+    store = Store.open(tmp_path / "state")
+    scanner = Scanner(store, "alpha")
+    scanner.scan_set(mset, os.fsencode(root))
+    sparse, dense = store.get(b"data/sparse"), store.get(b"data/dense")
+    assert sparse is not None and dense is not None
+    assert sparse.entry.digest == xxhash.xxh3_128(content).digest()
+    assert _read_inline(os.fsencode(root), [sparse, dense], [mset]) == \
+        {b"data/dense": b"d" * 4096}
+
+    sent = served(root, store, mset, scanner,
+                  Want(1, b"data/sparse", sparse.entry.digest, 0, ()))
+    assert [type(m).__name__ for m in sent] == ["Data", "Hole", "Data", "Hole", "Data"]
+    rebuilt = b"".join(m.data if isinstance(m, Data) else
+                       bytes(m.length if isinstance(m, Hole) else 0) for m in sent)
+    assert rebuilt == content
+    assert isinstance(sent[-1], Data) and sent[-1].end and sent[-1].data == b""
+    store.close()

@@ -21,6 +21,7 @@ from omirror.wire import (
     Direct,
     EntryMsg,
     Hello,
+    Hole,
     IHave,
     NoData,
     Passed,
@@ -46,6 +47,7 @@ MESSAGES = [
     Passed(50001),
     Direct(("gamma", "[::1]:2900")),
     Direct(()),
+    Hole(1, 64 << 20), Hole(2, 1),
 ]
 
 
@@ -98,6 +100,13 @@ def entry_list(**changes: object) -> list[object]:
     # a block of one byte would make the pusher hash a 64 MiB file in 64 M pieces
     (body(5, [1, b"p", b"\0" * 16, 1, [b"\0" * 16]]), "WANT block size 1"),
     (body(5, [1, b"p", b"\0" * 16, 1 << 30, [b"\0" * 16]]), "block size"),
+    # a hole of no bytes, or of fewer than none, is no hole
+    (body(13, [1, 0]), "hole length"),
+    (body(13, [1, -4096]), "hole length"),
+    (body(13, [1, 1 << 63]), "hole length"),
+    (body(13, [1, "4096"]), "hole length"),
+    (body(13, [-1, 4096]), "want id"),
+    (body(13, [1]), "HOLE: expected an array of 2"),
 ])
 def test_malformed_frames_are_refused_with_a_reason(payload: bytes, match: str) -> None:
     with pytest.raises(ProtocolError, match=match):
@@ -151,7 +160,7 @@ _leaf = st.one_of(st.integers(-(1 << 63), (1 << 64) - 1), st.binary(max_size=40)
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.integers(0, 12), st.recursive(_leaf, lambda c: st.lists(c, max_size=14),
+@given(st.integers(0, 13), st.recursive(_leaf, lambda c: st.lists(c, max_size=14),
                                         max_leaves=40))
 def test_well_formed_msgpack_of_any_shape_is_validated(kind: int, fields: object) -> None:
     try:
