@@ -34,12 +34,15 @@ import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from omirror import fsio
-from omirror.config import MirrorSet
 from omirror.errors import OmirrorError
 from omirror.paths import NAME_MAX, VERSIONS_AREA, join, local_path, logical, show, split
-from omirror.setdirs import SetDirs
+
+if TYPE_CHECKING:  # the command line reads the defaults here without loading these
+    from omirror.config import MirrorSet
+    from omirror.setdirs import SetDirs
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +102,12 @@ def _own_uid() -> int:
     return os.geteuid()
 
 
-def open_area(root_fd: int, *, create: bool) -> int | None:
+def open_area(root_fd: int, *, create: bool, owner: int | None = None) -> int | None:
     """Open the area below an open root (the caller closes it); None when there is none
     and ``create`` is false. :class:`AreaRefused` when the name holds anything but a
-    directory of this daemon's user that group and others cannot enter."""
+    directory of ``owner`` (by default this process's user: the daemon's) that group
+    and others cannot enter."""
+    uid = _own_uid() if owner is None else owner
     try:
         fd = os.open(VERSIONS_AREA, fsio.DIR_FLAGS, dir_fd=root_fd)
     except FileNotFoundError:
@@ -110,7 +115,7 @@ def open_area(root_fd: int, *, create: bool) -> int | None:
             return None
         with contextlib.suppress(FileExistsError):
             os.mkdir(VERSIONS_AREA, 0o700, dir_fd=root_fd)
-        return open_area(root_fd, create=False)
+        return open_area(root_fd, create=False, owner=owner)
     except OSError as e:
         if e.errno not in (errno.ELOOP, errno.ENOTDIR):
             raise
@@ -120,9 +125,9 @@ def open_area(root_fd: int, *, create: bool) -> int | None:
         raise AreaRefused("is not a directory; remove it") from None
     try:
         st = os.fstat(fd)
-        if st.st_uid != _own_uid():
+        if st.st_uid != uid:
             raise AreaRefused(f"is owned by uid {st.st_uid}, not by this daemon's user "
-                              f"(uid {_own_uid()}); remove it")
+                              f"(uid {uid}); remove it")
         if stat.S_IMODE(st.st_mode) & 0o077:
             raise AreaRefused(f"has mode {stat.S_IMODE(st.st_mode):04o}, open to group or "
                               "others; chmod 700 it, or remove it")
@@ -135,15 +140,19 @@ def open_area(root_fd: int, *, create: bool) -> int | None:
 class Versions:
     """Keeps, prunes and lists the versions of the sets below ``dirs.root``.
 
-    ``clock`` gives the time of keeping (Unix seconds). ``warned`` holds the roots (by
+    ``clock`` gives the time of keeping (Unix seconds). ``owner`` is the user whose
+    areas are used: this process's (the daemon's), unless a command run by another
+    user (root listing what the daemon's user kept) says whose. ``warned`` holds the roots (by
     set title and logical root) whose area was refused and said so, so a refused area
     is reported once, not at every file; an area usable again is reported again when
     it is refused again.
     """
 
-    def __init__(self, dirs: SetDirs, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, dirs: SetDirs, clock: Callable[[], float] = time.time,
+                 owner: int | None = None) -> None:
         self.dirs = dirs
         self.clock = clock
+        self.owner = owner
         self.warned: set[tuple[str, bytes]] = set()
 
     # -- keeping ---------------------------------------------------------------------------
@@ -192,7 +201,7 @@ class Versions:
     def _area(self, mset: MirrorSet, top: bytes, root_fd: int) -> int | None:
         key = (mset.title, top)
         try:
-            fd = open_area(root_fd, create=True)
+            fd = open_area(root_fd, create=True, owner=self.owner)
         except AreaRefused as e:
             if key not in self.warned:
                 self.warned.add(key)
@@ -269,25 +278,34 @@ class Versions:
     def _open_existing(self, top: bytes) -> int | None:
         root_fd = self.dirs.open_root(top, top)
         try:
-            return open_area(root_fd, create=False)
+            return open_area(root_fd, create=False, owner=self.owner)
         finally:
             os.close(root_fd)
 
     # -- listing ---------------------------------------------------------------------------
 
-    def listing(self, sets: Iterable[MirrorSet], paths: Sequence[bytes] = ()) -> Iterator[Kept]:
+    def listing(self, sets: Iterable[MirrorSet], paths: Sequence[bytes] = (),
+                problem: Callable[[str], None] = log.warning) -> Iterator[Kept]:
         """Every kept version, by root, for the logical ``paths`` and what lies below
-        them (all when empty). :class:`AreaRefused` names an area that is not used."""
+        them (all when empty). A root whose area cannot be read, or is not used (see
+        :func:`open_area`), is told to ``problem`` and skipped."""
         for top in _tops(sets):
             if paths and not any(_overlaps(top, p) for p in paths):
                 continue
-            area = self._open_existing(top)
+            try:
+                area = self._open_existing(top)
+            except (OSError, OmirrorError) as e:
+                problem(f"{show(top)}: {e}")
+                continue
+            except AreaRefused as e:
+                problem(f"{show(join(top, VERSIONS_AREA))} {e.why}; not listed")
+                continue
             if area is None:
                 continue
             try:
                 where = local_path(self.dirs.root, join(top, VERSIONS_AREA))
                 found = sorted(_listing(area, top, where),
-                               key=lambda k: (k.path, k.kept_at, k.version))
+                               key=lambda k: (k.path, k.kept_at, len(k.version), k.version))
             finally:
                 os.close(area)
             for kept in found:
