@@ -44,8 +44,9 @@ log = logging.getLogger(__name__)
 _CHUNK = 1 << 20
 
 #: Keeps the regular file at a name of an open directory (checked to be the stat given)
-#: as the version a peer's change takes away (omirror/versions.py).
-Keep = Callable[[int, bytes, os.stat_result], object]
+#: as the version a peer's change takes away (omirror/versions.py); returns how to undo
+#: that when the change is not made after all, or None when nothing was kept.
+Keep = Callable[[int, bytes, os.stat_result], Callable[[], None] | None]
 
 
 class Applier:
@@ -397,9 +398,13 @@ class Applier:
             self._intend(entry, st.st_ino)
             if old is not None:  # a file or symlink the store knows of: replaced
                 keep = self._keeper(mset, entry)
-                if keep is not None:
-                    keep(parent, name, old)
-                os.unlink(name, dir_fd=parent)
+                undo = None if keep is None else keep(parent, name, old)
+                try:
+                    os.unlink(name, dir_fd=parent)
+                except BaseException:
+                    if undo is not None:
+                        undo()
+                    raise
             try:
                 fsio.rename_noreplace(parent, temp, name)
             except FileExistsError:
@@ -668,7 +673,13 @@ class Applier:
             return None
         if entry.kind is Kind.FILE and entry.digest == record.entry.digest:
             return None
-        return partial(self.versions.keep, mset, entry.path)
+        versions = self.versions
+
+        def keep(dir_fd: int, name: bytes, old: os.stat_result) -> Callable[[], None] | None:
+            where = versions.keep(mset, entry.path, dir_fd, name, old)
+            return None if where is None else partial(versions.discard, where)
+
+        return keep
 
     def moved_away(self, mset: MirrorSet, path: bytes) -> bool:
         """True when applying a peer's rename took the file at ``path`` away and nothing
@@ -819,34 +830,21 @@ def _rename_over(src_dir: int, src: bytes, name: bytes, old: os.stat_result | No
     there since the check is theirs (:class:`LocalChanged`), not ours to rename over.
     Where something was, the two names are swapped at once (``RENAME_EXCHANGE``), and
     what came out from under ``name`` is examined: the version checked, unchanged, is
-    given to ``keep`` (``savetargets``) and removed; anything else (written since the
-    check, or another file a user renamed there) is swapped back, and the local change
-    is recorded first. Where the swap is not possible, ``keep`` is given the old
-    version before it is renamed over.
+    removed; anything else (written since the check, or another file a user renamed
+    there) is swapped back, and the local change is recorded first. ``keep``
+    (``savetargets``) is given the old version just before the swap, and undone when
+    the swap is undone.
     """
     target_dir = src_dir if dst_dir is None else dst_dir
     if old is not None and not stat.S_ISDIR(old.st_mode):  # a directory was removed
+        undo = None if keep is None else keep(target_dir, name, old)
         try:
-            swapped = fsio.rename_exchange(src_dir, src, name, target_dir)
-        except FileNotFoundError:
-            raise LocalChanged(path, None, f"{show(path)} was removed here while a peer's "
-                               "version was applied; the local change is recorded "
-                               "first") from None
-        if not swapped:
-            if keep is not None:
-                keep(target_dir, name, old)
-            os.rename(src, name, src_dir_fd=src_dir, dst_dir_fd=target_dir)
-            return
-        out = fsio.lstat_at(src_dir, src)
-        if out is None or fsio.same_version(out, old):
-            if keep is not None and out is not None:
-                keep(src_dir, src, out)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(src, dir_fd=src_dir)
-            return
-        fsio.rename_exchange(target_dir, name, src, src_dir)  # theirs back at its name
-        raise LocalChanged(path, None, f"{show(path)} changed here as a peer's version "
-                           "replaced it; the local change is recorded first")
+            _swap_in(src_dir, src, name, old, path, target_dir)
+        except BaseException:
+            if undo is not None:
+                undo()
+            raise
+        return
     try:
         fsio.rename_noreplace(src_dir, src, name, dst_dir)
     except FileExistsError:
@@ -854,19 +852,49 @@ def _rename_over(src_dir: int, src: bytes, name: bytes, old: os.stat_result | No
                            "was applied; the local change is recorded first") from None
 
 
+def _swap_in(src_dir: int, src: bytes, name: bytes, old: os.stat_result, path: bytes,
+             target_dir: int) -> None:
+    """:func:`_rename_over` where ``old``, a file or symlink, was: swapped, examined."""
+    try:
+        swapped = fsio.rename_exchange(src_dir, src, name, target_dir)
+    except FileNotFoundError:
+        raise LocalChanged(path, None, f"{show(path)} was removed here while a peer's "
+                           "version was applied; the local change is recorded "
+                           "first") from None
+    if not swapped:
+        os.rename(src, name, src_dir_fd=src_dir, dst_dir_fd=target_dir)
+        return
+    out = fsio.lstat_at(src_dir, src)
+    if out is None or fsio.same_version(out, old):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(src, dir_fd=src_dir)
+        return
+    fsio.rename_exchange(target_dir, name, src, src_dir)  # theirs back at its name
+    raise LocalChanged(path, None, f"{show(path)} changed here as a peer's version "
+                       "replaced it; the local change is recorded first")
+
+
 def _take_away(parent: int, name: bytes, path: bytes, old: os.stat_result,
                keep: Keep | None = None) -> None:
     """Delete the file or symlink at ``name``, checked to be ``old``, without losing a
     write that lands after the check: it is renamed to a temp name first (what is
-    there then is what goes), examined, given to ``keep`` (``savetargets``) and only
-    then unlinked; if it is not the file checked, or was written since, it is renamed
-    back (:class:`LocalChanged`)."""
+    there then is what goes), examined, and only then unlinked; if it is not the file
+    checked, or was written since, it is renamed back (:class:`LocalChanged`). ``keep``
+    (``savetargets``) is given the file first, and undone when it is put back."""
+    undo = None if keep is None else keep(parent, name, old)
+    try:
+        _take_away_checked(parent, name, path, old)
+    except BaseException:
+        if undo is not None:
+            undo()
+        raise
+
+
+def _take_away_checked(parent: int, name: bytes, path: bytes, old: os.stat_result) -> None:
     temp = temp_name()
     os.rename(name, temp, src_dir_fd=parent, dst_dir_fd=parent)
     gone = fsio.lstat_at(parent, temp)
     if gone is None or fsio.same_version(gone, old):
-        if keep is not None and gone is not None:
-            keep(parent, temp, gone)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp, dir_fd=parent)
         return

@@ -5,10 +5,12 @@ a local regular file's life on this host. For a set with ``savetargets`` that fi
 kept first, under ``<root>/.omirror-versions/`` (one area per FILES root), at its path
 relative to the root and named ``NAME~YYYYmmdd-HHMMSS`` (UTC, the time it was kept;
 ``-N`` added when that name is taken). It is kept by a hard link of the old inode, made
-between the moment the old version is out from under its name and its removal, so the
-path is never missing and nothing is copied; a file on another file system than its
-root (a mount point below it), or one the daemon may not link, is copied through
-descriptors instead.
+just before the applier swaps the new version in or takes the old one away, so the
+path is never missing, nothing is copied, and the version is in the area before the
+new one is in place; when the applier finds a local change instead and puts it back,
+the link is removed again (:meth:`Versions.discard`). A file on another file system
+than its root (a mount point below it), or one the daemon may not link, is copied
+through descriptors instead.
 
 The area is one of the daemon's own names (``.omirror*``, omirror/paths.py): never
 scanned, watched, sent or accepted from a peer. Local users write the trees, so the
@@ -245,6 +247,33 @@ class Versions:
                 return None
             return kept
         raise OSError(errno.EEXIST, f"{_MAX_SUFFIX} versions kept in the same second")
+
+    def discard(self, where: bytes) -> None:
+        """Remove a version :meth:`keep` kept (its logical path ``where``) after all: the
+        file was not replaced (a local change came first), so the link would be the
+        live file under a version's name."""
+        top, _, rest = where.rpartition(b"/" + VERSIONS_AREA + b"/")
+        if not rest:
+            top, rest = b"", where.removeprefix(VERSIONS_AREA + b"/")
+        rel_dir, kept = split(rest)
+        try:
+            fd = self._open_existing(top)
+            if fd is None:
+                return
+            try:
+                for part in rel_dir.split(b"/") if rel_dir else ():
+                    child = fsio.step(fd, part, where)
+                    os.close(fd)
+                    fd = child
+                    if fd < 0:
+                        return
+                os.unlink(kept, dir_fd=fd)
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+        except (OSError, OmirrorError, AreaRefused, fsio.NotInTree) as e:
+            log.warning("%s is no version (the file changed here first) but could not be "
+                        "removed: %s", show(where), e)
 
     # -- pruning ---------------------------------------------------------------------------
 

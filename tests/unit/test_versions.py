@@ -263,3 +263,31 @@ def test_listing_names_each_version_with_its_path_time_and_size(host: Host) -> N
     only = list(host.applier.versions.listing([host.mset], [b"data/d"]))
     assert [k.path for k in only] == [b"data/d/f"]
     assert list(host.applier.versions.listing([host.mset], [b"elsewhere"])) == []
+
+
+@pytest.mark.parametrize("step", ["_swap_in", "_take_away_checked"])
+def test_a_local_write_met_at_the_swap_keeps_nothing(
+        host: Host, monkeypatch: pytest.MonkeyPatch, step: str) -> None:
+    """The version is linked into the area just before the swap; a write landing in
+    between makes the applier put the user's file back: the link would be that live
+    file under a version's name, so it goes again."""
+    from omirror import apply
+    from omirror.errors import LocalChanged
+
+    host.write(b"data/f", b"first")
+    original = getattr(apply, step)
+
+    def written_meanwhile(*args: object) -> None:
+        with open(host.data / "f", "ab") as f:
+            f.write(b" and a local write")
+        original(*args)
+
+    monkeypatch.setattr(apply, step, written_meanwhile)
+    with pytest.raises(LocalChanged):
+        if step == "_swap_in":
+            host.write(b"data/f", b"second", stamp=LATER)
+        else:
+            host.applier.delete(host.mset, tombstone(b"data/f"))
+    assert (host.data / "f").read_bytes() == b"first and a local write"
+    assert kept_files(host) == {}
+    assert host.leftovers() == []
