@@ -96,6 +96,16 @@ def test_a_peers_edit_and_deletion_keep_the_old_version_here_and_only_here(
                                      only.stdout.splitlines()] == ["/data/g"]
     assert versions_of(c, a, "/data/sub").stdout == ""
 
+    # the areas differ between the hosts, and --check (comparing contents) sees no
+    # difference: they are no part of the trees
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMIRRORD_")}
+    check = subprocess.run([sys.executable, "-m", "omirror", "--check", "-f", "-C",
+                            str(c.conf), "-n", b.name, "--root", str(b.root), "--state-dir",
+                            str(b.state), "--peers", str(b.peers_file)],
+                           capture_output=True, text=True, timeout=120, env=env)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert ".omirror-versions" not in check.stdout
+
 
 def test_without_savetargets_nothing_is_kept(make_cluster: MakeCluster) -> None:
     c = make_cluster(2)
