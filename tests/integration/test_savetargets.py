@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -120,3 +121,18 @@ def test_without_savetargets_nothing_is_kept(make_cluster: MakeCluster) -> None:
     assert not (a.data / ".omirror-versions").exists()
     assert not (b.data / ".omirror-versions").exists()
     assert versions_of(c, b).stdout == ""
+
+
+def test_the_daemon_prunes_versions_older_than_keep_versions_at_start(
+        make_cluster: MakeCluster) -> None:
+    c = make_cluster(1, extra_args=("--keep-versions", "2"))
+    with_savetargets(c)
+    area = c[0].data / ".omirror-versions" / "d"
+    area.mkdir(parents=True)
+    os.chmod(c[0].data / ".omirror-versions", 0o700)
+    (area / "old~20000101-000000").write_bytes(b"from long ago")
+    recent = time.strftime("%Y%m%d-%H%M%S", time.gmtime(time.time() - 86400))
+    (area / f"new~{recent}").write_bytes(b"from yesterday")
+    c.start()
+    c.wait_until(lambda: not (area / "old~20000101-000000").exists(), CONVERGE_S)
+    assert (area / f"new~{recent}").read_bytes() == b"from yesterday"
