@@ -22,6 +22,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 
 from omirror import diskspace, fsio, xattrs
 from omirror.clock import now_ns
@@ -44,6 +45,7 @@ from omirror.staging import (
 )
 from omirror.store import Record, StatSig, Store, matches
 from omirror.units import human_bytes
+from omirror.versions import Versions
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,11 @@ _CHUNK = 1 << 20
 #: Versions whose data need is remembered (a bound on what failing peers can make us
 #: hold; the oldest is forgotten first, and at worst crosses once more).
 _DATA_NEEDED_MAX = 10_000
+
+#: Keeps the regular file at a name of an open directory (checked to be the stat given)
+#: as the version a peer's change takes away (omirror/versions.py); returns how to undo
+#: that when the change is not made after all, or None when nothing was kept.
+Keep = Callable[[int, bytes, os.stat_result], Callable[[], None] | None]
 
 
 class Applier:
@@ -91,6 +98,8 @@ class Applier:
         #: Data a version (path, digest) was found to need when it was begun without
         #: room for its whole size (a sparse file needs room for its data only).
         self.data_needed: dict[tuple[bytes, bytes], int] = {}
+        #: Where ``install -osavetargets`` keeps what a peer's change takes away.
+        self.versions = Versions(self.dirs)
 
     def _intend(self, entry: Entry, ino: int, old_ctime_ns: int = 0) -> None:
         if self.intents is not None:
@@ -271,7 +280,8 @@ class Applier:
                 if old is not None and stat.S_ISDIR(old.st_mode):
                     self._remove_empty_dir(dst_dir, name, entry)
                 self._intend(entry, verified.st_ino)
-                _rename_over(src_dir, src_name, name, old, entry.path, dst_dir)
+                _rename_over(src_dir, src_name, name, old, entry.path, dst_dir,
+                             keep=self._keeper(mset, entry))
                 self.expected_absent.add(source)
                 st = os.fstat(fd)  # not by name: what is there now may be someone else's
                 moved = fsio.lstat_at(dst_dir, name)
@@ -442,7 +452,14 @@ class Applier:
                 os.close(fd)
             self._intend(entry, st.st_ino)
             if old is not None:  # a file or symlink the store knows of: replaced
-                os.unlink(name, dir_fd=parent)
+                keep = self._keeper(mset, entry)
+                undo = None if keep is None else keep(parent, name, old)
+                try:
+                    os.unlink(name, dir_fd=parent)
+                except BaseException:
+                    if undo is not None:
+                        undo()
+                    raise
             try:
                 fsio.rename_noreplace(parent, temp, name)
             except FileExistsError:
@@ -484,7 +501,8 @@ class Applier:
                     if old is not None and stat.S_ISDIR(old.st_mode):
                         self._remove_empty_dir(parent, name, entry)
                     self._intend(entry, ours.st_ino)
-                    _rename_over(parent, temp, name, old, entry.path)
+                    _rename_over(parent, temp, name, old, entry.path,
+                                 keep=self._keeper(mset, entry))
                     self.dirs.placed(parent, name, entry.path)
                 st = os.stat(name, dir_fd=parent, follow_symlinks=False)
                 if not fsio.same_file(st, ours):
@@ -535,7 +553,7 @@ class Applier:
             try:
                 with os_errors(entry.path, "delete"):
                     self._intend(entry, 0)
-                    self._remove(parent, name, entry.path)
+                    self._remove(parent, name, entry.path, self._keeper(mset, entry))
             finally:
                 os.close(parent)
         seq = self.store.put(entry, None)
@@ -543,13 +561,13 @@ class Applier:
         log.debug("path=%s applied tombstone stamp=%s", show(entry.path), entry.stamp)
         return Record(entry, seq, None)
 
-    def _remove(self, parent: int, name: bytes, path: bytes) -> None:
+    def _remove(self, parent: int, name: bytes, path: bytes, keep: Keep | None) -> None:
         old = fsio.lstat_at(parent, name)
         if old is None:
             return
         self._guard_target(path, old)
         if not stat.S_ISDIR(old.st_mode):
-            _take_away(parent, name, path, old)
+            _take_away(parent, name, path, old, keep)
             return
         try:
             os.rmdir(name, dir_fd=parent)
@@ -656,7 +674,7 @@ class Applier:
             if not isinstance(data_or_temp, TempFile):
                 temp.write(data_or_temp)
             temp.finish()
-            st = self._install_temp(mset, temp, copy, copy_path, entry)
+            st = self._install_temp(mset, temp, copy, copy_path, entry, keep=False)
         log.warning("path=%s a peer's version lost a conflict: kept as %s", show(entry.path),
                     show(copy_path))
         return self._record_local(copy_path, st, entry.digest, entry.xattrs)
@@ -664,13 +682,14 @@ class Applier:
     # -- shared steps --------------------------------------------------------------------
 
     def _install_temp(self, mset: MirrorSet, temp: TempFile, name: bytes, path: bytes,
-                      entry: Entry) -> os.stat_result:
+                      entry: Entry, *, keep: bool = True) -> os.stat_result:
         """Give the finished temp file its attributes and rename it to ``name``.
 
         The target is checked against the store once more right before the rename, as
         every replacement here is (:meth:`_guard_target`): writing and syncing the temp
         file takes a while, and a local change made meanwhile must be recorded and
-        decided on, not overwritten.
+        decided on, not overwritten. Without ``keep`` (a conflict copy, which replaces
+        no version of the path) nothing is kept for ``savetargets``.
         """
         dir_fd = temp.dir_fd
         with os_errors(path, "write"):
@@ -687,7 +706,8 @@ class Applier:
             held = temp.hold()
             try:
                 self._intend(entry, os.fstat(held).st_ino)
-                _rename_over(dir_fd, temp.name, name, old, path)
+                _rename_over(dir_fd, temp.name, name, old, path,
+                             keep=self._keeper(mset, entry) if keep else None)
                 st = os.fstat(held)
                 self.dirs.placed(dir_fd, name, path)
                 temp._installed()  # closes dir_fd
@@ -695,6 +715,26 @@ class Applier:
                 os.close(held)
         _check_ours(path, st, mode, entry.mtime_ns)
         return st
+
+    def _keeper(self, mset: MirrorSet, entry: Entry) -> Keep | None:
+        """How to keep the version ``entry`` takes away from its path, for a set with
+        ``savetargets``; None when nothing is kept: the set keeps nothing, what the
+        store says is there is no regular file, or the entry only changes attributes
+        (the same content stays, under the same name)."""
+        if not mset.options.savetargets:
+            return None
+        record = self.store.get(entry.path)
+        if record is None or record.entry.kind is not Kind.FILE:
+            return None
+        if entry.kind is Kind.FILE and entry.digest == record.entry.digest:
+            return None
+        versions = self.versions
+
+        def keep(dir_fd: int, name: bytes, old: os.stat_result) -> Callable[[], None] | None:
+            where = versions.keep(mset, entry.path, dir_fd, name, old)
+            return None if where is None else partial(versions.discard, where)
+
+        return keep
 
     def moved_away(self, mset: MirrorSet, path: bytes) -> bool:
         """True when applying a peer's rename took the file at ``path`` away and nothing
@@ -843,7 +883,7 @@ def _check_ours(path: bytes, st: os.stat_result, mode: int,
 
 
 def _rename_over(src_dir: int, src: bytes, name: bytes, old: os.stat_result | None,
-                 path: bytes, dst_dir: int | None = None) -> None:
+                 path: bytes, dst_dir: int | None = None, *, keep: Keep | None = None) -> None:
     """Rename ``src`` to ``name``, which was checked to hold ``old``.
 
     Where nothing was there, nothing may be replaced: a file or symlink a user made
@@ -851,27 +891,20 @@ def _rename_over(src_dir: int, src: bytes, name: bytes, old: os.stat_result | No
     Where something was, the two names are swapped at once (``RENAME_EXCHANGE``), and
     what came out from under ``name`` is examined: the version checked, unchanged, is
     removed; anything else (written since the check, or another file a user renamed
-    there) is swapped back, and the local change is recorded first.
+    there) is swapped back, and the local change is recorded first. ``keep``
+    (``savetargets``) is given the old version just before the swap, and undone when
+    the swap is undone.
     """
     target_dir = src_dir if dst_dir is None else dst_dir
     if old is not None and not stat.S_ISDIR(old.st_mode):  # a directory was removed
+        undo = None if keep is None else keep(target_dir, name, old)
         try:
-            swapped = fsio.rename_exchange(src_dir, src, name, target_dir)
-        except FileNotFoundError:
-            raise LocalChanged(path, None, f"{show(path)} was removed here while a peer's "
-                               "version was applied; the local change is recorded "
-                               "first") from None
-        if not swapped:
-            os.rename(src, name, src_dir_fd=src_dir, dst_dir_fd=target_dir)
-            return
-        out = fsio.lstat_at(src_dir, src)
-        if out is None or fsio.same_version(out, old):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(src, dir_fd=src_dir)
-            return
-        fsio.rename_exchange(target_dir, name, src, src_dir)  # theirs back at its name
-        raise LocalChanged(path, None, f"{show(path)} changed here as a peer's version "
-                           "replaced it; the local change is recorded first")
+            _swap_in(src_dir, src, name, old, path, target_dir)
+        except BaseException:
+            if undo is not None:
+                undo()
+            raise
+        return
     try:
         fsio.rename_noreplace(src_dir, src, name, dst_dir)
     except FileExistsError:
@@ -879,11 +912,45 @@ def _rename_over(src_dir: int, src: bytes, name: bytes, old: os.stat_result | No
                            "was applied; the local change is recorded first") from None
 
 
-def _take_away(parent: int, name: bytes, path: bytes, old: os.stat_result) -> None:
+def _swap_in(src_dir: int, src: bytes, name: bytes, old: os.stat_result, path: bytes,
+             target_dir: int) -> None:
+    """:func:`_rename_over` where ``old``, a file or symlink, was: swapped, examined."""
+    try:
+        swapped = fsio.rename_exchange(src_dir, src, name, target_dir)
+    except FileNotFoundError:
+        raise LocalChanged(path, None, f"{show(path)} was removed here while a peer's "
+                           "version was applied; the local change is recorded "
+                           "first") from None
+    if not swapped:
+        os.rename(src, name, src_dir_fd=src_dir, dst_dir_fd=target_dir)
+        return
+    out = fsio.lstat_at(src_dir, src)
+    if out is None or fsio.same_version(out, old):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(src, dir_fd=src_dir)
+        return
+    fsio.rename_exchange(target_dir, name, src, src_dir)  # theirs back at its name
+    raise LocalChanged(path, None, f"{show(path)} changed here as a peer's version "
+                       "replaced it; the local change is recorded first")
+
+
+def _take_away(parent: int, name: bytes, path: bytes, old: os.stat_result,
+               keep: Keep | None = None) -> None:
     """Delete the file or symlink at ``name``, checked to be ``old``, without losing a
     write that lands after the check: it is renamed to a temp name first (what is
     there then is what goes), examined, and only then unlinked; if it is not the file
-    checked, or was written since, it is renamed back (:class:`LocalChanged`)."""
+    checked, or was written since, it is renamed back (:class:`LocalChanged`). ``keep``
+    (``savetargets``) is given the file first, and undone when it is put back."""
+    undo = None if keep is None else keep(parent, name, old)
+    try:
+        _take_away_checked(parent, name, path, old)
+    except BaseException:
+        if undo is not None:
+            undo()
+        raise
+
+
+def _take_away_checked(parent: int, name: bytes, path: bytes, old: os.stat_result) -> None:
     temp = temp_name()
     os.rename(name, temp, src_dir_fd=parent, dst_dir_fd=parent)
     gone = fsio.lstat_at(parent, temp)

@@ -23,7 +23,8 @@ from click.core import ParameterSource
 from omirror import __version__
 from omirror.diskspace import Reserve, parse_reserve
 from omirror.errors import NotImplementedYet, OmirrorError
-from omirror.paths import show, show_text
+from omirror.paths import show, show_name, show_text
+from omirror.versions import DEFAULT_KEEP_DAYS
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class Options:
     verbose: int
     syslog: str | None
     min_free: Reserve
+    keep_versions: float
 
 
 _OPTIONS = [
@@ -81,6 +83,11 @@ _OPTIONS = [
                  metavar="SIZE|N%", callback=lambda ctx, param, value: _reserve(value),
                  help="Free space that files from peers never fill: a size (512M, 2G) or "
                       "a percentage of the file system; 0 for none."),
+    click.option("--keep-versions", envvar="OMIRRORD_KEEP_VERSIONS",
+                 default=DEFAULT_KEEP_DAYS, show_default=True,
+                 type=click.FloatRange(min=0.0), metavar="DAYS",
+                 help="Days the versions kept by 'install -osavetargets' stay; 0 for "
+                      "ever."),
 ]
 
 
@@ -249,7 +256,8 @@ def _run(opts: Options) -> None:
     from omirror.daemon import run_daemon
 
     sys.exit(run_daemon(opts.config, opts.name, opts.root, opts.state_dir, opts.peers,
-                        delay_s=opts.delay, compress=opts.compress, min_free=opts.min_free))
+                        delay_s=opts.delay, compress=opts.compress, min_free=opts.min_free,
+                        keep_versions=opts.keep_versions))
 
 
 @reports_errors
@@ -446,6 +454,43 @@ def sync_command(ctx: click.Context, /, paths: tuple[str, ...], **_: Any) -> Non
         up = sorted(set(links) - set(down))
         click.echo(f"sending now to {', '.join(up) or 'no peer'}"
                    + (f"; later to {', '.join(down)} (link not up)" if down else ""))
+
+
+@main.command("versions")
+@shared_options
+@click.argument("paths", nargs=-1)
+@click.pass_context
+@reports_errors
+def versions_command(ctx: click.Context, /, paths: tuple[str, ...], **_: Any) -> None:
+    """List the old versions that 'install -osavetargets' kept on this host: when each
+    was kept (UTC), its size in bytes, the path it was, and the kept file.
+
+    PATH is absolute, as the Distfile names it; only versions of it and of what lies
+    below it are listed (all without PATH). Needs no running daemon. A version is
+    restored by copying the kept file back (cp -a KEPT PATH): a local change, mirrored
+    like any edit.
+    """
+    from omirror.setdirs import SetDirs
+    from omirror.versions import Versions
+
+    opts = options_of(ctx)
+    setup_logging(opts.verbose - 1)
+    for path in paths:
+        if not path.startswith("/"):
+            raise click.UsageError(f"{path!r} is not absolute: name paths as the Distfile "
+                                   "does (/srv/www/index.html)")
+    cfg, me = _load(opts)
+    # the areas belong to the daemon's user, who owns its state directory
+    try:
+        owner: int | None = os.stat(opts.state_dir).st_uid
+    except OSError:
+        owner = None
+    kept_here = Versions(SetDirs(os.fsencode(os.path.abspath(opts.root))), owner=owner)
+    wanted = [os.fsencode(p.strip("/")) for p in paths]
+    for kept in kept_here.listing(cfg.sets_of(me), wanted,
+                                  lambda text: click.echo(f"omirrord: {text}", err=True)):
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(kept.kept_at))
+        click.echo(f"{when}\t{kept.size}\t{show(kept.path)}\t{show_name(kept.where)}")
 
 
 @main.command("demo")

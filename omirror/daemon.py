@@ -43,6 +43,7 @@ from omirror.scanner import Scanner
 from omirror.status import STATUS_EVERY_S, SeqTimes, failing_status, plural, write_status_file
 from omirror.store import TOMBSTONE_RETENTION_NS, Store
 from omirror.treeworker import TreeWorker
+from omirror.versions import DEFAULT_KEEP_DAYS, PRUNE_EVERY_S
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,8 @@ class Daemon:
 
     def __init__(self, config_path: str, name: str | None, root: str, state_dir: str,
                  peers_path: str, *, delay_s: float, compress: bool,
-                 min_free: Reserve = DEFAULT_MIN_FREE) -> None:
+                 min_free: Reserve = DEFAULT_MIN_FREE,
+                 keep_versions: float = DEFAULT_KEEP_DAYS) -> None:
         self.config_path = config_path
         self.wanted_name = name
         self.root = os.fsencode(os.path.abspath(root))
@@ -123,6 +125,8 @@ class Daemon:
         self.delay_s = delay_s
         self.compress = compress
         self.min_free = min_free
+        #: Days the versions kept by ``savetargets`` stay (omirror/versions.py); 0: ever.
+        self.keep_versions = keep_versions
         config, me = self._read_config()
         self.sets = HostSets(config, me)
         self.keys = peerkeys.load_peers(peers_path)
@@ -171,11 +175,13 @@ class Daemon:
             parts.indexer.start()
             await parts.first_scan()
             parts.store.collect_tombstones(time.time_ns() - TOMBSTONE_RETENTION_NS)
+            await self._prune(parts)
             listener = await self._listen(parts)
             self.reporter.tell_ready()  # watches and listener are up
             parts.peering.start()
             background = [asyncio.create_task(parts.indexer.run(), name="indexer"),
-                          asyncio.create_task(self._status_loop(), name="status")]
+                          asyncio.create_task(self._status_loop(), name="status"),
+                          asyncio.create_task(self._prune_loop(parts), name="prune")]
             await self._stop.wait()
             log.info("stopping: finishing the job in progress")
         finally:
@@ -195,6 +201,20 @@ class Daemon:
             self.parts = None
             log.info("stopped")
         return 0
+
+    async def _prune(self, parts: Parts) -> None:
+        """Remove the kept versions older than ``--keep-versions``, in the tree worker
+        (which owns the trees); a failure is logged and the daemon goes on."""
+        try:
+            await parts.worker(parts.applier.versions.prune, self.sets.all(),
+                               self.keep_versions)
+        except OmirrorError as e:
+            log.warning("kept versions not pruned: %s", e)
+
+    async def _prune_loop(self, parts: Parts) -> None:
+        while True:
+            await asyncio.sleep(PRUNE_EVERY_S)
+            await self._prune(parts)
 
     async def _listen(self, parts: Parts) -> asyncssh.SSHAcceptor:
         address = listen_address(self.me)
@@ -424,8 +444,9 @@ def run_once(config_path: str, name: str | None, root: str, state_dir: str,
 
 def run_daemon(config_path: str, name: str | None, root: str, state_dir: str,
                peers_path: str, *, delay_s: float, compress: bool,
-               min_free: Reserve = DEFAULT_MIN_FREE) -> int:
+               min_free: Reserve = DEFAULT_MIN_FREE,
+               keep_versions: float = DEFAULT_KEEP_DAYS) -> int:
     """Run until SIGTERM; errors in the configuration raise before anything starts."""
     daemon = Daemon(config_path, name, root, state_dir, peers_path, delay_s=delay_s,
-                    compress=compress, min_free=min_free)
+                    compress=compress, min_free=min_free, keep_versions=keep_versions)
     return asyncio.run(daemon.run())

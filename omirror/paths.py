@@ -24,6 +24,9 @@ OWN_PREFIX = b".omirror"
 TEMP_PREFIX = b".omirror-tmp-"
 #: What is kept of a transfer that was cut, to resume from (omirror/staging.py).
 PARTIAL_PREFIX = b".omirror-part-"
+#: Where ``install -osavetargets`` keeps what a peer's change replaced, under each FILES
+#: root (omirror/versions.py).
+VERSIONS_AREA = b".omirror-versions"
 #: Longest name and longest logical path accepted from a peer (Linux NAME_MAX, PATH_MAX).
 NAME_MAX = 255
 PATH_MAX = 4096

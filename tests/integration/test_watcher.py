@@ -319,6 +319,24 @@ async def test_daemon_names_are_ignored_and_so_are_its_installs(
     assert tree + b"/.omirror-tmp-dir" not in watcher._path_wd
 
 
+async def test_the_versions_area_is_neither_watched_nor_reported(
+        watcher: Watcher, recorder: Recorder, tree: bytes) -> None:
+    """What ``savetargets`` keeps under ``.omirror-versions`` (omirror/versions.py) is
+    the daemon's: made, written and pruned there, it is no change of the tree."""
+    area = tree + b"/.omirror-versions"
+    os.mkdir(area, 0o700)
+    os.mkdir(area + b"/d", 0o700)
+    write(area + b"/d/a~20240501-093000", b"kept")
+    os.rename(area + b"/d/a~20240501-093000", area + b"/d/a~20240501-093000-1")
+    os.unlink(area + b"/d/a~20240501-093000-1")
+    write(tree + b"/after")
+    await recorder.wait_event(CHANGED, tree + b"/after", closed=True)
+    await settle(recorder, watcher, tree)
+    assert not any(b"/.omirror" in p for p in recorder.paths()), recorder.paths()
+    assert watcher.watch_tree(area) == []
+    assert area not in watcher._path_wd and area + b"/d" not in watcher._path_wd
+
+
 async def test_skip_is_remembered_for_later_directories(tree: bytes,
                                                         recorder: Recorder) -> None:
     os.makedirs(tree + b"/cache/deep")

@@ -658,9 +658,9 @@ def test_a_source_changed_as_the_move_renames_it_is_put_back_at_its_name(
     host.write(b"data/old", b"payload")
     rename_over = apply._rename_over
 
-    def change_meanwhile(src_dir: int, src: bytes, *args: object) -> None:
+    def change_meanwhile(src_dir: int, src: bytes, *args: object, **kwargs: object) -> None:
         meanwhile(host.data)
-        rename_over(src_dir, src, *args)  # type: ignore[arg-type]
+        rename_over(src_dir, src, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(apply, "_rename_over", change_meanwhile)
     with pytest.raises(LocalChanged, match="put back"):

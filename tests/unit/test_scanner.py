@@ -284,6 +284,19 @@ def test_own_files_are_never_recorded(tree: Tree) -> None:
     assert b"data/x.omirror-conflict-beta-1" in paths
 
 
+def test_the_versions_area_is_never_scanned_nor_swept(tree: Tree) -> None:
+    """What ``savetargets`` kept (omirror/versions.py) is no data of the tree."""
+    area = tree.data / ".omirror-versions" / "d"
+    area.mkdir(parents=True)
+    (area / "a~20240501-093000").write_bytes(b"an old version")
+    (tree.data / "a").write_bytes(b"now")
+    tree.scan()
+    paths = {p for p, _ in tree.log()}
+    assert b"data/a" in paths
+    assert not any(b".omirror-versions" in p for p in paths), paths
+    assert (area / "a~20240501-093000").read_bytes() == b"an old version"
+
+
 def test_non_utf8_names_are_recorded_as_bytes(tree: Tree) -> None:
     name = b"caf\xe9-\xff.txt"
     with open(os.path.join(os.fsencode(tree.data), name), "wb") as f:
