@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_DIFFERENCES, EXIT_ERROR = 0, 1, 2
 DEFAULT_DELAY_S = 0.001
+DEFAULT_SPECIAL_TIMEOUT_S = 300.0  # omirror.specials.DEFAULT_TIMEOUT_S, not imported here
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 SYSLOG_SOCKET = "/dev/log"
 
@@ -50,6 +51,7 @@ class Options:
     verbose: int
     syslog: str | None
     min_free: Reserve
+    special_timeout: float
 
 
 _OPTIONS = [
@@ -81,6 +83,11 @@ _OPTIONS = [
                  metavar="SIZE|N%", callback=lambda ctx, param, value: _reserve(value),
                  help="Free space that files from peers never fill: a size (512M, 2G) or "
                       "a percentage of the file system; 0 for none."),
+    click.option("--special-timeout", envvar="OMIRRORD_SPECIAL_TIMEOUT",
+                 default=DEFAULT_SPECIAL_TIMEOUT_S, show_default=True,
+                 type=click.FloatRange(min=0.0, min_open=True), metavar="SECONDS",
+                 help="A special or cmdspecial command running longer is stopped "
+                      "(its process group: SIGTERM, then SIGKILL)."),
 ]
 
 
@@ -249,7 +256,8 @@ def _run(opts: Options) -> None:
     from omirror.daemon import run_daemon
 
     sys.exit(run_daemon(opts.config, opts.name, opts.root, opts.state_dir, opts.peers,
-                        delay_s=opts.delay, compress=opts.compress, min_free=opts.min_free))
+                        delay_s=opts.delay, compress=opts.compress, min_free=opts.min_free,
+                        special_timeout_s=opts.special_timeout))
 
 
 @reports_errors
@@ -276,7 +284,8 @@ def _once(opts: Options) -> None:
                            "keeps this host in sync already; use 'omirrord sync PATH' to "
                            "push paths now")
     sys.exit(run_once(opts.config, opts.name, opts.root, opts.state_dir, opts.peers,
-                      compress=opts.compress, report=click.echo, min_free=opts.min_free))
+                      compress=opts.compress, report=click.echo, min_free=opts.min_free,
+                      special_timeout_s=opts.special_timeout))
 
 
 def _load(opts: Options) -> tuple[Any, str]:

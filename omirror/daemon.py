@@ -40,6 +40,7 @@ from omirror.link import Context
 from omirror.peering import Peering
 from omirror.progress import Progress
 from omirror.scanner import Scanner
+from omirror.specials import DEFAULT_TIMEOUT_S, Specials
 from omirror.status import STATUS_EVERY_S, SeqTimes, failing_status, plural, write_status_file
 from omirror.store import TOMBSTONE_RETENTION_NS, Store
 from omirror.treeworker import TreeWorker
@@ -66,6 +67,11 @@ class Parts:
         self.ctx = Context(name, self.store, self.applier, self.scanner, daemon.root,
                            daemon.sets.shared_with, self.worker)
         self.ctx.stopped = daemon.sets.stopped_holding
+        # the specials of what peers' versions applied run in the loop, never in the
+        # tree worker, which only reports what it committed
+        self.specials = Specials(daemon.root, timeout_s=daemon.special_timeout_s)
+        self.ctx.resolver.on_applied = lambda applied: _soon(loop, self.specials.applied,
+                                                            applied)
         self.store.add_listener(lambda seq: _soon(loop, self.ctx.notify))
         self.seq_times = SeqTimes(self.store.last_seq, time.time())
         self.store.add_listener(
@@ -114,7 +120,8 @@ class Daemon:
 
     def __init__(self, config_path: str, name: str | None, root: str, state_dir: str,
                  peers_path: str, *, delay_s: float, compress: bool,
-                 min_free: Reserve = DEFAULT_MIN_FREE) -> None:
+                 min_free: Reserve = DEFAULT_MIN_FREE,
+                 special_timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.config_path = config_path
         self.wanted_name = name
         self.root = os.fsencode(os.path.abspath(root))
@@ -123,6 +130,7 @@ class Daemon:
         self.delay_s = delay_s
         self.compress = compress
         self.min_free = min_free
+        self.special_timeout_s = special_timeout_s
         config, me = self._read_config()
         self.sets = HostSets(config, me)
         self.keys = peerkeys.load_peers(peers_path)
@@ -184,6 +192,7 @@ class Daemon:
             for task in [*supervision, *background]:
                 task.cancel()
             await parts.peering.close()
+            await parts.specials.close()
             if listener is not None:
                 listener.close()
                 try:
@@ -220,7 +229,9 @@ class Daemon:
             hosts = list(self.sets.peers().values())
             results = await asyncio.gather(*(parts.peering.once_with(h) for h in hosts),
                                            return_exceptions=True)
+            await parts.specials.drain()  # what arrived has its specials run
         finally:
+            await parts.specials.close()
             shower.cancel()
             progress.close()
             parts.close()
@@ -329,6 +340,7 @@ class Daemon:
             "conflicts": parts.ctx.conflicts,
             **failing_status(parts.ctx.failing),
             "low_disk": {title: short.text() for title, short in parts.applier.short.items()},
+            "specials": parts.specials.status(),
         }
 
     async def _status_loop(self) -> None:
@@ -415,17 +427,21 @@ def listen_address(me: Host) -> str:
 
 def run_once(config_path: str, name: str | None, root: str, state_dir: str,
              peers_path: str, *, compress: bool, report: Callable[[str], None],
-             min_free: Reserve = DEFAULT_MIN_FREE) -> int:
+             min_free: Reserve = DEFAULT_MIN_FREE,
+             special_timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
     """``omirrord --once``: reconcile with every reachable peer, then exit."""
     daemon = Daemon(config_path, name, root, state_dir, peers_path, delay_s=0.0,
-                    compress=compress, min_free=min_free)
+                    compress=compress, min_free=min_free,
+                    special_timeout_s=special_timeout_s)
     return asyncio.run(daemon.run_once(report))
 
 
 def run_daemon(config_path: str, name: str | None, root: str, state_dir: str,
                peers_path: str, *, delay_s: float, compress: bool,
-               min_free: Reserve = DEFAULT_MIN_FREE) -> int:
+               min_free: Reserve = DEFAULT_MIN_FREE,
+               special_timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
     """Run until SIGTERM; errors in the configuration raise before anything starts."""
     daemon = Daemon(config_path, name, root, state_dir, peers_path, delay_s=delay_s,
-                    compress=compress, min_free=min_free)
+                    compress=compress, min_free=min_free,
+                    special_timeout_s=special_timeout_s)
     return asyncio.run(daemon.run())
