@@ -173,7 +173,7 @@ class Specials:
         if burst is None:
             burst = self._bursts[(title, command)] = _Burst(title, command, now, now)
             burst.timer = asyncio.get_running_loop().call_later(
-                self.quiet_s, self._burst_timer, burst)
+                min(self.quiet_s, self.gather_max_s), self._burst_timer, burst)
         burst.last = now
         if path not in burst.paths:
             burst.paths[path] = None
