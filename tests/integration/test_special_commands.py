@@ -25,6 +25,14 @@ def omirrord(c: Cluster, i: int, *args: str) -> subprocess.CompletedProcess[str]
                           timeout=60, env=env, stdin=subprocess.DEVNULL)
 
 
+def gone(pid: int) -> bool:
+    """Exited (a zombie its new parent has not reaped yet counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def lines(path: Path) -> list[str]:
     try:
         return path.read_text().splitlines()
@@ -102,3 +110,20 @@ def test_once_runs_the_specials_of_what_it_received_before_it_exits(
     assert lines(out) == ["/data/a", f"burst {c[1].data}/a"]
     assert omirrord(c, 1, "--check").returncode == 0
     assert len(lines(out)) == 2
+
+
+def test_a_hanging_special_is_stopped_at_its_timeout_and_at_the_daemons_stop(
+        make_cluster: MakeCluster, tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    c = make_cluster(2, extra_args=("--special-timeout", "3"), distfile_extra=(
+        f"\tspecial \"echo $$ >> {pids}; exec sleep 60\" ;"))
+    c.start()
+    (c[0].data / "first").write_bytes(b"1")
+    c.wait_until(lambda: "timed out after 3 s and was stopped" in c.log_text(1), CONVERGE_S,
+                 "the first run times out")
+    assert gone(int(lines(pids)[0]))
+    (c[0].data / "second").write_bytes(b"2")
+    c.wait_until(lambda: len(lines(pids)) == 2, CONVERGE_S, "the second run starts")
+    c.stop(1)  # exits 0 (checked by stop), the running command stopped first
+    assert gone(int(lines(pids)[1]))
+    assert "1 special commands still running are stopped" in c.log_text(1)
