@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_DIFFERENCES, EXIT_ERROR = 0, 1, 2
 DEFAULT_DELAY_S = 0.001
+DEFAULT_SPECIAL_TIMEOUT_S = 300.0  # omirror.specials.DEFAULT_TIMEOUT_S, not imported here
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 SYSLOG_SOCKET = "/dev/log"
 
@@ -52,6 +53,7 @@ class Options:
     syslog: str | None
     min_free: Reserve
     keep_versions: float
+    special_timeout: float
 
 
 _OPTIONS = [
@@ -88,6 +90,11 @@ _OPTIONS = [
                  type=click.FloatRange(min=0.0), metavar="DAYS",
                  help="Days the versions kept by 'install -osavetargets' stay; 0 for "
                       "ever."),
+    click.option("--special-timeout", envvar="OMIRRORD_SPECIAL_TIMEOUT",
+                 default=DEFAULT_SPECIAL_TIMEOUT_S, show_default=True,
+                 type=click.FloatRange(min=0.0, min_open=True), metavar="SECONDS",
+                 help="A special or cmdspecial command running longer is stopped "
+                      "(its process group: SIGTERM, then SIGKILL)."),
 ]
 
 
@@ -257,7 +264,8 @@ def _run(opts: Options) -> None:
 
     sys.exit(run_daemon(opts.config, opts.name, opts.root, opts.state_dir, opts.peers,
                         delay_s=opts.delay, compress=opts.compress, min_free=opts.min_free,
-                        keep_versions=opts.keep_versions))
+                        keep_versions=opts.keep_versions,
+                        special_timeout_s=opts.special_timeout))
 
 
 @reports_errors
@@ -284,7 +292,8 @@ def _once(opts: Options) -> None:
                            "keeps this host in sync already; use 'omirrord sync PATH' to "
                            "push paths now")
     sys.exit(run_once(opts.config, opts.name, opts.root, opts.state_dir, opts.peers,
-                      compress=opts.compress, report=click.echo, min_free=opts.min_free))
+                      compress=opts.compress, report=click.echo, min_free=opts.min_free,
+                      special_timeout_s=opts.special_timeout))
 
 
 def _load(opts: Options) -> tuple[Any, str]:

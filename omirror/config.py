@@ -13,6 +13,7 @@ What is accepted (docs/contract.rst, "The Distfile")::
             except /srv/www/cache ;
             except_pat ( \\.swp$ ~$ "\\.(tmp|bak)$" ) ;
             special /etc/nginx/nginx.conf "systemctl reload nginx" ;
+            cmdspecial /srv/www "/usr/local/bin/reindex" ;
 
 Choices made where rdist is loose or omirror differs:
 
@@ -48,7 +49,7 @@ from omirror.errors import ConfigError
 DEFAULT_PORT = 2808
 CONFIG_DEFAULT = "/etc/omirrd.conf"
 
-COMMANDS = ("install", "except", "except_pat", "special")
+COMMANDS = ("install", "except", "except_pat", "special", "cmdspecial")
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _LABEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
@@ -103,10 +104,23 @@ INSTALL_OPTIONS = (*InstallOptions.__dataclass_fields__, "remove")
 
 @dataclass(frozen=True, slots=True)
 class Special:
-    """A shell command run after a file is applied here (``path`` None: any file of the set)."""
+    """A shell command run here after a peer's version of a file under ``path`` (None:
+    any path of the set) is applied: once per file (``special``), or once per burst of
+    files with every name in ``$FILES`` (``cmdspecial``, ``burst`` true).
+
+    The runner is omirror/specials.py."""
 
     path: str | None
     command: str
+    burst: bool = False
+
+    def matches(self, path: bytes) -> bool:
+        """True for the logical path ``path`` when it is this special's path or lies
+        below it; rdist matches the path only, a directory here stands for its tree."""
+        if self.path is None:
+            return True
+        top = os.fsencode(self.path)[1:]
+        return not top or path == top or path.startswith(top + b"/")
 
 
 def set_label(title: str) -> str:
@@ -639,7 +653,7 @@ class _Parser:
         hosts = self.hosts(host_items, hosts_at)
         rules = _Rules()
         while self.at_command():
-            self.command(rules)
+            self.command(rules, files)
         if not rules.installed:
             self.fail_at(start, "this block has no install command: expected 'install ;' "
                                 "after the host list")
@@ -648,6 +662,7 @@ class _Parser:
             options=rules.options(), excepts=tuple(_unique(rules.excepts)),
             except_pats=tuple(_unique(rules.except_pats)), specials=tuple(rules.specials),
             line=start.line))
+        self.check_specials(self.sets[-1], rules)
 
     def files(self, items: list[_Item], at: _Token) -> tuple[str, ...]:
         """Refuses a path inside another of the same list; across blocks, :func:`set_for`
@@ -695,7 +710,7 @@ class _Parser:
         return (token.kind is _T.WORD and _NAME.match(token.text) is not None
                 and following.kind not in (_T.EQUALS, _T.COLON, _T.ARROW, _T.DCOLON, _T.OP))
 
-    def command(self, rules: _Rules) -> None:
+    def command(self, rules: _Rules, files: tuple[str, ...]) -> None:
         """Only :data:`COMMANDS`; any other rdist command is an error naming those."""
         name = self.advance()
         if name.text == "install":
@@ -706,8 +721,8 @@ class _Parser:
         elif name.text == "except_pat":
             for item in self.arguments(name, "a regular expression"):
                 rules.except_pats.append(self.regex(item))
-        elif name.text == "special":
-            self.special(name, rules)
+        elif name.text in ("special", "cmdspecial"):
+            self.special(name, rules, files)
         else:
             self.fail_at(name, f"unknown command '{name.text}'; expected one of "
                                f"{', '.join(COMMANDS)}")
@@ -770,21 +785,39 @@ class _Parser:
             self.fail_at(item, f"bad regular expression '{item.text}': {e}")
         return item.text
 
-    def special(self, name: _Token, rules: _Rules) -> None:
-        """Without a path, any file of the set; the command must be quoted. Parsed only:
-        nothing runs specials yet (README.rst)."""
-        paths: list[str | None] = [None]
+    def special(self, name: _Token, rules: _Rules, files: tuple[str, ...]) -> None:
+        """``special`` and ``cmdspecial``: without a path, every path of the set; a path
+        must lie in the block's FILES, since one outside could never match and would be
+        silently ignored. The command must be quoted (it is the shell's text)."""
+        paths: list[tuple[str | None, _Item | None]] = [(None, None)]
         if self.peek().kind in (_T.WORD, _T.LPAREN):
-            items, _ = self.operand("after special")
-            paths = [self.absolute(item, "special path") for item in items]
+            items, _ = self.operand(f"after {name.text}")
+            paths = [(self.absolute(item, f"{name.text} path"), item) for item in items]
+        for path, item in paths:
+            if path is not None and item is not None and not any(
+                    path == f or path.startswith(_dir_prefix(f)) for f in files):
+                self.fail_at(item, f"{name.text} path {path} is not inside this block's "
+                                   f"files ({', '.join(files)}): it could never match")
         command = self.advance()
         if command.kind is not _T.STRING:
             self.fail_at(command, f"found {command.describe()}, expected a quoted shell "
-                                  "command after special, like \"systemctl reload nginx\"")
+                                  f"command after {name.text}, like \"systemctl reload "
+                                  "nginx\"")
         if not command.text.strip():
-            self.fail_at(command, "the special command is empty")
+            self.fail_at(command, f"the {name.text} command is empty")
         self.expect_semi(name)
-        rules.specials.extend(Special(path, command.text) for path in paths)
+        for path, item in paths:
+            rules.specials.append(Special(path, command.text, name.text == "cmdspecial"))
+            if item is not None:
+                rules.special_items.append((path or "", item, name.text))
+
+    def check_specials(self, mset: MirrorSet, rules: _Rules) -> None:
+        """A special path the block excludes (``except`` may come after it) could never
+        match either."""
+        for path, item, command in rules.special_items:
+            if mset.is_excluded(os.fsencode(path)[1:]):
+                self.fail_at(item, f"{command} path {path} is excluded by this block's "
+                                   "except or except_pat: it could never match")
 
     def expect_semi(self, name: _Token) -> None:
         """A missing ';' is reported at the token found instead, naming the command."""
@@ -893,6 +926,9 @@ class _Rules:
     excepts: list[str] = field(default_factory=list)
     except_pats: list[str] = field(default_factory=list)
     specials: list[Special] = field(default_factory=list)
+    #: where each special path was written, and by which command: for the check of
+    #: the block's exclusions, which may come after it
+    special_items: list[tuple[str, _Item, str]] = field(default_factory=list)
 
     def options(self) -> InstallOptions:
         """``remove`` is dropped here: a mirror always removes what the source lacks."""

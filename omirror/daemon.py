@@ -40,6 +40,7 @@ from omirror.link import Context
 from omirror.peering import Peering
 from omirror.progress import Progress
 from omirror.scanner import Scanner
+from omirror.specials import DEFAULT_TIMEOUT_S, Specials
 from omirror.status import STATUS_EVERY_S, SeqTimes, failing_status, plural, write_status_file
 from omirror.store import TOMBSTONE_RETENTION_NS, Store
 from omirror.treeworker import TreeWorker
@@ -67,6 +68,11 @@ class Parts:
         self.ctx = Context(name, self.store, self.applier, self.scanner, daemon.root,
                            daemon.sets.shared_with, self.worker)
         self.ctx.stopped = daemon.sets.stopped_holding
+        # the specials of what peers' versions applied run in the loop, never in the
+        # tree worker, which only reports what it committed
+        self.specials = Specials(daemon.root, timeout_s=daemon.special_timeout_s)
+        self.ctx.resolver.on_applied = lambda applied: _soon(loop, self.specials.applied,
+                                                            applied)
         self.store.add_listener(lambda seq: _soon(loop, self.ctx.notify))
         self.seq_times = SeqTimes(self.store.last_seq, time.time())
         self.store.add_listener(
@@ -116,7 +122,8 @@ class Daemon:
     def __init__(self, config_path: str, name: str | None, root: str, state_dir: str,
                  peers_path: str, *, delay_s: float, compress: bool,
                  min_free: Reserve = DEFAULT_MIN_FREE,
-                 keep_versions: float = DEFAULT_KEEP_DAYS) -> None:
+                 keep_versions: float = DEFAULT_KEEP_DAYS,
+                 special_timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.config_path = config_path
         self.wanted_name = name
         self.root = os.fsencode(os.path.abspath(root))
@@ -127,6 +134,7 @@ class Daemon:
         self.min_free = min_free
         #: Days the versions kept by ``savetargets`` stay (omirror/versions.py); 0: ever.
         self.keep_versions = keep_versions
+        self.special_timeout_s = special_timeout_s
         config, me = self._read_config()
         self.sets = HostSets(config, me)
         self.keys = peerkeys.load_peers(peers_path)
@@ -190,6 +198,7 @@ class Daemon:
             for task in [*supervision, *background]:
                 task.cancel()
             await parts.peering.close()
+            await parts.specials.close()
             if listener is not None:
                 listener.close()
                 try:
@@ -240,7 +249,9 @@ class Daemon:
             hosts = list(self.sets.peers().values())
             results = await asyncio.gather(*(parts.peering.once_with(h) for h in hosts),
                                            return_exceptions=True)
+            await parts.specials.drain()  # what arrived has its specials run
         finally:
+            await parts.specials.close()
             shower.cancel()
             progress.close()
             parts.close()
@@ -349,6 +360,7 @@ class Daemon:
             "conflicts": parts.ctx.conflicts,
             **failing_status(parts.ctx.failing),
             "low_disk": {title: short.text() for title, short in parts.applier.short.items()},
+            "specials": parts.specials.status(),
         }
 
     async def _status_loop(self) -> None:
@@ -435,18 +447,22 @@ def listen_address(me: Host) -> str:
 
 def run_once(config_path: str, name: str | None, root: str, state_dir: str,
              peers_path: str, *, compress: bool, report: Callable[[str], None],
-             min_free: Reserve = DEFAULT_MIN_FREE) -> int:
+             min_free: Reserve = DEFAULT_MIN_FREE,
+             special_timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
     """``omirrord --once``: reconcile with every reachable peer, then exit."""
     daemon = Daemon(config_path, name, root, state_dir, peers_path, delay_s=0.0,
-                    compress=compress, min_free=min_free)
+                    compress=compress, min_free=min_free,
+                    special_timeout_s=special_timeout_s)
     return asyncio.run(daemon.run_once(report))
 
 
 def run_daemon(config_path: str, name: str | None, root: str, state_dir: str,
                peers_path: str, *, delay_s: float, compress: bool,
                min_free: Reserve = DEFAULT_MIN_FREE,
-               keep_versions: float = DEFAULT_KEEP_DAYS) -> int:
+               keep_versions: float = DEFAULT_KEEP_DAYS,
+               special_timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
     """Run until SIGTERM; errors in the configuration raise before anything starts."""
     daemon = Daemon(config_path, name, root, state_dir, peers_path, delay_s=delay_s,
-                    compress=compress, min_free=min_free, keep_versions=keep_versions)
+                    compress=compress, min_free=min_free, keep_versions=keep_versions,
+                    special_timeout_s=special_timeout_s)
     return asyncio.run(daemon.run())

@@ -63,6 +63,16 @@ class Need:
 Result = Need | ApplyError | PathRefused | None
 
 
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """A peer's version of a file or symlink, or its deletion, put in place here in a
+    set that has specials (omirror/specials.py runs them). Reported only once the
+    transaction that recorded it has committed."""
+
+    mset: MirrorSet
+    path: bytes
+
+
 class Resolver:
     """Applies peers' entries here, each by the same rules, whichever link brought it.
 
@@ -76,6 +86,10 @@ class Resolver:
         self.applier = applier
         self.scanner = scanner
         self.conflicts = 0
+        #: Told, in the tree worker, what a batch or an entry applied once it is
+        #: committed; it must not block (the daemon hands it to the event loop).
+        self.on_applied: Callable[[list[Applied]], None] = _ignore
+        self._applied: list[Applied] = []
 
     # -- a batch, and one entry -----------------------------------------------------------
 
@@ -90,6 +104,7 @@ class Resolver:
         outcomes: list[Result] = []
         considered: set[bytes] = set()
         dirs_made = True  # since the last _prepare: a file it skipped may have its parent
+        self._applied.clear()
         try:
             with applier.dirs.holding_roots():
                 with self.store.batch():
@@ -99,17 +114,30 @@ class Resolver:
                             self._prepare(sets, entries[i:], considered)
                             dirs_made = False
                         dirs_made = dirs_made or entry.kind is Kind.DIR
-                        outcome = self.one(peer, sets, entry, data, stopped)
+                        outcome = self._one(peer, sets, entry, data, stopped)
                         outcomes.append(outcome)
                         if isinstance(outcome, Need):
                             break
                     self._scan_strays(sets)
+        except BaseException:
+            self._applied.clear()  # rolled back: nothing of it was applied for good
+            raise
         finally:
             applier.prepared.discard()
+        self._report_applied()
         return outcomes
 
     def one(self, peer: str, sets: Sequence[MirrorSet], incoming: Entry, data: bytes | None,
             stopped: Callable[[bytes], str | None]) -> Result:
+        """Apply one entry on its own (a retry): each record it makes commits at once."""
+        self._applied.clear()
+        try:
+            return self._one(peer, sets, incoming, data, stopped)
+        finally:
+            self._report_applied()
+
+    def _one(self, peer: str, sets: Sequence[MirrorSet], incoming: Entry,
+             data: bytes | None, stopped: Callable[[bytes], str | None]) -> Result:
         """Apply one entry; whatever goes wrong is this entry's failure, never the
         link's: an error nobody foresaw is logged with its traceback and the entry is
         retried like any failed one, so the other paths and peers go on."""
@@ -129,7 +157,8 @@ class Resolver:
     def install(self, peer: str, sets: Sequence[MirrorSet], need: Need,
                 temp: TempFile) -> None:
         """Install content that was fetched, deciding again: the local version may have
-        changed while the content travelled."""
+        changed while the content travelled. Each record it makes commits at once."""
+        self._applied.clear()
         try:
             with self.applier.dirs.holding_roots():
                 temp.finish()
@@ -139,6 +168,18 @@ class Resolver:
                     self._resolve(peer, sets, need.mset, need.entry, None, temp)
         finally:
             self._scan_strays(sets)
+            self._report_applied()
+
+    def _report_applied(self) -> None:
+        if self._applied:
+            applied, self._applied = self._applied, []
+            self.on_applied(applied)
+
+    def _note_applied(self, mset: MirrorSet, path: bytes, kind: Kind | None) -> None:
+        """What runs specials: a file or a symlink, or the deletion of one (``kind`` is
+        what the path was here before); a directory alone runs nothing."""
+        if mset.specials and kind in (Kind.FILE, Kind.SYMLINK):
+            self._applied.append(Applied(mset, path))
 
     # -- the rules ------------------------------------------------------------------------
 
@@ -235,10 +276,22 @@ class Resolver:
     def _take(self, peer: str, sets: Sequence[MirrorSet], mset: MirrorSet, winner: Entry,
               record: Record | None, loser: Entry | None, data: bytes | None,
               temp: TempFile | None) -> Need | None:
-        """Theirs wins: put it in place; a concurrent local file is kept as its
-        conflict copy first."""
-        applier = self.applier
+        """Theirs wins: put it in place, and note it for the specials."""
         local = None if record is None else record.entry
+        outcome = self._put_in_place(peer, sets, mset, winner, record, local, loser, data,
+                                     temp)
+        if outcome is None:  # in place (a Need is installed later, and noted then)
+            was = None if local is None else local.kind
+            self._note_applied(mset, winner.path,
+                               was if winner.kind is Kind.TOMBSTONE else winner.kind)
+        return outcome
+
+    def _put_in_place(self, peer: str, sets: Sequence[MirrorSet], mset: MirrorSet,
+                      winner: Entry, record: Record | None, local: Entry | None,
+                      loser: Entry | None, data: bytes | None,
+                      temp: TempFile | None) -> Need | None:
+        """A concurrent local file is kept as its conflict copy first."""
+        applier = self.applier
         if loser is not None and local is not None and local.kind is Kind.FILE:
             self.conflicts += 1
             log.warning("peer=%s path=%s concurrent edits: theirs (%s) wins, ours (%s) is "
@@ -321,6 +374,8 @@ class Resolver:
         # is, since it wins over the rename's tombstone there: the content is copied
         move = source.entry.stamp < winner.stamp
         self.applier.copy_local(mset, winner, source.entry.path, move=move)
+        if move:  # the source's deletion here: its tombstone will find nothing to remove
+            self._note_applied(mset, source.entry.path, Kind.FILE)
         return True
 
     # -- around the rules -----------------------------------------------------------------
@@ -375,6 +430,10 @@ class Resolver:
     def _rescan(self, mset: MirrorSet, path: bytes, *, force: bool = False,
                 recursive: bool = False) -> None:
         self.scanner.scan_paths(mset, self.applier.root, [(path, recursive)], force=force)
+
+
+def _ignore(_applied: list[Applied]) -> None:
+    """The default :attr:`Resolver.on_applied`: nothing runs specials."""
 
 
 def _parents(path: bytes) -> Iterator[bytes]:

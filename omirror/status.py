@@ -157,6 +157,13 @@ def render(status: dict[str, Any], now: float | None = None) -> str:
     for title, text in sorted(low.items()):
         lines.append(f"  {title}: {text}")
     lines.append(f"conflicts     {status.get('conflicts', 0)}")
+    specials = status.get("specials") or {}
+    if specials:
+        lines.append(f"specials      {plural(specials.get('runs', 0), 'run')}, "
+                     f"{specials.get('failed', 0)} failed, "
+                     f"{specials.get('queued', 0)} queued or running, "
+                     f"{specials.get('gathering', 0)} bursts gathering, "
+                     f"{specials.get('dropped', 0)} dropped")
     failing = status.get("failing") or {}
     count = status.get("failing_count", len(failing))
     lines.append(f"failing       {count or 'none'}")

@@ -71,3 +71,56 @@ def test_a_peers_entry_with_attributes_no_peer_makes_is_refused(
         check_entry(entry)
     check_entry(Entry(path=b"data/x", kind=Kind.FILE, stamp=Stamp(5, "beta"),
                       digest=b"\0" * 16, xattrs=((b"user.a", b"1"),)))
+
+
+def test_applied_files_symlinks_and_their_deletions_are_reported_after_the_commit(
+        tmp_path: Path) -> None:
+    """What runs specials (omirror/specials.py): a peer's file, symlink, or the deletion
+    of one, told once its batch has committed; a directory, a version that loses to
+    ours, and a local change are not."""
+    root = tmp_path / "root"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / os.fsdecode(MARKER)).write_bytes(b"marker\n")
+    mset = config.parse("( /data ) -> ( alpha beta ) install ; special \"true\" ;\n",
+                        "test.conf").sets[0]
+    store = Store.open(tmp_path / "state")
+    scanner = Scanner(store, "alpha")
+    applier = Applier(os.fsencode(root), store, "alpha")
+    scanner.expected_absent = applier.expected_absent
+    scanner.scan_set(mset, os.fsencode(root))
+    resolver = Resolver(store, applier, scanner)
+    told: list[list[tuple[bytes, bool]]] = []
+    # each path as committed when it is told: a reader outside the transaction sees it
+    resolver.on_applied = lambda applied: told.append(
+        [(a.path, store.committed(a.path) is not None) for a in applied])
+
+    def version(path: bytes, kind: Kind, t: int, data: bytes = b"",
+                target: bytes = b"") -> tuple[Entry, bytes | None]:
+        stamp = Stamp(t * 10**18, "beta")
+        entry = Entry(path, kind, stamp, vector=(("beta", stamp.time_ns),),
+                      mode=0o755 if kind is Kind.DIR else 0o644, owner="root",
+                      group="root", mtime_ns=10**18 if kind is Kind.FILE else 0,
+                      size=len(data), digest=xxhash.xxh3_128(data).digest()
+                      if kind is Kind.FILE else b"", target=target)
+        return entry, data if kind is Kind.FILE else None
+
+    batch = [version(b"data/d", Kind.DIR, 2), version(b"data/d/f", Kind.FILE, 2, b"hi\n"),
+             version(b"data/l", Kind.SYMLINK, 2, target=b"d/f")]
+    assert resolver.batch("beta", [mset], batch, lambda path: None) == [None, None, None]
+    assert told == [[(b"data/d/f", True), (b"data/l", True)]]
+    assert (root / "data" / "d" / "f").read_bytes() == b"hi\n"
+
+    told.clear()
+    older = version(b"data/d/f", Kind.FILE, 1, b"older\n")  # ours wins: nothing applied
+    deletions = [version(b"data/d/f", Kind.TOMBSTONE, 3), version(b"data/d", Kind.TOMBSTONE, 3),
+                 version(b"data/l", Kind.TOMBSTONE, 3)]
+    assert resolver.batch("beta", [mset], [older, *deletions], lambda path: None) == \
+        [None] * 4
+    assert told == [[(b"data/d/f", True), (b"data/l", True)]]
+    assert not (root / "data" / "d").exists()
+
+    told.clear()
+    (root / "data" / "local").write_bytes(b"mine\n")
+    scanner.scan_set(mset, os.fsencode(root))
+    assert store.get(b"data/local") is not None and told == []
+    store.close()

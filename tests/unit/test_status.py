@@ -74,3 +74,12 @@ def test_failing_paths_are_counted_all_and_listed_first_by_path() -> None:
     assert "/data/a\\x0aforged" in shown["failing"]
     text = render({"name": "alpha", "peers": {}, **shown})
     assert "failing       5001" in text and "... and 4901 more" in text
+
+
+def test_render_counts_the_specials_when_the_daemon_reports_them() -> None:
+    base = {"name": "alpha", "pid": 42, "started": 1000.0, "last_seq": 7}
+    assert "specials" not in render(base, now=1000.0)
+    text = render({**base, "specials": {"runs": 5, "failed": 2, "queued": 1,
+                                        "gathering": 1, "dropped": 0}}, now=1000.0)
+    assert "specials      5 runs, 2 failed, 1 queued or running, 1 bursts gathering, " \
+           "0 dropped" in text
