@@ -33,10 +33,16 @@ from omirror.errors import StoreError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
-#: Schema 1 lacked the numeric owner ids (uid, gid); it is upgraded in place on open.
-_UPGRADES = {1: ("ALTER TABLE entries ADD COLUMN uid INTEGER NOT NULL DEFAULT -1",
-                 "ALTER TABLE entries ADD COLUMN gid INTEGER NOT NULL DEFAULT -1")}
+SCHEMA_VERSION = 3
+_ADD_IDS = ("ALTER TABLE entries ADD COLUMN uid INTEGER NOT NULL DEFAULT -1",
+            "ALTER TABLE entries ADD COLUMN gid INTEGER NOT NULL DEFAULT -1")
+_ADD_LINK = ("ALTER TABLE entries ADD COLUMN link BLOB NOT NULL DEFAULT x''",)
+#: Schema 1 lacked the numeric owner ids (uid, gid), schema 2 the link hint (link);
+#: each is upgraded in place on open.
+_UPGRADES = {1: _ADD_IDS + _ADD_LINK, 2: _ADD_LINK}
+#: The columns an older schema lacks, as a read-only reader (which must not upgrade)
+#: adds them to what it reads.
+_MISSING = {1: "-1 AS uid, -1 AS gid, x'' AS link", 2: "x'' AS link"}
 DB_NAME = "state.db"
 #: Deletions are remembered this long, so that a peer returning within it cannot
 #: resurrect a deleted file.
@@ -64,7 +70,8 @@ CREATE TABLE IF NOT EXISTS entries (
     sig_ino INTEGER,
     fast BLOB NOT NULL,
     uid INTEGER NOT NULL DEFAULT -1,
-    gid INTEGER NOT NULL DEFAULT -1
+    gid INTEGER NOT NULL DEFAULT -1,
+    link BLOB NOT NULL DEFAULT x''
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS entries_seq ON entries (seq);
 CREATE INDEX IF NOT EXISTS entries_dir ON entries (dir, path, fast);
@@ -77,7 +84,7 @@ CREATE TABLE IF NOT EXISTS cursors (
 """
 
 _COLUMNS = ("path, seq, kind, stamp_ns, origin, vector, mode, owner, grp, mtime_ns, size, "
-            "digest, target, moved_from, fast, uid, gid")
+            "digest, target, moved_from, fast, uid, gid, link")
 
 _SLOTS = ",".join("?" * (2 + _COLUMNS.count(",") + 1))
 
@@ -148,13 +155,14 @@ def fast_sig(kind: int, sig: StatSig | None) -> bytes:
 
 def _record(row: tuple) -> Record:  # type: ignore[type-arg]
     (path, seq, kind, stamp_ns, origin, vector, mode, owner, grp, mtime_ns, size,
-     digest, target, moved_from, fast, uid, gid) = row
+     digest, target, moved_from, fast, uid, gid, link) = row
     _, ino, ssize, smtime, sctime = FAST.unpack(fast)
     entry = Entry(path=bytes(path), kind=Kind(kind), stamp=Stamp(stamp_ns, origin),
                   vector=_unpack_vector(vector), mode=mode, owner=owner, group=grp,
                   uid=uid, gid=gid, mtime_ns=mtime_ns, size=size, digest=bytes(digest),
                   target=bytes(target),
-                  moved_from=None if moved_from is None else bytes(moved_from))
+                  moved_from=None if moved_from is None else bytes(moved_from),
+                  link=bytes(link))
     sig = None if ino == -1 else StatSig(ino, ssize, smtime, sctime)
     return Record(entry, seq, sig)
 
@@ -255,7 +263,7 @@ class Store:
         if row is None or int(row[0]) not in (SCHEMA_VERSION, *_UPGRADES):
             raise StoreError(f"state database {where} is not one this omirrord reads")
         if int(row[0]) != SCHEMA_VERSION:  # read as it is: upgrading it would write
-            conn.execute("CREATE TEMP VIEW entries AS SELECT *, -1 AS uid, -1 AS gid "
+            conn.execute(f"CREATE TEMP VIEW entries AS SELECT *, {_MISSING[int(row[0])]} "
                          "FROM main.entries")
         return cls(conn, str(where))
 
@@ -409,7 +417,7 @@ class Store:
                  int(entry.kind), entry.stamp.time_ns, entry.stamp.origin,
                  _pack_vector(entry.vector), entry.mode, entry.owner, entry.group,
                  entry.mtime_ns, entry.size, entry.digest, entry.target, entry.moved_from,
-                 fast_sig(entry.kind, sig), entry.uid, entry.gid))
+                 fast_sig(entry.kind, sig), entry.uid, entry.gid, entry.link))
             self._pending_seq = seq
         return seq
 

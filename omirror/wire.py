@@ -189,10 +189,10 @@ Message = (Hello | IHave | Start | EntryMsg | Want | Data | Copy | NoData | Ack 
 # -- encoding ------------------------------------------------------------------------------
 
 def entry_fields(e: Entry) -> list[Any]:
-    """The 15 fields :func:`decode_entry` expects; the intent log stores entries this way too."""
+    """The 16 fields :func:`decode_entry` expects; the intent log stores entries this way too."""
     return [e.path, int(e.kind), e.stamp.time_ns, e.stamp.origin,
             [[o, t] for o, t in e.vector], e.mode, e.owner, e.group, e.mtime_ns, e.size,
-            e.digest, e.target, e.moved_from, e.uid, e.gid]
+            e.digest, e.target, e.moved_from, e.uid, e.gid, e.link]
 
 
 def _body(msg: Message) -> tuple[Type, list[Any]]:
@@ -344,8 +344,13 @@ def _path(value: object, what: str = "path") -> bytes:
 def decode_entry(value: object) -> Entry:
     """An entry from the wire: types and ranges only; path safety and what the names may
     hold are the receiver's checks (``resolve.check_path`` and ``resolve.check_entry``),
-    which refuse one entry without closing the link."""
-    f = _array(value, 15, "entry")
+    which refuse one entry without closing the link.
+
+    An array of 15 (an entry without its link hint, as an intent log written before the
+    hint existed holds it) is read as having none."""
+    if isinstance(value, list) and len(value) == 15:
+        value = [*value, b""]
+    f = _array(value, 16, "entry")
     try:
         kind = Kind(_int(f[1], "entry kind", 0, 3))
     except ValueError:
@@ -360,7 +365,7 @@ def decode_entry(value: object) -> Entry:
     digest = _bytes(f[10], "digest", 16, (0, 16))
     if kind is Kind.FILE and len(digest) != 16:
         raise ProtocolError("a file entry needs a 16-byte digest")
-    return Entry(
+    entry = Entry(
         path=_path(f[0]), kind=kind,
         stamp=Stamp(_int(f[2], "stamp time"), _str(f[3], "stamp origin")),
         vector=tuple(sorted(set(vector))), mode=_int(f[5], "mode", 0, 0o7777),
@@ -368,7 +373,11 @@ def decode_entry(value: object) -> Entry:
         mtime_ns=_int(f[8], "mtime", -_INT64, _INT64), size=_int(f[9], "size"),
         digest=digest, target=_bytes(f[11], "symlink target", _MAX_PATH),
         moved_from=None if f[12] is None else _path(f[12], "moved_from"),
-        uid=_int(f[13], "uid", -1, _ID_MAX), gid=_int(f[14], "gid", -1, _ID_MAX))
+        uid=_int(f[13], "uid", -1, _ID_MAX), gid=_int(f[14], "gid", -1, _ID_MAX),
+        link=_bytes(f[15], "link", _MAX_PATH))
+    if entry.link and (kind is not Kind.FILE or entry.link == entry.path):
+        raise ProtocolError("a link hint belongs to a file entry and names another path")
+    return entry
 
 
 def _hello(f: object) -> Hello:
