@@ -347,6 +347,119 @@ class Applier:
             raise _not_the_content("move", source, entry)
         return st
 
+    def link_file(self, mset: MirrorSet, entry: Entry, source: bytes,
+                  held: Record) -> Record | None:
+        """Make ``entry`` a hard link to ``source``, another path of the same set whose
+        record ``held`` holds the same content (the caller checked), instead of writing
+        the content again; None when the file system will not link them (another file
+        system under the set, a link count at its limit, ``protected_hardlinks``): the
+        caller then writes the content.
+
+        The source must still be what ``held`` recorded (its stat, through descriptors),
+        or :class:`LocalChanged` says to record it first. The link is made at a temp
+        name beside the target (``linkat`` never follows a symlink), checked to be a
+        regular file with the source's inode, and renamed over the target as every
+        replacement here is (:func:`_rename_over`). Nothing is set on the file: its
+        owner, mode and mtime are the source's, which are the entry's.
+        """
+        _expect(entry, Kind.FILE)
+        self.dirs.top(mset, source)
+        if source == entry.path:
+            raise ValueError(f"link_file of {show(source)} onto itself")
+        opened = self.dirs.open_parent(mset, source, create=False, action="link")
+        if opened is None:
+            raise ApplyError(source, errno.ENOENT, f"cannot link {show(entry.path)} to "
+                                                   f"{show(source)}: it is gone")
+        src_dir, src_name = opened
+        try:
+            with os_errors(source, "link"):
+                before = fsio.lstat_at(src_dir, src_name)
+                if not matches(before, held) or before is None:
+                    raise LocalChanged(source, None, f"{show(source)} changed here before "
+                                       f"{show(entry.path)} could be linked to it")
+            dst_dir, name = self.dirs.parent_for_write(mset, entry.path, "write")
+            try:
+                with os_errors(entry.path, "write"):
+                    return self._link_at(mset, entry, source, src_dir, src_name, before,
+                                         dst_dir, name)
+            finally:
+                os.close(dst_dir)
+        finally:
+            os.close(src_dir)
+
+    def _link_at(self, mset: MirrorSet, entry: Entry, source: bytes, src_dir: int,
+                 src_name: bytes, before: os.stat_result, dst_dir: int,
+                 name: bytes) -> Record | None:
+        old = fsio.lstat_at(dst_dir, name)
+        if old is not None and fsio.same_version(old, before) and stat.S_ISREG(old.st_mode):
+            # linked already: it holds the source's content, which is the entry's, so
+            # nothing is replaced (whatever its record says: a version applied to the
+            # source changed it too)
+            return self._record(entry, old)
+        self._guard_target(entry.path, old)
+        with temp_at(dst_dir) as temp:
+            try:
+                os.link(src_name, temp, src_dir_fd=src_dir, dst_dir_fd=dst_dir,
+                        follow_symlinks=False)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EMLINK, errno.EPERM, errno.EACCES):
+                    raise
+                log.debug("path=%s not linked to %s: %s; its content is written",
+                          show(entry.path), show(source), e.strerror)
+                return None
+            held = os.open(temp, fsio.PATH_FLAGS, dir_fd=dst_dir)
+            try:
+                made = os.fstat(held)
+                # what the name held when it was linked: a file swapped in at the
+                # source's name after its check is not the content vouched for
+                if not stat.S_ISREG(made.st_mode) or not fsio.same_version(made, before):
+                    raise LocalChanged(source, None, f"{show(source)} changed here as "
+                                       f"{show(entry.path)} was being linked to it")
+                if old is not None and stat.S_ISDIR(old.st_mode):
+                    self._remove_empty_dir(dst_dir, name, entry)
+                self._intend(entry, made.st_ino)
+                _rename_over(dst_dir, temp, name, old, entry.path)
+                st = os.fstat(held)
+                self.dirs.placed(dst_dir, name, entry.path)
+            finally:
+                os.close(held)
+        if not _as_given(st, stat.S_IMODE(before.st_mode), before.st_mtime_ns) \
+                or st.st_size != before.st_size:
+            raise LocalChanged(entry.path, None, f"{show(entry.path)} changed here as it was "
+                               "linked to another name of the same content; the local "
+                               "change is recorded first")
+        record = self._record(entry, st)
+        self.relinked(mset, before, st, entry.path)
+        log.debug("path=%s linked to %s", show(entry.path), show(source))
+        return record
+
+    def relinked(self, mset: MirrorSet, before: os.stat_result, after: os.stat_result,
+                 skip: bytes) -> None:
+        """Give the other recorded names of a file whose link count this host just
+        changed (a link made, a name deleted) its new stat: the count moved their ctime,
+        nothing else, and a record left with the old one would have them hashed again
+        and a peer's next version of them held up as a local change.
+
+        Only a name recorded with the stat it had before (``before``) and holding the
+        same inode, mode, owner, size and mtime now is updated: a write, chmod or chown
+        landing meanwhile is a change the scanner must still see.
+        """
+        if before.st_nlink < 2 and after.st_nlink < 2:
+            return
+        was = StatSig.of(before)
+        for record in self.store.by_inode(before.st_ino):
+            path = record.entry.path
+            if path == skip or record.entry.kind is not Kind.FILE or record.sig != was \
+                    or not mset.contains(path):
+                continue
+            try:
+                now = self.dirs.lstat(mset, path)
+            except (PathRefused, OSError):
+                continue
+            if now is not None and fsio.same_version(now, before) \
+                    and now.st_ctime_ns == after.st_ctime_ns:
+                self.store.set_sig(path, Kind.FILE, StatSig.of(now))
+
     def adopt(self, mset: MirrorSet, entry: Entry, expect: StatSig) -> Record:
         """Record a version whose content is already in place here, with its attributes.
 
@@ -553,7 +666,7 @@ class Applier:
             try:
                 with os_errors(entry.path, "delete"):
                     self._intend(entry, 0)
-                    self._remove(parent, name, entry.path, self._keeper(mset, entry))
+                    self._remove(mset, parent, name, entry.path, self._keeper(mset, entry))
             finally:
                 os.close(parent)
         seq = self.store.put(entry, None)
@@ -561,13 +674,16 @@ class Applier:
         log.debug("path=%s applied tombstone stamp=%s", show(entry.path), entry.stamp)
         return Record(entry, seq, None)
 
-    def _remove(self, parent: int, name: bytes, path: bytes, keep: Keep | None) -> None:
+    def _remove(self, mset: MirrorSet, parent: int, name: bytes, path: bytes,
+                keep: Keep | None) -> None:
         old = fsio.lstat_at(parent, name)
         if old is None:
             return
         self._guard_target(path, old)
         if not stat.S_ISDIR(old.st_mode):
-            _take_away(parent, name, path, old, keep)
+            after = _take_away(parent, name, path, old, keep)
+            if after is not None:  # the file has other names: they stay
+                self.relinked(mset, old, after, path)
             return
         try:
             os.rmdir(name, dir_fd=parent)
@@ -935,29 +1051,39 @@ def _swap_in(src_dir: int, src: bytes, name: bytes, old: os.stat_result, path: b
 
 
 def _take_away(parent: int, name: bytes, path: bytes, old: os.stat_result,
-               keep: Keep | None = None) -> None:
+               keep: Keep | None = None) -> os.stat_result | None:
     """Delete the file or symlink at ``name``, checked to be ``old``, without losing a
     write that lands after the check: it is renamed to a temp name first (what is
     there then is what goes), examined, and only then unlinked; if it is not the file
     checked, or was written since, it is renamed back (:class:`LocalChanged`). ``keep``
-    (``savetargets``) is given the file first, and undone when it is put back."""
+    (``savetargets``) is given the file first, and undone when it is put back. Returns
+    the stat the file has after the unlink when it has other names (a hard link)."""
     undo = None if keep is None else keep(parent, name, old)
     try:
-        _take_away_checked(parent, name, path, old)
+        return _take_away_checked(parent, name, path, old)
     except BaseException:
         if undo is not None:
             undo()
         raise
 
 
-def _take_away_checked(parent: int, name: bytes, path: bytes, old: os.stat_result) -> None:
+def _take_away_checked(parent: int, name: bytes, path: bytes,
+                       old: os.stat_result) -> os.stat_result | None:
     temp = temp_name()
     os.rename(name, temp, src_dir_fd=parent, dst_dir_fd=parent)
     gone = fsio.lstat_at(parent, temp)
     if gone is None or fsio.same_version(gone, old):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp, dir_fd=parent)
-        return
+        if gone is None or gone.st_nlink < 2 or not stat.S_ISREG(gone.st_mode):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp, dir_fd=parent)
+            return None
+        held = os.open(temp, fsio.PATH_FLAGS, dir_fd=parent)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp, dir_fd=parent)
+            return os.fstat(held)
+        finally:
+            os.close(held)
     try:
         fsio.rename_noreplace(parent, temp, name)
     except FileExistsError:  # made again meanwhile: both are local, the later stays

@@ -130,6 +130,11 @@ class Entry:
     #: Set when the version was found to be a rename of another path, so a receiver
     #: holding that path's version can rename locally instead of transferring content.
     moved_from: bytes | None = field(default=None, compare=False)
+    #: Another name of the same inode in the same set, as the sender knew it when it
+    #: made this version (b"": none): a receiver holding that name's content links the
+    #: path to it instead of writing the content again. A hint, not content: it takes
+    #: no part in :meth:`same_content` or :func:`decide`.
+    link: bytes = field(default=b"", compare=False)
 
     @property
     def is_tombstone(self) -> bool:
@@ -153,7 +158,7 @@ class Entry:
     def successor(self, stamp: Stamp, **changes: object) -> Entry:
         """A newer local version of this path: new stamp, history extended."""
         vector = merge_vectors(self.vector, ((stamp.origin, stamp.time_ns),))
-        fields: dict[str, object] = {"moved_from": None, **changes}
+        fields: dict[str, object] = {"moved_from": None, "link": b"", **changes}
         return replace(self, stamp=stamp, vector=vector, **fields)  # type: ignore[arg-type]
 
 

@@ -100,6 +100,8 @@ class Pusher(Side):
         self.wants: asyncio.Queue[Want] = asyncio.Queue(maxsize=4)
         #: Hosts whose own versions reach the peer from them (it says so: wire.Direct)
         self.direct: frozenset[str] = frozenset()
+        #: :meth:`_links_earlier` of the entries of the page being sent, by seq
+        self._link_cache: dict[int, bool] = {}
 
     async def run(self) -> None:
         """The handshake, then the stream, the acknowledgements and the content served,
@@ -164,14 +166,38 @@ class Pusher(Side):
         if self.index or entry.kind is not Kind.FILE or entry.size > INLINE_MAX:
             return False
         origin = entry.stamp.origin
-        return origin == self.ctx.name or origin not in self.direct
+        return (origin == self.ctx.name or origin not in self.direct) \
+            and not self._links_earlier(record)
+
+    def _links_earlier(self, record: Record) -> bool:
+        """Whether the entry's link hint names a path of a set shared with the peer
+        whose version here holds the same content and comes earlier in the log: the
+        peer holds that content, or gets it first, and links the entry to it, so its
+        content stays here (if the peer cannot link, it asks for it)."""
+        entry = record.entry
+        if not entry.link:
+            return False
+        known = self._link_cache.get(record.seq)
+        if known is None:
+            source = None
+            if set_for(entry.link, self.ctx.sets_with(self.peer)) is not None:
+                source = self.ctx.store.committed(entry.link)
+            known = source is not None and source.seq < record.seq \
+                and source.entry.same_content(entry)
+            if len(self._link_cache) >= _PAGE:
+                self._link_cache.clear()
+            self._link_cache[record.seq] = known
+        return known
 
     @staticmethod
     def _outgoing(entry: Entry, sets: Sequence[MirrorSet]) -> Entry:
         """The entry as it may go to this peer: a rename from a path the peer does not
-        share (an excluded one, another set) goes as a new file, without naming it."""
+        share (an excluded one, another set) goes as a new file, without naming it, and
+        a link hint to such a path is dropped."""
         if entry.moved_from is not None and set_for(entry.moved_from, sets) is None:
             entry = replace(entry, moved_from=None)
+        if entry.link and set_for(entry.link, sets) is None:
+            entry = replace(entry, link=b"")
         if entry.uid < 0 or entry.gid < 0:
             # recorded before versions carried numeric ids: this host's ids of the names
             uid, gid = uid_named(entry.owner), gid_named(entry.group)

@@ -29,7 +29,7 @@ from omirror.errors import ApplyError, LocalChanged, PathRefused
 from omirror.paths import check_form, show, show_text
 from omirror.scanner import Scanner
 from omirror.staging import TempFile
-from omirror.store import Record, StatSig, Store
+from omirror.store import Record, StatSig, Store, matches
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,8 @@ class Resolver:
                         self._rescan(mset, incoming.path, force=True)
                         raise
                     force = True
-            elif temp is None and self._settle_without_disk(mset, winner, record):
+            elif temp is None and (self._settle_without_disk(mset, winner, record)
+                                   or self._settled_by_link(sets, mset, winner, record)):
                 return None
             # the disk differs from the record: a local change, unless the path lies
             # beyond a symlink, where what the disk shows is outside the tree (refused)
@@ -316,6 +317,8 @@ class Resolver:
                 # record it all now (the directory again, newer than the tombstone),
                 # or the peers would not have these files until the next full rescan
                 self._rescan(mset, winner.path, recursive=True)
+        elif winner.link and self._link_file(sets, mset, winner):
+            pass  # another name of the same content here: linked, nothing written
         elif local is not None and local.kind is Kind.FILE and local.digest == winner.digest \
                 and record is not None and record.sig is not None:
             applier.adopt(mset, winner, record.sig)
@@ -355,6 +358,47 @@ class Resolver:
             return False
         applier.adopt(mset, winner, StatSig.of(here))
         return True
+
+    def _settled_by_link(self, sets: Sequence[MirrorSet], mset: MirrorSet, winner: Entry,
+                         record: Record | None) -> bool:
+        """A file linked here to its hint's name, whose version here holds the incoming
+        content and matches the disk: the version applied to that name (a chmod through
+        it) changed this one too, as it did where the version was made. Recorded as
+        it is; without this, the change would be taken for a local one of this name."""
+        source = self._link_source(sets, mset, winner)
+        if source is None or record is None or record.entry.kind is not Kind.FILE:
+            return False
+        dirs = self.applier.dirs
+        there, here = dirs.lstat(mset, source.entry.path), dirs.lstat(mset, winner.path)
+        if there is None or here is None or not matches(there, source) \
+                or not fsio.same_file(there, here) or not stat.S_ISREG(here.st_mode):
+            return False
+        self.applier.link_file(mset, winner, source.entry.path, source)
+        return True
+
+    def _link_source(self, sets: Sequence[MirrorSet], mset: MirrorSet,
+                     winner: Entry) -> Record | None:
+        """The record of the path ``winner``'s link hint names, when it is one to link
+        to: a path of the same set here (a hint outside it, or excluded, is ignored,
+        never refused: it is a hint) whose version holds the same content."""
+        if not winner.link or winner.kind is not Kind.FILE \
+                or set_for(winner.link, sets) is not mset:
+            return None
+        source = self.store.get(winner.link)
+        if source is None or source.sig is None or not source.entry.same_content(winner):
+            return None
+        return source
+
+    def _link_file(self, sets: Sequence[MirrorSet], mset: MirrorSet, winner: Entry) -> bool:
+        """Make the path a hard link to its hint's name, when that holds the same content
+        here, as the sender's names are links of one file; False to write the content.
+
+        Linking gives nobody anything new: both paths are in one set, and the content is
+        the one this host already holds under the other name (docs/security.rst)."""
+        source = self._link_source(sets, mset, winner)
+        if source is None or not self.applier.disk_matches(mset, source.entry.path, source):
+            return False
+        return self.applier.link_file(mset, winner, source.entry.path, source) is not None
 
     def _move_file(self, sets: Sequence[MirrorSet], mset: MirrorSet, winner: Entry) -> bool:
         """Apply a peer's rename as a rename here, when the source is the same content
@@ -476,6 +520,8 @@ def check_entry(entry: Entry) -> None:
     check_form(entry.path)
     if entry.moved_from is not None:
         check_form(entry.moved_from)
+    if entry.link:
+        check_form(entry.link)
     origins = [entry.stamp.origin, *(origin for origin, _ in entry.vector)]
     for origin in origins:
         if not _HOST_NAME.match(origin):

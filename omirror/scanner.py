@@ -335,6 +335,14 @@ class _Run:
         self.force = False
         self.store_empty = scanner.store.count() == 0
         self.tops = sorted((logical(top) for top in mset.files), key=len, reverse=True)
+        #: Files with other names (st_nlink > 1) recorded in this run, by (device,
+        #: inode): each name recorded, with its version and the stat it was made from.
+        #: Their link hints are chosen as they are written (:meth:`_hint_links`), and
+        #: the other names are examined at the end of the run (:meth:`_other_names`).
+        self.links: dict[tuple[int, int], dict[bytes, tuple[Entry, os.stat_result]]] = {}
+        self.link_keys: dict[bytes, tuple[int, int]] = {}
+        #: Inodes whose names were examined by :meth:`_other_names` in this run.
+        self.links_done: set[tuple[int, int]] = set()
         #: The set's roots and the directories on the way to the paths examined alone.
         self.opener = fsio.Opener(root)
 
@@ -676,6 +684,10 @@ class _Run:
             self.stats.changed += 1
             if previous.kind is Kind.DIR and kind is not Kind.DIR:
                 self._bury_below(path)
+        if kind is Kind.FILE and st.st_nlink > 1:
+            key = (st.st_dev, st.st_ino)
+            self.links.setdefault(key, {})[path] = (entry, st)
+            self.link_keys[path] = key
         self.pending.append((entry, sig))
 
     def _xattrs(self, path: bytes, kind: Kind, st: os.stat_result, dir_fd: int, name: bytes,
@@ -870,6 +882,8 @@ class _Run:
     def flush(self) -> None:
         """One store batch per _FLUSH_EVERY paths, not one per path; with ``dry_run``,
         the versions go to ``stats.changes`` and the store is not written."""
+        if self.links:
+            self._hint_links()
         if self.dry_run:
             self.stats.changes.extend(entry for entry, _ in self.pending)
         elif self.pending or self.sig_updates:
@@ -894,6 +908,8 @@ class _Run:
         """Record the deletions, after every new path, so that a rename's new name is in
         the log before its old name's tombstone and a receiver can still rename."""
         self.flush()
+        while len(self.links_done) < len(self.links):
+            self._other_names()
         now = self.sc.clock()
         gone: dict[bytes, Record] = {}
         for path in self.vanished:
@@ -906,6 +922,68 @@ class _Run:
             self._bury(gone[path], now)
             if len(self.pending) >= _FLUSH_EVERY:
                 self.flush()
+        self.flush()
+
+    # -- hard links -----------------------------------------------------------------------
+
+    def _hint_links(self) -> None:
+        """Give each pending version of a file with other names its link hint: another
+        name of the inode in this set, one holding the same content first (a receiver
+        links only to a name whose content it holds). Chosen when the versions are
+        written, so that names found in one directory (a catch-up scan) name each
+        other, and a receiver links whichever of them arrives second."""
+        for i, (entry, sig) in enumerate(self.pending):
+            if entry.kind is not Kind.FILE or sig is None or entry.link:
+                continue
+            key = self.link_keys.get(entry.path)
+            if key is None:
+                continue
+            names = self.links[key]
+            st = names[entry.path][1]
+            hint = next(self._names_of(entry, st, same_content_first=True), None)
+            if hint is not None:
+                self.pending[i] = (replace(entry, link=hint), sig)
+                names[entry.path] = (self.pending[i][0], st)
+
+    def _names_of(self, entry: Entry, st: os.stat_result, *,
+                  same_content_first: bool = False) -> Iterator[bytes]:
+        """The other names of the file ``entry`` was made from that this set holds, as
+        recorded (in the store, or earlier in this run) and checked on disk now (device
+        and inode, through descriptors): a name outside the set, or excluded, is none."""
+        held = {r.entry.path: r.entry for r in self.store.by_inode(st.st_ino)
+                if r.entry.kind is Kind.FILE}
+        for e, _ in self.links.get((st.st_dev, st.st_ino), {}).values():
+            held[e.path] = e
+        held.pop(entry.path, None)
+        order = sorted(held, key=lambda p: (not (same_content_first
+                                                 and held[p].same_content(entry)), p))
+        for path in order:
+            if not self.mset.contains(path):
+                continue
+            now = self._lstat(path)
+            if now is not None and stat.S_ISREG(now.st_mode) and fsio.same_file(now, st):
+                yield path
+
+    def _other_names(self) -> None:
+        """Examine the other names of the files with several names recorded in this run:
+        content written through one name changes the others without an event for them.
+        Then warn of names the set does not hold (rdist's "missing links"), unless the
+        set says ``ignlnks``."""
+        for key, names in list(self.links.items()):
+            if key in self.links_done:
+                continue
+            self.links_done.add(key)
+            path, (entry, st) = next(iter(names.items()))
+            others = list(self._names_of(entry, st))
+            for other in others:
+                if other not in names:
+                    self.visit_top(other, recursive=False)
+            found = 1 + len(others)
+            if st.st_nlink > found and not self.mset.options.ignlnks and not self.dry_run:
+                log.warning("set=%s path=%s: %d missing links: the file has %d names, %d "
+                            "of them in the set; only those are mirrored, as links of one "
+                            "another (install -oignlnks silences this)", self.mset.title,
+                            show(path), st.st_nlink - found, st.st_nlink, found)
         self.flush()
 
     def _sweep(self, dir_fd: int, path: bytes) -> None:

@@ -34,15 +34,17 @@ from omirror.errors import StoreError
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 3
-#: Schema 1 lacked the numeric owner ids (uid, gid), schema 2 the extended attributes;
-#: both are upgraded in place on open.
-_ADD_XATTRS = "ALTER TABLE entries ADD COLUMN xattrs BLOB"
-_UPGRADES = {1: ("ALTER TABLE entries ADD COLUMN uid INTEGER NOT NULL DEFAULT -1",
-                 "ALTER TABLE entries ADD COLUMN gid INTEGER NOT NULL DEFAULT -1",
-                 _ADD_XATTRS),
-             2: (_ADD_XATTRS,)}
-#: What an older schema lacks, as the read-only view of it shows them.
-_MISSING = {1: "-1 AS uid, -1 AS gid, NULL AS xattrs", 2: "NULL AS xattrs"}
+_ADD_IDS = ("ALTER TABLE entries ADD COLUMN uid INTEGER NOT NULL DEFAULT -1",
+            "ALTER TABLE entries ADD COLUMN gid INTEGER NOT NULL DEFAULT -1")
+_ADD_3 = ("ALTER TABLE entries ADD COLUMN xattrs BLOB",
+          "ALTER TABLE entries ADD COLUMN link BLOB NOT NULL DEFAULT x''")
+#: Schema 1 lacked the numeric owner ids (uid, gid), schema 2 the extended attributes
+#: (xattrs) and the link hint (link); each is upgraded in place on open.
+_UPGRADES = {1: _ADD_IDS + _ADD_3, 2: _ADD_3}
+#: The columns an older schema lacks, as a read-only reader (which must not upgrade)
+#: adds them to what it reads.
+_MISSING = {1: "-1 AS uid, -1 AS gid, NULL AS xattrs, x'' AS link",
+            2: "NULL AS xattrs, x'' AS link"}
 DB_NAME = "state.db"
 #: Deletions are remembered this long, so that a peer returning within it cannot
 #: resurrect a deleted file.
@@ -71,7 +73,8 @@ CREATE TABLE IF NOT EXISTS entries (
     fast BLOB NOT NULL,
     uid INTEGER NOT NULL DEFAULT -1,
     gid INTEGER NOT NULL DEFAULT -1,
-    xattrs BLOB
+    xattrs BLOB,
+    link BLOB NOT NULL DEFAULT x''
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS entries_seq ON entries (seq);
 CREATE INDEX IF NOT EXISTS entries_dir ON entries (dir, path, fast);
@@ -84,7 +87,7 @@ CREATE TABLE IF NOT EXISTS cursors (
 """
 
 _COLUMNS = ("path, seq, kind, stamp_ns, origin, vector, mode, owner, grp, mtime_ns, size, "
-            "digest, target, moved_from, fast, uid, gid, xattrs")
+            "digest, target, moved_from, fast, uid, gid, xattrs, link")
 
 _SLOTS = ",".join("?" * (2 + _COLUMNS.count(",") + 1))
 
@@ -169,13 +172,14 @@ def fast_sig(kind: int, sig: StatSig | None) -> bytes:
 
 def _record(row: tuple) -> Record:  # type: ignore[type-arg]
     (path, seq, kind, stamp_ns, origin, vector, mode, owner, grp, mtime_ns, size,
-     digest, target, moved_from, fast, uid, gid, xattrs) = row
+     digest, target, moved_from, fast, uid, gid, xattrs, link) = row
     _, ino, ssize, smtime, sctime = FAST.unpack(fast)
     entry = Entry(path=bytes(path), kind=Kind(kind), stamp=Stamp(stamp_ns, origin),
                   vector=_unpack_vector(vector), mode=mode, owner=owner, group=grp,
                   uid=uid, gid=gid, mtime_ns=mtime_ns, size=size, digest=bytes(digest),
                   target=bytes(target), xattrs=_unpack_xattrs(xattrs),
-                  moved_from=None if moved_from is None else bytes(moved_from))
+                  moved_from=None if moved_from is None else bytes(moved_from),
+                  link=bytes(link))
     sig = None if ino == -1 else StatSig(ino, ssize, smtime, sctime)
     return Record(entry, seq, sig)
 
@@ -431,7 +435,7 @@ class Store:
                  _pack_vector(entry.vector), entry.mode, entry.owner, entry.group,
                  entry.mtime_ns, entry.size, entry.digest, entry.target, entry.moved_from,
                  fast_sig(entry.kind, sig), entry.uid, entry.gid,
-                 _pack_xattrs(entry.xattrs)))
+                 _pack_xattrs(entry.xattrs), entry.link))
             self._pending_seq = seq
         return seq
 

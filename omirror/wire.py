@@ -203,12 +203,12 @@ Message = (Hello | IHave | Start | EntryMsg | Want | Data | Copy | NoData | Ack 
 # -- encoding ------------------------------------------------------------------------------
 
 def entry_fields(e: Entry) -> list[Any]:
-    """The 16 fields :func:`decode_entry` expects; the intent log stores entries this way
+    """The 17 fields :func:`decode_entry` expects; the intent log stores entries this way
     too. The extended attributes travel as one flat array, name, value, name, value."""
     return [e.path, int(e.kind), e.stamp.time_ns, e.stamp.origin,
             [[o, t] for o, t in e.vector], e.mode, e.owner, e.group, e.mtime_ns, e.size,
             e.digest, e.target, e.moved_from, e.uid, e.gid,
-            [item for pair in e.xattrs for item in pair]]
+            [item for pair in e.xattrs for item in pair], e.link]
 
 
 def _body(msg: Message) -> tuple[Type, list[Any]]:
@@ -362,9 +362,13 @@ def _path(value: object, what: str = "path") -> bytes:
 def decode_entry(value: object) -> Entry:
     """An entry from the wire: types and ranges only; path safety and what the names may
     hold are the receiver's checks (``resolve.check_path`` and ``resolve.check_entry``),
-    which refuse one entry without closing the link."""
-    # an entry of 15 fields is one an older omirrord left in its intent log
-    f = value if isinstance(value, list) and len(value) == 15 else _array(value, 16, "entry")
+    which refuse one entry without closing the link.
+
+    An array of 15 (an entry without its attributes and link hint, as an intent log
+    written by an older omirrord holds it) is read as having neither."""
+    if isinstance(value, list) and len(value) == 15:
+        value = [*value, [], b""]
+    f = _array(value, 17, "entry")
     try:
         kind = Kind(_int(f[1], "entry kind", 0, 3))
     except ValueError:
@@ -379,7 +383,7 @@ def decode_entry(value: object) -> Entry:
     digest = _bytes(f[10], "digest", 16, (0, 16))
     if kind is Kind.FILE and len(digest) != 16:
         raise ProtocolError("a file entry needs a 16-byte digest")
-    return Entry(
+    entry = Entry(
         path=_path(f[0]), kind=kind,
         stamp=Stamp(_int(f[2], "stamp time"), _str(f[3], "stamp origin")),
         vector=tuple(sorted(set(vector))), mode=_int(f[5], "mode", 0, 0o7777),
@@ -388,7 +392,10 @@ def decode_entry(value: object) -> Entry:
         digest=digest, target=_bytes(f[11], "symlink target", _MAX_PATH),
         moved_from=None if f[12] is None else _path(f[12], "moved_from"),
         uid=_int(f[13], "uid", -1, _ID_MAX), gid=_int(f[14], "gid", -1, _ID_MAX),
-        xattrs=_xattrs(f[15]) if len(f) > 15 else ())
+        xattrs=_xattrs(f[15]), link=_bytes(f[16], "link", _MAX_PATH))
+    if entry.link and (kind is not Kind.FILE or entry.link == entry.path):
+        raise ProtocolError("a link hint belongs to a file entry and names another path")
+    return entry
 
 
 def _xattrs(value: object) -> tuple[tuple[bytes, bytes], ...]:

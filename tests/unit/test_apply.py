@@ -1331,3 +1331,54 @@ def test_a_set_with_noxattrs_leaves_the_attributes_here_alone(tmp_path: Path) ->
         assert os.listxattr(h.path(b"data/f")) == ["user.local"]
     finally:
         h.store.close()
+
+
+# -- hard links ----------------------------------------------------------------------------
+
+
+def test_link_file_links_to_the_source_and_records_the_new_name(host: Host) -> None:
+    source = host.write(b"data/a", b"shared")
+    entry = replace(file_entry(b"data/b", b"shared"), link=b"data/a")
+    record = host.applier.link_file(host.mset, entry, b"data/a", source)
+    a, b = os.lstat(host.data / "a"), os.lstat(host.data / "b")
+    assert record is not None and (a.st_ino, a.st_nlink) == (b.st_ino, 2)
+    assert record.sig == StatSig.of(b) and host.store.get(b"data/a").sig == StatSig.of(a)
+    assert host.leftovers() == [] and host.scan() == 1  # /data itself: no echo
+
+
+def test_link_file_refuses_a_source_changed_since_its_record(host: Host) -> None:
+    source = host.write(b"data/a", b"shared")
+    host.write(b"data/b", b"before", stamp=Stamp(1, "beta"))
+    entry = file_entry(b"data/b", b"shared")
+    with open(host.data / "a", "r+b") as f:
+        f.write(b"S")
+    with pytest.raises(LocalChanged):
+        host.applier.link_file(host.mset, entry, b"data/a", source)
+    os.unlink(host.data / "a")
+    os.symlink("/etc/passwd", host.data / "a")  # a name swapped for a symlink: never linked
+    with pytest.raises(LocalChanged):
+        host.applier.link_file(host.mset, entry, b"data/a", source)
+    assert (host.data / "b").read_bytes() == b"before" and host.leftovers() == []
+
+
+def test_link_file_never_replaces_a_local_change_of_the_target(host: Host) -> None:
+    source = host.write(b"data/a", b"shared")
+    host.write(b"data/b", b"before", stamp=Stamp(1, "beta"))
+    (host.data / "b").write_bytes(b"edited here")
+    with pytest.raises(LocalChanged):
+        host.applier.link_file(host.mset, file_entry(b"data/b", b"shared"), b"data/a", source)
+    assert (host.data / "b").read_bytes() == b"edited here" and host.leftovers() == []
+
+
+def test_link_file_says_none_where_the_file_system_will_not_link(
+        host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = host.write(b"data/a", b"shared")
+
+    def no_link(*_: object, **__: object) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_link)
+    entry = file_entry(b"data/b", b"shared")
+    assert host.applier.link_file(host.mset, entry, b"data/a", source) is None
+    assert not (host.data / "b").exists() and host.leftovers() == []
+    assert host.store.get(b"data/b") is None

@@ -182,6 +182,52 @@ def test_a_relayed_version_travels_without_content_to_a_peer_that_has_its_origin
     store.close()
 
 
+def test_a_name_linked_to_one_sent_before_travels_without_its_content(
+        tmp_path: Path) -> None:
+    """Hard links: the content crosses once; the receiver links the second name to the
+    first (or asks for the content). A hint naming a path the peer does not share is
+    not sent at all."""
+    root = tmp_path / "root"
+    (root / "data" / "private").mkdir(parents=True)
+    (root / "data" / os.fsdecode(MARKER)).write_bytes(b"marker\n")
+    (root / "data" / "a").write_bytes(b"shared content\n")
+    os.link(root / "data" / "a", root / "data" / "b")
+    (root / "data" / "lone").write_bytes(b"one name\n")
+    mset = config.parse(DISTFILE + "    except /data/private ;\n", "test.conf").sets[0]
+    store = Store.open(tmp_path / "state")
+    Scanner(store, "alpha").scan_set(mset, os.fsencode(root))
+    names = {b"data/a", b"data/b", b"data/lone"}
+
+    async def run() -> dict[bytes, tuple[bool, bytes]]:
+        async def tree(fn, *args):  # type: ignore[no-untyped-def]
+            return fn(*args)
+        ctx = Context("alpha", store, None, None, os.fsencode(root),  # type: ignore[arg-type]
+                      lambda peer: [mset], tree)
+        frames = Frames()
+        pusher = Pusher(ctx, "beta", None, frames, LinkStats())
+        streaming = asyncio.ensure_future(pusher._stream(0))
+
+        def carried() -> dict[bytes, tuple[bool, bytes]]:
+            return {m.entry.path: (m.data is not None, m.entry.link) for m in frames.sent
+                    if isinstance(m, EntryMsg) and m.entry.path in names}
+        for _ in range(500):
+            if len(carried()) == len(names):
+                break
+            await asyncio.sleep(0.01)
+        streaming.cancel()
+        return carried()
+
+    a, b = store.get(b"data/a"), store.get(b"data/b")
+    assert a is not None and b is not None
+    first, second = sorted((a, b), key=lambda r: r.seq)  # in the order the scan listed them
+    assert asyncio.run(run()) == {first.entry.path: (True, second.entry.path),
+                                  second.entry.path: (False, first.entry.path),
+                                  b"data/lone": (True, b"")}
+    hidden = Pusher._outgoing(replace(a.entry, link=b"data/private/c"), [mset])
+    assert hidden.link == b"" and Pusher._outgoing(a.entry, [mset]).link == b"data/b"
+    store.close()
+
+
 def test_a_page_of_large_small_files_is_read_a_few_mib_at_a_time() -> None:
     """Files up to 1 MiB travel inline; a page of 256 of them read at once would hold
     256 MiB. The page is cut where the content read at once would pass 8 MiB."""

@@ -787,3 +787,89 @@ def test_what_a_renamed_directory_holds_is_stamped_by_its_arrival_in_a_later_wal
     assert tree.entry("e").kind is Kind.DIR and tree.entry("e/f") is None
     tree.scanner.scan_paths(tree.mset, base, [(b"data/e", True)])
     assert tree.entry("e/f").stamp.time_ns >= arrived_at > made_at
+
+
+# -- hard links --------------------------------------------------------------------------
+
+def test_names_of_one_inode_found_together_name_each_other(tree: Tree) -> None:
+    """A catch-up scan finds both names in one directory: each version's link hint names
+    the other, so a receiver links whichever arrives second."""
+    (tree.data / "a").write_bytes(b"shared")
+    os.link(tree.data / "a", tree.data / "b")
+    (tree.data / "lone").write_bytes(b"one name")
+    tree.scan()
+    assert (tree.entry("a").link, tree.entry("b").link) == (b"data/b", b"data/a")
+    assert tree.entry("lone").link == b""
+
+
+def test_a_new_link_names_the_recorded_name_which_is_not_a_new_version(tree: Tree) -> None:
+    (tree.data / "a").write_bytes(b"shared")
+    tree.scan()
+    seq_a = tree.store.get(b"data/a").seq  # type: ignore[union-attr]
+    os.link(tree.data / "a", tree.data / "b")
+    stats = tree.scanner.scan_paths(tree.mset, os.fsencode(tree.base), [(b"data/b", False)])
+    assert stats.new == 1 and stats.changed == 0
+    assert tree.entry("b").link == b"data/a"
+    # its ctime moved with the link count: looked at again, the same version
+    held = tree.store.get(b"data/a")
+    assert held is not None and held.seq == seq_a
+    assert held.sig == StatSig.of(os.lstat(tree.data / "a"))
+
+
+def test_content_written_through_one_name_gives_every_name_a_new_version(tree: Tree) -> None:
+    """The other names change without an event of their own: they are examined too."""
+    (tree.data / "a").write_bytes(b"old")
+    (tree.data / "sub").mkdir()
+    os.link(tree.data / "a", tree.data / "sub" / "b")
+    tree.scan()
+    with open(tree.data / "a", "r+b") as f:  # in place: the inode stays
+        f.write(b"new content")
+    stats = tree.scanner.scan_paths(tree.mset, os.fsencode(tree.base), [(b"data/a", False)])
+    assert stats.changed == 2
+    a, b = tree.entry("a"), tree.entry("sub/b")
+    assert a.digest == b.digest == xxhash.xxh3_128_digest(b"new content")
+    assert b.link == b"data/a"  # recorded after a: holds the same content
+
+
+def test_a_hint_never_names_a_path_outside_the_set_or_excluded(tmp_path: Path) -> None:
+    t = Tree(tmp_path, "    except /data/private ;\n")
+    (t.data / "private").mkdir()
+    (t.data / "a").write_bytes(b"x")
+    os.link(t.data / "a", t.data / "private" / "b")
+    os.link(t.data / "a", tmp_path / "outside")
+    t.scan()
+    assert t.entry("a").link == b""
+    t.store.close()
+
+
+def test_links_outside_the_set_are_warned_of_unless_ignlnks(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """rdist's "N missing links", once per inode per scan."""
+    def missing(extra: str, base: Path) -> list[str]:
+        t = Tree(base, extra)
+        (t.data / "private").mkdir()
+        (t.data / "a").write_bytes(b"x")
+        os.link(t.data / "a", t.data / "b")
+        os.link(t.data / "a", t.data / "private" / "c")
+        os.link(t.data / "a", base / "outside")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="omirror.scanner"):
+            t.scan()
+        t.store.close()
+        return [r.getMessage() for r in caplog.records if "missing links" in r.getMessage()]
+
+    warned = missing("    except /data/private ;\n", tmp_path / "one")
+    assert len(warned) == 1 and "2 missing links" in warned[0]
+    assert "has 4 names, 2 of them in the set" in warned[0]
+    assert missing("    install -oignlnks ;\n    except /data/private ;\n",
+                   tmp_path / "two") == []
+
+
+def test_all_names_in_the_set_warn_of_nothing(tree: Tree,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    (tree.data / "d").mkdir()
+    (tree.data / "a").write_bytes(b"x")
+    os.link(tree.data / "a", tree.data / "d" / "b")
+    with caplog.at_level(logging.WARNING, logger="omirror.scanner"):
+        tree.scan()
+    assert not [r for r in caplog.records if "missing links" in r.getMessage()]

@@ -36,12 +36,15 @@ def store(tmp_path: Path) -> Store:
 def test_entry_round_trips_every_field(store: Store) -> None:
     entry = Entry(path=b"srv/www/caf\xe9.html", kind=Kind.FILE, stamp=Stamp(5, "beta"),
                   vector=(("alpha", 3), ("beta", 5)), mode=0o640, owner="www", group="adm",
-                  mtime_ns=123, size=9, digest=b"\x01" * 16, target=b"", moved_from=b"old\xff")
+                  mtime_ns=123, size=9, digest=b"\x01" * 16, target=b"", moved_from=b"old\xff",
+                  link=b"srv/www/other\xfe")
     sig = StatSig(ino=42, size=9, mtime_ns=123, ctime_ns=456)
     seq = store.put(entry, sig)
     got = store.get(entry.path)
     assert got is not None
     assert got.entry == entry and got.entry.moved_from == b"old\xff"
+    assert got.entry.link == b"srv/www/other\xfe"  # a hint: kept, though not compared
+    assert [r.entry.link for r in store.since(0)] == [b"srv/www/other\xfe"]
     assert got.sig == sig and got.seq == seq
 
 
@@ -227,18 +230,19 @@ def test_the_database_is_readable_by_its_owner_only(tmp_path: Path) -> None:
     assert (tmp_path / "state" / "state.db").stat().st_mode & 0o777 == 0o600
 
 
-def test_a_store_of_schema_1_is_read_and_upgraded(tmp_path: Path) -> None:
-    """Schema 2 added the numeric owner ids. A store written by an omirrord before it is
-    read as it is by --check (which writes nothing), and upgraded in place by a daemon:
-    its versions keep everything, with ids not known (-1)."""
+def _old_store(db: Path, schema: int) -> None:
+    """A store as an omirrord of that schema wrote it, holding one version."""
     from omirror import store as store_module
 
-    db = tmp_path / store_module.DB_NAME
+    gone = ",\n    xattrs BLOB,\n    link BLOB NOT NULL DEFAULT x''"
+    if schema < 2:
+        gone = ",\n    uid INTEGER NOT NULL DEFAULT -1,\n    gid INTEGER NOT NULL DEFAULT -1" \
+            + gone
+    assert gone in store_module._SCHEMA
     conn = sqlite3.connect(db)
-    conn.executescript(store_module._SCHEMA.replace(
-        ",\n    uid INTEGER NOT NULL DEFAULT -1,\n    gid INTEGER NOT NULL DEFAULT -1", "")
-        .replace(",\n    xattrs BLOB", ""))
-    conn.executemany("INSERT INTO meta VALUES (?, ?)", [("schema", 1), ("epoch", "e" * 32),
+    conn.executescript(store_module._SCHEMA.replace(gone, ""))
+    conn.executemany("INSERT INTO meta VALUES (?, ?)", [("schema", schema),
+                                                         ("epoch", "e" * 32),
                                                          ("floor", 0), ("last_seq", 1)])
     conn.execute("INSERT INTO entries (path, dir, seq, kind, stamp_ns, origin, vector, mode, "
                  "owner, grp, mtime_ns, size, digest, target, moved_from, sig_ino, fast) "
@@ -247,50 +251,37 @@ def test_a_store_of_schema_1_is_read_and_upgraded(tmp_path: Path) -> None:
                   store_module.fast_sig(1, None)))
     conn.commit()
     conn.close()
+
+
+@pytest.mark.parametrize("schema", [1, 2])
+def test_a_store_of_an_older_schema_is_read_and_upgraded(tmp_path: Path, schema: int) -> None:
+    """Schema 2 added the numeric owner ids, schema 3 the extended attributes and the link
+    hint. A store written by an omirrord before them is read as it is by --check (which
+    writes nothing), and upgraded in place by a daemon: its versions keep everything,
+    with ids not known (-1), no attributes and no link hint."""
+    from omirror import store as store_module
+
+    db = tmp_path / store_module.DB_NAME
+    _old_store(db, schema)
     with Store.open_readonly(tmp_path) as old:
         record = old.get(b"data/f")
         assert record is not None and (record.entry.owner, record.entry.uid) == ("root", -1)
-    with Store.open(tmp_path) as upgraded:
-        record = upgraded.get(b"data/f")
-        assert record is not None and record.entry.stamp == Stamp(5, "beta")
-        assert (record.entry.uid, record.entry.gid) == (-1, -1)
-        upgraded.put(replace(record.entry, uid=0, gid=0), None)
-        assert upgraded.get(b"data/f").entry.uid == 0  # type: ignore[union-attr]
-    conn = sqlite3.connect(db)
-    assert conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == 3
-    conn.close()
-
-
-def test_a_store_of_schema_2_gains_extended_attributes(tmp_path: Path) -> None:
-    """Schema 3 added the extended attributes: a store of schema 2 is read as it is by
-    --check (no attributes) and upgraded in place by a daemon, where a version keeps
-    the attributes it is given."""
-    from omirror import store as store_module
-
-    db = tmp_path / store_module.DB_NAME
-    conn = sqlite3.connect(db)
-    conn.executescript(store_module._SCHEMA.replace(",\n    xattrs BLOB", ""))
-    conn.executemany("INSERT INTO meta VALUES (?, ?)", [("schema", 2), ("epoch", "e" * 32),
-                                                         ("floor", 0), ("last_seq", 1)])
-    conn.execute("INSERT INTO entries (path, dir, seq, kind, stamp_ns, origin, vector, mode, "
-                 "owner, grp, mtime_ns, size, digest, target, moved_from, sig_ino, fast) "
-                 "VALUES (?,?,1,1,5,'beta',?,420,'root','root',0,1,?,?,NULL,NULL,?)",
-                 (b"data/f", b"data", msgpack.packb([["beta", 5]]), b"\0" * 16, b"",
-                  store_module.fast_sig(1, None)))
-    conn.commit()
-    conn.close()
-    with Store.open_readonly(tmp_path) as old:
-        record = old.get(b"data/f")
-        assert record is not None and record.entry.xattrs == ()
+        assert record.entry.link == b"" and record.entry.xattrs == ()
     attrs = ((b"system.posix_acl_access", b"user::rw-"), (b"user.a", b"\0\xff"))
     with Store.open(tmp_path) as upgraded:
         record = upgraded.get(b"data/f")
-        assert record is not None and record.entry.xattrs == ()
-        upgraded.put(replace(record.entry, xattrs=attrs), None)
-        assert upgraded.get(b"data/f").entry.xattrs == attrs  # type: ignore[union-attr]
+        assert record is not None and record.entry.stamp == Stamp(5, "beta")
+        assert (record.entry.uid, record.entry.gid, record.entry.link) == (-1, -1, b"")
+        upgraded.put(replace(record.entry, uid=0, gid=0, link=b"data/g", xattrs=attrs), None)
+        got = upgraded.get(b"data/f")
+        assert got is not None and (got.entry.uid, got.entry.link) == (0, b"data/g")
+        assert got.entry.xattrs == attrs
     conn = sqlite3.connect(db)
     assert conn.execute("SELECT value FROM meta WHERE key='schema'").fetchone()[0] == 3
     conn.close()
+    with Store.open(tmp_path) as again:  # reopened: the link hint stayed
+        got = again.get(b"data/f")
+        assert got is not None and got.entry.link == b"data/g"
 
 
 def test_a_transaction_reads_its_own_writes_through_its_record_cache(tmp_path: Path) -> None:

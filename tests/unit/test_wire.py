@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import struct
 import time
+from dataclasses import replace
 
 import msgpack
 import pytest
@@ -64,9 +65,9 @@ def body(kind: int, fields: object) -> bytes:
 
 def entry_list(**changes: object) -> list[object]:
     fields = ["path", "kind", "time", "origin", "vector", "mode", "owner", "group", "mtime",
-              "size", "digest", "target", "moved_from", "uid", "gid", "xattrs"]
+              "size", "digest", "target", "moved_from", "uid", "gid", "xattrs", "link"]
     values = dict(zip(fields, [b"p", 1, 5, "a", [["a", 5]], 0o644, "u", "g", 1, 3,
-                               b"\0" * 16, b"", None, 1000, 1000, []]))
+                               b"\0" * 16, b"", None, 1000, 1000, [], b""]))
     values.update(changes)
     return [values[f] for f in fields]
 
@@ -96,7 +97,12 @@ def entry_list(**changes: object) -> list[object]:
     (body(4, [1, entry_list(xattrs=[b"user.a", "1"]), None]), "xattr value"),
     (body(4, [1, entry_list(xattrs=[b"u" * 300, b"1"]), None]), "xattr name"),
     (body(4, [1, entry_list(xattrs=[b"user.a", b"x" * 65537]), None]), "xattr value"),
-    (body(4, [1, entry_list()[:14], None]), "expected an array of 16"),
+    (body(4, [1, entry_list(link="q"), None]), "link: expected bytes"),
+    (body(4, [1, entry_list(link=None), None]), "link: expected bytes"),
+    (body(4, [1, entry_list(link=b"q" * 4097), None]), "link: expected bytes"),
+    (body(4, [1, entry_list(link=b"p"), None]), "names another path"),
+    (body(4, [1, entry_list(kind=2, digest=b"", link=b"q"), None]), "belongs to a file"),
+    (body(4, [1, entry_list()[:14], None]), "expected an array of 17"),
     # a block of one byte would make the pusher hash a 64 MiB file in 64 M pieces
     (body(5, [1, b"p", b"\0" * 16, 1, [b"\0" * 16]]), "WANT block size 1"),
     (body(5, [1, b"p", b"\0" * 16, 1 << 30, [b"\0" * 16]]), "block size"),
@@ -120,6 +126,20 @@ def test_an_entry_of_fifteen_fields_is_one_without_extended_attributes() -> None
     with_attrs = decode(body(4, [1, entry_list(xattrs=[b"user.a", b"1"]), None]))
     assert isinstance(with_attrs, EntryMsg)
     assert with_attrs.entry.xattrs == ((b"user.a", b"1"),)
+
+
+def test_the_link_hint_round_trips_though_entries_compare_without_it() -> None:
+    linked = replace(ENTRY, link=b"srv/www/other\xff")
+    got = decode(encode(EntryMsg(3, linked, None))[4:])
+    assert isinstance(got, EntryMsg) and got.entry.link == b"srv/www/other\xff"
+    plain = decode(encode(EntryMsg(3, ENTRY, None))[4:])
+    assert isinstance(plain, EntryMsg) and plain.entry.link == b""
+
+
+def test_an_entry_of_15_fields_is_read_as_one_without_a_link_hint() -> None:
+    """As an intent log written before the hint existed holds it."""
+    got = decode(body(4, [1, entry_list()[:15], None]))
+    assert isinstance(got, EntryMsg) and got.entry.link == b"" and got.entry.uid == 1000
 
 
 class _Stream:
