@@ -218,13 +218,21 @@ class Versions:
 
     def _put(self, area_dir: int, dir_fd: int, name: bytes, base: bytes,
              old: os.stat_result) -> bytes | None:
-        """Link (or copy) the file into the open area directory under a free name."""
+        """Link (or copy) the file into the open area directory under a free name.
+
+        A file with other names (a hard link) is copied: those names stay, and a write
+        through one of them would change a linked version too."""
         now = self.clock()
         for n in range(_MAX_SUFFIX):
             kept = kept_name(base, now, n)
             if len(kept) > NAME_MAX:
                 raise OSError(errno.ENAMETOOLONG, f"{len(kept)} bytes are too long a name "
                                                   "for the kept version")
+            if old.st_nlink > 1:
+                try:
+                    return kept if _copy(dir_fd, name, area_dir, kept, old) else None
+                except FileExistsError:
+                    continue
             try:
                 os.link(name, kept, src_dir_fd=dir_fd, dst_dir_fd=area_dir,
                         follow_symlinks=False)

@@ -80,6 +80,22 @@ def test_a_file_replaced_by_another_kind_is_kept(host: Host, kind: str) -> None:
     assert kept_files(host) == {f"f~{STAMP}": b"content"}
 
 
+def test_a_file_with_other_names_is_kept_as_a_copy(host: Host) -> None:
+    """Its other names stay: a version linked to them would change with every write
+    through them."""
+    assert host.scan() == 1
+    host.write(b"data/a", b"shared")
+    os.link(host.data / "a", host.data / "b")
+    host.scan()
+    host.write(b"data/a", b"replaced", stamp=LATER)
+    kept = area(host) / f"a~{STAMP}"
+    assert kept.read_bytes() == b"shared"
+    assert os.lstat(kept).st_ino != os.lstat(host.data / "b").st_ino
+    with open(host.data / "b", "r+b") as f:
+        f.write(b"S")
+    assert kept.read_bytes() == b"shared"
+
+
 def test_a_change_of_attributes_alone_keeps_nothing(host: Host) -> None:
     host.write(b"data/f", b"content", mode=0o640)
     host.write(b"data/f", b"content", mode=0o600, stamp=LATER)
