@@ -60,6 +60,13 @@ _TAG_TEXT = {_USER_OBJ: b"user", _USER: b"user", _GROUP_OBJ: b"group", _GROUP: b
              _MASK: b"mask", _OTHER: b"other"}
 _NAMED = (_USER, _GROUP)
 _UNSUPPORTED = (errno.ENOTSUP, errno.EOPNOTSUPP)
+#: Devices found to keep no attributes (some list none but refuse to set any, as ramfs
+#: does): what is read there says nothing of what a version holds.
+_unsupported_devices: set[int] = set()
+
+
+def _unsupported(fd: int) -> None:
+    _unsupported_devices.add(os.fstat(fd).st_dev)
 
 
 class BadXattrs(ValueError):
@@ -126,10 +133,13 @@ def read(fd: int, policy: Policy) -> Xattrs | None:
     and reading is simply not there."""
     if not policy.enabled:
         return ()
+    if _unsupported_devices and os.fstat(fd).st_dev in _unsupported_devices:
+        return None
     try:
         names = os.listxattr(fd)
     except OSError as e:
         if e.errno in _UNSUPPORTED:
+            _unsupported(fd)
             return None
         raise
     pairs = []
@@ -185,9 +195,9 @@ class Writer:
             have = {os.fsencode(n) for n in os.listxattr(fd)}
         except OSError as e:
             if e.errno in _UNSUPPORTED:
+                _unsupported(fd)
                 if want:
-                    self._tell(where, "nosupport", "the file system here keeps no extended "
-                               "attributes: they are not mirrored onto it")
+                    self._no_support(where)
                 return
             raise
         for name in sorted(have):
@@ -204,11 +214,19 @@ class Writer:
                     continue
             self._call(os.setxattr, fd, name, raw, where=where)
 
+    def _no_support(self, where: str) -> None:
+        self._tell(where, "nosupport", "the file system here keeps no extended attributes: "
+                   "they are not set on it, and the versions keep the ones they carry")
+
     def _call(self, call: object, fd: int, name: bytes, *args: bytes, where: str) -> None:
         try:
             call(fd, name, *args)  # type: ignore[operator]
         except OSError as e:
-            if e.errno in (*_UNSUPPORTED, errno.EPERM, errno.EACCES, errno.E2BIG,
+            if e.errno in _UNSUPPORTED:
+                _unsupported(fd)
+                self._no_support(where)
+                return
+            if e.errno in (errno.EPERM, errno.EACCES, errno.E2BIG,
                            errno.ENOSPC, errno.ERANGE, errno.EINVAL):
                 self._tell(where, f"{name!r}:{e.errno}",
                            f"extended attribute {name.decode('utf-8', 'replace')} cannot be "

@@ -6,6 +6,9 @@ from __future__ import annotations
 import logging
 import os
 import pwd
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -153,3 +156,40 @@ def test_the_writer_says_once_what_it_cannot_set_and_goes_on(
     assert "system.posix_acl_access" not in os.listxattr(f)
     told = [r for r in caplog.records if "posix_acl_access" in r.getMessage()]
     assert len(told) == 1 and "set t" in told[0].getMessage()
+
+
+_ON_RAMFS = r"""
+import logging, os, sys
+from omirror import xattrs
+logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
+path = sys.argv[1] + "/f"
+open(path, "w").close()
+fd = os.open(path, os.O_RDONLY)
+writer = xattrs.Writer()
+for _ in range(3):
+    writer.apply(fd, ((b"user.a", b"1"), (b"user.b", b"2")), xattrs.Policy(), "set t")
+recorded = ((b"user.a", b"1"),)
+print("read:", xattrs.read(fd, xattrs.Policy()))
+print("merged:", xattrs.merged(xattrs.read(fd, xattrs.Policy()), recorded, xattrs.Policy()))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
+                    reason="needs root and unshare to mount a ramfs")
+def test_a_file_system_without_attributes_is_told_once_and_never_drops_them(
+        tmp_path: Path) -> None:
+    """ramfs lists no attributes and refuses to set any: once that is known, what is read
+    there is "unknown", so a local edit there never makes a version without them."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    script = tmp_path / "on_ramfs.py"
+    script.write_text(_ON_RAMFS)
+    out = subprocess.run(
+        ["unshare", "--mount", "sh", "-c",
+         f'mount -t ramfs none "$1" && exec "{sys.executable}" "$2" "$1"', "sh",
+         str(mnt), str(script)], capture_output=True, text=True, timeout=60, check=True,
+        cwd=Path(__file__).resolve().parents[2]).stdout
+    told = [line for line in out.splitlines() if "keeps no extended attributes" in line]
+    assert len(told) == 1 and "set t" in told[0], out
+    assert "read: None" in out
+    assert "merged: ((b'user.a', b'1'),)" in out
