@@ -54,6 +54,7 @@ class Options:
     min_free: Reserve
     keep_versions: float
     special_timeout: float
+    metrics_file: str | None
 
 
 _OPTIONS = [
@@ -95,6 +96,10 @@ _OPTIONS = [
                  type=click.FloatRange(min=0.0, min_open=True), metavar="SECONDS",
                  help="A special or cmdspecial command running longer is stopped "
                       "(its process group: SIGTERM, then SIGKILL)."),
+    click.option("--metrics-file", envvar="OMIRRORD_METRICS_FILE", default=None,
+                 metavar="PATH",
+                 help="The daemon keeps its metrics in this file, in the Prometheus text "
+                      "format, for node_exporter's textfile collector (name it *.prom)."),
 ]
 
 
@@ -265,7 +270,8 @@ def _run(opts: Options) -> None:
     sys.exit(run_daemon(opts.config, opts.name, opts.root, opts.state_dir, opts.peers,
                         delay_s=opts.delay, compress=opts.compress, min_free=opts.min_free,
                         keep_versions=opts.keep_versions,
-                        special_timeout_s=opts.special_timeout))
+                        special_timeout_s=opts.special_timeout,
+                        metrics_file=opts.metrics_file))
 
 
 @reports_errors
@@ -323,6 +329,21 @@ def status_command(ctx: click.Context, /, as_json: bool, **_: Any) -> None:
     opts = options_of(ctx)
     status = control.request(opts.state_dir, "status")["status"]
     click.echo(json.dumps(status, indent=2, sort_keys=True) if as_json else render(status))
+
+
+@main.command("metrics")
+@shared_options
+@click.pass_context
+@reports_errors
+def metrics_command(ctx: click.Context, /, **_: Any) -> None:
+    """Ask the running daemon how it is doing, in the Prometheus text format: what
+    status shows, as gauges and counters (the metrics of --metrics-file)."""
+    from omirror import control
+    from omirror.metrics import exposition
+
+    opts = options_of(ctx)
+    status = control.request(opts.state_dir, "status")["status"]
+    click.echo(exposition(status), nl=False)
 
 
 @main.command("keygen")

@@ -11,7 +11,8 @@ Distfile and the peers file.
 
 Where each job lives: the sets (hostsets.py), the tree worker (treeworker.py), the
 watches and scans (indexer.py), the links (peering.py), the control socket
-(control.py), the status (status.py) and systemd (systemd.py).
+(control.py), the status (status.py; in metrics.py for Prometheus) and systemd
+(systemd.py).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from omirror.errors import OmirrorError
 from omirror.hostsets import HostSets
 from omirror.indexer import Indexer
 from omirror.link import Context
+from omirror.metrics import MetricsFile
 from omirror.peering import Peering
 from omirror.progress import Progress
 from omirror.scanner import Scanner
@@ -123,7 +125,8 @@ class Daemon:
                  peers_path: str, *, delay_s: float, compress: bool,
                  min_free: Reserve = DEFAULT_MIN_FREE,
                  keep_versions: float = DEFAULT_KEEP_DAYS,
-                 special_timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+                 special_timeout_s: float = DEFAULT_TIMEOUT_S,
+                 metrics_file: str | None = None) -> None:
         self.config_path = config_path
         self.wanted_name = name
         self.root = os.fsencode(os.path.abspath(root))
@@ -135,6 +138,10 @@ class Daemon:
         #: Days the versions kept by ``savetargets`` stay (omirror/versions.py); 0: ever.
         self.keep_versions = keep_versions
         self.special_timeout_s = special_timeout_s
+        #: ``--metrics-file``: rewritten with status.json (omirror/metrics.py); None: off.
+        self.metrics = None if metrics_file is None else MetricsFile(metrics_file)
+        if self.metrics is not None:
+            self.metrics.check()
         config, me = self._read_config()
         self.sets = HostSets(config, me)
         self.keys = peerkeys.load_peers(peers_path)
@@ -205,7 +212,10 @@ class Daemon:
                     await asyncio.wait_for(listener.wait_closed(), 2)
                 except (TimeoutError, OSError, asyncssh.Error):
                     pass
-            write_status_file(self.state_dir, self.status())
+            final = self.status()
+            write_status_file(self.state_dir, final)
+            if self.metrics is not None:
+                self.metrics.write(final)
             parts.close()
             self.parts = None
             log.info("stopped")
@@ -365,7 +375,11 @@ class Daemon:
 
     async def _status_loop(self) -> None:
         while True:
-            write_status_file(self.state_dir, self.status())
+            status = self.status()
+            write_status_file(self.state_dir, status)
+            if self.metrics is not None:
+                # its sync may wait on a busy disk: in a pool thread, in turn
+                await asyncio.to_thread(self.metrics.write, status, self.metrics.ticket())
             await asyncio.sleep(STATUS_EVERY_S)  # the status file's refresh period
 
     # -- what systemd hears ----------------------------------------------------------------
@@ -460,9 +474,10 @@ def run_daemon(config_path: str, name: str | None, root: str, state_dir: str,
                peers_path: str, *, delay_s: float, compress: bool,
                min_free: Reserve = DEFAULT_MIN_FREE,
                keep_versions: float = DEFAULT_KEEP_DAYS,
-               special_timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
+               special_timeout_s: float = DEFAULT_TIMEOUT_S,
+               metrics_file: str | None = None) -> int:
     """Run until SIGTERM; errors in the configuration raise before anything starts."""
     daemon = Daemon(config_path, name, root, state_dir, peers_path, delay_s=delay_s,
                     compress=compress, min_free=min_free, keep_versions=keep_versions,
-                    special_timeout_s=special_timeout_s)
+                    special_timeout_s=special_timeout_s, metrics_file=metrics_file)
     return asyncio.run(daemon.run())
