@@ -215,7 +215,7 @@ class Daemon:
             final = self.status()
             write_status_file(self.state_dir, final)
             if self.metrics is not None:
-                self.metrics.write(final)
+                self.metrics.close(final)
             parts.close()
             self.parts = None
             log.info("stopped")
@@ -378,8 +378,7 @@ class Daemon:
             status = self.status()
             write_status_file(self.state_dir, status)
             if self.metrics is not None:
-                # its sync may wait on a busy disk: in a pool thread, in turn
-                await asyncio.to_thread(self.metrics.write, status, self.metrics.ticket())
+                self.metrics.submit(status)  # in its own thread: a sync may be slow
             await asyncio.sleep(STATUS_EVERY_S)  # the status file's refresh period
 
     # -- what systemd hears ----------------------------------------------------------------

@@ -16,6 +16,7 @@ rename, so the collector never reads half of it.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import secrets
@@ -241,11 +242,17 @@ class MetricsFile:
     textfile collector, reading ``*.prom``, ignores), made 0644 whatever the umask,
     synced, and renamed over the target: a reader sees the old file or the new, never
     part of one, and a crash leaves no empty file. A symlink planted at the path is
-    replaced, never written through. Writes run in a pool thread (a sync may block on a
-    busy disk, and the loop must not); one lock keeps them in turn, and a write older
-    than one already done is dropped, so a write left running by the status loop when
-    the daemon stops cannot overwrite the final one.
+    replaced, never written through.
+
+    The status loop hands each write to a thread of this file's own (:meth:`submit`): a
+    sync may wait long on a busy disk, and neither the loop nor ``status.json`` must
+    wait with it, nor must it queue behind the pushers' reads in the loop's pool. A
+    status that comes while the last write still runs is skipped (the next is newer).
+    The final write at stop (:meth:`close`) runs after the one in flight: one lock keeps
+    writes in turn, and a write older than one already done is dropped.
     """
+
+    THREAD_NAME = "omirror-metrics"
 
     def __init__(self, path: str) -> None:
         self.path = os.path.abspath(path)
@@ -254,6 +261,8 @@ class MetricsFile:
         self._issued = 0
         self._written = 0
         self._error: str | None = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, self.THREAD_NAME)
+        self._pending: concurrent.futures.Future[bool] | None = None
 
     def check(self) -> None:
         """At start: make sure the directory takes files, without touching the target
@@ -276,16 +285,34 @@ class MetricsFile:
                 f"{show_name(os.fsencode(self._dir))}: {e.strerror or e} (under the "
                 "systemd unit, the directory must be in ReadWritePaths=)") from None
 
-    def ticket(self) -> int:
-        """The order of a write: take it in the loop, when the status is taken."""
+    def submit(self, status: Mapping[str, Any]) -> bool:
+        """From the loop: write this status in the file's thread; False if skipped
+        because the last write still runs. The text is made here, from a status no
+        other thread sees."""
+        if self._pending is not None and not self._pending.done():
+            return False
+        data = exposition(status).encode("utf-8")
+        self._pending = self._pool.submit(self._write, data, self._ticket())
+        return True
+
+    def close(self, status: Mapping[str, Any]) -> bool:
+        """At stop: write this last status after any write in flight, and end the
+        thread. False if it could not be written (logged)."""
+        written = self.write(status)
+        self._pool.shutdown(wait=True)
+        return written
+
+    def write(self, status: Mapping[str, Any]) -> bool:
+        """Replace the file with this status's metrics now, in this thread; False (and
+        logged, once per distinct error) if it cannot be written."""
+        return self._write(exposition(status).encode("utf-8"), self._ticket())
+
+    def _ticket(self) -> int:
+        """The order of a write, taken when its status is."""
         self._issued += 1
         return self._issued
 
-    def write(self, status: Mapping[str, Any], ticket: int | None = None) -> bool:
-        """Replace the file with this status's metrics; False (and logged, once per
-        distinct error) if it cannot be written. Runs in any thread."""
-        ticket = self.ticket() if ticket is None else ticket
-        data = exposition(status).encode("utf-8")
+    def _write(self, data: bytes, ticket: int) -> bool:
         with self._lock:
             if ticket <= self._written:
                 return True  # a newer status is on disk already

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -206,15 +207,45 @@ def test_a_symlink_at_the_path_is_replaced_not_written_through(tmp_path: Path) -
     assert at(read_back(target), "omirror_conflicts_total") == 3
 
 
-def test_a_write_older_than_the_last_one_done_is_dropped(tmp_path: Path) -> None:
-    """The status loop's write may still run when the daemon writes its final status:
-    whichever ends last, the final one stays."""
+def test_a_slow_write_skips_the_statuses_meanwhile_and_the_final_one_comes_last(
+        tmp_path: Path) -> None:
+    """A sync stuck on a busy disk must not queue a write per status (twice a second),
+    and the write at stop must land after it, not be overwritten by it."""
     target = tmp_path / "omirror.prom"
     metrics = MetricsFile(str(target))
-    early = metrics.ticket()
-    final = {**full_status(), "phase": "stopping"}
-    assert metrics.write(final)  # takes a later ticket
-    assert metrics.write({**full_status(), "phase": "running"}, early)
+    replace = metrics._replace
+    entered, release = threading.Event(), threading.Event()
+    written: list[bytes] = []
+
+    def slow(data: bytes) -> None:
+        entered.set()
+        assert release.wait(10)
+        replace(data)
+        written.append(data)
+
+    metrics._replace = slow  # type: ignore[method-assign]
+    assert metrics.submit({**full_status(), "queue": 1})
+    assert entered.wait(10)
+    assert not metrics.submit({**full_status(), "queue": 2})  # the first still runs
+    closing = threading.Thread(target=metrics.close,
+                               args=({**full_status(), "phase": "stopping"},))
+    closing.start()
+    release.set()
+    closing.join(10)
+    assert not closing.is_alive()
+    samples = read_back(target)
+    assert at(samples, "omirror_phase", phase="stopping") == 1
+    assert len(written) == 2 and b"omirror_queue_paths 1.0" in written[0]
+    assert not any(t.name.startswith(MetricsFile.THREAD_NAME) for t in threading.enumerate())
+
+
+def test_a_write_older_than_the_last_one_done_is_dropped(tmp_path: Path) -> None:
+    """Had the final write taken the lock first, the older one must not follow it."""
+    target = tmp_path / "omirror.prom"
+    metrics = MetricsFile(str(target))
+    early = metrics._ticket()
+    assert metrics.write({**full_status(), "phase": "stopping"})
+    assert metrics._write(exposition({**full_status(), "phase": "running"}).encode(), early)
     assert at(read_back(target), "omirror_phase", phase="stopping") == 1
 
 
