@@ -123,12 +123,12 @@ def test_metrics_command_and_file_agree_with_status_json(
         """status --json, the file rewritten after it, metrics, status --json again: if
         both statuses are equal nothing moved in between (the counters only grow).
 
-        The file must be the second one written after the first call: the status in the
-        first may have been taken before that call (the write runs in a thread), the
-        next one's is taken after the first is renamed.
+        The file must be the second one written after the first call returned: the
+        status in the first may have been taken before (the write runs in a thread),
+        the next one's is taken after the first is renamed.
         """
-        since = time.time_ns()
         before = status_json(p)
+        since = time.time_ns()
         for _ in range(2):
             c.wait_until(lambda since=since: metrics_path(p).stat().st_mtime_ns > since, 10,
                          f"{p.name} rewrites its metrics file")
