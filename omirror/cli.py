@@ -54,6 +54,7 @@ class Options:
     min_free: Reserve
     keep_versions: float
     special_timeout: float
+    bwlimit: int
     metrics_file: str | None
 
 
@@ -96,6 +97,10 @@ _OPTIONS = [
                  type=click.FloatRange(min=0.0, min_open=True), metavar="SECONDS",
                  help="A special or cmdspecial command running longer is stopped "
                       "(its process group: SIGTERM, then SIGKILL)."),
+    click.option("--bwlimit", envvar="OMIRRORD_BWLIMIT", default=0, show_default=True,
+                 type=click.IntRange(min=0), metavar="KIB",
+                 help="KiB per second that each link to a peer may write; 0 for no "
+                      "limit."),
     click.option("--metrics-file", envvar="OMIRRORD_METRICS_FILE", default=None,
                  metavar="PATH",
                  help="The daemon keeps its metrics in this file, in the Prometheus text "
@@ -270,7 +275,7 @@ def _run(opts: Options) -> None:
     sys.exit(run_daemon(opts.config, opts.name, opts.root, opts.state_dir, opts.peers,
                         delay_s=opts.delay, compress=opts.compress, min_free=opts.min_free,
                         keep_versions=opts.keep_versions,
-                        special_timeout_s=opts.special_timeout,
+                        special_timeout_s=opts.special_timeout, bwlimit_kib=opts.bwlimit,
                         metrics_file=opts.metrics_file))
 
 
@@ -299,7 +304,7 @@ def _once(opts: Options) -> None:
                            "push paths now")
     sys.exit(run_once(opts.config, opts.name, opts.root, opts.state_dir, opts.peers,
                       compress=opts.compress, report=click.echo, min_free=opts.min_free,
-                      special_timeout_s=opts.special_timeout))
+                      special_timeout_s=opts.special_timeout, bwlimit_kib=opts.bwlimit))
 
 
 def _load(opts: Options) -> tuple[Any, str]:
@@ -545,3 +550,26 @@ def demo_command(directory: str, duration_s: float | None, verbose: int) -> None
 
     setup_logging(verbose - 1)
     run_demo(Path(directory), click.echo, duration_s)
+
+
+@main.command("completion")
+@click.argument("shell", type=click.Choice(["bash", "zsh"]))
+def completion_command(shell: str) -> None:
+    """Print the completion script for SHELL (bash or zsh), as click makes it.
+
+    Install it once, for every user (or source it from a shell's rc file):
+
+    \b
+      omirrord completion bash > /usr/share/bash-completion/completions/omirrord
+      omirrord completion zsh > /usr/local/share/zsh/site-functions/_omirrord
+
+    The zsh directory must be in $fpath. Each completion runs omirrord itself.
+    """
+    from click.shell_completion import get_completion_class
+
+    complete = get_completion_class(shell)
+    if complete is None:  # click knows both; a click without one is a broken install
+        fail(f"this click cannot complete {shell}")
+    # the variable the script sets when it runs omirrord: click derives it from the
+    # program name, and main() answers it with the completions (click's bash_source)
+    click.echo(complete(main, {}, "omirrord", "_OMIRRORD_COMPLETE").source())

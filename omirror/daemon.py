@@ -70,6 +70,7 @@ class Parts:
         self.ctx = Context(name, self.store, self.applier, self.scanner, daemon.root,
                            daemon.sets.shared_with, self.worker)
         self.ctx.stopped = daemon.sets.stopped_holding
+        self.ctx.bwlimit_kib = daemon.bwlimit_kib
         # the specials of what peers' versions applied run in the loop, never in the
         # tree worker, which only reports what it committed
         self.specials = Specials(daemon.root, timeout_s=daemon.special_timeout_s)
@@ -126,7 +127,7 @@ class Daemon:
                  min_free: Reserve = DEFAULT_MIN_FREE,
                  keep_versions: float = DEFAULT_KEEP_DAYS,
                  special_timeout_s: float = DEFAULT_TIMEOUT_S,
-                 metrics_file: str | None = None) -> None:
+                 bwlimit_kib: int = 0, metrics_file: str | None = None) -> None:
         self.config_path = config_path
         self.wanted_name = name
         self.root = os.fsencode(os.path.abspath(root))
@@ -138,6 +139,8 @@ class Daemon:
         #: Days the versions kept by ``savetargets`` stay (omirror/versions.py); 0: ever.
         self.keep_versions = keep_versions
         self.special_timeout_s = special_timeout_s
+        #: ``--bwlimit``: KiB/s each link may write; 0, no limit (omirror/bwlimit.py)
+        self.bwlimit_kib = bwlimit_kib
         #: ``--metrics-file``: rewritten with status.json (omirror/metrics.py); None: off.
         self.metrics = None if metrics_file is None else MetricsFile(metrics_file)
         if self.metrics is not None:
@@ -279,7 +282,9 @@ class Daemon:
             else:
                 report(f"{host.name}: reconciled: sent {stats.entries_sent} entries "
                        f"({stats.content_bytes_sent} bytes of content), received "
-                       f"{stats.entries_received} ({stats.content_bytes_received} bytes)")
+                       f"{stats.entries_received} ({stats.content_bytes_received} bytes)"
+                       + (f"; waited {stats.bwlimit_wait_s:.1f} s on --bwlimit"
+                          if stats.bwlimit_wait_s else ""))
         failing = parts.ctx.failing
         if failing:
             listed = failing_status(failing)
@@ -461,11 +466,11 @@ def listen_address(me: Host) -> str:
 def run_once(config_path: str, name: str | None, root: str, state_dir: str,
              peers_path: str, *, compress: bool, report: Callable[[str], None],
              min_free: Reserve = DEFAULT_MIN_FREE,
-             special_timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
+             special_timeout_s: float = DEFAULT_TIMEOUT_S, bwlimit_kib: int = 0) -> int:
     """``omirrord --once``: reconcile with every reachable peer, then exit."""
     daemon = Daemon(config_path, name, root, state_dir, peers_path, delay_s=0.0,
                     compress=compress, min_free=min_free,
-                    special_timeout_s=special_timeout_s)
+                    special_timeout_s=special_timeout_s, bwlimit_kib=bwlimit_kib)
     return asyncio.run(daemon.run_once(report))
 
 
@@ -473,10 +478,11 @@ def run_daemon(config_path: str, name: str | None, root: str, state_dir: str,
                peers_path: str, *, delay_s: float, compress: bool,
                min_free: Reserve = DEFAULT_MIN_FREE,
                keep_versions: float = DEFAULT_KEEP_DAYS,
-               special_timeout_s: float = DEFAULT_TIMEOUT_S,
+               special_timeout_s: float = DEFAULT_TIMEOUT_S, bwlimit_kib: int = 0,
                metrics_file: str | None = None) -> int:
     """Run until SIGTERM; errors in the configuration raise before anything starts."""
     daemon = Daemon(config_path, name, root, state_dir, peers_path, delay_s=delay_s,
                     compress=compress, min_free=min_free, keep_versions=keep_versions,
-                    special_timeout_s=special_timeout_s, metrics_file=metrics_file)
+                    special_timeout_s=special_timeout_s, bwlimit_kib=bwlimit_kib,
+                    metrics_file=metrics_file)
     return asyncio.run(daemon.run())

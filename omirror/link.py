@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from omirror.bwlimit import Bucket
 from omirror.clock import now_ns
 from omirror.config import MirrorSet
 from omirror.resolve import Resolver
@@ -62,6 +63,10 @@ class LinkStats:
     expected_in: int = 0  # entries the peer announced it would send
     compression: str = "none"
     last_error: str = ""
+    #: ``--bwlimit``: KiB/s each link to this peer may write (0: no limit), and the
+    #: seconds its links waited on it, in all
+    bwlimit_kib: int = 0
+    bwlimit_wait_s: float = 0.0
 
 
 class Context:
@@ -80,6 +85,8 @@ class Context:
         self.tree = tree  # run a callable in the tree worker
         #: Every link's receiver decides through this one resolver, in the tree worker.
         self.resolver = Resolver(store, applier, scanner)
+        #: ``--bwlimit``: KiB/s each link may write (0: no limit); each gets its bucket.
+        self.bwlimit_kib = 0
         #: Paths a receiver could not apply, with why: shown in status, by every link.
         self.failing: dict[bytes, str] = {}
         #: ``(peer, path)`` -> the title of a set holding ``path`` that this host shares
@@ -131,17 +138,20 @@ class Stream:
     sends one packet, encrypted and authenticated as one, per write, so a pusher
     streaming small entries writes a page of them at once, not a packet each. Reads
     take what the channel holds, in chunks, and cut frames from it, rather than two
-    reads per frame.
+    reads per frame. With a ``limit`` (``--bwlimit``, omirror/bwlimit.py) each write
+    waits for its tokens, in pieces.
     """
 
     #: Queued frames are written once they hold this much.
     FLUSH_AT = 256 << 10
     _READ = 256 << 10
 
-    def __init__(self, reader: Any, writer: Any, stats: LinkStats) -> None:
+    def __init__(self, reader: Any, writer: Any, stats: LinkStats,
+                 limit: Bucket | None = None) -> None:
         self.reader = reader
         self.writer = writer
         self.stats = stats
+        self.limit = limit
         self._out: list[bytes] = []
         self._out_size = 0
         self._in = b""
@@ -177,13 +187,16 @@ class Stream:
         return self._out_size >= self.FLUSH_AT
 
     async def flush(self) -> None:
-        """Write what is queued in one write; waits while the channel's buffer is full
-        (SSH flow control)."""
+        """Write what is queued in one write (limited: in pieces, each once its tokens
+        are there); waits while the channel's buffer is full (SSH flow control)."""
         if self._out:
             out = self._out[0] if len(self._out) == 1 else b"".join(self._out)
             self._out.clear()
             self._out_size = 0
-            self.writer.write(out)
+            if self.limit is None:
+                self.writer.write(out)
+            else:
+                self.stats.bwlimit_wait_s += await self.limit.write(self.writer, out)
         await self.writer.drain()
 
     async def send(self, msg: Message) -> None:
@@ -253,5 +266,5 @@ class Side:
                  stats: LinkStats) -> None:
         self.ctx = ctx
         self.peer = peer
-        self.io = Stream(reader, writer, stats)
+        self.io = Stream(reader, writer, stats, Bucket.kib(ctx.bwlimit_kib))
         self.stats = stats

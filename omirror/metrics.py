@@ -183,6 +183,11 @@ class StatusCollector(Collector):
         entries = _counter("omirror_peer_entries_total",
                            "Entries (changes) with the peer since the start.",
                            _PEER_DIRECTION)
+        bwlimit = _gauge("omirror_peer_bwlimit_bytes_per_second",
+                         "The --bwlimit of each link with the peer; 0 for none.", _PEER)
+        bwlimit_wait = _counter("omirror_peer_bwlimit_wait_seconds_total",
+                                "Seconds the links with the peer waited on --bwlimit since "
+                                "the start, in all.", _PEER)
         peers = self.status.get("peers")
         for name, peer in sorted((peers if isinstance(peers, dict) else {}).items()):
             if not isinstance(peer, dict):
@@ -200,8 +205,11 @@ class StatusCollector(Collector):
                 wire.add([name, direction], peer.get(f"bytes_{verb}"))
                 content.add([name, direction], peer.get(f"content_bytes_{verb}"))
                 entries.add([name, direction], peer.get(f"entries_{verb}"))
+            kib = _number(peer.get("bwlimit_kib"))
+            bwlimit.add([name], None if kib is None else kib * 1024)
+            bwlimit_wait.add([name], peer.get("bwlimit_wait_s"))
         return [up, since, entries_behind, seconds_behind, settled, skew, wire, content,
-                entries]
+                entries, bwlimit, bwlimit_wait]
 
     def _sets(self) -> list[_Family]:
         """Sets in trouble: a count that is always there, and a sample per set named.

@@ -53,7 +53,10 @@ class Peering:
         self._peer_back: dict[str, asyncio.Event] = {}
 
     def stats_of(self, peer: str) -> LinkStats:
-        return self.stats.setdefault(peer, LinkStats())
+        stats = self.stats.get(peer)
+        if stats is None:
+            stats = self.stats[peer] = LinkStats(bwlimit_kib=self.ctx.bwlimit_kib)
+        return stats
 
     def start(self) -> None:
         """A link out to every peer of a running set; links to former peers end."""

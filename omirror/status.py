@@ -100,6 +100,7 @@ def link_status(stats: LinkStats, last_seq: int, times: SeqTimes) -> dict[str, A
     """One peer's part of the status dict."""
     fields = asdict(stats)
     fields["in"] = fields.pop("inbound")
+    fields["bwlimit_wait_s"] = round(stats.bwlimit_wait_s, 3)
     fields.update(behind(stats, last_seq, times))
     return fields
 
@@ -133,6 +134,9 @@ def render(status: dict[str, Any], now: float | None = None) -> str:
                      f"{human_bytes(peer.get('content_bytes_received', 0))} content)")
         if peer.get("compression", "none") != "none":
             lines.append(f"  compression {peer['compression']}")
+        if peer.get("bwlimit_kib"):
+            lines.append(f"  bwlimit   {peer['bwlimit_kib']} KiB/s per link, waited "
+                         f"{_age(peer.get('bwlimit_wait_s', 0.0))} on it in all")
         if peer.get("last_error"):
             lines.append(f"  last error {peer['last_error']}")
     lines.append("")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -194,3 +195,47 @@ def test_log_truncate_collects_old_deletions_and_records_the_floor(tmp_path: Pat
     assert r.returncode == 0 and r.stdout.strip() == "collected 1 deletions; floor is now seq 1"
     dump = omirrord("log", "dump", "--state-dir", str(state)).stdout
     assert "floor 1" in dump.splitlines()[0] and "/data/old" not in dump and "/data/kept" in dump
+
+
+@pytest.mark.parametrize("shell", ["bash", "zsh"])
+def test_completion_prints_the_script_click_makes(shell: str) -> None:
+    """The same text as click's own ``_OMIRRORD_COMPLETE=<shell>_source`` gives."""
+    r = omirrord("completion", shell)
+    assert r.returncode == 0, r.stderr
+    assert "_OMIRRORD_COMPLETE=" + shell + "_complete" in r.stdout
+    first = {"bash": "_omirrord_completion() {", "zsh": "#compdef omirrord"}[shell]
+    assert r.stdout.lstrip().startswith(first), r.stdout
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMIRRORD_")}
+    source = subprocess.run([str(Path(sys.executable).with_name("omirrord"))],
+                            env={**env, "_OMIRRORD_COMPLETE": f"{shell}_source"},
+                            capture_output=True, text=True, timeout=60)
+    assert r.stdout == source.stdout + "\n"
+
+
+def test_completion_of_another_shell_is_a_usage_error() -> None:
+    r = omirrord("completion", "fish")
+    assert r.returncode == 2 and "'fish' is not one of 'bash', 'zsh'" in r.stderr
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
+@pytest.mark.parametrize(("words", "expected"), [
+    ("omirrord sta", ["status"]),
+    ("omirrord log re", ["replay"]),
+    ("omirrord --bw", ["--bwlimit"]),
+])
+def test_bash_completes_with_the_script_sourced(tmp_path: Path, words: str,
+                                                expected: list[str]) -> None:
+    """bash itself, with the script sourced and COMP_WORDS set as readline sets them,
+    runs omirrord (this venv's, first in PATH) and fills COMPREPLY."""
+    script = tmp_path / "omirrord.bash"
+    script.write_text(omirrord("completion", "bash").stdout)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMIRRORD_")}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"
+    r = subprocess.run(
+        ["bash", "--norc", "--noprofile", "-c",
+         'source "$1"; COMP_WORDS=($2); COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 )); '
+         '_omirrord_completion omirrord; printf "%s\\n" "${COMPREPLY[@]}"',
+         "bash", str(script), words],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == expected, r.stdout + r.stderr

@@ -100,6 +100,10 @@ def check_against(status: dict[str, Any], text: str) -> None:
         assert at(samples, "omirror_peer_behind_seconds", peer=name) == peer["seconds_behind"]
         assert at(samples, "omirror_peer_settled_seq", peer=name) == peer["settled_seq"]
         assert at(samples, "omirror_peer_clock_skew_seconds", peer=name) == peer["skew_s"]
+        assert at(samples, "omirror_peer_bwlimit_bytes_per_second", peer=name) \
+            == peer["bwlimit_kib"] * 1024
+        assert at(samples, "omirror_peer_bwlimit_wait_seconds_total", peer=name) \
+            == peer["bwlimit_wait_s"]
     peers_seen = {dict(labels)["peer"] for name, labels in samples
                   if name == "omirror_peer_link_up"}
     assert peers_seen == set(status["peers"])

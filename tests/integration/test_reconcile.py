@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 
 from cluster import Cluster
@@ -151,3 +153,19 @@ def test_once_with_a_root_that_is_not_usable_names_its_set_and_fails(
     assert "Traceback" not in r.stderr and "not reconciled" in r.stdout, r.stdout + r.stderr
     assert "marker" in r.stderr, r.stderr
     assert not (c[1].data / "kept").exists()
+
+
+def test_once_keeps_to_bwlimit_and_says_how_long_it_waited(make_cluster: MakeCluster) -> None:
+    """1 MiB at 256 KiB/s after a burst of 256 KiB: about 3 s of waiting."""
+    c = make_cluster(2)
+    c.start(1)
+    content = os.urandom(1 << 20)
+    (c[0].data / "big").write_bytes(content)
+    start = time.monotonic()
+    r = omirrord(c, 0, "--once", "--bwlimit", "256")
+    elapsed = time.monotonic() - start
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (c[1].data / "big").read_bytes() == content  # acknowledged: applied there
+    waited = re.search(r"; waited (\d+\.\d) s on --bwlimit", r.stdout)
+    assert waited is not None, r.stdout
+    assert 2.0 <= float(waited.group(1)) <= elapsed, r.stdout

@@ -61,6 +61,33 @@ def test_systemd_analyze_would_catch_a_mistake(tmp_path: Path) -> None:
     assert "strikt" in result.stdout + result.stderr
 
 
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze is not installed")
+@pytest.mark.parametrize(("source", "unit"), [
+    ("omirrord.service", "omirrord.service"),
+    ("omirrord@.service", "omirrord@web.service"),
+])
+def test_the_drop_in_the_comments_suggest_verifies(tmp_path: Path, source: str,
+                                                   unit: str) -> None:
+    """What the resource comments tell an operator to put in a drop-in is valid, and
+    verify does read that drop-in (a typo in it is reported)."""
+    text = (UNITS / source).read_text()
+    (tmp_path / source).write_text(text.replace("ExecStart=/usr/bin/omirrord ",
+                                                f"ExecStart={VENV_OMIRRORD} "))
+    drop_in = tmp_path / f"{source}.d"
+    drop_in.mkdir()
+    settings = "[Service]\nNice=0\nIOSchedulingPriority=4\nCPUWeight=100\n" \
+               "Environment=OMIRRORD_BWLIMIT=10240\n"
+    for line in settings.splitlines()[1:]:
+        assert f"#   {line}\n" in text, line
+    (drop_in / "resources.conf").write_text(settings)
+    result = _verify(tmp_path, unit)
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+    (drop_in / "resources.conf").write_text(settings.replace("CPUWeight=100",
+                                                             "CPUWeight=lots"))
+    assert "lots" in (r := _verify(tmp_path, unit)).stdout + r.stderr
+
+
 def _settings(unit: str) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for line in (UNITS / unit).read_text().splitlines():
@@ -81,6 +108,10 @@ def test_unit_settings(unit: str) -> None:
                        ("NoNewPrivileges", "yes"), ("MemoryDenyWriteExecute", "yes"),
                        ("RestrictAddressFamilies", "AF_UNIX AF_INET AF_INET6")]:
         assert s.get(key) == [value], key
+    # a first scan of a big tree yields to the services it mirrors
+    for key, value in [("Nice", "10"), ("IOSchedulingClass", "best-effort"),
+                       ("IOSchedulingPriority", "7"), ("CPUWeight", "20")]:
+        assert s.get(key) == [value], key
     assert "SystemCallFilter" not in s  # ~@privileged would block chown(2)
     assert "RestrictSUIDSGID" not in s  # setuid bits are mirrored
     caps = s["CapabilityBoundingSet"][0].split()
@@ -94,6 +125,21 @@ def test_unit_settings(unit: str) -> None:
         assert s["ExecStart"] == ["/usr/bin/omirrord -C /etc/omirrd.conf --state-dir "
                                   "/var/lib/omirror --peers /etc/omirror/peers"]
         assert s["StateDirectory"] == ["omirror"]
+
+
+@pytest.mark.parametrize("unit", ["omirrord.service", "omirrord@.service"])
+def test_each_resource_setting_says_what_it_does(unit: str) -> None:
+    """Nice=, IOSchedulingClass= and CPUWeight= each follow a comment on that setting:
+    an operator tunes them from the unit file alone."""
+    lines = (UNITS / unit).read_text().splitlines()
+    for key in ("Nice", "IOSchedulingClass", "CPUWeight"):
+        [at] = [i for i, line in enumerate(lines) if line.startswith(f"{key}=")]
+        comment = []
+        for line in reversed(lines[:at]):
+            if not line.startswith("#"):
+                break
+            comment.append(line)
+        assert any(f"# {key}=" in line for line in comment), (key, comment)
 
 
 # -- a daemon under a fake systemd ---------------------------------------------------------

@@ -46,7 +46,8 @@ def full_status() -> dict[str, Any]:
                                  bytes_received=2222, content_bytes_sent=3333,
                                  content_bytes_received=4444, entries_sent=55,
                                  entries_received=66, acked_seq=38, settled_seq=37,
-                                 skew_s=-2.5, compression="zlib@openssh.com"),
+                                 skew_s=-2.5, compression="zlib@openssh.com",
+                                 bwlimit_kib=2048, bwlimit_wait_s=12.5),
                        40, times)
     beta["seconds_behind"] = 77.125  # as the daemon computes it at its "now"
     gamma = link_status(LinkStats(out="down", inbound="up", settled_seq=40), 40, times)
@@ -113,14 +114,19 @@ def test_every_number_of_the_status_is_a_sample_with_its_value() -> None:
               direction="in") == 4444
     assert at(samples, "omirror_peer_entries_total", peer="beta", direction="out") == 55
     assert at(samples, "omirror_peer_entries_total", peer="beta", direction="in") == 66
+    assert at(samples, "omirror_peer_bwlimit_bytes_per_second", peer="beta") == 2048 * 1024
+    assert at(samples, "omirror_peer_bwlimit_wait_seconds_total", peer="beta") == 12.5
+    assert at(samples, "omirror_peer_bwlimit_bytes_per_second", peer="gamma") == 0
 
     # counters are typed as counters (the parser names their family without _total)
     for counter in ("omirror_conflicts", "omirror_peer_bytes", "omirror_peer_entries",
                     "omirror_peer_content_bytes", "omirror_specials_runs",
-                    "omirror_specials_failed", "omirror_specials_dropped"):
+                    "omirror_specials_failed", "omirror_specials_dropped",
+                    "omirror_peer_bwlimit_wait_seconds"):
         assert types[counter] == "counter", counter
     assert {t for name, t in types.items() if not name.endswith(
-        ("conflicts", "_bytes", "_entries", "_runs", "_failed", "_dropped"))} == {"gauge"}
+        ("conflicts", "_bytes", "_entries", "_runs", "_failed", "_dropped",
+         "_wait_seconds"))} == {"gauge"}
     assert all(name.startswith("omirror_") for name, _ in samples)
 
 

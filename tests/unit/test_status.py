@@ -83,3 +83,15 @@ def test_render_counts_the_specials_when_the_daemon_reports_them() -> None:
                                         "gathering": 1, "dropped": 0}}, now=1000.0)
     assert "specials      5 runs, 2 failed, 1 queued or running, 1 bursts gathering, " \
            "0 dropped" in text
+
+
+def test_a_bandwidth_limit_is_in_the_peer_status_with_the_time_waited_on_it() -> None:
+    fields = link_status(LinkStats(bwlimit_kib=512, bwlimit_wait_s=75.123456), 0,
+                         SeqTimes(0, 0.0))
+    assert fields["bwlimit_kib"] == 512 and fields["bwlimit_wait_s"] == 75.123
+    base = {"name": "alpha", "pid": 42, "started": 1000.0, "last_seq": 0}
+    text = render({**base, "peers": {"beta": fields}}, now=1000.0)
+    assert "\n  bwlimit   512 KiB/s per link, waited 1m15s on it in all\n" in text
+    unlimited = link_status(LinkStats(), 0, SeqTimes(0, 0.0))
+    assert unlimited["bwlimit_kib"] == 0 and unlimited["bwlimit_wait_s"] == 0.0
+    assert "bwlimit" not in render({**base, "peers": {"beta": unlimited}}, now=1000.0)
