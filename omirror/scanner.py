@@ -53,13 +53,18 @@ _FLUSH_EVERY = 500
 _HASH_TRIES = 3
 
 
+#: The attributes of a path not read yet (None is "this file system shows none").
+_UNREAD = object()
+
+
 class Unstable(Exception):
     """The file changed while it was being read, or was replaced after it was listed;
     its digest would describe no version."""
 
 
-def hash_at(dir_fd: int, name: bytes,
-            listed: os.stat_result) -> tuple[bytes, os.stat_result]:
+def hash_at(dir_fd: int, name: bytes, listed: os.stat_result,
+            policy: xattrs.Policy | None = None
+            ) -> tuple[bytes, os.stat_result, xattrs.Xattrs | None]:
     """Digest a regular file of an open directory, and the stat the digest describes.
 
     The file is opened relative to its directory with ``O_NOFOLLOW`` and must be the
@@ -74,12 +79,15 @@ def hash_at(dir_fd: int, name: bytes,
         raise Unstable(name) from None
     try:
         digest, _ = fsio.digest_fd(fd)
+        # through the descriptor already open, and before the stat that vouches for
+        # both: an attribute set meanwhile moves the ctime, and the file is read again
+        found = None if policy is None else xattrs.read(fd, policy)
         after = os.fstat(fd)
     finally:
         os.close(fd)
     if not fsio.unchanged(after, before):
         raise Unstable(name)
-    return digest, after
+    return digest, after, found
 
 
 @dataclass
@@ -589,10 +597,11 @@ class _Run:
         try:
             if kind is Kind.FILE:
                 source = self._moved_source(path, kind, st, held)
+                found: xattrs.Xattrs | object | None = _UNREAD
                 if source is not None:
                     moved_from, digest = source.entry.path, source.entry.digest
                 else:
-                    digest, st = self._hash(dir_fd, name, st)
+                    digest, st, found = self._hash(dir_fd, name, st)
                 attrs.update(digest=digest, size=st.st_size, mtime_ns=st.st_mtime_ns)
             elif kind is Kind.SYMLINK:
                 attrs.update(target=os.readlink(name, dir_fd=dir_fd), mode=0)
@@ -600,7 +609,8 @@ class _Run:
                 source = self._moved_source(path, kind, st, held)
                 moved_from = None if source is None else source.entry.path
             if kind is not Kind.SYMLINK:
-                attrs["xattrs"] = self._xattrs(path, kind, st, dir_fd, name, held)
+                attrs["xattrs"] = self._xattrs(path, kind, st, dir_fd, name, held,
+                                               found if kind is Kind.FILE else _UNREAD)
         except FileNotFoundError:
             return  # gone since it was listed; a later event or scan will say so
         except Unstable:
@@ -691,14 +701,17 @@ class _Run:
         self.pending.append((entry, sig))
 
     def _xattrs(self, path: bytes, kind: Kind, st: os.stat_result, dir_fd: int, name: bytes,
-                held: Record | None) -> xattrs.Xattrs:
+                held: Record | None, found: xattrs.Xattrs | object | None) -> xattrs.Xattrs:
         """The extended attributes of the file or directory examined (the one listed:
-        opened without following, checked by device and inode). What this set does not
-        mirror, or this file system cannot show, is kept as recorded."""
+        opened without following, checked by device and inode), or ``found`` as hashing
+        read them. What this set does not mirror, or this file system cannot show, is
+        kept as recorded."""
         recorded = () if held is None or held.entry.kind is not kind else held.entry.xattrs
         policy = self.policy
         if not policy.enabled:
             return recorded
+        if found is not _UNREAD:
+            return self._merged(path, found, recorded)  # type: ignore[arg-type]
         if dir_fd < 0:  # a set's root
             fd = os.dup(self.opener.directory(path, path))
         else:
@@ -710,14 +723,18 @@ class _Run:
         try:
             if not fsio.same_file(os.fstat(fd), st):
                 raise Unstable(name)
-            found = xattrs.read(fd, policy)
+            read = xattrs.read(fd, policy)
         finally:
             os.close(fd)
+        return self._merged(path, read, recorded)
+
+    def _merged(self, path: bytes, found: xattrs.Xattrs | None,
+                recorded: xattrs.Xattrs) -> xattrs.Xattrs:
         if found is None and self.mset.title not in self.sc._no_xattrs:
             self.sc._no_xattrs.add(self.mset.title)
             log.info("set=%s the file system at %s keeps no extended attributes: none are "
                      "read from it", self.mset.title, show(path))
-        return xattrs.merged(found, recorded, policy)
+        return xattrs.merged(found, recorded, self.policy)
 
     def _bury_below(self, path: bytes) -> None:
         """A directory replaced by a file or a symlink took everything below it away:
@@ -850,18 +867,19 @@ class _Run:
             return record
         return None
 
-    def _hash(self, dir_fd: int, name: bytes,
-              st: os.stat_result) -> tuple[bytes, os.stat_result]:
+    def _hash(self, dir_fd: int, name: bytes, st: os.stat_result
+              ) -> tuple[bytes, os.stat_result, xattrs.Xattrs | None]:
         with self._target(dir_fd, name) as target:
             if target is None:
                 raise Unstable(name)  # a link no longer followed: its events say what now
             return self._hash_at(*target, st)
 
-    def _hash_at(self, dir_fd: int, name: bytes,
-                 st: os.stat_result) -> tuple[bytes, os.stat_result]:
+    def _hash_at(self, dir_fd: int, name: bytes, st: os.stat_result
+                 ) -> tuple[bytes, os.stat_result, xattrs.Xattrs | None]:
+        policy = self.policy if self.policy.enabled else None
         for attempt in range(_HASH_TRIES):
             try:
-                digest, st = hash_at(dir_fd, name, st)
+                digest, st, found = hash_at(dir_fd, name, st, policy)
             except Unstable:
                 if attempt == _HASH_TRIES - 1:
                     raise
@@ -874,7 +892,7 @@ class _Run:
                 continue
             self.stats.hashed += 1
             self.stats.hashed_bytes += st.st_size
-            return digest, st
+            return digest, st, found
         raise Unstable(name)  # not reached: the loop returns or raises
 
     # -- recording -----------------------------------------------------------------------
