@@ -9,8 +9,11 @@ bound, until the trees say the right thing.
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from cluster import Cluster
 
@@ -92,3 +95,55 @@ def test_a_link_found_by_the_catch_up_scan_crosses_once(make_cluster: MakeCluste
     sent = c.fresh_status(0)["peers"][c[1].name]["content_bytes_sent"]
     received = c.fresh_status(1)["peers"][c[0].name]["content_bytes_received"]
     assert sent == len(content) and received == len(content)
+
+
+def link_groups(root: Path) -> set[frozenset[str]]:
+    """The names under ``root`` that share an inode, as sets of relative paths (files
+    with one name are groups of one)."""
+    groups: dict[tuple[int, int], set[str]] = {}
+    for directory, _, names in os.walk(root):
+        for name in names:
+            if name.startswith(".omirror"):
+                continue
+            p = Path(directory, name)
+            st = os.lstat(p)
+            groups.setdefault((st.st_dev, st.st_ino), set()).add(str(p.relative_to(root)))
+    return {frozenset(g) for g in groups.values()}
+
+
+@pytest.mark.parametrize("seed, peers", [(20261202, 2), (7, 3)])
+def test_random_link_writes_renames_and_deletions_end_with_the_same_links(
+        make_cluster: MakeCluster, seed: int, peers: int) -> None:
+    """A few hundred operations on A among a handful of names, links included, run back
+    to back: every peer ends with the same content and the same names sharing inodes."""
+    c = make_cluster(peers)
+    c.start()
+    a, b = c[0].data, c[1].data
+    (a / "d").mkdir()
+    rng = random.Random(seed)
+    names = ["f1", "f2", "f3", "d/g1", "d/g2", "d/g3"]
+    for step in range(300):
+        existing = [n for n in names if (a / n).exists()]
+        op = rng.choice(["write", "write", "append", "link", "link", "rename", "delete"])
+        target = rng.choice(names)
+        if op == "write" or not existing:
+            (a / target).write_bytes(b"%d " % step * rng.randint(1, 300))
+        elif op == "append":
+            with open(a / rng.choice(existing), "ab") as f:
+                f.write(b"+%d" % step)
+        elif op == "link":
+            source = rng.choice(existing)
+            if source != target:
+                if (a / target).exists():
+                    (a / target).unlink()
+                os.link(a / source, a / target)
+        elif op == "rename":
+            source = rng.choice(existing)
+            if source != target:
+                os.rename(a / source, a / target)
+        else:
+            (a / rng.choice(existing)).unlink()
+    c.wait_until(lambda: c.converged() and all(
+        link_groups(a) == link_groups(p.data) for p in c.peers[1:]), 60,
+        "every peer holds A's content with A's links")
+    assert link_groups(b) == link_groups(a)
