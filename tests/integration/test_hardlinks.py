@@ -14,7 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
 from cluster import Cluster
 
 MakeCluster = Callable[..., Cluster]
