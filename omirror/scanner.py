@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 MARKER = b".omirror-root"
 _MARKER_TEXT = b"omirror root marker: its absence stops this set instead of deleting files\n"
 _FLUSH_EVERY = 500
+_LINKS_TOLD_MAX = 10_000
 _HASH_TRIES = 3
 
 
@@ -133,6 +134,9 @@ class Scanner:
         self.clock = clock
         self._specials_logged: set[bytes] = set()
         self._no_xattrs: set[str] = set()
+        #: Files with names outside their set, as last warned of: (device, inode) ->
+        #: (link count, names in the set).
+        self.links_told: dict[tuple[int, int], tuple[int, int]] = {}
         #: Paths that applying a peer's rename moved away here: their deletion is the
         #: peer's, and arrives as its tombstone. Recording one of our own first would
         #: send every peer a second deletion for each renamed path.
@@ -997,11 +1001,18 @@ class _Run:
                 if other not in names:
                     self.visit_top(other, recursive=False)
             found = 1 + len(others)
-            if st.st_nlink > found and not self.mset.options.ignlnks and not self.dry_run:
-                log.warning("set=%s path=%s: %d missing links: the file has %d names, %d "
+            if st.st_nlink > found and not self.mset.options.ignlnks and not self.dry_run \
+                    and self.sc.links_told.get(key) != (st.st_nlink, found):
+                # once per inode and count: every write to such a file is a scan run
+                if len(self.sc.links_told) >= _LINKS_TOLD_MAX:
+                    self.sc.links_told.clear()
+                self.sc.links_told[key] = (st.st_nlink, found)
+                missing = st.st_nlink - found
+                log.warning("set=%s path=%s: %d missing link%s: the file has %d names, %d "
                             "of them in the set; only those are mirrored, as links of one "
                             "another (install -oignlnks silences this)", self.mset.title,
-                            show(path), st.st_nlink - found, st.st_nlink, found)
+                            show(path), missing, "" if missing == 1 else "s", st.st_nlink,
+                            found)
         self.flush()
 
     def _sweep(self, dir_fd: int, path: bytes) -> None:

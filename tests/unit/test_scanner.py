@@ -865,6 +865,24 @@ def test_links_outside_the_set_are_warned_of_unless_ignlnks(
                    tmp_path / "two") == []
 
 
+def test_missing_links_are_told_once_until_their_count_changes(
+        tree: Tree, caplog: pytest.LogCaptureFixture) -> None:
+    """Every write to such a file is a scan run of its own: one warning, not one per
+    write, until the links change."""
+    (tree.data / "a").write_bytes(b"x")
+    os.link(tree.data / "a", tree.base / "outside")
+    with caplog.at_level(logging.WARNING, logger="omirror.scanner"):
+        tree.scan()
+        for n in range(3):
+            (tree.data / "a").write_bytes(b"write %d" % n)
+            tree.scanner.scan_paths(tree.mset, os.fsencode(tree.base), [(b"data/a", False)])
+        os.link(tree.data / "a", tree.base / "outside2")
+        (tree.data / "a").write_bytes(b"after a new link")
+        tree.scanner.scan_paths(tree.mset, os.fsencode(tree.base), [(b"data/a", False)])
+    told = [r.getMessage() for r in caplog.records if "missing link" in r.getMessage()]
+    assert len(told) == 2 and "1 missing link:" in told[0] and "2 missing links" in told[1]
+
+
 def test_all_names_in_the_set_warn_of_nothing(tree: Tree,
                                               caplog: pytest.LogCaptureFixture) -> None:
     (tree.data / "d").mkdir()
