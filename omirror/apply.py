@@ -21,7 +21,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 
 from omirror import diskspace, fsio, xattrs
@@ -49,7 +49,6 @@ from omirror.versions import Versions
 
 log = logging.getLogger(__name__)
 
-_CHUNK = 1 << 20
 #: Versions whose data need is remembered (a bound on what failing peers can make us
 #: hold; the oldest is forgotten first, and at worst crosses once more).
 _DATA_NEEDED_MAX = 10_000
@@ -565,14 +564,8 @@ class Applier:
                 os.close(fd)
             self._intend(entry, st.st_ino)
             if old is not None:  # a file or symlink the store knows of: replaced
-                keep = self._keeper(mset, entry)
-                undo = None if keep is None else keep(parent, name, old)
-                try:
+                with _keeping(self._keeper(mset, entry), parent, name, old):
                     os.unlink(name, dir_fd=parent)
-                except BaseException:
-                    if undo is not None:
-                        undo()
-                    raise
             try:
                 fsio.rename_noreplace(parent, temp, name)
             except FileExistsError:
@@ -754,12 +747,7 @@ class Applier:
             st = os.fstat(src)
             dst = os.open(temp, TEMP_FLAGS, 0o600, dir_fd=parent)
             try:
-                offset = 0
-                while chunk := os.pread(src, _CHUNK, offset):
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(dst, view):]
-                    offset += len(chunk)
+                fsio.copy_data(src, dst)
                 if self.can_chown:
                     os.fchown(dst, st.st_uid, st.st_gid)
                 os.fchmod(dst, stat.S_IMODE(st.st_mode))
@@ -1013,13 +1001,8 @@ def _rename_over(src_dir: int, src: bytes, name: bytes, old: os.stat_result | No
     """
     target_dir = src_dir if dst_dir is None else dst_dir
     if old is not None and not stat.S_ISDIR(old.st_mode):  # a directory was removed
-        undo = None if keep is None else keep(target_dir, name, old)
-        try:
+        with _keeping(keep, target_dir, name, old):
             _swap_in(src_dir, src, name, old, path, target_dir)
-        except BaseException:
-            if undo is not None:
-                undo()
-            raise
         return
     try:
         fsio.rename_noreplace(src_dir, src, name, dst_dir)
@@ -1058,9 +1041,22 @@ def _take_away(parent: int, name: bytes, path: bytes, old: os.stat_result,
     checked, or was written since, it is renamed back (:class:`LocalChanged`). ``keep``
     (``savetargets``) is given the file first, and undone when it is put back. Returns
     the stat the file has after the unlink when it has other names (a hard link)."""
-    undo = None if keep is None else keep(parent, name, old)
-    try:
+    with _keeping(keep, parent, name, old):
         return _take_away_checked(parent, name, path, old)
+
+
+def _keeping(keep: Keep | None, dir_fd: int, name: bytes,
+             old: os.stat_result) -> contextlib.AbstractContextManager[None]:
+    """``savetargets``: the version at ``name`` is kept before the block replaces or
+    removes it, and the keeping undone when the block fails (the version stays)."""
+    return contextlib.nullcontext() if keep is None else _kept(keep, dir_fd, name, old)
+
+
+@contextlib.contextmanager
+def _kept(keep: Keep, dir_fd: int, name: bytes, old: os.stat_result) -> Iterator[None]:
+    undo = keep(dir_fd, name, old)
+    try:
+        yield
     except BaseException:
         if undo is not None:
             undo()

@@ -24,13 +24,13 @@ from omirror import __version__
 from omirror.diskspace import Reserve, parse_reserve
 from omirror.errors import NotImplementedYet, OmirrorError
 from omirror.paths import show, show_name, show_text
+from omirror.specials import DEFAULT_TIMEOUT_S as DEFAULT_SPECIAL_TIMEOUT_S
 from omirror.versions import DEFAULT_KEEP_DAYS
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_DIFFERENCES, EXIT_ERROR = 0, 1, 2
 DEFAULT_DELAY_S = 0.001
-DEFAULT_SPECIAL_TIMEOUT_S = 300.0  # omirror.specials.DEFAULT_TIMEOUT_S, not imported here
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 SYSLOG_SOCKET = "/dev/log"
 

@@ -426,10 +426,16 @@ def extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
         pos = hole
 
 
+def _dense(st: os.stat_result) -> bool:
+    """As many blocks as its size: no hole worth asking the file system about (most
+    files; asking costs two ``lseek`` per file, on every hash)."""
+    return st.st_blocks * 512 >= st.st_size
+
+
 def has_hole(fd: int, st: os.stat_result) -> bool:
     """The open file has a hole before its end: fewer blocks than its size first (cheap,
     and enough for most files), then the file system asked where the first hole is."""
-    if st.st_blocks * 512 >= st.st_size:
+    if _dense(st):
         return False
     try:
         return os.lseek(fd, 0, os.SEEK_HOLE) < st.st_size
@@ -449,6 +455,36 @@ def read_range(fd: int, offset: int, length: int) -> Iterator[bytes]:
         length -= len(data)
 
 
+def copy_data(src: int, dst: int) -> None:
+    """Copy an open file's content into an empty open file, from the start: its holes
+    stay holes (skipped, then the size set), its data in chunks. What the source grew
+    by meanwhile is copied as well."""
+    st = os.fstat(src)
+    offset = 0
+    for start, length, is_data in () if _dense(st) else extents(src, 0, st.st_size):
+        if is_data:
+            for data in read_range(src, start, length):
+                _write_all(dst, data, offset)
+                offset += len(data)
+            if offset < start + length:  # the source shrank under us
+                break
+        else:
+            offset += length
+    while chunk := os.pread(src, CHUNK, offset):
+        _write_all(dst, chunk, offset)
+        offset += len(chunk)
+    if os.fstat(dst).st_size < offset:  # it ends in a hole
+        os.ftruncate(dst, offset)
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
 def digest_fd(fd: int) -> tuple[bytes, int]:
     """xxh3-128 digest and size of an open file, read from its start.
 
@@ -458,7 +494,8 @@ def digest_fd(fd: int) -> tuple[bytes, int]:
     """
     digest = new_digest()
     offset = 0
-    for start, length, is_data in extents(fd, 0, os.fstat(fd).st_size):
+    st = os.fstat(fd)
+    for start, length, is_data in () if _dense(st) else extents(fd, 0, st.st_size):
         if not is_data:
             hash_zeros(digest, length)
             offset += length
@@ -483,7 +520,8 @@ def _blocks(fd: int, size: int) -> Iterator[bytes | int]:
     """An open file, from its start, in blocks of ``size`` (the last may be short). A
     block that is all hole is its length (an int), not read; a block partly a hole is
     read only where it holds data."""
-    end = os.fstat(fd).st_size
+    st = os.fstat(fd)
+    end = 0 if _dense(st) else st.st_size  # dense: every block read as it comes, below
     offset = 0
     while offset < end:
         length = min(size, end - offset)

@@ -22,7 +22,7 @@ import os
 import secrets
 import stat
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import generate_latest
@@ -74,6 +74,50 @@ def _counter(name: str, doc: str, labels: list[str] | None = None) -> _Family:
     return _Family(CounterMetricFamily(name.removesuffix("_total"), doc, labels=labels or []))
 
 
+#: The metrics that are one field of the status each: how made, name, help, and where
+#: the field is (keys into the status dict; a section missing, as ``last_scan`` before
+#: the first scan, gives no sample).
+_SCALARS: tuple[tuple[Callable[[str, str], _Family], str, str, tuple[str, ...]], ...] = (
+    (_gauge, "omirror_start_time_seconds", "When the daemon started (Unix time).",
+     ("started",)),
+    (_gauge, "omirror_log_last_seq", "The last sequence number of this host's change log.",
+     ("last_seq",)),
+    (_gauge, "omirror_queue_paths", "Paths waiting to be examined after file-system events.",
+     ("queue",)),
+    (_gauge, "omirror_watched_directories", "Directories watched with inotify.",
+     ("watched_dirs",)),
+    (_counter, "omirror_conflicts_total",
+     "Conflicts (concurrent edits) resolved since the start.", ("conflicts",)),
+    (_gauge, "omirror_failing_paths",
+     "Paths from peers that cannot be applied here now (retried).", ("failing_count",)),
+    (_gauge, "omirror_last_scan_duration_seconds", "How long the last full scan of a set took.",
+     ("last_scan", "seconds")),
+    (_gauge, "omirror_last_scan_timestamp_seconds",
+     "When the last full scan of a set ended (Unix time).", ("last_scan", "at")),
+    (_gauge, "omirror_last_scan_recorded_changes", "Changes the last full scan recorded.",
+     ("last_scan", "recorded")),
+    (_counter, "omirror_specials_runs_total",
+     "special and cmdspecial commands finished since the start.", ("specials", "runs")),
+    (_counter, "omirror_specials_failed_total",
+     "Of those, the ones that failed (status, timeout or signal).", ("specials", "failed")),
+    (_counter, "omirror_specials_dropped_total",
+     "Commands dropped (over the bound, or at a stop).", ("specials", "dropped")),
+    (_gauge, "omirror_specials_queued", "Commands waiting or running now.",
+     ("specials", "queued")),
+    (_gauge, "omirror_specials_gathering", "cmdspecial bursts still gathering their files.",
+     ("specials", "gathering")),
+)
+
+
+def _field(status: Mapping[str, Any], where: tuple[str, ...]) -> Any:
+    value: Any = status
+    for key in where:
+        if not isinstance(value, Mapping):
+            return None
+        value = value.get(key)
+    return value
+
+
 class StatusCollector(Collector):
     """A collector over one status dict: each scrape of the registry exposes it."""
 
@@ -91,69 +135,22 @@ class StatusCollector(Collector):
                       ["name"])
         if isinstance(st.get("name"), str):
             info.add([st["name"]], 1)
-        start = _gauge("omirror_start_time_seconds", "When the daemon started (Unix time).")
-        start.add([], st.get("started"))
         phase = _gauge("omirror_phase", "1 for the daemon's phase now, 0 for the others.",
                        ["phase"])
         current = st.get("phase")
         if isinstance(current, str):
             for name in [*PHASES, *([current] if current not in PHASES else [])]:
                 phase.add([name], 1 if name == current else 0)
-        last_seq = _gauge("omirror_log_last_seq",
-                          "The last sequence number of this host's change log.")
-        last_seq.add([], st.get("last_seq"))
-        queue = _gauge("omirror_queue_paths",
-                       "Paths waiting to be examined after file-system events.")
-        queue.add([], st.get("queue"))
-        watched = _gauge("omirror_watched_directories",
-                         "Directories watched with inotify.")
-        watched.add([], st.get("watched_dirs"))
         polled = _gauge("omirror_polled_subtrees",
                         "Subtrees polled because the inotify watch limit was reached.")
         if isinstance(st.get("polled"), list):
             polled.add([], len(st["polled"]))
-        conflicts = _counter("omirror_conflicts_total",
-                             "Conflicts (concurrent edits) resolved since the start.")
-        conflicts.add([], st.get("conflicts"))
-        failing = _gauge("omirror_failing_paths",
-                         "Paths from peers that cannot be applied here now (retried).")
-        failing.add([], st.get("failing_count"))
-        return [info, start, phase, last_seq, queue, watched, polled, conflicts, failing,
-                *self._scan(), *self._specials()]
-
-    def _scan(self) -> list[_Family]:
-        scan = self.status.get("last_scan")
-        scan = scan if isinstance(scan, dict) else {}  # {} before the first scan
-        seconds = _gauge("omirror_last_scan_duration_seconds",
-                         "How long the last full scan of a set took.")
-        seconds.add([], scan.get("seconds"))
-        at = _gauge("omirror_last_scan_timestamp_seconds",
-                    "When the last full scan of a set ended (Unix time).")
-        at.add([], scan.get("at"))
-        recorded = _gauge("omirror_last_scan_recorded_changes",
-                          "Changes the last full scan recorded.")
-        recorded.add([], scan.get("recorded"))
-        return [seconds, at, recorded]
-
-    def _specials(self) -> list[_Family]:
-        sp = self.status.get("specials")
-        sp = sp if isinstance(sp, dict) else {}
-        runs = _counter("omirror_specials_runs_total",
-                        "special and cmdspecial commands finished since the start.")
-        runs.add([], sp.get("runs"))
-        failed = _counter("omirror_specials_failed_total",
-                          "Of those, the ones that failed (status, timeout or signal).")
-        failed.add([], sp.get("failed"))
-        dropped = _counter("omirror_specials_dropped_total",
-                           "Commands dropped (over the bound, or at a stop).")
-        dropped.add([], sp.get("dropped"))
-        queued = _gauge("omirror_specials_queued",
-                        "Commands waiting or running now.")
-        queued.add([], sp.get("queued"))
-        gathering = _gauge("omirror_specials_gathering",
-                           "cmdspecial bursts still gathering their files.")
-        gathering.add([], sp.get("gathering"))
-        return [runs, failed, dropped, queued, gathering]
+        scalars = []
+        for make, name, doc, where in _SCALARS:
+            family = make(name, doc)
+            family.add([], _field(st, where))
+            scalars.append(family)
+        return [info, phase, polled, *scalars]
 
     def _peers(self) -> list[_Family]:
         up = _gauge("omirror_peer_link_up",

@@ -28,6 +28,7 @@ from typing import Any
 
 import msgpack
 
+from omirror import xattrs
 from omirror.entry import Entry, Kind, Stamp, Vector, kind_of
 from omirror.errors import StoreError
 
@@ -149,18 +150,15 @@ def _unpack_vector(blob: bytes) -> Vector:
     return tuple((str(origin), int(t)) for origin, t in msgpack.unpackb(blob))
 
 
-def _pack_xattrs(xattrs: tuple[tuple[bytes, bytes], ...]) -> bytes | None:
-    if not xattrs:
+def _pack_xattrs(attributes: xattrs.Xattrs) -> bytes | None:
+    if not attributes:
         return None
-    packed: bytes = msgpack.packb([item for pair in xattrs for item in pair])
+    packed: bytes = msgpack.packb(xattrs.flat(attributes))
     return packed
 
 
-def _unpack_xattrs(blob: bytes | None) -> tuple[tuple[bytes, bytes], ...]:
-    if blob is None:
-        return ()
-    items = msgpack.unpackb(blob)
-    return tuple(zip(items[::2], items[1::2]))
+def _unpack_xattrs(blob: bytes | None) -> xattrs.Xattrs:
+    return () if blob is None else xattrs.paired(msgpack.unpackb(blob))
 
 
 def fast_sig(kind: int, sig: StatSig | None) -> bytes:

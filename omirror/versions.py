@@ -376,12 +376,7 @@ def _copy(dir_fd: int, name: bytes, area_dir: int, kept: bytes, old: os.stat_res
             return False
         dst = os.open(kept, _COPY_FLAGS, 0o600, dir_fd=area_dir)
         try:
-            offset = 0
-            while chunk := os.pread(src, fsio.CHUNK, offset):
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(dst, view):]
-                offset += len(chunk)
+            fsio.copy_data(src, dst)
             with contextlib.suppress(PermissionError):
                 os.fchown(dst, st.st_uid, st.st_gid)
             os.fchmod(dst, stat.S_IMODE(st.st_mode))

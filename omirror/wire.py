@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 import msgpack
 
+from omirror import xattrs
 from omirror.entry import Entry, Kind, Stamp
 from omirror.errors import OmirrorError
 
@@ -51,9 +52,6 @@ BLOCK_MIN, BLOCK_MAX = 64 << 10, 64 << 20
 _MAX_PATH = 4096
 _MAX_NAME = 255
 _MAX_VECTOR = 256
-#: Extended attributes of one version: Linux's value limit, and a bound on their number.
-_MAX_XATTRS = 1024
-_MAX_XATTR_VALUE = 65536
 #: No message holds more arrays than an ENTRY with a full vector (frame, fields, entry,
 #: vector and its pairs); 4 MiB of empty arrays would otherwise unpack into four million
 #: lists (about 280 MB and a second of the event loop) before the shape is checked.
@@ -208,7 +206,7 @@ def entry_fields(e: Entry) -> list[Any]:
     return [e.path, int(e.kind), e.stamp.time_ns, e.stamp.origin,
             [[o, t] for o, t in e.vector], e.mode, e.owner, e.group, e.mtime_ns, e.size,
             e.digest, e.target, e.moved_from, e.uid, e.gid,
-            [item for pair in e.xattrs for item in pair], e.link]
+            xattrs.flat(e.xattrs), e.link]
 
 
 def _body(msg: Message) -> tuple[Type, list[Any]]:
@@ -400,13 +398,12 @@ def decode_entry(value: object) -> Entry:
 
 def _xattrs(value: object) -> tuple[tuple[bytes, bytes], ...]:
     """Types and sizes; which names may come is the receiver's check (xattrs.check)."""
-    if not isinstance(value, list) or len(value) % 2 or len(value) > 2 * _MAX_XATTRS:
+    if not isinstance(value, list) or len(value) % 2 or len(value) > 2 * xattrs.COUNT_MAX:
         raise ProtocolError(f"entry xattrs: expected an array of name, value pairs, got "
                             f"{_shape(value)}")
-    items = [_bytes(v, "xattr name" if i % 2 == 0 else "xattr value",
-                    _MAX_NAME if i % 2 == 0 else _MAX_XATTR_VALUE)
-             for i, v in enumerate(value)]
-    return tuple(zip(items[::2], items[1::2]))
+    return xattrs.paired([_bytes(v, "xattr name" if i % 2 == 0 else "xattr value",
+                                 xattrs.NAME_MAX if i % 2 == 0 else xattrs.VALUE_MAX)
+                          for i, v in enumerate(value)])
 
 
 def _hello(f: object) -> Hello:

@@ -125,6 +125,16 @@ def normal(pairs: Iterable[tuple[bytes, bytes]]) -> Xattrs:
     return tuple(sorted(dict(pairs).items()))
 
 
+def flat(xattrs: Xattrs) -> list[bytes]:
+    """The form attributes travel and are stored in: name, value, name, value."""
+    return [item for pair in xattrs for item in pair]
+
+
+def paired(items: list[bytes]) -> Xattrs:
+    """:func:`flat` undone (the order kept: checking it is :func:`check`'s)."""
+    return tuple(zip(items[::2], items[1::2]))
+
+
 # -- reading --------------------------------------------------------------------------------
 
 def read(fd: int, policy: Policy) -> Xattrs | None:

@@ -164,3 +164,33 @@ def test_zeros_are_hashed_in_pieces_as_one_run() -> None:
     digest = fsio.new_digest()
     fsio.hash_zeros(digest, 3 * fsio.CHUNK + 5)
     assert digest.digest() == fsio.digest_bytes(bytes(3 * fsio.CHUNK + 5))
+
+
+@pytest.mark.parametrize("trailing_hole", [True, False])
+def test_a_copy_keeps_the_holes_and_the_content(sparse_dir: Path, trailing_hole: bool) -> None:
+    """What conflict copies and kept versions are made with: a sparse file stays sparse."""
+    pieces = PIECES if trailing_hole else (*PIECES, (SIZE - 4 * KiB, b"c" * (4 * KiB)))
+    source = sparse_dir / "source"
+    make_sparse(source, pieces)
+    copy = sparse_dir / "copy"
+    src, dst = opened(source), os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fsio.copy_data(src, dst)
+    finally:
+        os.close(src)
+        os.close(dst)
+    assert copy.read_bytes() == source.read_bytes()
+    assert os.stat(copy).st_size == SIZE
+    assert os.stat(copy).st_blocks * 512 < MiB
+
+
+def test_a_copy_of_a_dense_file_is_the_same_bytes(tmp_path: Path) -> None:
+    source, copy = tmp_path / "source", tmp_path / "copy"
+    source.write_bytes(os.urandom(3 * MiB + 5))
+    src, dst = opened(source), os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fsio.copy_data(src, dst)
+    finally:
+        os.close(src)
+        os.close(dst)
+    assert copy.read_bytes() == source.read_bytes()
