@@ -38,7 +38,7 @@ from omirror.link import (
 )
 from omirror.owners import gid_named, uid_named
 from omirror.paths import logical, show
-from omirror.store import Record, StatSig, Store
+from omirror.store import Record, StatSig
 from omirror.wire import (
     CHUNK,
     INLINE_MAX,
@@ -244,7 +244,10 @@ class Pusher(Side):
         while True:
             sets = self.ctx.sets_with(self.peer)
             await self.io.flush()  # nothing queued waits while the stream does
-            page = [r for r in _page(store, position)]
+            # the peer's own versions are never sent to it (``_wanted``): not even read,
+            # except in an index, which lists them too
+            page = store.page(position, _PAGE,
+                              skip_origin=None if self.index else self.peer)
             if not page:
                 if self.once:
                     await self._finish()
@@ -452,13 +455,6 @@ class Pusher(Side):
         return False
 
 
-def _page(store: Store, position: int) -> list[Record]:
-    out = []
-    for record in store.since(position):
-        out.append(record)
-        if len(out) >= _PAGE:
-            break
-    return out
 
 
 def _groups(records: list[tuple[Record, bool]],

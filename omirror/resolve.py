@@ -437,11 +437,16 @@ class Resolver:
         then keeps it as this host's own version."""
         applier = self.applier
         deleted = {entry.path for entry, _ in entries if entry.kind is Kind.TOMBSTONE}
+        dirs_ahead: set[bytes] = set()  # directories this batch has yet to apply
         for entry, data in entries:
             if len(applier.prepared) >= PREPARE_MAX:
                 break
+            if entry.kind is Kind.DIR:
+                dirs_ahead.add(entry.path)
             if entry.path in considered:
                 continue
+            if entry.path.rpartition(b"/")[0] in dirs_ahead:
+                continue  # for a later call, once that directory is applied
             considered.add(entry.path)
             if data is None or entry.kind is not Kind.FILE or entry.moved_from \
                     or entry.path in applier.prepared \

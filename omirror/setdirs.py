@@ -90,6 +90,14 @@ class SetDirs:
             return False
         return where == local_path(self._real_root, directory)
 
+    def still_at(self, fd: int, path: bytes) -> bool:
+        """Whether the directory open at ``fd`` is, right now, the one that holds
+        ``path``, told by one ``readlink`` where /proc can say: the kernel's name of the
+        directory is a path of real directories (no symlink in it), so one equal to the
+        expected one means a walk from the root would open this same directory. False
+        means only "not told so": the caller then walks to find out."""
+        return self._still_there(fd, path.rpartition(b"/")[0])
+
     def _hold_parent(self, directory: bytes, fd: int) -> None:
         if directory not in self._parents and self._still_there(fd, directory):
             self._parents[directory] = os.dup(fd)

@@ -434,6 +434,8 @@ class Prepared:
                 entry.stamp, entry.size, entry.digest):
             temp.abort()
             return None
+        if self.dirs.still_at(temp.dir_fd, entry.path):
+            return temp
         opened = self.dirs.parent_if_there(mset, entry.path, "write")
         if opened is not None:
             here = os.fstat(opened[0])

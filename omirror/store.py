@@ -516,6 +516,28 @@ class Store:
                 yield _record(row)
             seq = rows[-1][1]
 
+    def page(self, seq: int, limit: int, *, skip_origin: str | None = None) -> list[Record]:
+        """Up to ``limit`` records changed after ``seq``, oldest change first, as last
+        committed (:meth:`since`, one page).
+
+        With ``skip_origin``, the versions that host made are left out by SQLite, not
+        decoded to be dropped: a pusher's peer made them (a burst from one peer is
+        otherwise read back, row by row, to be skipped). The log's last record is
+        always in, whoever made it, so that a page read to the end says where the log
+        ended when it was read, in the same snapshot: the caller's position passes
+        what was skipped and nothing that came after.
+        """
+        if skip_origin is None:
+            rows = self._committed(
+                f"SELECT {_COLUMNS} FROM entries WHERE seq > ? ORDER BY seq LIMIT ?",
+                (seq, limit))
+        else:
+            rows = self._committed(
+                f"SELECT {_COLUMNS} FROM entries WHERE seq > ? AND (origin != ? OR "
+                "seq = (SELECT max(seq) FROM entries)) ORDER BY seq LIMIT ?",
+                (seq, skip_origin, limit))
+        return [_record(row) for row in rows]
+
     def count_since(self, seq: int) -> int:
         """START's ``total``: one per path, including those the pusher will skip for that
         peer, so an upper bound."""

@@ -14,13 +14,14 @@ from linkfakes import Frames
 from test_fsio import holes_reported, make_sparse
 
 from omirror import config
+from omirror import store as store_module
 from omirror.apply import Applier
 from omirror.entry import Entry, Kind, Stamp
 from omirror.link import Context, LinkStats
-from omirror.push import Pusher, _read_inline
+from omirror.push import _PAGE, Pusher, _read_inline
 from omirror.scanner import MARKER, Scanner
 from omirror.store import Record, Store
-from omirror.wire import Data, EntryMsg, Hole, NoData, Want
+from omirror.wire import Data, EntryMsg, Hole, NoData, Passed, Want
 
 DISTFILE = "( /data ) -> ( alpha beta ) install ;\n"
 
@@ -278,4 +279,52 @@ def test_a_sparse_small_file_goes_without_its_content_and_is_served_with_its_hol
                        bytes(m.length if isinstance(m, Hole) else 0) for m in sent)
     assert rebuilt == content
     assert isinstance(sent[-1], Data) and sent[-1].end and sent[-1].data == b""
+    store.close()
+
+
+def test_the_peers_own_versions_are_passed_without_being_read_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst a peer sent here is logged here too; the pusher back to that peer never
+    sends it its own versions, and no longer reads them back, record by record, to
+    drop them: it sends what others made and says where the log ended (PASSED)."""
+    store = Store.open(tmp_path / "state")
+    mset = config.parse(DISTFILE, "test.conf").sets[0]
+    with store.batch():
+        for i in range(3 * _PAGE):
+            store.put(Entry(b"data/f%d" % i, Kind.DIR, Stamp(i + 1, "beta"),
+                            vector=(("beta", i + 1),)), None)
+        mine = store.put(Entry(b"data/ours", Kind.DIR, Stamp(10**6, "alpha"),
+                               vector=(("alpha", 10**6),)), None)
+        for i in range(3 * _PAGE):
+            store.put(Entry(b"data/g%d" % i, Kind.DIR, Stamp(10**6 + i + 1, "beta"),
+                            vector=(("beta", 10**6 + i + 1),)), None)
+    last = store.last_seq
+    decoded = 0
+    record = store_module._record
+
+    def counted(row: tuple) -> Record:  # type: ignore[type-arg]
+        nonlocal decoded
+        decoded += 1
+        return record(row)
+    monkeypatch.setattr(store_module, "_record", counted)
+
+    async def run() -> list[object]:
+        async def tree(fn, *args):  # type: ignore[no-untyped-def]
+            return fn(*args)
+        ctx = Context("alpha", store, None, None, b"/", lambda peer: [mset], tree)  # type: ignore[arg-type]
+        frames = Frames()
+        pusher = Pusher(ctx, "beta", None, frames, LinkStats())
+        streaming = asyncio.ensure_future(pusher._stream(0))
+        for _ in range(500):
+            if any(isinstance(m, Passed) and m.seq == last for m in frames.sent):
+                break
+            await asyncio.sleep(0.01)
+        streaming.cancel()
+        return frames.sent
+
+    sent = asyncio.run(run())
+    assert [(m.seq, m.entry.path) for m in sent if isinstance(m, EntryMsg)] == [
+        (mine, b"data/ours")]
+    assert [m.seq for m in sent if isinstance(m, Passed)] == [last]
+    assert decoded <= 4, f"{decoded} records read back to be dropped"
     store.close()

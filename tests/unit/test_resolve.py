@@ -14,6 +14,7 @@ from omirror.entry import Entry, Kind, Stamp
 from omirror.errors import PathRefused
 from omirror.resolve import Need, Purpose, Resolver, check_entry
 from omirror.scanner import MARKER, Scanner
+from omirror.staging import Prepared
 from omirror.store import Store
 
 DISTFILE = "( /data ) -> ( alpha beta ) install ;\n"
@@ -260,3 +261,47 @@ def test_a_chmod_of_linked_names_is_no_local_change_of_the_second(tmp_path: Path
             if r.entry.kind is Kind.FILE] == ["beta", "beta"]  # no local version made
     assert here.rescan() == 0
     here.store.close()
+
+
+def test_files_below_a_directory_the_batch_makes_are_written_ahead_once_it_is_made(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst of new directories and their files comes as one batch: each file is
+    written ahead once, after its directory is made, never first tried (a walk from the
+    root to a directory not made yet) and then again."""
+    root = tmp_path / "root"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / os.fsdecode(MARKER)).write_bytes(b"marker\n")
+    mset = config.parse(DISTFILE, "test.conf").sets[0]
+    store = Store.open(tmp_path / "state")
+    scanner = Scanner(store, "alpha")
+    applier = Applier(os.fsencode(root), store, "alpha")
+    scanner.scan_set(mset, os.fsencode(root))
+    batch: list[tuple[Entry, bytes | None]] = []
+    t = 2 * 10**18
+    for d in (b"data/d1", b"data/d2", b"data/d2/d3"):
+        t += 1
+        batch.append((Entry(d, Kind.DIR, Stamp(t, "beta"), vector=(("beta", t),),
+                            mode=0o755, owner="root", group="root", mtime_ns=10**18), None))
+        for i in range(5):
+            t += 1
+            content = b"file %d of %s\n" % (i, d)
+            batch.append((Entry(d + b"/f%d" % i, Kind.FILE, Stamp(t, "beta"),
+                                vector=(("beta", t),), mode=0o644, owner="root",
+                                group="root", mtime_ns=10**18, size=len(content),
+                                digest=xxhash.xxh3_128(content).digest()), content))
+    tried: list[bytes] = []
+    prepare = Prepared.prepare
+
+    def counted(self: Prepared, mset: config.MirrorSet, entry: Entry, data: bytes,
+                reserve: int) -> bool:
+        tried.append(entry.path)
+        return prepare(self, mset, entry, data, reserve)
+    monkeypatch.setattr(Prepared, "prepare", counted)
+    outcomes = Resolver(store, applier, scanner).batch("beta", [mset], batch, lambda p: None)
+    assert outcomes == [None] * len(batch)
+    files = [e.path for e, data in batch if data is not None]
+    assert tried == files
+    for entry, data in batch:
+        if data is not None:
+            assert (root / os.fsdecode(entry.path)).read_bytes() == data
+    store.close()

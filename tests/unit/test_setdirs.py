@@ -5,9 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+import xxhash
+
 from omirror import config
+from omirror.entry import Entry, Kind, Stamp
 from omirror.scanner import MARKER
 from omirror.setdirs import SetDirs
+from omirror.staging import Prepared
 
 DISTFILE = "( /data ) -> ( alpha beta ) install ;\n"
 
@@ -17,6 +22,12 @@ def _tree(tmp_path: Path) -> tuple[Path, SetDirs, config.MirrorSet]:
     (root / "data" / "d").mkdir(parents=True)
     (root / "data" / os.fsdecode(MARKER)).write_bytes(b"marker\n")
     return root, SetDirs(os.fsencode(root)), config.parse(DISTFILE, "test.conf").sets[0]
+
+
+def _file(path: bytes) -> Entry:
+    return Entry(path, Kind.FILE, Stamp(10**18, "beta"), vector=(("beta", 10**18),),
+                 mode=0o644, owner="root", group="root", mtime_ns=10**18, size=1,
+                 digest=xxhash.xxh3_128(b"x").digest())
 
 
 def _where(fd: int) -> str:
@@ -57,3 +68,34 @@ def test_a_directory_renamed_during_a_batch_is_never_written_through(
         assert again is not None and _where(again[0]) == str(root / "data" / "d")
         os.rmdir(root / "data" / "d")  # removed: not used either
         assert dirs.open_parent(mset, b"data/d/h", create=False, action="write") is None
+
+
+def test_a_prepared_file_is_taken_without_a_walk_only_while_its_directory_is_in_place(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file written ahead is installed only into the directory its path names now.
+    Told by one readlink while that directory is in place (a walk per file was a
+    sizeable part of a receiver's time); once it was moved away, or replaced by a
+    directory of the same name, the temp file is not used."""
+    root, dirs, mset = _tree(tmp_path)
+    walks: list[bytes] = []
+    walk = SetDirs.open_parent
+
+    def counted(self: SetDirs, mset: config.MirrorSet, path: bytes, **kw: object
+                ) -> tuple[int, bytes] | None:
+        walks.append(path)
+        return walk(self, mset, path, **kw)  # type: ignore[arg-type]
+    prepared = Prepared(dirs)
+    entries = {name: _file(b"data/d/" + name) for name in (b"f", b"g", b"h")}
+    for entry in entries.values():
+        assert prepared.prepare(mset, entry, b"x", 0)
+    monkeypatch.setattr(SetDirs, "open_parent", counted)
+    taken = prepared.take(mset, entries[b"f"])
+    assert taken is not None and walks == []
+    taken.abort()
+    os.rename(root / "data" / "d", tmp_path / "away")
+    (root / "data" / "d").mkdir()
+    assert prepared.take(mset, entries[b"g"]) is None
+    assert walks == [b"data/d/g"]  # not told so by the readlink: looked up, and refused
+    os.rmdir(root / "data" / "d")
+    assert prepared.take(mset, entries[b"h"]) is None
+    assert os.listdir(tmp_path / "away") == []  # the temp files not taken are removed

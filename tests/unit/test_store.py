@@ -334,3 +334,25 @@ def test_committed_reads_never_see_a_transaction_in_progress(tmp_path: Path) -> 
     assert seen[1] == [Stamp(1, "alpha")]
     assert store.committed(b"data/f").entry.stamp == Stamp(2, "beta")
     store.close()
+
+
+def test_a_page_leaves_one_origins_versions_out_but_ends_where_the_log_ended(
+        store: Store) -> None:
+    """A pusher's peer made the versions of one origin: they are left out in SQLite.
+    The log's last record is always in, so that the pusher's position passes what was
+    left out, and a full page ends at its last record, so nothing is passed unsent."""
+    with store.batch():
+        seqs = {name: store.put(version(name, i, origin=origin), None)
+                for i, (name, origin) in enumerate(
+                    [(b"b1", "beta"), (b"a1", "alpha"), (b"b2", "beta"), (b"a2", "alpha"),
+                     (b"b3", "beta"), (b"b4", "beta")])}
+
+    def page(seq: int, limit: int) -> list[bytes]:
+        return [r.entry.path for r in store.page(seq, limit, skip_origin="beta")]
+    assert page(0, 10) == [b"a1", b"a2", b"b4"]  # b4: where the log ends
+    assert page(0, 2) == [b"a1", b"a2"]  # full: b3 and b4 not passed
+    assert page(seqs[b"a2"], 10) == [b"b4"]
+    assert page(seqs[b"b4"], 10) == []
+    assert [r.entry.path for r in store.page(0, 3)] == [b"b1", b"a1", b"b2"]
+    store.put(version(b"a3", 9), None)
+    assert page(seqs[b"a2"], 10) == [b"a3"]
