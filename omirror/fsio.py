@@ -426,7 +426,7 @@ def extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int, bool]]:
         pos = hole
 
 
-def _dense(st: os.stat_result) -> bool:
+def is_dense(st: os.stat_result) -> bool:
     """As many blocks as its size: no hole worth asking the file system about (most
     files; asking costs two ``lseek`` per file, on every hash)."""
     return st.st_blocks * 512 >= st.st_size
@@ -435,7 +435,7 @@ def _dense(st: os.stat_result) -> bool:
 def has_hole(fd: int, st: os.stat_result) -> bool:
     """The open file has a hole before its end: fewer blocks than its size first (cheap,
     and enough for most files), then the file system asked where the first hole is."""
-    if _dense(st):
+    if is_dense(st):
         return False
     try:
         return os.lseek(fd, 0, os.SEEK_HOLE) < st.st_size
@@ -461,7 +461,7 @@ def copy_data(src: int, dst: int) -> None:
     by meanwhile is copied as well."""
     st = os.fstat(src)
     offset = 0
-    for start, length, is_data in () if _dense(st) else extents(src, 0, st.st_size):
+    for start, length, is_data in () if is_dense(st) else extents(src, 0, st.st_size):
         if is_data:
             for data in read_range(src, start, length):
                 _write_all(dst, data, offset)
@@ -495,7 +495,7 @@ def digest_fd(fd: int) -> tuple[bytes, int]:
     digest = new_digest()
     offset = 0
     st = os.fstat(fd)
-    for start, length, is_data in () if _dense(st) else extents(fd, 0, st.st_size):
+    for start, length, is_data in () if is_dense(st) else extents(fd, 0, st.st_size):
         if not is_data:
             hash_zeros(digest, length)
             offset += length
@@ -521,7 +521,7 @@ def _blocks(fd: int, size: int) -> Iterator[bytes | int]:
     block that is all hole is its length (an int), not read; a block partly a hole is
     read only where it holds data."""
     st = os.fstat(fd)
-    end = 0 if _dense(st) else st.st_size  # dense: every block read as it comes, below
+    end = 0 if is_dense(st) else st.st_size  # dense: every block read as it comes, below
     offset = 0
     while offset < end:
         length = min(size, end - offset)

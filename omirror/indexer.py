@@ -213,7 +213,7 @@ class Indexer:
             by_set.setdefault(mset.title, (mset, []))[1].append((path, request.recursive))
         for mset, paths in by_set.values():
             try:
-                await self.tree(self.scanner.scan_paths, mset, self.root, paths)
+                await self.tree(self.scanner.scan_paths, mset, self.root, paths, keep=True)
             except RootError as e:
                 self.stop_set(mset, e)
 

@@ -274,8 +274,19 @@ class Pusher(Side):
         carried = [r for r, _ in records if self._reads_inline(r)]
         inline: dict[bytes, bytes] = {}
         if carried:
-            await self.io.flush()  # what is queued goes while the files are read
-            inline = await asyncio.to_thread(_read_inline, self.ctx.root, carried, sets)
+            # a live change was read as it was hashed: sent as read (omirror/recent.py)
+            recent = self.ctx.scanner.recent
+            unread = []
+            for record in carried:
+                data = recent.get(record.entry.path, record.entry.digest)
+                if data is None:
+                    unread.append(record)
+                else:
+                    inline[record.entry.path] = data
+            if unread:
+                await self.io.flush()  # what is queued goes while the files are read
+                inline.update(await asyncio.to_thread(_read_inline, self.ctx.root, unread,
+                                                      sets))
         for record, out_of_order in records:
             data = inline.pop(record.entry.path, None)
             size = 0 if data is None else len(data)

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
-from omirror import fsio, xattrs
+from omirror import fsio, recent, xattrs
 from omirror.clock import now_ns, offset_ns
 from omirror.config import MirrorSet
 from omirror.entry import Entry, Kind, first_version, next_stamp
@@ -64,8 +64,8 @@ class Unstable(Exception):
 
 
 def hash_at(dir_fd: int, name: bytes, listed: os.stat_result,
-            policy: xattrs.Policy | None = None
-            ) -> tuple[bytes, os.stat_result, xattrs.Xattrs | None]:
+            policy: xattrs.Policy | None = None, keep: int = 0
+            ) -> tuple[bytes, os.stat_result, xattrs.Xattrs | None, bytes | None]:
     """Digest a regular file of an open directory, and the stat the digest describes.
 
     The file is opened relative to its directory with ``O_NOFOLLOW`` and must be the
@@ -73,13 +73,23 @@ def hash_at(dir_fd: int, name: bytes, listed: os.stat_result,
     another file in between is refused, never read. The stat is taken on the descriptor
     before and after reading; if size, mtime or ctime moved, a writer was busy and the
     digest is refused too.
+
+    A dense file of at most ``keep`` bytes is read whole, in one read, and its content
+    returned with its digest (for the pushers: omirror/recent.py); else None.
     """
     try:
         fd, before = fsio.open_file(dir_fd, name, listed)
     except fsio.Swapped:
         raise Unstable(name) from None
+    data = None
     try:
-        digest, _ = fsio.digest_fd(fd)
+        if keep and before.st_size <= keep and fsio.is_dense(before):
+            data = os.read(fd, before.st_size + 1)
+            if len(data) != before.st_size:
+                raise Unstable(name)  # it grew or shrank while read
+            digest = fsio.digest_bytes(data)
+        else:
+            digest, _ = fsio.digest_fd(fd)
         # through the descriptor already open, and before the stat that vouches for
         # both: an attribute set meanwhile moves the ctime, and the file is read again
         found = None if policy is None else xattrs.read(fd, policy)
@@ -88,7 +98,7 @@ def hash_at(dir_fd: int, name: bytes, listed: os.stat_result,
         os.close(fd)
     if not fsio.unchanged(after, before):
         raise Unstable(name)
-    return digest, after, found
+    return digest, after, found, data
 
 
 @dataclass
@@ -147,6 +157,8 @@ class Scanner:
         #: How owners of versions from peers map here: a file that holds what applying
         #: a version gave it is no local change (omirror/owners.py).
         self.owners = OwnerMap()
+        #: Small files the scans of live events read, for the pushers to send as read.
+        self.recent = recent.RecentContent()
         #: Directories recorded as arriving (renamed here, or back where they had been
         #: deleted), by path: when they arrived, and when that was recorded (monotonic).
         #: What they hold may be examined by a later run (a directory's own event can be
@@ -219,18 +231,21 @@ class Scanner:
         return run.stats
 
     def scan_paths(self, mset: MirrorSet, root: bytes,
-                   requests: list[tuple[bytes, bool]], *, force: bool = False) -> ScanStats:
+                   requests: list[tuple[bytes, bool]], *, force: bool = False,
+                   keep: bool = False) -> ScanStats:
         """Examine the given logical paths, each alone or with its whole subtree.
 
         This is how live events are indexed: a path an event named is examined exactly as
         a full scan would examine it, so events and rescans never disagree. The roots
         holding the paths are checked first, as for a full scan. Renames are found when
         both the new and the old path are in one call: deletions are recorded last. With
-        ``force`` every file is hashed, even one whose stat is unchanged.
+        ``force`` every file is hashed, even one whose stat is unchanged; with ``keep``
+        the small files hashed are kept in :attr:`recent` for the pushers.
         """
         started = time.monotonic()
         with _Run(self, mset, root, dry_run=False) as run:
             run.force = force
+            run.keep = keep
             checked: set[bytes] = set()
             for path, recursive in requests:
                 top = run.top_of(path)
@@ -345,6 +360,9 @@ class _Run:
         #: version elsewhere could beat a rename made after it.
         self.fresh: dict[bytes, int] = {}
         self.force = False
+        #: Whether small files read to be hashed are kept for the pushers
+        #: (:attr:`Scanner.recent`): in the scans of live events only.
+        self.keep = False
         self.store_empty = scanner.store.count() == 0
         self.tops = sorted((logical(top) for top in mset.files), key=len, reverse=True)
         #: Files with other names (st_nlink > 1) recorded in this run, by (device,
@@ -605,7 +623,9 @@ class _Run:
                 if source is not None:
                     moved_from, digest = source.entry.path, source.entry.digest
                 else:
-                    digest, st, found = self._hash(dir_fd, name, st)
+                    digest, st, found, data = self._hash(dir_fd, name, st)
+                    if data is not None:
+                        self.sc.recent.put(path, digest, data)
                 attrs.update(digest=digest, size=st.st_size, mtime_ns=st.st_mtime_ns)
             elif kind is Kind.SYMLINK:
                 attrs.update(target=os.readlink(name, dir_fd=dir_fd), mode=0)
@@ -872,18 +892,19 @@ class _Run:
         return None
 
     def _hash(self, dir_fd: int, name: bytes, st: os.stat_result
-              ) -> tuple[bytes, os.stat_result, xattrs.Xattrs | None]:
+              ) -> tuple[bytes, os.stat_result, xattrs.Xattrs | None, bytes | None]:
         with self._target(dir_fd, name) as target:
             if target is None:
                 raise Unstable(name)  # a link no longer followed: its events say what now
             return self._hash_at(*target, st)
 
     def _hash_at(self, dir_fd: int, name: bytes, st: os.stat_result
-                 ) -> tuple[bytes, os.stat_result, xattrs.Xattrs | None]:
+                 ) -> tuple[bytes, os.stat_result, xattrs.Xattrs | None, bytes | None]:
         policy = self.policy if self.policy.enabled else None
+        keep = recent.MAX_FILE if self.keep else 0
         for attempt in range(_HASH_TRIES):
             try:
-                digest, st, found = hash_at(dir_fd, name, st, policy)
+                digest, st, found, data = hash_at(dir_fd, name, st, policy, keep)
             except Unstable:
                 if attempt == _HASH_TRIES - 1:
                     raise
@@ -896,7 +917,7 @@ class _Run:
                 continue
             self.stats.hashed += 1
             self.stats.hashed_bytes += st.st_size
-            return digest, st, found
+            return digest, st, found, data
         raise Unstable(name)  # not reached: the loop returns or raises
 
     # -- recording -----------------------------------------------------------------------

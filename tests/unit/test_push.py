@@ -161,7 +161,7 @@ def test_a_relayed_version_travels_without_content_to_a_peer_that_has_its_origin
     async def run() -> dict[bytes, bool]:
         async def tree(fn, *args):  # type: ignore[no-untyped-def]
             return fn(*args)
-        ctx = Context("alpha", store, None, None, os.fsencode(root),  # type: ignore[arg-type]
+        ctx = Context("alpha", store, None, Scanner(store, "alpha"), os.fsencode(root),  # type: ignore[arg-type]
                       lambda peer: [mset], tree)
         frames = Frames()
         pusher = Pusher(ctx, "beta", None, frames, LinkStats())
@@ -202,7 +202,7 @@ def test_a_name_linked_to_one_sent_before_travels_without_its_content(
     async def run() -> dict[bytes, tuple[bool, bytes]]:
         async def tree(fn, *args):  # type: ignore[no-untyped-def]
             return fn(*args)
-        ctx = Context("alpha", store, None, None, os.fsencode(root),  # type: ignore[arg-type]
+        ctx = Context("alpha", store, None, Scanner(store, "alpha"), os.fsencode(root),  # type: ignore[arg-type]
                       lambda peer: [mset], tree)
         frames = Frames()
         pusher = Pusher(ctx, "beta", None, frames, LinkStats())
