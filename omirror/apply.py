@@ -36,6 +36,7 @@ from omirror.paths import PATH_MAX, join, show, split
 from omirror.setdirs import SetDirs
 from omirror.staging import (
     TEMP_FLAGS,
+    Ahead,
     Prepared,
     RoomCheck,
     TempFile,
@@ -87,6 +88,8 @@ class Applier:
         self.dirs = SetDirs(root)
         #: Small files of a batch written and synced ahead (omirror/staging.py).
         self.prepared = Prepared(self.dirs)
+        #: Small files of a receiver's next batch, written ahead by the stager.
+        self.ahead = Ahead()
         #: Where each change is announced before it is made (omirror/intents.py); None
         #: in tools that apply nothing a crash could leave unrecorded.
         self.intents: IntentLog | None = None
@@ -678,11 +681,7 @@ class Applier:
             if after is not None:  # the file has other names: they stay
                 self.relinked(mset, old, after, path)
             return
-        try:
-            os.rmdir(name, dir_fd=parent)
-        except OSError as e:
-            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
+        if not self._rmdir(parent, name):
             log.info("path=%s deleted by a peer but not empty here: kept, the local files "
                      "below it are newer", show(path))
 
@@ -897,17 +896,32 @@ class Applier:
             keep_owner=old if options.nochkowner else False,
             keep_group=old if options.nochkgroup else False)
 
-    @staticmethod
-    def _remove_empty_dir(parent: int, name: bytes, entry: Entry) -> None:
+    def _remove_empty_dir(self, parent: int, name: bytes, entry: Entry) -> None:
         """Make room for a file or symlink where a directory is; only an empty one."""
-        try:
-            os.rmdir(name, dir_fd=parent)
-        except OSError as e:
-            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
+        if not self._rmdir(parent, name):
             raise ApplyError(entry.path, errno.ENOTEMPTY,
                              f"cannot replace directory {show(entry.path)} by a "
-                             f"{entry.kind.name.lower()}: it is not empty here") from e
+                             f"{entry.kind.name.lower()}: it is not empty here")
+
+    def _rmdir(self, parent: int, name: bytes) -> bool:
+        """Remove an empty directory; False when something is in it. Temp files written
+        ahead (staging.Ahead, and this batch's own) are not something: a directory
+        holding them is removed once they are dropped, with the stager held off, or a
+        temp file would keep a directory a peer deleted, and the scan of what was kept
+        would bring it back on every peer."""
+        for attempt in range(2):
+            try:
+                if attempt == 0:
+                    os.rmdir(name, dir_fd=parent)
+                else:
+                    with self.ahead.paused():
+                        self.prepared.discard()
+                        os.rmdir(name, dir_fd=parent)
+                return True
+            except OSError as e:
+                if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+        return False
 
     def _record(self, entry: Entry, st: os.stat_result) -> Record:
         """Record what was applied with the stat it left, so its echo is recognised."""

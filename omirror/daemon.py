@@ -50,6 +50,8 @@ from omirror.versions import DEFAULT_KEEP_DAYS, PRUNE_EVERY_S
 
 log = logging.getLogger(__name__)
 
+STAGER_NAME = "omirror-stage"
+
 
 class Parts:
     """The rooms of a daemon that runs (or of ``--once``), built inside the event loop,
@@ -70,6 +72,9 @@ class Parts:
         self.ctx = Context(name, self.store, self.applier, self.scanner, daemon.root,
                            daemon.sets.shared_with, self.worker)
         self.ctx.stopped = daemon.sets.stopped_holding
+        #: Writes a receiver's next small files ahead while the tree worker applies.
+        self.stager = TreeWorker(STAGER_NAME)
+        self.ctx.stage = self.stager if watch else None
         self.ctx.bwlimit_kib = daemon.bwlimit_kib
         # the specials of what peers' versions applied run in the loop, never in the
         # tree worker, which only reports what it committed
@@ -114,6 +119,9 @@ class Parts:
     def close(self) -> None:
         """After the links: the job in progress finishes, then the store closes."""
         self.indexer.close()
+        self.stager.shutdown()
+        with self.applier.ahead.paused():
+            pass  # what was written ahead for a batch that will not run is removed
         self.worker.shutdown()
         self.intents.close()
         self.store.close()

@@ -83,6 +83,9 @@ class Context:
         self.root = root
         self.sets_with = sets_with
         self.tree = tree  # run a callable in the tree worker
+        #: Run a callable in the stager (omirror/staging.py, Ahead), beside the tree
+        #: worker; None where nothing is written ahead (``--once``).
+        self.stage: Callable[..., Awaitable[Any]] | None = None
         #: Every link's receiver decides through this one resolver, in the tree worker.
         self.resolver = Resolver(store, applier, scanner)
         #: ``--bwlimit``: KiB/s each link may write (0: no limit); each gets its bucket.

@@ -13,6 +13,8 @@ resumes where it stopped and failed paths are retried, with backoff, until they 
 from __future__ import annotations
 
 import asyncio
+import collections
+import itertools
 import logging
 import os
 import time
@@ -33,7 +35,7 @@ from omirror.link import (
 )
 from omirror.paths import show
 from omirror.resolve import Need, Result
-from omirror.staging import TempFile
+from omirror.staging import Prepared, TempFile
 from omirror.store import Cursor
 from omirror.units import human_bytes
 from omirror.wire import (
@@ -80,6 +82,34 @@ _RETRY_FIRST_S, _RETRY_MAX_S = 1.0, 60.0
 MAX_FAILING = 10_000
 
 
+class _Entries(asyncio.Queue["EntryMsg | Passed"]):
+    """The entries a receiver has read and not yet applied."""
+
+    # a queue's own storage, as asyncio's other queues make theirs
+    def _init(self, maxsize: int) -> None:
+        self._queue: collections.deque[EntryMsg | Passed] = collections.deque()
+
+    def _put(self, item: EntryMsg | Passed) -> None:
+        self._queue.append(item)
+
+    def _get(self) -> EntryMsg | Passed:
+        return self._queue.popleft()
+
+    def peek(self, count: int) -> list[EntryMsg | Passed]:
+        """The first ``count`` queued, left in the queue: what the stager writes ahead."""
+        return list(itertools.islice(self._queue, count))
+
+
+async def _staged(staging: asyncio.Future[Prepared]) -> Prepared | None:
+    """What the stager wrote ahead; None if it failed (it is only a head start: every
+    entry is applied whatever it did)."""
+    try:
+        return await staging
+    except Exception as e:  # an OSError, or a bug: logged, and nothing is lost
+        log.warning("writing files ahead failed: %s: %s", type(e).__name__, e)
+        return None
+
+
 @dataclass
 class _Failing:
     msg: EntryMsg
@@ -98,7 +128,7 @@ class Receiver(Side):
         #: the channel after its BYE, so nothing is sent unasked (no DIRECT), and its
         #: relays matter for no later entry.
         self.once = once
-        self.entries: asyncio.Queue[EntryMsg | Passed] = asyncio.Queue(maxsize=QUEUE_ENTRIES)
+        self.entries: _Entries = _Entries(maxsize=QUEUE_ENTRIES)
         self.queued_bytes = 0  # inline content in ``entries``, at most QUEUE_BYTES
         self._dequeued = asyncio.Event()
         #: Content for the one request open at a time (``_open``); other content is
@@ -187,37 +217,61 @@ class Receiver(Side):
 
     async def _apply_all(self) -> None:
         """Apply entries in order, in batches: what is queued goes to the tree worker in
-        one job and one store transaction, and its small files are synced together."""
+        one job and one store transaction, and its small files are synced together.
+        While it applies a batch, the stager writes the small files of what is queued
+        behind it ahead (omirror/staging.py, Ahead)."""
         count = 0
         pending: list[EntryMsg] = []
         passed: Passed | None = None  # taken from the queue, to settle after ``pending``
-        while True:
-            if not pending:
-                if passed is not None:
-                    self.done_seq = max(self.done_seq, passed.seq)
-                    passed = None
-                if self.entries.empty():
-                    await self._save_cursor()
-                await self._room_to_fail()
-                item = await self.entries.get()
-                while not isinstance(item, Passed):
-                    pending.append(self._dequeue(item))
-                    if len(pending) >= _BATCH or self.entries.empty():
-                        break
-                    item = self.entries.get_nowait()
-                else:
-                    passed = item  # ends the batch: it settles only what came before it
+        ahead: asyncio.Future[Prepared] | None = None
+        try:
+            while True:
                 if not pending:
-                    continue
-            results = await self.ctx.tree(self._apply_batch, list(pending))
-            del pending[:len(results)]
-            for msg, outcome in results:
-                await self._settle(msg, outcome)
-                if msg.seq:  # 0: a parent sent ahead of its place in the log
-                    self.done_seq = msg.seq
-                count += 1
-                if count % _ACK_EVERY == 0:
-                    await self._save_cursor()
+                    if passed is not None:
+                        self.done_seq = max(self.done_seq, passed.seq)
+                        passed = None
+                    if self.entries.empty():
+                        await self._save_cursor()
+                    await self._room_to_fail()
+                    item = await self.entries.get()
+                    while not isinstance(item, Passed):
+                        pending.append(self._dequeue(item))
+                        if len(pending) >= _BATCH or self.entries.empty():
+                            break
+                        item = self.entries.get_nowait()
+                    else:
+                        passed = item  # ends the batch: it settles only what came before
+                    if not pending:
+                        continue
+                staged = None
+                if ahead is not None:
+                    staged = await _staged(ahead)
+                    ahead = None
+                ahead = self._stage_next()
+                results = await self.ctx.tree(self._apply_batch, list(pending), staged)
+                del pending[:len(results)]
+                for msg, outcome in results:
+                    await self._settle(msg, outcome)
+                    if msg.seq:  # 0: a parent sent ahead of its place in the log
+                        self.done_seq = msg.seq
+                    count += 1
+                    if count % _ACK_EVERY == 0:
+                        await self._save_cursor()
+        finally:
+            if ahead is not None:  # the batch it was for will not run
+                ahead.add_done_callback(self._drop_late)
+
+    def _stage_next(self) -> asyncio.Future[Prepared] | None:
+        """Have the small files queued behind the batch about to be applied written
+        ahead, beside it; None when there are none, or nothing is written ahead."""
+        if self.ctx.stage is None:
+            return None
+        ahead = [(m.entry, m.data) for m in self.entries.peek(_BATCH)
+                 if isinstance(m, EntryMsg)]
+        if not any(data is not None for _, data in ahead):
+            return None
+        return asyncio.ensure_future(self.ctx.stage(
+            self.ctx.resolver.stage, self.ctx.sets_with(self.peer), ahead))
 
     async def _room_to_fail(self) -> None:
         """Wait while this link holds MAX_FAILING paths to retry: the peer's further
@@ -237,12 +291,13 @@ class Receiver(Side):
             self._dequeued.set()
         return msg
 
-    def _apply_batch(self, msgs: list[EntryMsg]) -> list[tuple[EntryMsg, Result]]:
+    def _apply_batch(self, msgs: list[EntryMsg], staged: Prepared | None = None
+                     ) -> list[tuple[EntryMsg, Result]]:
         """In the tree worker: the resolver applies ``msgs`` in order, up to the first
-        that needs its content fetched."""
+        that needs its content fetched, with what was written ahead for them."""
         outcomes = self.ctx.resolver.batch(
             self.peer, self.ctx.sets_with(self.peer), [(m.entry, m.data) for m in msgs],
-            self._stopped)
+            self._stopped, staged)
         return list(zip(msgs, outcomes))
 
     def _apply_one(self, msg: EntryMsg) -> Result:
@@ -422,6 +477,16 @@ class Receiver(Side):
         finally:
             if old_fd >= 0:
                 os.close(old_fd)
+
+    def _drop_late(self, ahead: asyncio.Future[Prepared]) -> None:
+        """Remove what was written ahead for a batch that will not run, in the stager
+        (a stage job may still hold it up: never in the loop)."""
+        if self.ctx.stage is not None and not ahead.cancelled() \
+                and ahead.exception() is None:
+            task = asyncio.ensure_future(self.ctx.stage(self.ctx.applier.ahead.drop,
+                                                        ahead.result()))
+            self._late.add(task)  # held until done: a task nobody holds may be collected
+            task.add_done_callback(self._late.discard)
 
     def _abort_late(self, begun: asyncio.Future[TempFile]) -> None:
         """Remove a temp file made for a fetch given up before it existed."""

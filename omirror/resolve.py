@@ -28,7 +28,7 @@ from omirror.entry import Decision, Entry, Kind, Outcome, decide
 from omirror.errors import ApplyError, LocalChanged, PathRefused
 from omirror.paths import check_form, show, show_text
 from omirror.scanner import Scanner
-from omirror.staging import TempFile
+from omirror.staging import Prepared, TempFile
 from omirror.store import Record, StatSig, Store, matches
 
 log = logging.getLogger(__name__)
@@ -95,16 +95,20 @@ class Resolver:
 
     def batch(self, peer: str, sets: Sequence[MirrorSet],
               entries: Sequence[tuple[Entry, bytes | None]],
-              stopped: Callable[[bytes], str | None]) -> list[Result]:
+              stopped: Callable[[bytes], str | None],
+              staged: Prepared | None = None) -> list[Result]:
         """Apply ``entries`` in order until one needs its content fetched (it ends the
         batch: what follows may depend on it); one outcome per entry applied. The
         batch is one store transaction, its small files are synced together, and the
-        set roots are opened once for it."""
+        set roots are opened once for it. ``staged``: what :meth:`stage` wrote ahead
+        for it."""
         applier = self.applier
         outcomes: list[Result] = []
         considered: set[bytes] = set()
         dirs_made = True  # since the last _prepare: a file it skipped may have its parent
         self._applied.clear()
+        if staged is not None:
+            applier.ahead.adopt(staged, applier.prepared)
         try:
             with applier.dirs.holding_roots():
                 with self.store.batch():
@@ -424,6 +428,62 @@ class Resolver:
 
     # -- around the rules -----------------------------------------------------------------
 
+    def stage(self, sets: Sequence[MirrorSet],
+              entries: Sequence[tuple[Entry, bytes | None]]) -> Prepared:
+        """In the stager, beside the tree worker: write ahead, and sync, the small files
+        of a receiver's next batch (staging.Ahead), guessing from the store's committed
+        view which will be installed. A file whose directory is not there yet is tried
+        once more at the end: the batch the tree worker applies meanwhile may be making
+        it."""
+        deleted = _deleted(entries)
+        with self.applier.ahead.staging(self.applier.root) as prepared:
+            late = self._write_ahead(prepared, sets, entries, self.store.committed, set(),
+                                     deleted)
+            if late:
+                self._write_ahead(prepared, sets, late, self.store.committed, set(),
+                                  deleted)
+            prepared.sync()
+        return prepared
+
+    def _write_ahead(self, prepared: Prepared, sets: Sequence[MirrorSet],
+                     entries: Sequence[tuple[Entry, bytes | None]],
+                     get: Callable[[bytes], Record | None], considered: set[bytes],
+                     deleted: set[bytes]) -> list[tuple[Entry, bytes | None]]:
+        """Write the files of ``entries`` that will likely be installed into their temp
+        files (see :meth:`_prepare`), none below a path in ``deleted``; those whose
+        directory is missing are returned."""
+        dirs_ahead: set[bytes] = set()  # directories these entries have yet to apply
+        late: list[tuple[Entry, bytes | None]] = []
+        for entry, data in entries:
+            if len(prepared) >= PREPARE_MAX:
+                break
+            if entry.kind is Kind.DIR:
+                dirs_ahead.add(entry.path)
+            if entry.path in considered:
+                continue
+            if entry.path.rpartition(b"/")[0] in dirs_ahead:
+                late.append((entry, data))
+                continue  # for a later call, once that directory is applied
+            considered.add(entry.path)
+            if data is None or entry.kind is not Kind.FILE or entry.moved_from \
+                    or entry.path in prepared \
+                    or any(parent in deleted for parent in _parents(entry.path)):
+                continue
+            try:
+                mset = check_path(entry.path, sets)
+            except PathRefused:
+                continue
+            record = get(entry.path)
+            local = None if record is None else record.entry
+            if decide(local, entry).outcome is not Outcome.TAKE or (
+                    local is not None and local.kind is Kind.FILE
+                    and local.digest == entry.digest):
+                continue
+            if not prepared.prepare(mset, entry, data, self.applier.reserve):
+                considered.discard(entry.path)  # its directory is still to be made
+                late.append((entry, data))
+        return late
+
     def _prepare(self, sets: Sequence[MirrorSet],
                  entries: Sequence[tuple[Entry, bytes | None]], considered: set[bytes]) -> None:
         """Write the small files of a batch that will be installed, then sync them all at
@@ -435,36 +495,9 @@ class Resolver:
         others). A file below a directory the same batch deletes is not written ahead:
         its temp file would make that directory look not empty to the deletion, which
         then keeps it as this host's own version."""
-        applier = self.applier
-        deleted = {entry.path for entry, _ in entries if entry.kind is Kind.TOMBSTONE}
-        dirs_ahead: set[bytes] = set()  # directories this batch has yet to apply
-        for entry, data in entries:
-            if len(applier.prepared) >= PREPARE_MAX:
-                break
-            if entry.kind is Kind.DIR:
-                dirs_ahead.add(entry.path)
-            if entry.path in considered:
-                continue
-            if entry.path.rpartition(b"/")[0] in dirs_ahead:
-                continue  # for a later call, once that directory is applied
-            considered.add(entry.path)
-            if data is None or entry.kind is not Kind.FILE or entry.moved_from \
-                    or entry.path in applier.prepared \
-                    or any(parent in deleted for parent in _parents(entry.path)):
-                continue
-            try:
-                mset = check_path(entry.path, sets)
-            except PathRefused:
-                continue
-            record = self.store.get(entry.path)
-            local = None if record is None else record.entry
-            if decide(local, entry).outcome is not Outcome.TAKE or (
-                    local is not None and local.kind is Kind.FILE
-                    and local.digest == entry.digest):
-                continue
-            if not applier.prepared.prepare(mset, entry, data, applier.reserve):
-                considered.discard(entry.path)  # its directory is still to be made
-        applier.prepared.sync()
+        self._write_ahead(self.applier.prepared, sets, entries, self.store.get, considered,
+                          _deleted(entries))
+        self.applier.prepared.sync()
 
     def _scan_strays(self, sets: Sequence[MirrorSet]) -> None:
         """Record what the applier put into a directory a user renamed meanwhile, where
@@ -483,6 +516,10 @@ class Resolver:
 
 def _ignore(_applied: list[Applied]) -> None:
     """The default :attr:`Resolver.on_applied`: nothing runs specials."""
+
+
+def _deleted(entries: Sequence[tuple[Entry, bytes | None]]) -> set[bytes]:
+    return {entry.path for entry, _ in entries if entry.kind is Kind.TOMBSTONE}
 
 
 def _parents(path: bytes) -> Iterator[bytes]:

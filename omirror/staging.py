@@ -16,6 +16,7 @@ import logging
 import os
 import secrets
 import stat
+import threading
 from collections.abc import Callable, Iterator
 
 from omirror import diskspace, fsio
@@ -445,6 +446,76 @@ class Prepared:
                 return temp
         temp.abort()
         return None
+
+
+    def adopt(self, other: Prepared) -> None:
+        """Take the temp files ``other`` wrote ahead (:class:`Ahead`), for a path this
+        one has none for; the others are removed."""
+        for path, temp in other.temps.items():
+            if path in self.temps:
+                temp.abort()
+            else:
+                self.temps[path] = temp
+        other.temps.clear()
+
+
+class Ahead:
+    """The small files of a receiver's next batch, written ahead by a thread of their
+    own (the stager) while the tree worker applies the batch before: creating a file
+    costs the kernel most of a small file's time on some disks, and here it overlaps
+    with the rest of the work instead of adding to it.
+
+    Only temp files are made, in directories that exist (no directory is made, nothing
+    is recorded): the tree worker still decides each entry when it applies it, takes a
+    temp file only for exactly that version in the directory its path names then
+    (:meth:`Prepared.take`), and removes the rest. A temp file is a daemon name that
+    scans never list, but it does keep its directory from being empty: whatever must
+    remove a directory does it inside :meth:`paused`, which waits for the stager, drops
+    every temp file written ahead, and keeps the stager out until the removal is done.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._staged: list[Prepared] = []  # written ahead, not yet adopted nor dropped
+
+    @contextlib.contextmanager
+    def staging(self, root: bytes) -> Iterator[Prepared]:
+        """In the stager: the temp files written in the block, registered (so that
+        :meth:`paused` can drop them) from their first to their adoption."""
+        with self._lock:
+            prepared = Prepared(SetDirs(root))
+            self._staged.append(prepared)
+            try:
+                with prepared.dirs.holding_roots():
+                    yield prepared
+            except BaseException:
+                self._staged.remove(prepared)
+                prepared.discard()
+                raise
+
+    def adopt(self, staged: Prepared, into: Prepared) -> None:
+        """In the tree worker, at the start of the batch ``staged`` was written for."""
+        with self._lock:
+            if staged in self._staged:
+                self._staged.remove(staged)
+                into.adopt(staged)
+
+    def drop(self, staged: Prepared) -> None:
+        """Remove what was written ahead for a batch that will not run (the link ended)."""
+        with self._lock:
+            if staged in self._staged:
+                self._staged.remove(staged)
+                staged.discard()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Remove a directory inside: nothing written ahead is left in it, and nothing is
+        written ahead until the block ends."""
+        with self._lock:
+            for staged in self._staged:
+                staged.discard()
+            self._staged.clear()
+            yield
 
 
 # -- what a fetch builds from: the old version, or what arrived before a cut ---------------

@@ -21,8 +21,8 @@ class TreeWorker:
 
     THREAD_NAME = "omirror-tree"
 
-    def __init__(self) -> None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, self.THREAD_NAME)
+    def __init__(self, name: str = THREAD_NAME) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, name)
 
     async def __call__(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``func(*args, **kwargs)`` in the worker; a job once begun runs to its end,
