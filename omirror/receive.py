@@ -263,8 +263,9 @@ class Receiver(Side):
 
     def _stage_next(self) -> asyncio.Future[Prepared] | None:
         """Have the small files queued behind the batch about to be applied written
-        ahead, beside it; None when there are none, or nothing is written ahead."""
-        if self.ctx.stage is None:
+        ahead, beside it; None when there are none, or nothing is written ahead (on a
+        disk where creating a file is quick, it would cost more than it gains)."""
+        if self.ctx.stage is None or not staging.CREATE_COST.slow():
             return None
         ahead = [(m.entry, m.data) for m in self.entries.peek(_BATCH)
                  if isinstance(m, EntryMsg)]

@@ -17,6 +17,7 @@ import os
 import secrets
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 from omirror import diskspace, fsio
@@ -78,6 +79,32 @@ def temp_at(parent: int) -> Iterator[bytes]:
 RoomCheck = Callable[[int, int, bool], None]
 
 
+class CreateCost:
+    """What creating a file costs this thread's CPU lately, mostly in the kernel (an
+    average over the last few dozen files made; the time spent waiting for the
+    interpreter is not in it): whether writing ahead pays (:class:`Ahead`). On some
+    disks it is a few microseconds, on others most of a millisecond."""
+
+    WEIGHT = 0.05
+
+    def __init__(self) -> None:
+        self.mean_s = 0.0
+
+    def note(self, seconds: float) -> None:
+        self.mean_s += (seconds - self.mean_s) * self.WEIGHT
+
+    def slow(self) -> bool:
+        """Creating costs more than the stager's own work per file, which competes with
+        the tree worker for the interpreter: only then does writing ahead gain time."""
+        return self.mean_s > AHEAD_ABOVE_S
+
+
+#: See :meth:`CreateCost.slow`; measured here: the stager's Python work is about 100 us
+#: per small file, a create 10-40 us on a quick disk and 400-900 us on a slow one.
+AHEAD_ABOVE_S = 100e-6
+CREATE_COST = CreateCost()
+
+
 class TempFile:
     """A file being received: ``.omirror-tmp-<hex>`` in the target directory.
 
@@ -112,7 +139,9 @@ class TempFile:
         self._synced = False
         self._created = False
         try:
+            began = time.thread_time()
             self.fd = os.open(self.name, TEMP_FLAGS, 0o600, dir_fd=dir_fd)
+            CREATE_COST.note(time.thread_time() - began)
             self._created = True
         except BaseException:
             self.abort()

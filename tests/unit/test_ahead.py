@@ -6,18 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import os
+import types
 from pathlib import Path
 
 import pytest
 import xxhash
 
-from omirror import config
+from omirror import config, staging
 from omirror.apply import Applier
 from omirror.entry import Entry, Kind, Stamp
-from omirror.receive import _Entries
+from omirror.receive import Receiver, _Entries
 from omirror.resolve import Resolver
 from omirror.scanner import MARKER, Scanner
-from omirror.staging import TEMP_FLAGS, TempFile
+from omirror.staging import TEMP_FLAGS, CreateCost, TempFile
 from omirror.store import Store
 from omirror.wire import EntryMsg, Passed
 
@@ -161,3 +162,47 @@ def test_the_receivers_queue_shows_what_is_behind_a_batch_without_taking_it() ->
         assert queue.peek(10) == [*msgs[1:], Passed(9)]
         assert not queue.empty()
     asyncio.run(run())
+
+
+def test_files_are_written_ahead_only_where_creating_one_is_slow() -> None:
+    """The stager's own work competes with the tree worker for the interpreter: where
+    creating a file is quick it costs more than the overlap gains, so it waits for
+    creates to be slow, as measured on the last files made (CPU time, not time spent
+    waiting for the interpreter)."""
+    cost = CreateCost()
+    assert not cost.slow()
+    for _ in range(100):
+        cost.note(20e-6)
+    assert not cost.slow()
+    for _ in range(100):
+        cost.note(600e-6)
+    assert cost.slow()
+    for _ in range(100):
+        cost.note(20e-6)
+    assert not cost.slow()
+
+
+def test_a_receiver_writes_nothing_ahead_while_creating_files_is_quick(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[object] = []
+
+    async def stage(*args: object) -> None:
+        calls.append(args)
+
+    async def run() -> tuple[object, object]:
+        receiver = Receiver.__new__(Receiver)
+        receiver.ctx = types.SimpleNamespace(  # type: ignore[assignment]
+            stage=stage, resolver=types.SimpleNamespace(stage=None),
+            sets_with=lambda peer: [])
+        receiver.peer = "beta"
+        receiver.entries = _Entries(maxsize=10)
+        await receiver.entries.put(EntryMsg(1, *_file(b"data/f", T0)))
+        monkeypatch.setattr(staging.CREATE_COST, "mean_s", 10e-6)
+        quick = receiver._stage_next()
+        monkeypatch.setattr(staging.CREATE_COST, "mean_s", 1e-3)
+        slow = receiver._stage_next()
+        if slow is not None:
+            await slow
+        return quick, slow
+    quick, slow = asyncio.run(run())
+    assert quick is None and slow is not None and len(calls) == 1
