@@ -115,10 +115,13 @@ class Coalescer:
         """Requests waiting: one per path, and one for a pending full rescan."""
         return len(self._pending) + (self._rescan is not None)
 
-    def add(self, events: Iterable[PathEvent]) -> None:
-        """The clock is read once per batch; after an overflow, every event only extends the
-        one pending rescan (the same batch's included)."""
+    def add(self, events: Iterable[PathEvent], at: float | None = None) -> None:
+        """The clock is read once per batch, unless ``at`` says when the events were read
+        from the kernel (never later than now); after an overflow, every event only
+        extends the one pending rescan (the same batch's included)."""
         now = self._clock()
+        if at is not None:
+            now = min(now, at)
         for event in events:
             if event.kind is EventKind.OVERFLOW:
                 self._note_rescan(now)

@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 DELETE_HOLD_S = 0.5
 POLL_EVERY_S = 2.0
 RESCAN_EVERY_S = 3600.0
+#: The event loop's timers wait whole milliseconds, rounded up (epoll_wait): a wait
+#: shorter than this is slept in a thread instead, which wakes on time. With the default
+#: 1 ms window, the rounding alone made a change wait about twice its window.
+_PRECISE_BELOW_S = 0.002
 #: The counters of one scan, summed over sets, that ``omirrord sync`` answers with.
 SYNC_COUNTS = ("new", "changed", "deleted", "moved", "dirs", "files", "symlinks", "hashed")
 
@@ -175,7 +179,7 @@ class Indexer:
                     and not self._skip(event.path):
                 # watch before the scan that follows, so nothing made in between is missed
                 self.watcher.watch_tree(event.path, self._skip)
-        self.coalescer.add(events)
+        self.coalescer.add(events, self.watcher.read_s)
         self._wake.set()
 
     async def _index_loop(self) -> None:
@@ -185,7 +189,9 @@ class Indexer:
             timeout = min(next_rescan, deadline if deadline is not None else next_rescan) \
                 - time.monotonic()
             self._wake.clear()
-            if timeout > 0:
+            if 0 < timeout < _PRECISE_BELOW_S:
+                await asyncio.to_thread(time.sleep, timeout)
+            elif timeout > 0:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
             if time.monotonic() >= next_rescan:

@@ -27,6 +27,7 @@ import ctypes
 import enum
 import errno
 import logging
+import math
 import os
 import select
 import struct
@@ -77,6 +78,10 @@ READ_SIZE = 512 * 1024
 #: records), the wait queues far fewer events than the kernel holds (16,384 by default).
 _SMALL_READ = 64 * 1024
 _GATHER_S = 0.002
+#: Only reads closer together than this are a trickle. The first read after a quiet
+#: spell is often a writer's open and write, with its close a moment behind: waiting
+#: _GATHER_S there would hold that close, and so the change, for as long.
+_TRICKLE_S = 0.01
 _HEADER = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len; then name
 _LIMIT_FILE = "/proc/sys/fs/inotify/max_user_watches"
 #: For tests only (tests/fault): a watch limit this watcher believes in, so the poll
@@ -243,7 +248,12 @@ class Watcher:
         self._held: OrderedDict[int, _Held] = OrderedDict()
         self._hold_timer: asyncio.TimerHandle | None = None
         self._inbox: list[bytes] = []
+        self._inbox_read_s = 0.0
         self._inbox_lock = threading.Lock()
+        #: When the kernel's events being reported to ``on_events`` were read
+        #: (``time.monotonic``): the coalescing window runs from there, not from when the
+        #: loop got round to them.
+        self.read_s = 0.0
         self._drain_scheduled = False
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -414,6 +424,7 @@ class Watcher:
         poller = select.poll()
         poller.register(self._fd, select.POLLIN)
         poller.register(self._wake_fd, select.POLLIN)
+        read_s = -math.inf
         try:
             while True:
                 if any(fd == self._wake_fd for fd, _ in poller.poll()):
@@ -421,7 +432,8 @@ class Watcher:
                 chunk = os.read(self._fd, READ_SIZE)
                 if not self._post(chunk):
                     return
-                if len(chunk) < _SMALL_READ:
+                before_s, read_s = read_s, time.monotonic()
+                if len(chunk) < _SMALL_READ and read_s - before_s < _TRICKLE_S:
                     # a trickle (a receiver installing files, say): let it gather for a
                     # moment instead of waking the loop, and taking the GIL from the tree
                     # worker, for every few events; a burst fills reads and never waits
@@ -432,8 +444,10 @@ class Watcher:
 
     def _post(self, chunk: bytes) -> bool:
         """Queue what one read() returned; one wake-up of the loop until it takes them."""
+        read_s = time.monotonic()
         with self._inbox_lock:
             self._inbox.append(chunk)
+            self._inbox_read_s = read_s
             if self._drain_scheduled:
                 return True
             self._drain_scheduled = True
@@ -449,8 +463,10 @@ class Watcher:
         with self._inbox_lock:
             chunks, self._inbox = self._inbox, []
             self._drain_scheduled = False
+            read_s = self._inbox_read_s
         if self._closed or not chunks:
             return
+        self.read_s = read_s
         self._handle_records([record for chunk in chunks for record in parse_events(chunk)])
 
     def _handle_records(self, records: Iterable[RawEvent]) -> None:
@@ -551,6 +567,7 @@ class Watcher:
         if self._closed:
             return
         self._drain()  # a MOVED_TO read but not yet handled must still find its pair
+        self.read_s = time.monotonic()
         now = self._loop.time()
         out: list[PathEvent] = []
         while self._held:

@@ -129,6 +129,22 @@ async def test_file_create_modify_close(watcher: Watcher, recorder: Recorder,
     assert recorder.threads == {"MainThread"}  # delivered in the loop thread
 
 
+async def test_events_carry_when_they_were_read_not_when_the_loop_took_them(
+        watcher: Watcher, recorder: Recorder, tree: bytes) -> None:
+    """The coalescing window runs from the read: a busy loop must not stretch it."""
+    seen: list[float] = []
+    watcher._on_events = lambda events: (seen.append(watcher.read_s), recorder(events))
+    path = tree + b"/stamped"
+    write(path, b"x")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not watcher._inbox:  # the reader thread has read them; the loop is held here
+        assert time.monotonic() < deadline, "the reader thread read nothing"
+        time.sleep(0.001)
+    held_until = time.monotonic()
+    await recorder.wait_event(CHANGED, path, closed=True)
+    assert seen and seen[0] <= held_until
+
+
 async def test_attrib_and_delete_of_a_file(watcher: Watcher, recorder: Recorder,
                                            tree: bytes) -> None:
     path = tree + b"/a"

@@ -67,6 +67,15 @@ def test_a_burst_on_one_path_is_one_request_after_its_last_event(co: Coalescer,
     assert co.pending == 0 and co.next_deadline() is None
 
 
+def test_the_window_runs_from_when_the_events_were_read(co: Coalescer, clock: Clock) -> None:
+    """Events the loop takes late (it was busy) are due a window after they were read."""
+    co.add([changed(b"/t/a")], at=clock.now - 0.15)
+    assert co.next_deadline() == pytest.approx(clock.now - 0.15 + DELAY)
+    co.add([changed(b"/t/b")], at=clock.now + 5)  # never later than the clock says
+    assert co.take_due(clock.now + DELAY - 0.1) == ([plain(b"/t/a")], False)
+    assert co.take_due(clock.now + DELAY) == ([plain(b"/t/b")], False)
+
+
 def test_delay_is_counted_per_path(co: Coalescer, clock: Clock) -> None:
     co.add([changed(b"/t/a")])
     clock.now += 0.15
