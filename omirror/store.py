@@ -437,6 +437,21 @@ class Store:
             self._pending_seq = seq
         return seq
 
+    def holds_exactly(self, path: bytes, stamp: Stamp, vector: Vector) -> bool:
+        """Whether the version recorded for ``path`` is the one stamped ``stamp``, with
+        exactly the history ``vector``: a delivery of it again has nothing to decide or
+        record. Reads three columns, not a record."""
+        with self._lock:
+            cache = self._cache
+            if cache is not None and path in cache:
+                record = cache[path]
+                return record is not None and record.entry.stamp == stamp \
+                    and record.entry.vector == vector
+            row = self._conn.execute("SELECT stamp_ns, origin, vector FROM entries "
+                                     "WHERE path=?", (path,)).fetchone()
+        return row is not None and row[0] == stamp.time_ns and row[1] == stamp.origin \
+            and row[2] == _pack_vector(vector)
+
     def set_sig(self, path: bytes, kind: Kind, sig: StatSig | None) -> None:
         """Remember a new local stat for an unchanged version; not a change, no seq."""
         with self.batch():

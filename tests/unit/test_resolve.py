@@ -305,3 +305,31 @@ def test_files_below_a_directory_the_batch_makes_are_written_ahead_once_it_is_ma
         if data is not None:
             assert (root / os.fsdecode(entry.path)).read_bytes() == data
     store.close()
+
+
+def test_a_version_held_here_with_its_history_is_settled_without_decoding_its_record(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a mesh every peer relays every version to every other: most entries a peer
+    receives are the version it holds. Those are settled from three columns; one with
+    more history is still decided, and the history recorded."""
+    here = Receiver(tmp_path)
+    first = version("a", b"one", T)
+    assert here.take(first, b"one") is None
+    decoded: list[bytes] = []
+    get = Store.get
+
+    def counted(self: Store, path: bytes) -> object:
+        decoded.append(path)
+        return get(self, path)
+    monkeypatch.setattr(Store, "get", counted)
+    assert here.take(first, None) is None
+    assert decoded == []
+    wider = Entry(first.path, first.kind, first.stamp, vector=(("beta", T), ("gamma", 5)),
+                  mode=first.mode, owner="root", group="root", mtime_ns=first.mtime_ns,
+                  size=first.size, digest=first.digest)
+    assert here.take(wider, None) is None
+    assert decoded == [b"data/a"]
+    got = here.store.get(b"data/a")
+    assert got is not None and got.entry.vector == (("beta", T), ("gamma", 5))
+    assert (here.data / "a").read_bytes() == b"one" and here.rescan() == 0
+    here.store.close()

@@ -356,3 +356,18 @@ def test_a_page_leaves_one_origins_versions_out_but_ends_where_the_log_ended(
     assert [r.entry.path for r in store.page(0, 3)] == [b"b1", b"a1", b"b2"]
     store.put(version(b"a3", 9), None)
     assert page(seqs[b"a2"], 10) == [b"a3"]
+
+
+def test_holds_exactly_is_the_recorded_stamp_and_history_only(store: Store) -> None:
+    v = version(b"data/a", 10)
+    assert not store.holds_exactly(b"data/a", v.stamp, v.vector)
+    store.put(v, None)
+    assert store.holds_exactly(b"data/a", v.stamp, v.vector)
+    assert not store.holds_exactly(b"data/a", Stamp(10, "beta"), v.vector)
+    assert not store.holds_exactly(b"data/a", v.stamp, (*v.vector, ("beta", 3)))
+    with store.batch():  # a version written in the open transaction, read from its cache
+        newer = v.successor(Stamp(11, "alpha"))
+        store.put(newer, None)
+        assert store.get(b"data/a") is not None
+        assert store.holds_exactly(b"data/a", newer.stamp, newer.vector)
+        assert not store.holds_exactly(b"data/a", v.stamp, v.vector)
