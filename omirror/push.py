@@ -266,6 +266,7 @@ class Pusher(Side):
                 self.passed = position
             self.examined = position
             self._settle()
+            await _let_others_run()
 
     async def _send_group(self, records: list[tuple[Record, bool]],
                           sets: Sequence[MirrorSet]) -> None:
@@ -301,6 +302,7 @@ class Pusher(Side):
             if self.io.queue(EntryMsg(0 if out_of_order else record.seq,
                                       self._outgoing(record.entry, sets), data)):
                 await self.io.flush()
+                await _let_others_run()
             if not out_of_order and not self.index:  # an index reader applies nothing
                 self.unacked.append(record.seq)     # and acknowledges nothing
                 if size:
@@ -466,6 +468,15 @@ class Pusher(Side):
         return False
 
 
+
+
+async def _let_others_run() -> None:
+    """Give the loop back between pages and between writes of a page: a write that the
+    channel takes at once does not suspend, so a pusher with a backlog (the host where a
+    burst is written, whose content is at hand: nothing to wait for) would run page after
+    page in one step. With nine such pushers a step of the loop took seconds, keepalives
+    went unanswered, and every peer dropped its link to that host."""
+    await asyncio.sleep(0)
 
 
 def _groups(records: list[tuple[Record, bool]],

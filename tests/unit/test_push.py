@@ -328,3 +328,42 @@ def test_the_peers_own_versions_are_passed_without_being_read_back(
     assert [m.seq for m in sent if isinstance(m, Passed)] == [last]
     assert decoded <= 4, f"{decoded} records read back to be dropped"
     store.close()
+
+
+def test_a_pusher_with_a_backlog_gives_the_loop_back_between_pages(tmp_path: Path) -> None:
+    """Writes the channel takes at once do not suspend: a pusher must yield by itself,
+    or a host with a backlog for many peers answers nothing else (keepalives included)
+    until every backlog is sent."""
+    store = Store.open(tmp_path / "state")
+    mset = config.parse(DISTFILE, "test.conf").sets[0]
+    with store.batch():
+        for i in range(3 * _PAGE):
+            store.put(Entry(b"data/d%d" % i, Kind.DIR, Stamp(i + 1, "alpha"),
+                            vector=(("alpha", i + 1),)), None)
+    last = store.last_seq
+
+    async def run() -> list[int]:
+        async def tree(fn, *args):  # type: ignore[no-untyped-def]
+            return fn(*args)
+        ctx = Context("alpha", store, None, None, b"/", lambda peer: [mset], tree)  # type: ignore[arg-type]
+        frames = Frames()
+        pusher = Pusher(ctx, "beta", None, frames, LinkStats())
+        seen: list[int] = []
+
+        async def other_task() -> None:
+            while True:
+                seen.append(sum(isinstance(m, EntryMsg) for m in frames.sent))
+                await asyncio.sleep(0)
+        ticker = asyncio.ensure_future(other_task())
+        streaming = asyncio.ensure_future(pusher._stream(0))
+        for _ in range(500):
+            if pusher.examined == last:
+                break
+            await asyncio.sleep(0.01)
+        streaming.cancel()
+        ticker.cancel()
+        return seen
+
+    seen = asyncio.run(run())
+    assert any(0 < n < 3 * _PAGE for n in seen), "the stream ran in one step"
+    store.close()
