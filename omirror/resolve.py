@@ -149,12 +149,12 @@ class Resolver:
             mset = self._admit(peer, incoming, data, sets, stopped)
             if mset is None:
                 return None
-            if data is None and (incoming.stamp.origin, incoming.stamp.time_ns) in \
-                    incoming.vector and self.store.holds_exactly(incoming.path,
-                                                                 incoming.stamp,
-                                                                 incoming.vector):
-                # the version held here, history and all: in a mesh, each peer relays
-                # every version to every other, so most entries a peer receives are this
+            # the version held here, history and all (its vector names its own stamp, so
+            # the history recorded would not change): in a mesh, each peer relays every
+            # version to every other, so most entries a peer receives are this
+            own = (incoming.stamp.origin, incoming.stamp.time_ns)
+            if data is None and own in incoming.vector and self.store.holds_exactly(
+                    incoming.path, incoming.stamp, incoming.vector):
                 return None
             return self._resolve(peer, sets, mset, incoming, data, None)
         except (ApplyError, PathRefused) as e:

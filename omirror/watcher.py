@@ -430,9 +430,9 @@ class Watcher:
                 if any(fd == self._wake_fd for fd, _ in poller.poll()):
                     return
                 chunk = os.read(self._fd, READ_SIZE)
-                if not self._post(chunk):
-                    return
                 before_s, read_s = read_s, time.monotonic()
+                if not self._post(chunk, read_s):
+                    return
                 if len(chunk) < _SMALL_READ and read_s - before_s < _TRICKLE_S:
                     # a trickle (a receiver installing files, say): let it gather for a
                     # moment instead of waking the loop, and taking the GIL from the tree
@@ -440,11 +440,11 @@ class Watcher:
                     time.sleep(_GATHER_S)
         except Exception:
             log.exception("inotify reader failed: no more live events, rescanning")
-            self._post(_OVERFLOW_RECORD)
+            self._post(_OVERFLOW_RECORD, time.monotonic())
 
-    def _post(self, chunk: bytes) -> bool:
-        """Queue what one read() returned; one wake-up of the loop until it takes them."""
-        read_s = time.monotonic()
+    def _post(self, chunk: bytes, read_s: float) -> bool:
+        """Queue what one read() returned at ``read_s``; one wake-up of the loop until it
+        takes them."""
         with self._inbox_lock:
             self._inbox.append(chunk)
             self._inbox_read_s = read_s
@@ -567,8 +567,7 @@ class Watcher:
         if self._closed:
             return
         self._drain()  # a MOVED_TO read but not yet handled must still find its pair
-        self.read_s = time.monotonic()
-        now = self._loop.time()
+        now = self.read_s = self._loop.time()  # the loop's clock is time.monotonic
         out: list[PathEvent] = []
         while self._held:
             cookie, held = next(iter(self._held.items()))

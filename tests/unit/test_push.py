@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -282,6 +283,39 @@ def test_a_sparse_small_file_goes_without_its_content_and_is_served_with_its_hol
     store.close()
 
 
+def _put_dirs(store: Store, prefix: bytes, origin: str, first: int) -> None:
+    """Three pages of directory versions made by ``origin``, stamped from ``first`` on."""
+    for i in range(3 * _PAGE):
+        store.put(Entry(b"data/%s%d" % (prefix, i), Kind.DIR, Stamp(first + i, origin),
+                        vector=((origin, first + i),)), None)
+
+
+def _streamed(store: Store, mset: config.MirrorSet,
+              done: Callable[[Pusher, list[object]], bool],
+              beside: Callable[[list[object]], Awaitable[None]] | None = None
+              ) -> list[object]:
+    """What alpha's pusher streams to beta from the start of its log until ``done``
+    (within 5 s), with ``beside`` running as another task of the same loop."""
+    async def run() -> list[object]:
+        async def tree(fn, *args):  # type: ignore[no-untyped-def]
+            return fn(*args)
+        ctx = Context("alpha", store, None, None, b"/", lambda peer: [mset], tree)  # type: ignore[arg-type]
+        frames = Frames()
+        pusher = Pusher(ctx, "beta", None, frames, LinkStats())
+        other = None if beside is None else asyncio.ensure_future(beside(frames.sent))
+        streaming = asyncio.ensure_future(pusher._stream(0))
+        for _ in range(500):
+            if done(pusher, frames.sent):
+                break
+            await asyncio.sleep(0.01)
+        streaming.cancel()
+        if other is not None:
+            other.cancel()
+        return frames.sent
+
+    return asyncio.run(run())
+
+
 def test_the_peers_own_versions_are_passed_without_being_read_back(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A burst a peer sent here is logged here too; the pusher back to that peer never
@@ -290,14 +324,10 @@ def test_the_peers_own_versions_are_passed_without_being_read_back(
     store = Store.open(tmp_path / "state")
     mset = config.parse(DISTFILE, "test.conf").sets[0]
     with store.batch():
-        for i in range(3 * _PAGE):
-            store.put(Entry(b"data/f%d" % i, Kind.DIR, Stamp(i + 1, "beta"),
-                            vector=(("beta", i + 1),)), None)
+        _put_dirs(store, b"f", "beta", 1)
         mine = store.put(Entry(b"data/ours", Kind.DIR, Stamp(10**6, "alpha"),
                                vector=(("alpha", 10**6),)), None)
-        for i in range(3 * _PAGE):
-            store.put(Entry(b"data/g%d" % i, Kind.DIR, Stamp(10**6 + i + 1, "beta"),
-                            vector=(("beta", 10**6 + i + 1),)), None)
+        _put_dirs(store, b"g", "beta", 10**6 + 1)
     last = store.last_seq
     decoded = 0
     record = store_module._record
@@ -308,21 +338,8 @@ def test_the_peers_own_versions_are_passed_without_being_read_back(
         return record(row)
     monkeypatch.setattr(store_module, "_record", counted)
 
-    async def run() -> list[object]:
-        async def tree(fn, *args):  # type: ignore[no-untyped-def]
-            return fn(*args)
-        ctx = Context("alpha", store, None, None, b"/", lambda peer: [mset], tree)  # type: ignore[arg-type]
-        frames = Frames()
-        pusher = Pusher(ctx, "beta", None, frames, LinkStats())
-        streaming = asyncio.ensure_future(pusher._stream(0))
-        for _ in range(500):
-            if any(isinstance(m, Passed) and m.seq == last for m in frames.sent):
-                break
-            await asyncio.sleep(0.01)
-        streaming.cancel()
-        return frames.sent
-
-    sent = asyncio.run(run())
+    sent = _streamed(store, mset, lambda pusher, sent: any(
+        isinstance(m, Passed) and m.seq == last for m in sent))
     assert [(m.seq, m.entry.path) for m in sent if isinstance(m, EntryMsg)] == [
         (mine, b"data/ours")]
     assert [m.seq for m in sent if isinstance(m, Passed)] == [last]
@@ -337,33 +354,14 @@ def test_a_pusher_with_a_backlog_gives_the_loop_back_between_pages(tmp_path: Pat
     store = Store.open(tmp_path / "state")
     mset = config.parse(DISTFILE, "test.conf").sets[0]
     with store.batch():
-        for i in range(3 * _PAGE):
-            store.put(Entry(b"data/d%d" % i, Kind.DIR, Stamp(i + 1, "alpha"),
-                            vector=(("alpha", i + 1),)), None)
+        _put_dirs(store, b"d", "alpha", 1)
     last = store.last_seq
+    seen: list[int] = []
 
-    async def run() -> list[int]:
-        async def tree(fn, *args):  # type: ignore[no-untyped-def]
-            return fn(*args)
-        ctx = Context("alpha", store, None, None, b"/", lambda peer: [mset], tree)  # type: ignore[arg-type]
-        frames = Frames()
-        pusher = Pusher(ctx, "beta", None, frames, LinkStats())
-        seen: list[int] = []
-
-        async def other_task() -> None:
-            while True:
-                seen.append(sum(isinstance(m, EntryMsg) for m in frames.sent))
-                await asyncio.sleep(0)
-        ticker = asyncio.ensure_future(other_task())
-        streaming = asyncio.ensure_future(pusher._stream(0))
-        for _ in range(500):
-            if pusher.examined == last:
-                break
-            await asyncio.sleep(0.01)
-        streaming.cancel()
-        ticker.cancel()
-        return seen
-
-    seen = asyncio.run(run())
+    async def other_task(sent: list[object]) -> None:
+        while True:
+            seen.append(sum(isinstance(m, EntryMsg) for m in sent))
+            await asyncio.sleep(0)
+    _streamed(store, mset, lambda pusher, sent: pusher.examined == last, other_task)
     assert any(0 < n < 3 * _PAGE for n in seen), "the stream ran in one step"
     store.close()
