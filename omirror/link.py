@@ -99,6 +99,11 @@ class Context:
         #: Peers with a link into this host up (how many: a reconnect overlaps its end)
         self._receiving: dict[str, int] = {}
         self._receiving_changed = asyncio.Event()
+        self._anew: dict[str, int] = {}
+        #: How far this host has read each peer's log (its epoch, the seq): a MARK
+        #: samples it (omirror/receive.py)
+        self.reached: dict[str, tuple[str, int]] = {}
+        self._moved = asyncio.Event()
 
     @property
     def conflicts(self) -> int:
@@ -109,8 +114,12 @@ class Context:
         """Wake the pushers: the log grew. Safe to call from any thread via the loop."""
         self._changed.set()
 
-    def receiving(self, peer: str, up: bool) -> None:
-        """A link from ``peer`` into this host began (``up``) or ended."""
+    def receiving(self, peer: str, up: bool, *, anew: bool = False) -> None:
+        """A link from ``peer`` into this host began (``up``) or ended. ``anew``: it
+        began with everything, from a new store: what that peer had not sent of its
+        former store may be gone (:meth:`restarts`)."""
+        if up and anew:
+            self._anew[peer] = self._anew.get(peer, 0) + 1
         count = self._receiving.get(peer, 0) + (1 if up else -1)
         if count > 0:
             self._receiving[peer] = count
@@ -119,19 +128,35 @@ class Context:
         self._receiving_changed.set()
         self._receiving_changed = asyncio.Event()
 
+    def moved(self) -> None:
+        """A receiver saved its cursor: the others may ask their pushers for a MARK."""
+        self._moved.set()
+        self._moved = asyncio.Event()
+
+    def moved_event(self) -> asyncio.Event:
+        """Set at the next :meth:`moved`."""
+        return self._moved
+
+    def restarts(self, peer: str) -> int:
+        """How often ``peer``'s link came up from a new store: a receiver that trusted
+        that peer to send its own versions asks again for what it left out of them."""
+        return self._anew.get(peer, 0)
+
     def direct_from(self) -> tuple[tuple[str, ...], asyncio.Event]:
         """The peers whose links into this host are up, and an event set when that
         changes: what each receiver tells its pusher (wire.Direct)."""
         return tuple(sorted(self._receiving)), self._receiving_changed
 
-    async def wait_for_change(self, timeout: float) -> None:
-        """Return once the log grew, or after ``timeout`` seconds: a pusher looks again
-        either way (a page it could not send yet, a set added by a reload)."""
+    async def wait_for_change(self, timeout: float) -> bool:
+        """Return once the log grew (True), or after ``timeout`` seconds (False): a
+        pusher looks again either way (a page it could not send yet, a set added by a
+        reload)."""
         self._changed.clear()
         try:
             await asyncio.wait_for(self._changed.wait(), timeout)
         except TimeoutError:
-            pass
+            return False
+        return True
 
 
 class Stream:

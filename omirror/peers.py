@@ -30,7 +30,7 @@ import asyncssh.compression
 
 from omirror.config import Host
 from omirror.peerkeys import PeerKey
-from omirror.wire import SUBSYSTEM, SUBSYSTEMS
+from omirror.wire import SUBSYSTEM, SUBSYSTEMS, AskedAgain
 
 log = logging.getLogger(__name__)
 
@@ -345,6 +345,10 @@ async def keep_linked(host: Host, host_key: asyncssh.SSHKey,
             await run(host.name, reader, writer)
         except asyncio.CancelledError:
             raise
+        except AskedAgain as e:  # the peer is there and wants the stream again: now
+            log.info("peer=%s link out restarts: %s", host.name, e)
+            backoff.reset()
+            continue  # past the pause (``finally`` still closes this link)
         except _LINK_ERRORS as e:
             log.info("peer=%s link out down: %s", host.name, _describe(e))
         except Exception as e:  # a protocol error: the link closes, the daemon goes on

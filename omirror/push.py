@@ -40,11 +40,14 @@ from omirror.owners import gid_named, uid_named
 from omirror.paths import logical, show
 from omirror.store import Record, StatSig
 from omirror.wire import (
+    ASK_AGAIN,
     CHUNK,
     INLINE_MAX,
     PROTOCOL_VERSION,
     Ack,
+    AskedAgain,
     Bye,
+    CaughtUp,
     Copy,
     Data,
     Direct,
@@ -52,6 +55,7 @@ from omirror.wire import (
     Hello,
     Hole,
     IHave,
+    Mark,
     NoData,
     Passed,
     ProtocolError,
@@ -65,6 +69,9 @@ log = logging.getLogger(__name__)
 _PAGE = 256
 #: The small files of a page are read this much at a time (and held until sent).
 _READ_AT_ONCE = 8 << 20
+#: PASSED waits until the log has been quiet this long, or has passed this many seqs.
+_PASSED_QUIET_S = 1.0
+_PASSED_EVERY = 4096
 
 
 class Pusher(Side):
@@ -94,6 +101,14 @@ class Pusher(Side):
         #: The last PASSED sent: a BYE waits for its acknowledgement too, or the peer's
         #: acknowledgement would find the channel closed
         self.passed = 0
+        #: The end of the entries not for the peer that the log ended with when read,
+        #: to be said in a PASSED (0: the last page ended with an entry sent)
+        self._passed_due = 0
+        #: Up to ``_held`` the peer holds all but the versions of ``_again`` (IHAVE)
+        self._held = 0
+        self._again: frozenset[str] = frozenset()
+        #: The last MARK read, and the last answered (CAUGHTUP)
+        self._mark = self._marked = 0
         self.acked = asyncio.Event()
         #: A receiver has one request open at a time; one that sends more and never
         #: reads what it asked for is not read further (its requests are not queued).
@@ -110,13 +125,19 @@ class Pusher(Side):
         await self.io.send(Hello(PROTOCOL_VERSION, self.ctx.name, store.epoch, now_ns()))
         check_hello(await self.io.expect(Hello), self.peer, self.stats)
         ihave = await self.io.expect(IHave)
+        if not self.index:
+            self.direct = frozenset(ihave.direct)
+            self._held, self._again = ihave.held, frozenset(ihave.again)
         full = (ihave.epoch != store.epoch or ihave.seq > store.last_seq
                 or ihave.seq < store.floor)
         start = 0 if full else ihave.seq
+        if full:
+            self._held = 0  # the receiver's cursor means nothing here
         if self.replay_from is not None and self.replay_from < start:
             log.info("peer=%s replaying our log from seq %d (it holds up to %d)", self.peer,
                      self.replay_from, start)
             start = self.replay_from
+            self._held = 0  # all of it again, as asked
         if full and ihave.epoch:
             log.info("peer=%s holds %s of our log, which is not usable (our epoch %s, "
                      "floor %d): sending everything", self.peer,
@@ -144,30 +165,35 @@ class Pusher(Side):
                 await self.wants.put(msg)
             elif isinstance(msg, Direct):
                 self.direct = frozenset(msg.origins)
+            elif isinstance(msg, Mark):
+                self._mark = max(self._mark, msg.mark)
+                self.ctx.notify()  # the stream looks again, and answers once caught up
             elif isinstance(msg, Bye):
+                if msg.why.startswith(ASK_AGAIN):
+                    raise AskedAgain(f"peer asks for our log again: {msg.why}")
                 raise ConnectionResetError(f"peer closed the link: {msg.why}")
             else:
                 raise ProtocolError(f"a receiver does not send {type(msg).__name__}")
 
     def _wanted(self, entry: Entry, sets: Sequence[MirrorSet]) -> bool:
-        """Entries of the sets shared with this peer, except the peer's own versions:
-        it made them, so it holds them or something newer. A path excluded for this peer
-        (by the one rule, :func:`config.set_for`) never leaves for it: not its name, not
-        its size, digest or content."""
-        if entry.stamp.origin == self.peer and not self.index:
+        """Entries of the sets shared with this peer, except the peer's own versions (it
+        made them, so it holds them or something newer) and those of the hosts it gets
+        theirs from (it says which: DIRECT). A path excluded for this peer (by the one
+        rule, :func:`config.set_for`) never leaves for it: not its name, not its size,
+        digest or content."""
+        if not self.index and (entry.stamp.origin == self.peer
+                               or entry.stamp.origin in self.direct):
             return False
         return set_for(entry.path, sets) is not None
 
     def _reads_inline(self, record: Record) -> bool:
-        """A small file travels with its entry (not in an index), unless it is another
-        host's version that the peer receives from that host itself: relayed, it would
-        cross to the peer once per host of the mesh."""
+        """A small file travels with its entry (not in an index). A version the peer
+        gets from its maker is not sent at all (``_wanted``), so what is relayed goes
+        with its content: the peer has no other way to it."""
         entry = record.entry
         if self.index or entry.kind is not Kind.FILE or entry.size > INLINE_MAX:
             return False
-        origin = entry.stamp.origin
-        return (origin == self.ctx.name or origin not in self.direct) \
-            and not self._links_earlier(record)
+        return not self._links_earlier(record)
 
     def _links_earlier(self, record: Record) -> bool:
         """Whether the entry's link hint names a path of a set shared with the peer
@@ -230,7 +256,8 @@ class Pusher(Side):
                 if parent is None or parent.entry.kind is not Kind.DIR \
                         or parent.seq < record.seq or ahead.get(path) == parent.seq:
                     break
-                if self._wanted(parent.entry, sets):
+                # a parent goes ahead whoever made it: its maker's own link may be behind
+                if parent.entry.stamp.origin != self.peer or self.index:
                     chain.append(parent)
             for parent in reversed(chain):
                 ahead[parent.entry.path] = parent.seq
@@ -247,23 +274,40 @@ class Pusher(Side):
             # the peer's own versions are never sent to it (``_wanted``): not even read,
             # except in an index, which lists them too
             page = store.page(position, _PAGE,
-                              skip_origin=None if self.index else self.peer)
+                              skip_origins=() if self.index else (self.peer, *self.direct))
             if not page:
+                if self._mark > self._marked:
+                    # everything for the peer up to here is sent: the answer follows it
+                    await self.io.send(CaughtUp(self._mark, position))
+                    self._marked = self._mark
+                    self.passed = max(self.passed, position)
                 if self.once:
+                    await self._say_passed()
                     await self._finish()
                     return
+                if self._passed_due > self.passed:
+                    # the log ended with entries not for this peer: said once the log
+                    # is quiet, not after every page of a burst
+                    if not await self.ctx.wait_for_change(timeout=_PASSED_QUIET_S):
+                        await self._say_passed()
+                    continue
                 await self.ctx.wait_for_change(timeout=5.0)
                 continue
             position = page[-1].seq
-            records = self._with_parents([r for r in page if self._wanted(r.entry, sets)],
-                                         sets, ahead)
+            records = self._with_parents(
+                [r for r in page if self._wanted(r.entry, sets)
+                 and (r.seq > self._held or r.entry.stamp.origin in self._again)],
+                sets, ahead)
             for group in _groups(records, self._reads_inline):
                 await self._send_group(group, sets)
+            if records:
+                self._passed_due = 0  # what was sent moves the peer's cursor past it
             if not self.index and (not records or records[-1][0].seq != position):
-                # the page ended with entries not for this peer (its own, say): say so,
-                # or its cursor stays behind them and every reconnect pages them again
-                await self.io.send(Passed(position))
-                self.passed = position
+                # the page ended with entries not for this peer (its own, say): its
+                # cursor must pass them, or every reconnect pages them again
+                self._passed_due = position
+                if position - self.passed >= _PASSED_EVERY:
+                    await self._say_passed()
             self.examined = position
             self._settle()
             await _let_others_run()
@@ -309,6 +353,17 @@ class Pusher(Side):
                     self.unacked_inline.append((record.seq, size))
                     self.inflight_bytes += size
             self.stats.entries_sent += 1
+
+    async def _say_passed(self) -> None:
+        """PASSED for the entries not for this peer at the end of what was read.
+
+        Not after every page: in a mesh most of a burst is skipped (the peer's own
+        versions, those it gets from their makers), and each PASSED costs the peer a
+        write of its cursor. Said once the log is quiet, every _PASSED_EVERY entries
+        during a long burst, and before a BYE."""
+        if self._passed_due > self.passed:
+            await self.io.send(Passed(self._passed_due))
+            self.passed = self._passed_due
 
     def _settle(self) -> None:
         """Status: everything read from the log and not waiting for an ack is settled."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
 import os
@@ -39,9 +40,12 @@ from omirror.staging import Prepared, TempFile
 from omirror.store import Cursor
 from omirror.units import human_bytes
 from omirror.wire import (
+    ASK_AGAIN,
     PROTOCOL_VERSION,
     Ack,
+    AskedAgain,
     Bye,
+    CaughtUp,
     Copy,
     Data,
     Direct,
@@ -49,6 +53,7 @@ from omirror.wire import (
     Hello,
     Hole,
     IHave,
+    Mark,
     NoData,
     Passed,
     ProtocolError,
@@ -76,26 +81,36 @@ MAX_DELTA_BLOCKS = 100_000
 _ACK_EVERY = 64
 _BATCH = 128  # entries applied in one tree-worker job and one store transaction
 _RETRY_FIRST_S, _RETRY_MAX_S = 1.0, 60.0
+#: A host whose versions a pusher leaves out, trusting it to send them here itself, may
+#: be away this long (a link that drops and comes back) before the pusher is asked for
+#: what it left out of them.
+RELINK_GRACE_S = 5.0
+#: A MARK waits this long after a link moved, so that the end of a burst asks once.
+MARK_GATHER_S = 0.1
 #: Paths one link keeps for a retry. Beyond it the receiver takes no further entries
 #: from that peer until some apply (a disk full under a flood of files): what a peer
 #: can make this host hold stays bounded, and nothing is dropped.
 MAX_FAILING = 10_000
 
 
-class _Entries(asyncio.Queue["EntryMsg | Passed"]):
+#: What ends a batch and settles a seq once what came before it is applied.
+_Settles = Passed | CaughtUp
+
+
+class _Entries(asyncio.Queue["EntryMsg | Passed | CaughtUp"]):
     """The entries a receiver has read and not yet applied."""
 
     # a queue's own storage, as asyncio's other queues make theirs
     def _init(self, maxsize: int) -> None:
-        self._queue: collections.deque[EntryMsg | Passed] = collections.deque()
+        self._queue: collections.deque[EntryMsg | Passed | CaughtUp] = collections.deque()
 
-    def _put(self, item: EntryMsg | Passed) -> None:
+    def _put(self, item: EntryMsg | Passed | CaughtUp) -> None:
         self._queue.append(item)
 
-    def _get(self) -> EntryMsg | Passed:
+    def _get(self) -> EntryMsg | Passed | CaughtUp:
         return self._queue.popleft()
 
-    def peek(self, count: int) -> list[EntryMsg | Passed]:
+    def peek(self, count: int) -> list[EntryMsg | Passed | CaughtUp]:
         """The first ``count`` queued, left in the queue: what the stager writes ahead."""
         return list(itertools.islice(self._queue, count))
 
@@ -146,6 +161,17 @@ class Receiver(Side):
         self._retry_shrank = asyncio.Event()
         self._want_id = 0
         self._late: set[asyncio.Future[None]] = set()
+        #: MARKs sent, the one open with what it sampled, and the seqs last answered
+        self._marks = 0
+        self._sampled: tuple[int, dict[str, tuple[str, int]]] | None = None
+        self._answered = asyncio.Event()
+        self._answered_at: dict[str, tuple[str, int]] = {}
+        #: Up to ``_held`` (the cursor) the pusher sends again only the versions of
+        #: ``_again``, whose records go once that is applied; the hosts trusted now,
+        #: with how often each came back from a new store (Context.restarts)
+        self._held = 0
+        self._again: tuple[str, ...] = ()
+        self._trusting: dict[str, int] = {}
 
     async def run(self) -> None:
         """The handshake, then reading, applying and retrying at once, until the peer
@@ -154,37 +180,128 @@ class Receiver(Side):
         hello = await self.io.expect(Hello)
         check_hello(hello, self.peer, self.stats)
         await self.io.send(Hello(PROTOCOL_VERSION, self.ctx.name, store.epoch, now_ns()))
-        cursor = store.cursor(self.peer) or Cursor("", 0)
-        await self.io.send(IHave(cursor.epoch, cursor.seq))
+        direct = () if self.once else self._trusted(self.ctx.direct_from()[0])
+        resume = await self.ctx.tree(store.begin_receiving, self.peer, hello.epoch, direct)
+        cursor = resume.cursor or Cursor("", 0)
+        await self.io.send(IHave(cursor.epoch, resume.seq, direct, resume.held,
+                                 resume.again))
         start = await self.io.expect(Start)
+        if direct and start.seq < resume.seq:
+            # everything, or a replay: what it leaves out now lies below the cursor. The
+            # cursor keeps its old epoch until this is recorded, so a crash before it
+            # asks for everything again
+            await self.ctx.tree(store.trust, self.peer, hello.epoch, direct, start.seq)
         self.stats.expected_in += start.total
         self.epoch = hello.epoch
         self.done_seq = self.saved_seq = start.seq
+        # what comes again of hosts that went away: their records go once it is applied
+        self._held = 0 if start.full or start.seq < resume.seq else resume.held
+        self._again = resume.again
+        self._trusting = {o: self.ctx.restarts(o) for o in direct}
+        if resume.again:
+            log.info("peer=%s is asked again for what it left out of the versions of %s, "
+                     "from its seq %d", self.peer, ", ".join(resume.again), start.seq)
         if start.full:
             log.info("peer=%s sends everything it has (new epoch %s)", self.peer, hello.epoch)
         tasks = [self._read_frames(), self._apply_all(), self._retry_failing()]
         if self.once:
             await run_together(*tasks)
             return
-        self.ctx.receiving(self.peer, True)
+        self.ctx.receiving(self.peer, True,
+                          anew=start.full and cursor.epoch not in ("", hello.epoch))
         try:
-            await run_together(*tasks, self._tell_direct())
+            await run_together(*tasks, self._tell_direct(direct), self._ask_caught_up())
         finally:
             self.ctx.receiving(self.peer, False)
 
-    async def _tell_direct(self) -> None:
+    def _trusted(self, origins: tuple[str, ...]) -> tuple[str, ...]:
+        """The hosts linked in here whose versions this peer may leave out: every set
+        this host shares with the peer is one they share too, so whatever the peer
+        would relay of theirs, they send here themselves."""
+        sets = self.ctx.sets_with(self.peer)
+        return tuple(o for o in origins
+                     if o != self.peer and all(s.has_host(o) for s in sets))
+
+    async def _tell_direct(self, told: tuple[str, ...]) -> None:
         """Keep the pusher told which hosts' own versions reach this host from them: it
-        relays those without their content, so that in a mesh each file's bytes cross
-        to each host once, not once per peer. A version relayed without content that is
-        still missing here is fetched like a large file."""
-        told: tuple[str, ...] | None = None
+        leaves those out, so that in a mesh each version crosses to each host once, not
+        once per peer.
+
+        Each is recorded (Store.trust) before the pusher is told. A host that goes away
+        may not have sent everything the pusher left out of its versions: if it is not
+        back within RELINK_GRACE_S (or comes back from a new store), the link ends with
+        BYE, and the pusher, dialling again at once, streams again from the oldest seq
+        since which it left anything out (Store.begin_receiving)."""
+        trusted = self._trusting
+        lost_since: float | None = None
         while True:
             origins, changed = self.ctx.direct_from()
-            origins = tuple(o for o in origins if o != self.peer)
+            origins = self._trusted(origins)
             if origins != told:
+                new = [o for o in origins if o not in trusted]
+                if new:
+                    await self.ctx.tree(self.ctx.store.trust, self.peer, self.epoch, new,
+                                        self.done_seq)
+                    trusted.update((o, self.ctx.restarts(o)) for o in new)
                 await self.io.send(Direct(origins))
                 told = origins
-            await changed.wait()
+            gone = sorted(o for o, n in trusted.items()
+                          if o not in origins or self.ctx.restarts(o) != n)
+            if not gone:
+                lost_since = None
+                await changed.wait()
+                continue
+            now = time.monotonic()
+            lost_since = now if lost_since is None else lost_since
+            anew = any(self.ctx.restarts(o) != trusted[o] for o in gone)
+            if not anew and now - lost_since < RELINK_GRACE_S:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(),
+                                           lost_since + RELINK_GRACE_S - now)
+                continue
+            why = f"{ASK_AGAIN}: {', '.join(gone)} went away before sending everything"
+            await self.io.send(Bye(why))
+            raise AskedAgain(f"{why}; {self.peer} is to send what it left out of theirs")
+
+    async def _ask_caught_up(self) -> None:
+        """Ask this peer, after the other links moved, to say when it is next caught up
+        (MARK, then CAUGHTUP): from then on, what the other pushers left out of this
+        peer's versions up to where they had got is held here, and a new link from them
+        need not start that far back (Store.advance_trust). One MARK is open at a time;
+        the end of a burst is gathered into one."""
+        while True:
+            if self._sampled is not None:
+                self._answered.clear()
+                await self._answered.wait()
+                continue
+            moved = self.ctx.moved_event()
+            if not self._sample():
+                await moved.wait()
+                continue
+            await asyncio.sleep(MARK_GATHER_S)  # a timer: the rest of a burst's end
+            samples = self._sample()
+            if samples:
+                self._marks += 1
+                self._sampled = (self._marks, samples)
+                await self.io.send(Mark(self._marks))
+
+    def _sample(self) -> dict[str, tuple[str, int]]:
+        """How far each other link has read its peer's log (in which epoch), where it
+        moved since the last answer."""
+        return {peer: reached for peer, reached in self.ctx.reached.items()
+                if peer != self.peer and reached != self._answered_at.get(peer)}
+
+    async def _caught_up(self, mark: int) -> None:
+        """This peer's CAUGHTUP is settled: everything it sent before is applied here."""
+        if self._sampled is None or self._sampled[0] != mark:
+            return  # not the MARK open: nothing was sampled for it
+        samples = self._sampled[1]
+        self._sampled = None
+        self._answered.set()
+        if self.retry:
+            return  # a version of this peer's that failed here is not held yet
+        await self.ctx.tree(self.ctx.store.advance_trust, self.peer, samples)
+        self._answered_at.update(samples)
 
     async def _read_frames(self) -> None:
         while True:
@@ -198,7 +315,7 @@ class Receiver(Side):
                     await self._dequeued.wait()
                 self.queued_bytes += size
                 await self.entries.put(msg)
-            elif isinstance(msg, Passed):
+            elif isinstance(msg, (Passed, CaughtUp)):
                 await self.entries.put(msg)  # in order: it settles what came before it
             elif isinstance(msg, (Data, Copy, Hole, NoData)):
                 if isinstance(msg, Data):
@@ -222,19 +339,22 @@ class Receiver(Side):
         behind it ahead (omirror/staging.py, Ahead)."""
         count = 0
         pending: list[EntryMsg] = []
-        passed: Passed | None = None  # taken from the queue, to settle after ``pending``
+        passed: Passed | CaughtUp | None = None  # taken from the queue, to settle after
+        # ``pending``
         ahead: asyncio.Future[Prepared] | None = None
         try:
             while True:
                 if not pending:
                     if passed is not None:
                         self.done_seq = max(self.done_seq, passed.seq)
+                        if isinstance(passed, CaughtUp):
+                            await self._caught_up(passed.mark)
                         passed = None
                     if self.entries.empty():
                         await self._save_cursor()
                     await self._room_to_fail()
                     item = await self.entries.get()
-                    while not isinstance(item, Passed):
+                    while not isinstance(item, _Settles):
                         pending.append(self._dequeue(item))
                         if len(pending) >= _BATCH or self.entries.empty():
                             break
@@ -351,10 +471,18 @@ class Receiver(Side):
         if self.retry:
             durable = min(durable, min((f.msg.seq for f in self.retry.values() if f.msg.seq),
                                        default=durable + 1) - 1)
-        cursor = Cursor(self.epoch, durable)
+        # while what was left out comes again, the cursor stays where it was: what lies
+        # below it but theirs is held here (and their records ask for it again)
+        cursor = Cursor(self.epoch, max(durable, self._held))
         await self.ctx.tree(self.ctx.store.set_cursor, self.peer, cursor)
+        if self._again and durable >= self._held:
+            gone = [o for o in self._again if o not in self._trusting]
+            await self.ctx.tree(self.ctx.store.untrust, self.peer, gone)
+            self._again = ()
         await self.io.send(Ack(self.done_seq))
         self.saved_seq = self.done_seq
+        self.ctx.reached[self.peer] = (self.epoch, self.done_seq)
+        self.ctx.moved()
 
     async def _apply(self, msg: EntryMsg) -> None:
         await self._settle(msg, await self.ctx.tree(self._apply_one, msg))

@@ -21,7 +21,7 @@ import sqlite3
 import stat
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +84,13 @@ CREATE TABLE IF NOT EXISTS cursors (
     peer TEXT PRIMARY KEY,
     epoch TEXT NOT NULL,
     seq INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS trusts (
+    peer TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    epoch TEXT NOT NULL,
+    since INTEGER NOT NULL,
+    PRIMARY KEY (peer, origin)
 ) WITHOUT ROWID;
 """
 
@@ -531,26 +538,30 @@ class Store:
                 yield _record(row)
             seq = rows[-1][1]
 
-    def page(self, seq: int, limit: int, *, skip_origin: str | None = None) -> list[Record]:
+    def page(self, seq: int, limit: int, *, skip_origins: Collection[str] = ()
+             ) -> list[Record]:
         """Up to ``limit`` records changed after ``seq``, oldest change first, as last
         committed (:meth:`since`, one page).
 
-        With ``skip_origin``, the versions that host made are left out by SQLite, not
-        decoded to be dropped: a pusher's peer made them (a burst from one peer is
-        otherwise read back, row by row, to be skipped). The log's last record is
-        always in, whoever made it, so that a page read to the end says where the log
-        ended when it was read, in the same snapshot: the caller's position passes
-        what was skipped and nothing that came after.
+        The versions made by the hosts of ``skip_origins`` are left out by SQLite, not
+        decoded to be dropped: a pusher's peer made some of them, and it gets others
+        from their makers (a burst from one peer is otherwise read back, row by row, to
+        be skipped). The log's last record is always in, whoever made it, so that a page
+        read to the end says where the log ended when it was read, in the same
+        snapshot: the caller's position passes what was skipped and nothing that came
+        after.
         """
-        if skip_origin is None:
+        if not skip_origins:
             rows = self._committed(
                 f"SELECT {_COLUMNS} FROM entries WHERE seq > ? ORDER BY seq LIMIT ?",
                 (seq, limit))
         else:
+            skip = tuple(skip_origins)
+            marks = ",".join("?" * len(skip))
             rows = self._committed(
-                f"SELECT {_COLUMNS} FROM entries WHERE seq > ? AND (origin != ? OR "
-                "seq = (SELECT max(seq) FROM entries)) ORDER BY seq LIMIT ?",
-                (seq, skip_origin, limit))
+                f"SELECT {_COLUMNS} FROM entries WHERE seq > ? AND (origin NOT IN ({marks})"
+                " OR seq = (SELECT max(seq) FROM entries)) ORDER BY seq LIMIT ?",
+                (seq, *skip, limit))
         return [_record(row) for row in rows]
 
     def count_since(self, seq: int) -> int:
@@ -605,11 +616,84 @@ class Store:
             self._conn.execute("INSERT OR REPLACE INTO cursors VALUES (?,?,?)",
                                (peer, cursor.epoch, cursor.seq))
 
+    def trust(self, peer: str, epoch: str, origins: Iterable[str], since: int) -> None:
+        """Record that ``peer``'s pusher may leave out, after its seq ``since`` (of its
+        log of ``epoch``), the versions ``origins`` made (wire.Direct: this host gets
+        them from their makers). Recorded before the pusher is told; an origin already
+        trusted in that epoch keeps the lower of the two seqs."""
+        with self.batch():
+            self._conn.executemany(
+                "INSERT INTO trusts VALUES (?,?,?,?) ON CONFLICT (peer, origin) DO UPDATE "
+                "SET since=CASE WHEN epoch=excluded.epoch THEN min(since, excluded.since) "
+                "ELSE excluded.since END, epoch=excluded.epoch",
+                [(peer, origin, epoch, since) for origin in origins])
+
+    def untrust(self, peer: str, origins: Iterable[str]) -> None:
+        """What ``peer``'s pusher left out of these hosts' versions has been sent again
+        and is applied here."""
+        with self.batch():
+            self._conn.executemany("DELETE FROM trusts WHERE peer=? AND origin=?",
+                                   [(peer, origin) for origin in origins])
+
+    def advance_trust(self, origin: str, reached: dict[str, tuple[str, int]]) -> None:
+        """This host holds every version ``origin`` had made when it read a MARK (its
+        CAUGHTUP said so), and each peer's log (of the epoch given) had reached the seq
+        given before that MARK was sent: those peers need no longer be asked for
+        ``origin``'s versions up to there."""
+        with self.batch():
+            self._conn.executemany(
+                "UPDATE trusts SET since=max(since, ?) WHERE peer=? AND origin=? AND epoch=?",
+                [(seq, peer, origin, epoch) for peer, (epoch, seq) in reached.items()])
+
+    def trusts(self, peer: str) -> dict[str, int]:
+        """The origins ``peer``'s pusher may have left out, and since which of its seqs."""
+        with self._lock:
+            rows = self._conn.execute("SELECT origin, since FROM trusts WHERE peer=?",
+                                      (peer,)).fetchall()
+        return {origin: int(since) for origin, since in rows}
+
+    def begin_receiving(self, peer: str, epoch: str, direct: Sequence[str]) -> Resume:
+        """Where a new link from ``peer`` (its log now of ``epoch``) starts, and what it
+        is to send again, in one transaction.
+
+        ``peer``'s pusher left out the versions of the hosts this host trusted to send
+        them, each since some seq. Those still linked here (``direct``) are trusted on.
+        For the others, what it left out is asked for again: the stream starts at the
+        oldest of their seqs, and up to the cursor carries only their versions. Their
+        records stay until that is applied (:meth:`untrust`), so a crash asks again.
+        """
+        with self.batch():
+            cursor = self.cursor(peer)
+            self._conn.execute("DELETE FROM trusts WHERE peer=? AND epoch!=?", (peer, epoch))
+            held = 0 if cursor is None or cursor.epoch != epoch else cursor.seq
+            again = {origin: int(since) for origin, since in self._conn.execute(
+                "SELECT origin, since FROM trusts WHERE peer=?", (peer,))
+                if origin not in direct}
+            # a host trusted only beyond the cursor left nothing out that is not to come
+            passed = [o for o, since in again.items() if since >= held]
+            self.untrust(peer, passed)
+            for origin in passed:
+                del again[origin]
+            seq = min(again.values(), default=held)
+            self.trust(peer, epoch, direct, seq)
+        return Resume(cursor, seq, held, tuple(sorted(again)))
+
     def cursors(self) -> dict[str, Cursor]:
         """Every peer's, for tests and inspection; the daemon asks :meth:`cursor` per peer."""
         with self._lock:
             rows = self._conn.execute("SELECT peer, epoch, seq FROM cursors").fetchall()
         return {peer: Cursor(epoch, int(seq)) for peer, epoch, seq in rows}
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a new link from a peer starts (Store.begin_receiving): at ``seq``; up to
+    ``held`` (the cursor) it sends only the versions of ``again``."""
+
+    cursor: Cursor | None
+    seq: int
+    held: int
+    again: tuple[str, ...]
 
 
 def matches(st: os.stat_result | None, record: Record | None) -> bool:

@@ -26,7 +26,7 @@ from omirror import xattrs
 from omirror.entry import Entry, Kind, Stamp
 from omirror.errors import OmirrorError
 
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 #: The channel that carries one direction of live replication: the connecting side pushes.
 SUBSYSTEM = "omirror-1"
 #: The connecting side asks to be pushed to once, until caught up (``omirrord --once``).
@@ -63,6 +63,17 @@ class ProtocolError(OmirrorError):
     """A peer sent something this protocol does not allow; the link is closed."""
 
 
+#: BYE's reason when a receiver ends a link to be sent again what its pusher left out
+#: (see Store.begin_receiving): the pusher dials again at once.
+ASK_AGAIN = "ask again"
+
+
+class AskedAgain(ConnectionResetError):
+    """The receiver ended the link to have the stream start again from its cursor: a
+    host whose versions the pusher left out went away, and what it had not sent yet is
+    to come from the pusher."""
+
+
 class Type(enum.IntEnum):
     """The number that opens every frame's body; a number not listed closes the link."""
 
@@ -79,6 +90,8 @@ class Type(enum.IntEnum):
     PASSED = 11  # pusher -> receiver: nothing more for you up to this seq
     DIRECT = 12  # receiver -> pusher: the hosts whose own versions reach me directly
     HOLE = 13  # pusher -> receiver: the next bytes of the wanted content are a hole
+    MARK = 14  # receiver -> pusher: tell me when you are next caught up
+    CAUGHTUP = 15  # pusher -> receiver: caught up since that MARK, at this seq
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,10 +106,16 @@ class Hello:
 
 @dataclass(frozen=True, slots=True)
 class IHave:
-    """The receiver's cursor into the pusher's log, from which the pusher picks where to start."""
+    """Where the pusher is to start in its log, and what it may leave out: the versions
+    of ``direct`` (as :class:`Direct` says later), and up to ``held``, where the
+    receiver's cursor is, everything but the versions of ``again`` (hosts it trusted to
+    send them, which went away: Store.begin_receiving)."""
 
     epoch: str  # the pusher's epoch this cursor belongs to ("" = nothing held)
     seq: int
+    direct: tuple[str, ...] = ()
+    held: int = 0
+    again: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,14 +207,33 @@ class Passed:
 @dataclass(frozen=True, slots=True)
 class Direct:
     """The hosts whose links into the receiver are up: their own versions reach it from
-    them, so a pusher relaying such a version sends it without its content (the receiver
-    asks for it only if it still lacks it). Sent again whenever the list changes."""
+    them, so a pusher leaves those out (the receiver asks for them again if a maker goes
+    away before it sent them: see Store.begin_receiving). Sent again whenever the list
+    changes."""
 
     origins: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """Asks the pusher to say when it has next sent everything its log holds for the
+    receiver (CAUGHTUP): then the receiver holds every version the pusher had made by
+    the time it read this, and a relay need no longer be asked for those."""
+
+    mark: int
+
+
+@dataclass(frozen=True, slots=True)
+class CaughtUp:
+    """The answer to MARK ``mark``: the pusher's log ended at ``seq`` when it found
+    nothing more to send, after it read the MARK. Like PASSED, it settles ``seq``."""
+
+    mark: int
+    seq: int
+
+
 Message = (Hello | IHave | Start | EntryMsg | Want | Data | Copy | NoData | Ack | Bye
-           | Passed | Direct | Hole)
+           | Passed | Direct | Hole | Mark | CaughtUp)
 
 
 # -- encoding ------------------------------------------------------------------------------
@@ -213,7 +251,8 @@ def _body(msg: Message) -> tuple[Type, list[Any]]:
     if isinstance(msg, Hello):
         return Type.HELLO, [msg.version, msg.name, msg.epoch, msg.now_ns]
     if isinstance(msg, IHave):
-        return Type.IHAVE, [msg.epoch, msg.seq]
+        return Type.IHAVE, [msg.epoch, msg.seq, list(msg.direct), msg.held,
+                            list(msg.again)]
     if isinstance(msg, Start):
         return Type.START, [msg.seq, msg.full, msg.total]
     if isinstance(msg, EntryMsg):
@@ -236,6 +275,10 @@ def _body(msg: Message) -> tuple[Type, list[Any]]:
         return Type.DIRECT, [list(msg.origins)]
     if isinstance(msg, Hole):
         return Type.HOLE, [msg.want_id, msg.length]
+    if isinstance(msg, Mark):
+        return Type.MARK, [msg.mark]
+    if isinstance(msg, CaughtUp):
+        return Type.CAUGHTUP, [msg.mark, msg.seq]
     raise TypeError(f"not a protocol message: {msg!r}")
 
 
@@ -413,8 +456,9 @@ def _hello(f: object) -> Hello:
 
 
 def _ihave(f: object) -> IHave:
-    a = _array(f, 2, "IHAVE")
-    return IHave(_str(a[0], "epoch", 64), _int(a[1], "seq"))
+    a = _array(f, 5, "IHAVE")
+    return IHave(_str(a[0], "epoch", 64), _int(a[1], "seq"), _origins(a[2], "IHAVE"),
+                 _int(a[3], "held"), _origins(a[4], "IHAVE"))
 
 
 def _start(f: object) -> Start:
@@ -472,11 +516,14 @@ def _passed(f: object) -> Passed:
 
 
 def _direct(f: object) -> Direct:
-    origins = _array(f, 1, "DIRECT")[0]
+    return Direct(_origins(_array(f, 1, "DIRECT")[0], "DIRECT"))
+
+
+def _origins(origins: object, what: str) -> tuple[str, ...]:
     if not isinstance(origins, list) or len(origins) > _MAX_VECTOR:
-        raise ProtocolError(f"DIRECT: expected an array of at most {_MAX_VECTOR} names, "
+        raise ProtocolError(f"{what}: expected an array of at most {_MAX_VECTOR} names, "
                             f"got {_shape(origins)}")
-    return Direct(tuple(_str(o, "origin") for o in origins))
+    return tuple(_str(o, "origin") for o in origins)
 
 
 def _hole(f: object) -> Hole:
@@ -484,8 +531,17 @@ def _hole(f: object) -> Hole:
     return Hole(_int(a[0], "want id"), _int(a[1], "hole length", 1))
 
 
+def _mark(f: object) -> Mark:
+    return Mark(_int(_array(f, 1, "MARK")[0], "mark", 1))
+
+
+def _caughtup(f: object) -> CaughtUp:
+    a = _array(f, 2, "CAUGHTUP")
+    return CaughtUp(_int(a[0], "mark", 1), _int(a[1], "seq"))
+
+
 _DECODERS: dict[Type, Callable[[Any], Message]] = {
     Type.HELLO: _hello, Type.IHAVE: _ihave, Type.START: _start, Type.ENTRY: _entry,
     Type.WANT: _want, Type.DATA: _data, Type.COPY: _copy, Type.NODATA: _nodata,
     Type.ACK: _ack, Type.BYE: _bye, Type.PASSED: _passed, Type.DIRECT: _direct,
-    Type.HOLE: _hole}
+    Type.HOLE: _hole, Type.MARK: _mark, Type.CAUGHTUP: _caughtup}

@@ -273,6 +273,36 @@ def test_partition_a_b_with_c_between_converges_through_c_and_after_healing(
     assert [len(c.conflict_copies(i)) for i in range(3)] == [1, 1, 1]
 
 
+@pytest.mark.timeout(180)
+def test_what_a_relay_left_out_comes_from_it_once_the_maker_stays_away(
+        make_cluster: MakeCluster, proxies: Proxies) -> None:
+    """B leaves A's versions out of its stream to C while C says A's own link into it is
+    up (C gets them from A). Here A's link to C goes silent (a black hole: C sees it up
+    until its keepalives fail) while A writes: B gets the files, C does not get them
+    from A. Once C has dropped A's link and A stays away past the grace, C ends B's link
+    to be sent again what B left out, and gets A's files from B."""
+    c = make_cluster(3)
+    mesh = proxies(c)
+    c.start()
+    a, b, cc = (p.data for p in c.peers)
+    c.wait_until(lambda: all(links_up(c, i, j) for i, j in ((0, 1), (0, 2), (1, 2))),
+                 CONVERGE_S, "every link is up")
+    mesh.link(0, 2).blackhole()
+    files = {f"left-out{n}.txt": b"made on A while its link to C was silent %d\n" % n
+             for n in range(5)}
+    for name, data in files.items():
+        write(a / name, data)
+    c.wait_until(lambda: all(read(b / n) == d for n, d in files.items()), CONVERGE_S,
+                 "B holds A's files")
+    c.wait_until(lambda: all(read(cc / n) == d for n, d in files.items()), 60,
+                 "C gets A's files from B")
+    assert link_state(c, 2, 0)[1] != "up", "C got the files while A's link still looked up"
+    mesh.restore(0, 2)
+    c.wait_until(lambda: links_up(c, 0, 2), 60, "A's link to C is back")
+    c.wait_converged(CONVERGE_S)
+    assert_sound(c)
+
+
 # ------------------------------------------------------------------------------ 5
 
 FILES, RACING_ROUNDS = 10, 4

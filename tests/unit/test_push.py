@@ -22,7 +22,7 @@ from omirror.link import Context, LinkStats
 from omirror.push import _PAGE, Pusher, _read_inline
 from omirror.scanner import MARKER, Scanner
 from omirror.store import Record, Store
-from omirror.wire import Data, EntryMsg, Hole, NoData, Passed, Want
+from omirror.wire import CaughtUp, Data, EntryMsg, Hole, NoData, Passed, Want
 
 DISTFILE = "( /data ) -> ( alpha beta ) install ;\n"
 
@@ -137,12 +137,12 @@ def test_a_fifo_is_never_opened_to_serve_content(tmp_path: Path) -> None:
     store.close()
 
 
-def test_a_relayed_version_travels_without_content_to_a_peer_that_has_its_origin(
+def test_a_relay_leaves_out_the_versions_of_a_host_the_peer_is_linked_to(
         tmp_path: Path) -> None:
-    """In a mesh each host relays what it received. Sent inline by every relay, each
-    small file crossed to each host once per peer (ten peers: nine copies); a peer that
-    receives a host's versions from that host itself (it says so: DIRECT) gets them from
-    a relay without content, and asks for it only if it still lacks it."""
+    """In a mesh each host relays what it received. Relayed to everyone, each version
+    crossed to each host once per peer (ten peers: nine entries per file per host); a
+    peer that receives a host's versions from that host itself (it says so: DIRECT) gets
+    none of them from a relay, and what is relayed goes with its content."""
     root = tmp_path / "root"
     (root / "data").mkdir(parents=True)
     (root / "data" / os.fsdecode(MARKER)).write_bytes(b"marker\n")
@@ -173,14 +173,14 @@ def test_a_relayed_version_travels_without_content_to_a_peer_that_has_its_origin
             return {m.entry.path: m.data is not None for m in frames.sent
                     if isinstance(m, EntryMsg) and m.entry.path in names}
         for _ in range(500):
-            if len(carried()) == len(names):
+            if pusher.examined == store.last_seq:
                 break
             await asyncio.sleep(0.01)
         streaming.cancel()
+        assert pusher.examined == store.last_seq, "the pusher did not read its log through"
         return carried()
 
-    assert asyncio.run(run()) == {b"data/ours": True, b"data/gammas": False,
-                                  b"data/deltas": True}
+    assert asyncio.run(run()) == {b"data/ours": True, b"data/deltas": True}
     store.close()
 
 
@@ -344,6 +344,87 @@ def test_the_peers_own_versions_are_passed_without_being_read_back(
         (mine, b"data/ours")]
     assert [m.seq for m in sent if isinstance(m, Passed)] == [last]
     assert decoded <= 4, f"{decoded} records read back to be dropped"
+    store.close()
+
+
+def test_a_pusher_says_passed_once_the_log_is_quiet_not_after_every_page(
+        tmp_path: Path) -> None:
+    """In a mesh most of what a host logs is not for a given peer (its own versions,
+    those it gets from their makers). A PASSED after every page of that costs the peer
+    a write of its cursor each time; one when the log has gone quiet moves the cursor
+    as far."""
+    store = Store.open(tmp_path / "state")
+    mset = config.parse(DISTFILE, "test.conf").sets[0]
+
+    async def run() -> list[object]:
+        async def tree(fn, *args):  # type: ignore[no-untyped-def]
+            return fn(*args)
+        ctx = Context("alpha", store, None, None, b"/", lambda peer: [mset], tree)  # type: ignore[arg-type]
+        frames = Frames()
+        pusher = Pusher(ctx, "beta", None, frames, LinkStats())
+        streaming = asyncio.ensure_future(pusher._stream(0))
+        for i in range(1, 21):  # the peer's own versions, logged one by one
+            store.put(Entry(b"data/b%d" % i, Kind.DIR, Stamp(i, "beta"),
+                            vector=(("beta", i),)), None)
+            ctx.notify()
+            for _ in range(100):  # until the pusher has read it
+                if pusher.examined == store.last_seq:
+                    break
+                await asyncio.sleep(0.005)
+            assert pusher.examined == store.last_seq
+        for _ in range(500):
+            if any(isinstance(m, Passed) for m in frames.sent):
+                break
+            await asyncio.sleep(0.01)
+        streaming.cancel()
+        return frames.sent
+
+    sent = asyncio.run(run())
+    assert [m.seq for m in sent if isinstance(m, Passed)] == [store.last_seq]
+    store.close()
+
+
+def test_a_mark_is_answered_once_everything_for_the_peer_is_sent(tmp_path: Path) -> None:
+    """CAUGHTUP follows every entry the log held for the peer when the pusher found
+    nothing more to send after the MARK, and names where the log ended: the receiver
+    settles it after all of them."""
+    store = Store.open(tmp_path / "state")
+    mset = config.parse(DISTFILE, "test.conf").sets[0]
+    with store.batch():
+        _put_dirs(store, b"d", "alpha", 1)
+    store.put(Entry(b"data/theirs", Kind.DIR, Stamp(10**6, "beta"),
+                    vector=(("beta", 10**6),)), None)
+
+    def marked(pusher: Pusher, sent: list[object]) -> bool:
+        pusher._mark = 3
+        return any(isinstance(m, CaughtUp) for m in sent)
+    sent = _streamed(store, mset, marked)
+    answers = [i for i, m in enumerate(sent) if isinstance(m, CaughtUp)]
+    assert [sent[i] for i in answers] == [CaughtUp(3, store.last_seq)]
+    assert sum(isinstance(m, EntryMsg) for m in sent[:answers[0]]) == 3 * _PAGE
+    store.close()
+
+
+def test_below_the_peers_cursor_only_the_hosts_asked_again_are_sent(tmp_path: Path) -> None:
+    """A link that starts again below the peer's cursor (IHAVE: held, again) resends
+    there only the versions of the hosts that went away; beyond the cursor, all."""
+    store = Store.open(tmp_path / "state")
+    mset = config.parse(DISTFILE, "test.conf").sets[0]
+    made = [(b"data/a1", "alpha"), (b"data/g1", "gamma"), (b"data/d1", "delta"),
+            (b"data/a2", "alpha"), (b"data/g2", "gamma"), (b"data/d2", "delta")]
+    seqs = {}
+    for n, (path, origin) in enumerate(made, 1):
+        seqs[path] = store.put(Entry(path, Kind.DIR, Stamp(n, origin),
+                                     vector=((origin, n),)), None)
+    held = seqs[b"data/d1"]
+
+    def started(pusher: Pusher, sent: list[object]) -> bool:
+        if pusher.examined is None:
+            pusher._held, pusher._again = held, frozenset({"gamma"})
+        return pusher.examined == store.last_seq
+    sent = _streamed(store, mset, started)
+    assert [m.entry.path for m in sent if isinstance(m, EntryMsg)] == [
+        b"data/g1", b"data/a2", b"data/g2", b"data/d2"]
     store.close()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 from linkfakes import Frames
@@ -11,7 +12,8 @@ from omirror import receive
 from omirror.entry import Entry, Kind, Stamp
 from omirror.link import Context, LinkStats
 from omirror.receive import Receiver
-from omirror.wire import Direct, EntryMsg
+from omirror.store import Store
+from omirror.wire import ASK_AGAIN, AskedAgain, Bye, Direct, EntryMsg, Mark
 
 
 def test_a_link_with_too_many_failing_paths_takes_no_more_entries(
@@ -43,34 +45,140 @@ def test_a_link_with_too_many_failing_paths_takes_no_more_entries(
     assert held and cleared
 
 
-def test_a_receiver_tells_its_pusher_which_hosts_reach_it_directly() -> None:
+async def _until(sent: list[object], n: int) -> None:
+    for _ in range(500):
+        if len(sent) >= n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{len(sent)} messages sent, not {n}: {sent}")
+
+
+def _context(tmp_path: Path) -> tuple[Context, Store]:
+    store = Store.open(tmp_path / "state")
+
+    async def tree(fn, *args):  # type: ignore[no-untyped-def]
+        return fn(*args)
+    return Context("alpha", store, None, None, b"/", lambda peer: [], tree), store  # type: ignore[arg-type]
+
+
+def test_a_receiver_tells_its_pusher_which_hosts_reach_it_directly_and_records_it_first(
+        tmp_path: Path) -> None:
     """DIRECT lists the peers whose links into this host are up (not the pusher itself),
-    and is sent again when that changes: the pusher then relays those hosts' versions
-    without content, and with it again once such a link is down."""
+    and is sent again when that changes: the pusher leaves out those hosts' versions.
+    Each host is recorded as trusted, since the seq the receiver had reached, before
+    the pusher hears of it: a restart must know what it may have been left without."""
+    ctx, store = _context(tmp_path)
+
     async def run() -> list[object]:
-        ctx = Context("alpha", None, None, None, b"/", lambda peer: [], None)  # type: ignore[arg-type]
         frames = Frames()
         receiver = Receiver(ctx, "beta", None, frames, LinkStats())
         ctx.receiving("beta", True)
         ctx.receiving("gamma", True)
-        telling = asyncio.ensure_future(receiver._tell_direct())
-
-        async def until(n: int) -> None:
-            for _ in range(500):
-                if len(frames.sent) >= n:
-                    return
-                await asyncio.sleep(0.01)
-        await until(1)
+        telling = asyncio.ensure_future(receiver._tell_direct(()))
+        await _until(frames.sent, 1)
+        assert store.trusts("beta") == {"gamma": 0}
+        receiver.done_seq = 7
         ctx.receiving("delta", True)
-        await until(2)
+        await _until(frames.sent, 2)
+        assert store.trusts("beta") == {"gamma": 0, "delta": 7}
         ctx.receiving("gamma", True)  # a reconnect: the new link is up before the old ends
         ctx.receiving("gamma", False)
         ctx.receiving("delta", False)
-        await until(3)
-        ctx.receiving("gamma", False)
-        await until(4)
+        await _until(frames.sent, 3)
+        ctx.receiving("delta", True)  # back within the grace: nothing to ask again
+        await _until(frames.sent, 4)
+        assert not telling.done()
         telling.cancel()
         return frames.sent
 
     assert asyncio.run(run()) == [Direct(("gamma",)), Direct(("delta", "gamma")),
-                                  Direct(("gamma",)), Direct(())]
+                                  Direct(("gamma",)), Direct(("delta", "gamma"))]
+    store.close()
+
+
+def test_a_trusted_host_that_stays_away_ends_the_link_to_be_sent_again_what_was_left_out(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pusher left out gamma's versions, trusting gamma to send them here; gamma
+    went away and did not come back within the grace: the receiver says BYE (ASK_AGAIN)
+    and ends the link, so that the pusher dials again and streams from the oldest seq
+    since which it left anything out."""
+    monkeypatch.setattr(receive, "RELINK_GRACE_S", 0.2)
+    ctx, store = _context(tmp_path)
+
+    async def run() -> tuple[list[object], BaseException | None]:
+        frames = Frames()
+        receiver = Receiver(ctx, "beta", None, frames, LinkStats())
+        ctx.receiving("gamma", True)
+        telling = asyncio.ensure_future(receiver._tell_direct(()))
+        await _until(frames.sent, 1)
+        ctx.receiving("gamma", False)
+        await _until(frames.sent, 3)
+        await asyncio.wait([telling], timeout=5)
+        return frames.sent, telling.exception() if telling.done() else None
+
+    sent, error = asyncio.run(run())
+    assert sent[:2] == [Direct(("gamma",)), Direct(())]
+    assert isinstance(sent[2], Bye) and sent[2].why.startswith(ASK_AGAIN)
+    assert isinstance(error, AskedAgain)
+    store.close()
+
+
+def test_a_trusted_host_back_from_a_new_store_ends_the_link_at_once(
+        tmp_path: Path) -> None:
+    """A host whose link comes back from a new store (everything sent again, another
+    epoch) may no longer hold what it had not sent: the link whose pusher trusted it
+    ends at once, without waiting for the grace."""
+    ctx, store = _context(tmp_path)
+
+    async def run() -> tuple[list[object], BaseException | None]:
+        frames = Frames()
+        receiver = Receiver(ctx, "beta", None, frames, LinkStats())
+        ctx.receiving("gamma", True)
+        telling = asyncio.ensure_future(receiver._tell_direct(()))
+        await _until(frames.sent, 1)
+        ctx.receiving("gamma", True, anew=True)
+        ctx.receiving("gamma", False)
+        await asyncio.wait([telling], timeout=receive.RELINK_GRACE_S / 2)
+        return frames.sent, telling.exception() if telling.done() else None
+
+    sent, error = asyncio.run(run())
+    assert isinstance(sent[-1], Bye) and sent[-1].why.startswith(ASK_AGAIN)
+    assert isinstance(error, AskedAgain)
+    store.close()
+
+
+def test_a_mark_answered_lets_the_other_links_start_from_where_they_had_got(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """beta's pusher left out gamma's versions since seq 5. Once beta's link moved (to
+    40), the receiver of gamma's link asks gamma for a MARK; gamma's CAUGHTUP, settled
+    here, says this host holds every version gamma had made by then, so beta need no
+    longer be asked for gamma's versions up to 40. An answer while one of gamma's
+    entries waits for a retry advances nothing; nor does a sample of another epoch."""
+    monkeypatch.setattr(receive, "MARK_GATHER_S", 0.01)
+    ctx, store = _context(tmp_path)
+    store.trust("beta", "e1", ["gamma"], 5)
+    store.trust("delta", "e2", ["gamma"], 5)
+
+    async def run() -> None:
+        frames = Frames()
+        from_gamma = Receiver(ctx, "gamma", None, frames, LinkStats())
+        asking = asyncio.ensure_future(from_gamma._ask_caught_up())
+        ctx.reached.update(beta=("e1", 40), delta=("e1", 30), gamma=("e3", 77))
+        ctx.moved()
+        await _until(frames.sent, 1)
+        assert frames.sent == [Mark(1)]
+        ctx.reached["beta"] = ("e1", 60)  # moved after the MARK: not covered by its answer
+        await from_gamma._caught_up(1)
+        assert store.trusts("beta") == {"gamma": 40}
+        assert store.trusts("delta") == {"gamma": 5}  # its store is another epoch now
+        ctx.moved()
+        await _until(frames.sent, 2)  # beta moved on: a second MARK
+        from_gamma.retry[b"data/x"] = receive._Failing(
+            EntryMsg(9, Entry(b"data/x", Kind.FILE, Stamp(9, "gamma")), None), "EIO")
+        await from_gamma._caught_up(2)
+        assert store.trusts("beta") == {"gamma": 40}
+        await from_gamma._caught_up(7)  # never asked: ignored
+        asking.cancel()
+
+    asyncio.run(run())
+    store.close()

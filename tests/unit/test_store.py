@@ -18,7 +18,7 @@ import pytest
 
 from omirror.entry import Entry, Kind, Stamp, first_version
 from omirror.errors import StoreError
-from omirror.store import FAST, Cursor, StatSig, Store
+from omirror.store import FAST, Cursor, Resume, StatSig, Store
 
 
 def version(path: bytes, t: int, kind: Kind = Kind.FILE, origin: str = "alpha",
@@ -168,6 +168,49 @@ def test_cursors_persist(tmp_path: Path) -> None:
     with Store.open(tmp_path) as store:
         assert store.cursor("beta") == Cursor("e1", 12)
         assert store.cursors() == {"beta": Cursor("e1", 12), "gamma": Cursor("e2", 3)}
+
+
+def test_a_link_begins_where_its_pusher_may_have_left_something_out(tmp_path: Path) -> None:
+    """A pusher left out the versions of the hosts it was told were linked here, each
+    since the seq where it was told (the lowest, if told twice). A new link from it
+    trusts on the hosts linked here still; for the others it starts again at the oldest
+    of their seqs, and up to the cursor sends only their versions. Their records stay
+    until that is applied, so that a crash in between asks again."""
+    with Store.open(tmp_path) as store:
+        store.set_cursor("beta", Cursor("e1", 500))
+        store.trust("beta", "e1", ["gamma"], 120)
+        store.trust("beta", "e1", ["delta", "gamma"], 300)  # gamma keeps its earlier seq
+        store.trust("beta", "e1", ["omega"], 600)  # beyond the cursor: nothing left out
+        store.trust("zeta", "e1", ["gamma"], 7)  # another pusher's
+        assert store.trusts("beta") == {"gamma": 120, "delta": 300, "omega": 600}
+        assert store.begin_receiving("beta", "e1", ["delta"]) == Resume(
+            Cursor("e1", 500), 120, 500, ("gamma",))
+    with Store.open(tmp_path) as store:
+        assert store.cursor("beta") == Cursor("e1", 500)
+        assert store.trusts("beta") == {"gamma": 120, "delta": 120}
+        assert store.trusts("zeta") == {"gamma": 7}
+        store.untrust("beta", ["gamma"])  # sent again, and applied
+        assert store.begin_receiving("beta", "e1", []) == Resume(
+            Cursor("e1", 500), 120, 500, ("delta",))
+        # the peer's store is new: nothing of the old epoch is asked for
+        assert store.begin_receiving("beta", "e2", ["gamma"]) == Resume(
+            Cursor("e1", 500), 0, 0, ())
+        assert store.trusts("beta") == {"gamma": 0}
+        assert store.begin_receiving("omega", "e9", ["gamma"]) == Resume(None, 0, 0, ())
+
+
+def test_a_trust_advances_never_back_and_only_for_its_origin_and_epoch(
+        tmp_path: Path) -> None:
+    with Store.open(tmp_path) as store:
+        store.trust("beta", "e1", ["gamma", "delta"], 10)
+        store.trust("zeta", "e1", ["gamma"], 10)
+        store.trust("psi", "e1", ["gamma"], 10)
+        store.advance_trust("gamma", {"beta": ("e1", 50), "zeta": ("e1", 4),
+                                      "psi": ("e0", 90), "omega": ("e1", 99)})
+        assert store.trusts("beta") == {"gamma": 50, "delta": 10}
+        assert store.trusts("zeta") == {"gamma": 10}
+        assert store.trusts("psi") == {"gamma": 10}  # another epoch's seqs
+        assert store.trusts("omega") == {}
 
 
 def test_a_file_that_is_not_a_database_is_refused_with_the_remedy(tmp_path: Path) -> None:
@@ -348,7 +391,7 @@ def test_a_page_leaves_one_origins_versions_out_but_ends_where_the_log_ended(
                      (b"b3", "beta"), (b"b4", "beta")])}
 
     def page(seq: int, limit: int) -> list[bytes]:
-        return [r.entry.path for r in store.page(seq, limit, skip_origin="beta")]
+        return [r.entry.path for r in store.page(seq, limit, skip_origins=("beta",))]
     assert page(0, 10) == [b"a1", b"a2", b"b4"]  # b4: where the log ends
     assert page(0, 2) == [b"a1", b"a2"]  # full: b3 and b4 not passed
     assert page(seqs[b"a2"], 10) == [b"b4"]

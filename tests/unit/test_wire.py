@@ -17,6 +17,7 @@ from omirror.wire import (
     MAX_FRAME,
     Ack,
     Bye,
+    CaughtUp,
     Copy,
     Data,
     Direct,
@@ -24,6 +25,7 @@ from omirror.wire import (
     Hello,
     Hole,
     IHave,
+    Mark,
     NoData,
     Passed,
     ProtocolError,
@@ -41,12 +43,12 @@ ENTRY = Entry(path=b"srv/www/caf\xe9", kind=Kind.FILE, stamp=Stamp(10**18, "alph
                       (b"user.a", b"\0\xff")))
 
 MESSAGES = [
-    Hello(1, "alpha", "ab" * 16, 10**18), IHave("", 0), IHave("e" * 32, 42),
+    Hello(1, "alpha", "ab" * 16, 10**18), IHave("", 0), IHave("e" * 32, 42, ("gamma", "delta")),
     Start(7, True, 1234), EntryMsg(3, ENTRY, b"abc"), EntryMsg(4, ENTRY, None),
     Want(1, b"srv/x", b"\x01" * 16, 65536, (b"\x02" * 16,)), Data(1, b"x" * 1000, False),
     Copy(1, 65536, 65536), NoData(1, "changed"), Ack(99), Bye("shutting down"),
     Passed(50001),
-    Direct(("gamma", "[::1]:2900")),
+    Direct(("gamma", "[::1]:2900")), Mark(1), CaughtUp(2, 0), CaughtUp(3, 10**12),
     Direct(()),
     Hole(1, 64 << 20), Hole(2, 1),
 ]
