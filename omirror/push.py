@@ -109,6 +109,7 @@ class Pusher(Side):
         self._again: frozenset[str] = frozenset()
         #: The last MARK read, and the last answered (CAUGHTUP)
         self._mark = self._marked = 0
+        self._marked_now = asyncio.Event()
         self.acked = asyncio.Event()
         #: A receiver has one request open at a time; one that sends more and never
         #: reads what it asked for is not read further (its requests are not queued).
@@ -167,7 +168,7 @@ class Pusher(Side):
                 self.direct = frozenset(msg.origins)
             elif isinstance(msg, Mark):
                 self._mark = max(self._mark, msg.mark)
-                self.ctx.notify()  # the stream looks again, and answers once caught up
+                self._marked_now.set()  # the stream looks again, and answers if caught up
             elif isinstance(msg, Bye):
                 if msg.why.startswith(ASK_AGAIN):
                     raise AskedAgain(f"peer asks for our log again: {msg.why}")
@@ -288,10 +289,10 @@ class Pusher(Side):
                 if self._passed_due > self.passed:
                     # the log ended with entries not for this peer: said once the log
                     # is quiet, not after every page of a burst
-                    if not await self.ctx.wait_for_change(timeout=_PASSED_QUIET_S):
+                    if not await self._wait(_PASSED_QUIET_S):
                         await self._say_passed()
                     continue
-                await self.ctx.wait_for_change(timeout=5.0)
+                await self._wait(5.0)
                 continue
             position = page[-1].seq
             records = self._with_parents(
@@ -353,6 +354,24 @@ class Pusher(Side):
                     self.unacked_inline.append((record.seq, size))
                     self.inflight_bytes += size
             self.stats.entries_sent += 1
+
+    async def _wait(self, timeout: float) -> bool:
+        """Until the log grows (True), a MARK is to be answered (True), or ``timeout``
+        passes (False). A MARK wakes this pusher only: the others need not page their
+        logs again for it."""
+        if self._mark > self._marked:
+            return True
+        self._marked_now.clear()
+        waits = [asyncio.ensure_future(self.ctx.wait_for_change(timeout)),
+                 asyncio.ensure_future(self._marked_now.wait())]
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+        if waits[1] in done:
+            return True
+        return bool(waits[0].result())
 
     async def _say_passed(self) -> None:
         """PASSED for the entries not for this peer at the end of what was read.

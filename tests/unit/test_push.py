@@ -405,6 +405,43 @@ def test_a_mark_is_answered_once_everything_for_the_peer_is_sent(tmp_path: Path)
     store.close()
 
 
+def test_a_mark_wakes_an_idle_pusher_alone(tmp_path: Path) -> None:
+    """A MARK read while the pusher waits for its log to grow is answered at once, and
+    wakes no other pusher: a peer that sends MARKs cannot make every link page its log."""
+    store = Store.open(tmp_path / "state")
+    mset = config.parse(DISTFILE, "test.conf").sets[0]
+    store.put(Entry(b"data/d", Kind.DIR, Stamp(1, "alpha"), vector=(("alpha", 1),)), None)
+
+    async def run() -> tuple[list[object], bool]:
+        async def tree(fn, *args):  # type: ignore[no-untyped-def]
+            return fn(*args)
+        ctx = Context("alpha", store, None, None, b"/", lambda peer: [mset], tree)  # type: ignore[arg-type]
+        frames = Frames()
+        pusher = Pusher(ctx, "beta", None, frames, LinkStats())
+        streaming = asyncio.ensure_future(pusher._stream(0))
+        for _ in range(200):
+            if pusher.examined == store.last_seq:
+                break
+            await asyncio.sleep(0.01)
+        other_woken = asyncio.ensure_future(ctx.wait_for_change(10.0))
+        await asyncio.sleep(0)
+        pusher._mark = 1  # as _read_replies does with a MARK
+        pusher._marked_now.set()
+        for _ in range(200):  # well within the 5 s the idle pusher would sleep
+            if any(isinstance(m, CaughtUp) for m in frames.sent):
+                break
+            await asyncio.sleep(0.01)
+        woken = other_woken.done()
+        streaming.cancel()
+        other_woken.cancel()
+        return frames.sent, woken
+
+    sent, woken = asyncio.run(run())
+    assert CaughtUp(1, store.last_seq) in sent
+    assert not woken
+    store.close()
+
+
 def test_below_the_peers_cursor_only_the_hosts_asked_again_are_sent(tmp_path: Path) -> None:
     """A link that starts again below the peer's cursor (IHAVE: held, again) resends
     there only the versions of the hosts that went away; beyond the cursor, all."""
