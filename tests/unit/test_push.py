@@ -290,6 +290,15 @@ def _put_dirs(store: Store, prefix: bytes, origin: str, first: int) -> None:
                         vector=((origin, first + i),)), None)
 
 
+def _pusher_to_beta(store: Store, mset: config.MirrorSet) -> tuple[Context, Frames, Pusher]:
+    """alpha's pusher to beta, writing into ``Frames``; its tree worker is the caller."""
+    async def tree(fn, *args):  # type: ignore[no-untyped-def]
+        return fn(*args)
+    ctx = Context("alpha", store, None, None, b"/", lambda peer: [mset], tree)  # type: ignore[arg-type]
+    frames = Frames()
+    return ctx, frames, Pusher(ctx, "beta", None, frames, LinkStats())
+
+
 def _streamed(store: Store, mset: config.MirrorSet,
               done: Callable[[Pusher, list[object]], bool],
               beside: Callable[[list[object]], Awaitable[None]] | None = None
@@ -297,11 +306,7 @@ def _streamed(store: Store, mset: config.MirrorSet,
     """What alpha's pusher streams to beta from the start of its log until ``done``
     (within 5 s), with ``beside`` running as another task of the same loop."""
     async def run() -> list[object]:
-        async def tree(fn, *args):  # type: ignore[no-untyped-def]
-            return fn(*args)
-        ctx = Context("alpha", store, None, None, b"/", lambda peer: [mset], tree)  # type: ignore[arg-type]
-        frames = Frames()
-        pusher = Pusher(ctx, "beta", None, frames, LinkStats())
+        _ctx, frames, pusher = _pusher_to_beta(store, mset)
         other = None if beside is None else asyncio.ensure_future(beside(frames.sent))
         streaming = asyncio.ensure_future(pusher._stream(0))
         for _ in range(500):
@@ -357,11 +362,7 @@ def test_a_pusher_says_passed_once_the_log_is_quiet_not_after_every_page(
     mset = config.parse(DISTFILE, "test.conf").sets[0]
 
     async def run() -> list[object]:
-        async def tree(fn, *args):  # type: ignore[no-untyped-def]
-            return fn(*args)
-        ctx = Context("alpha", store, None, None, b"/", lambda peer: [mset], tree)  # type: ignore[arg-type]
-        frames = Frames()
-        pusher = Pusher(ctx, "beta", None, frames, LinkStats())
+        ctx, frames, pusher = _pusher_to_beta(store, mset)
         streaming = asyncio.ensure_future(pusher._stream(0))
         for i in range(1, 21):  # the peer's own versions, logged one by one
             store.put(Entry(b"data/b%d" % i, Kind.DIR, Stamp(i, "beta"),
@@ -413,11 +414,7 @@ def test_a_mark_wakes_an_idle_pusher_alone(tmp_path: Path) -> None:
     store.put(Entry(b"data/d", Kind.DIR, Stamp(1, "alpha"), vector=(("alpha", 1),)), None)
 
     async def run() -> tuple[list[object], bool]:
-        async def tree(fn, *args):  # type: ignore[no-untyped-def]
-            return fn(*args)
-        ctx = Context("alpha", store, None, None, b"/", lambda peer: [mset], tree)  # type: ignore[arg-type]
-        frames = Frames()
-        pusher = Pusher(ctx, "beta", None, frames, LinkStats())
+        ctx, frames, pusher = _pusher_to_beta(store, mset)
         streaming = asyncio.ensure_future(pusher._stream(0))
         for _ in range(200):
             if pusher.examined == store.last_seq:

@@ -96,6 +96,25 @@ def test_a_receiver_tells_its_pusher_which_hosts_reach_it_directly_and_records_i
     store.close()
 
 
+def _gamma_goes(ctx: Context, anew: bool, within_s: float
+               ) -> tuple[list[object], BaseException | None]:
+    """What beta's receiver sends, and how its DIRECT task ends (within ``within_s``),
+    when gamma, linked in and trusted, goes away (``anew``: comes back from a new store
+    first)."""
+    async def run() -> tuple[list[object], BaseException | None]:
+        frames = Frames()
+        receiver = Receiver(ctx, "beta", None, frames, LinkStats())
+        ctx.receiving("gamma", True)
+        telling = asyncio.ensure_future(receiver._tell_direct(()))
+        await _until(frames.sent, 1)
+        if anew:
+            ctx.receiving("gamma", True, anew=True)
+        ctx.receiving("gamma", False)
+        await asyncio.wait([telling], timeout=within_s)
+        return frames.sent, telling.exception() if telling.done() else None
+    return asyncio.run(run())
+
+
 def test_a_trusted_host_that_stays_away_ends_the_link_to_be_sent_again_what_was_left_out(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The pusher left out gamma's versions, trusting gamma to send them here; gamma
@@ -104,19 +123,7 @@ def test_a_trusted_host_that_stays_away_ends_the_link_to_be_sent_again_what_was_
     since which it left anything out."""
     monkeypatch.setattr(receive, "RELINK_GRACE_S", 0.2)
     ctx, store = _context(tmp_path)
-
-    async def run() -> tuple[list[object], BaseException | None]:
-        frames = Frames()
-        receiver = Receiver(ctx, "beta", None, frames, LinkStats())
-        ctx.receiving("gamma", True)
-        telling = asyncio.ensure_future(receiver._tell_direct(()))
-        await _until(frames.sent, 1)
-        ctx.receiving("gamma", False)
-        await _until(frames.sent, 3)
-        await asyncio.wait([telling], timeout=5)
-        return frames.sent, telling.exception() if telling.done() else None
-
-    sent, error = asyncio.run(run())
+    sent, error = _gamma_goes(ctx, anew=False, within_s=5)
     assert sent[:2] == [Direct(("gamma",)), Direct(())]
     assert isinstance(sent[2], Bye) and sent[2].why.startswith(ASK_AGAIN)
     assert isinstance(error, AskedAgain)
@@ -129,19 +136,7 @@ def test_a_trusted_host_back_from_a_new_store_ends_the_link_at_once(
     epoch) may no longer hold what it had not sent: the link whose pusher trusted it
     ends at once, without waiting for the grace."""
     ctx, store = _context(tmp_path)
-
-    async def run() -> tuple[list[object], BaseException | None]:
-        frames = Frames()
-        receiver = Receiver(ctx, "beta", None, frames, LinkStats())
-        ctx.receiving("gamma", True)
-        telling = asyncio.ensure_future(receiver._tell_direct(()))
-        await _until(frames.sent, 1)
-        ctx.receiving("gamma", True, anew=True)
-        ctx.receiving("gamma", False)
-        await asyncio.wait([telling], timeout=receive.RELINK_GRACE_S / 2)
-        return frames.sent, telling.exception() if telling.done() else None
-
-    sent, error = asyncio.run(run())
+    sent, error = _gamma_goes(ctx, anew=True, within_s=receive.RELINK_GRACE_S / 2)
     assert isinstance(sent[-1], Bye) and sent[-1].why.startswith(ASK_AGAIN)
     assert isinstance(error, AskedAgain)
     store.close()
