@@ -171,6 +171,8 @@ class Receiver(Side):
         #: with how often each came back from a new store (Context.restarts)
         self._held = 0
         self._again: tuple[str, ...] = ()
+        #: Paths whose content the peer could not send (NODATA), until a later version
+        self._unheld: set[bytes] = set()
         self._trusting: dict[str, int] = {}
 
     async def run(self) -> None:
@@ -298,8 +300,10 @@ class Receiver(Side):
         samples = self._sampled[1]
         self._sampled = None
         self._answered.set()
-        if self.retry:
-            return  # a version of this peer's that failed here is not held yet
+        if self.retry or self._unheld:
+            # a version of this peer's that failed here, or that it could not send (it
+            # changed, and the newer one is not logged yet), is not held here
+            return
         await self.ctx.tree(self.ctx.store.advance_trust, self.peer, samples)
         self._answered_at.update(samples)
 
@@ -432,6 +436,7 @@ class Receiver(Side):
     async def _settle(self, msg: EntryMsg, outcome: Result) -> None:
         """What follows an entry's application in the loop: its fetch, its failure or
         refusal, the end of its earlier failures."""
+        self._unheld.discard(msg.entry.path)  # a later version of it came
         if isinstance(outcome, Need):
             try:
                 await self._fetch(outcome, msg)
@@ -573,6 +578,9 @@ class Receiver(Side):
                 if isinstance(part, NoData):
                     log.debug("peer=%s path=%s no longer available: %s", self.peer,
                               show(entry.path), part.why)
+                    # its newer version is to come from the peer's log: until it does,
+                    # this host does not hold what the peer made (see _caught_up)
+                    self._unheld.add(entry.path)
                     await self.ctx.tree(building.abort)
                     if resumed:
                         await self.ctx.tree(staging.drop_partial, self.ctx.applier.dirs,

@@ -148,7 +148,8 @@ def test_a_mark_answered_lets_the_other_links_start_from_where_they_had_got(
     40), the receiver of gamma's link asks gamma for a MARK; gamma's CAUGHTUP, settled
     here, says this host holds every version gamma had made by then, so beta need no
     longer be asked for gamma's versions up to 40. An answer while one of gamma's
-    entries waits for a retry advances nothing; nor does a sample of another epoch."""
+    entries waits for a retry, or while gamma could not send a version's content (a
+    newer one is to come), advances nothing; nor does a sample of another epoch."""
     monkeypatch.setattr(receive, "MARK_GATHER_S", 0.01)
     ctx, store = _context(tmp_path)
     store.trust("beta", "e1", ["gamma"], 5)
@@ -172,6 +173,19 @@ def test_a_mark_answered_lets_the_other_links_start_from_where_they_had_got(
             EntryMsg(9, Entry(b"data/x", Kind.FILE, Stamp(9, "gamma")), None), "EIO")
         await from_gamma._caught_up(2)
         assert store.trusts("beta") == {"gamma": 40}
+        from_gamma.retry.clear()
+        from_gamma._unheld.add(b"data/y")  # gamma could not send it: NODATA
+        ctx.reached["beta"] = ("e1", 70)
+        ctx.moved()
+        await _until(frames.sent, 3)
+        await from_gamma._caught_up(3)
+        assert store.trusts("beta") == {"gamma": 40}
+        y = EntryMsg(12, Entry(b"data/y", Kind.FILE, Stamp(12, "gamma")), None)
+        await from_gamma._settle(y, None)  # its later version came, and is applied
+        ctx.moved()
+        await _until(frames.sent, 4)
+        await from_gamma._caught_up(4)
+        assert store.trusts("beta") == {"gamma": 70}
         await from_gamma._caught_up(7)  # never asked: ignored
         asking.cancel()
 
