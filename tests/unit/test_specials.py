@@ -109,7 +109,9 @@ async def test_sets_run_side_by_side(tmp_path: Path) -> None:
                         "test.conf").sets
     runner = Specials(b"/")
     runner.applied([Applied(hung[0], b"a/f"), Applied(hung[1], b"b/f")])
-    await until((tmp_path / "b").exists)
+    # b's command ran to its end (its file exists, and its run left the queue: the
+    # file appears before the runner has reaped the command) while a's still hangs
+    await until(lambda: (tmp_path / "b").exists() and runner.status()["queued"] <= 1)
     assert runner.status()["queued"] == 1  # the hung one, still running
     await runner.close(grace_s=0.1)
 
