@@ -272,8 +272,8 @@ class Pusher(Side):
         while True:
             sets = self.ctx.sets_with(self.peer)
             await self.io.flush()  # nothing queued waits while the stream does
-            # the peer's own versions are never sent to it (``_wanted``): not even read,
-            # except in an index, which lists them too
+            # neither the peer's own versions nor those it gets from their makers are
+            # sent to it (``_wanted``): not even read, except in an index, which lists all
             page = store.page(position, _PAGE,
                               skip_origins=() if self.index else (self.peer, *self.direct))
             if not page:

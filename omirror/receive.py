@@ -212,7 +212,7 @@ class Receiver(Side):
         self.ctx.receiving(self.peer, True,
                           anew=start.full and cursor.epoch not in ("", hello.epoch))
         try:
-            await run_together(*tasks, self._tell_direct(direct), self._ask_caught_up())
+            await run_together(*tasks, self._tell_direct(), self._ask_caught_up())
         finally:
             self.ctx.receiving(self.peer, False)
 
@@ -224,7 +224,7 @@ class Receiver(Side):
         return tuple(o for o in origins
                      if o != self.peer and all(s.has_host(o) for s in sets))
 
-    async def _tell_direct(self, told: tuple[str, ...]) -> None:
+    async def _tell_direct(self) -> None:
         """Keep the pusher told which hosts' own versions reach this host from them: it
         leaves those out, so that in a mesh each version crosses to each host once, not
         once per peer.
@@ -234,7 +234,8 @@ class Receiver(Side):
         back within RELINK_GRACE_S (or comes back from a new store), the link ends with
         BYE, and the pusher, dialling again at once, streams again from the oldest seq
         since which it left anything out (Store.begin_receiving)."""
-        trusted = self._trusting
+        trusted = self._trusting  # what IHAVE named, and each host named since
+        told = tuple(trusted)
         lost_since: float | None = None
         while True:
             origins, changed = self.ctx.direct_from()

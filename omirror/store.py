@@ -666,14 +666,12 @@ class Store:
             cursor = self.cursor(peer)
             self._conn.execute("DELETE FROM trusts WHERE peer=? AND epoch!=?", (peer, epoch))
             held = 0 if cursor is None or cursor.epoch != epoch else cursor.seq
-            again = {origin: int(since) for origin, since in self._conn.execute(
+            gone = {origin: int(since) for origin, since in self._conn.execute(
                 "SELECT origin, since FROM trusts WHERE peer=?", (peer,))
                 if origin not in direct}
             # a host trusted only beyond the cursor left nothing out that is not to come
-            passed = [o for o, since in again.items() if since >= held]
-            self.untrust(peer, passed)
-            for origin in passed:
-                del again[origin]
+            self.untrust(peer, [o for o, since in gone.items() if since >= held])
+            again = {o: since for o, since in gone.items() if since < held}
             seq = min(again.values(), default=held)
             self.trust(peer, epoch, direct, seq)
         return Resume(cursor, seq, held, tuple(sorted(again)))

@@ -74,7 +74,7 @@ def test_a_receiver_tells_its_pusher_which_hosts_reach_it_directly_and_records_i
         receiver = Receiver(ctx, "beta", None, frames, LinkStats())
         ctx.receiving("beta", True)
         ctx.receiving("gamma", True)
-        telling = asyncio.ensure_future(receiver._tell_direct(()))
+        telling = asyncio.ensure_future(receiver._tell_direct())
         await _until(frames.sent, 1)
         assert store.trusts("beta") == {"gamma": 0}
         receiver.done_seq = 7
@@ -105,7 +105,7 @@ def _gamma_goes(ctx: Context, anew: bool, within_s: float
         frames = Frames()
         receiver = Receiver(ctx, "beta", None, frames, LinkStats())
         ctx.receiving("gamma", True)
-        telling = asyncio.ensure_future(receiver._tell_direct(()))
+        telling = asyncio.ensure_future(receiver._tell_direct())
         await _until(frames.sent, 1)
         if anew:
             ctx.receiving("gamma", True, anew=True)
