@@ -22,6 +22,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 
 from omirror import diskspace, fsio, xattrs
@@ -58,6 +59,33 @@ _DATA_NEEDED_MAX = 10_000
 #: as the version a peer's change takes away (omirror/versions.py); returns how to undo
 #: that when the change is not made after all, or None when nothing was kept.
 Keep = Callable[[int, bytes, os.stat_result], Callable[[], None] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Given:
+    """What this host just gave a file or directory: mode, owner (-1 where left as it
+    was), mtime (None where not set), managed attributes.
+
+    Compared with the stat that is recorded (and the attributes read back after it):
+    a chmod, chown, write or setxattr a user makes between the last of this host's
+    calls and that stat is in the stat, and would be recorded as this host's own, never
+    seen by a scan or the watcher (:func:`_check_ours`)."""
+
+    mode: int
+    uid: int = -1
+    gid: int = -1
+    mtime_ns: int | None = None
+    xattrs: xattrs.Given | None = None
+
+    def held_by(self, st: os.stat_result, target: int | str | None = None) -> bool:
+        """Whether ``st``, and the attributes read at ``target`` after it was taken,
+        are what was given."""
+        if stat.S_IMODE(st.st_mode) != self.mode \
+                or (self.mtime_ns is not None and st.st_mtime_ns != self.mtime_ns) \
+                or self.uid not in (-1, st.st_uid) or self.gid not in (-1, st.st_gid):
+            return False
+        return target is None or self.xattrs is None or xattrs.still_given(target,
+                                                                            self.xattrs)
 
 
 class Applier:
@@ -278,7 +306,7 @@ class Applier:
                     # content (recorded with its digest, it would be sent as that version)
                     raise LocalChanged(source, None, f"{show(source)} changed here while "
                                        f"it was being moved to {show(entry.path)}")
-                mode = self._set_attrs(mset, fd, entry, old)
+                given = self._set_attrs(mset, fd, entry, old)
                 if old is not None and stat.S_ISDIR(old.st_mode):
                     self._remove_empty_dir(dst_dir, name, entry)
                 self._intend(entry, verified.st_ino)
@@ -288,7 +316,7 @@ class Applier:
                 st = os.fstat(fd)  # not by name: what is there now may be someone else's
                 moved = fsio.lstat_at(dst_dir, name)
                 if moved is None or not fsio.same_file(moved, st) \
-                        or not _as_given(st, mode, entry.mtime_ns):
+                        or not given.held_by(st, fd):
                     # what went is not the version checked: a file put at the source's
                     # name in the instant before the rename, or the file written since
                     # its check (a user appending to it): it is the user's, under the
@@ -425,7 +453,7 @@ class Applier:
                 self.dirs.placed(dst_dir, name, entry.path)
             finally:
                 os.close(held)
-        if not _as_given(st, stat.S_IMODE(before.st_mode), before.st_mtime_ns) \
+        if not Given(stat.S_IMODE(before.st_mode), mtime_ns=before.st_mtime_ns).held_by(st) \
                 or st.st_size != before.st_size:
             raise LocalChanged(entry.path, None, f"{show(entry.path)} changed here as it was "
                                "linked to another name of the same content; the local "
@@ -492,8 +520,9 @@ class Applier:
                         raise LocalChanged(entry.path, None, f"{show(entry.path)} changed "
                                            "here while a peer's version was being applied; "
                                            "the local change is recorded first")
-                    self._set_attrs(mset, fd, entry, st)
+                    given = self._set_attrs(mset, fd, entry, st)
                     st = os.fstat(fd)
+                    _check_ours(entry.path, st, given, fd)
                 finally:
                     os.close(fd)
         finally:
@@ -518,16 +547,15 @@ class Applier:
                 old = fsio.lstat_at(parent, name)
                 self._guard_target(entry.path, old)
                 if old is not None and stat.S_ISDIR(old.st_mode):
-                    st, mode = self._set_dir(mset, entry, parent, name, old)
+                    st = self._set_dir(mset, entry, parent, name, old)
                 else:
-                    st, mode = self._new_dir(mset, entry, parent, name, old)
-                _check_ours(entry.path, st, mode)
+                    st = self._new_dir(mset, entry, parent, name, old)
         finally:
             os.close(parent)
         return self._record(entry, st)
 
     def _set_dir(self, mset: MirrorSet, entry: Entry, parent: int, name: bytes,
-                 old: os.stat_result) -> tuple[os.stat_result, int]:
+                 old: os.stat_result) -> os.stat_result:
         """Give the directory that is there the entry's owner and mode."""
         fd = os.open(name, fsio.DIR_FLAGS, dir_fd=parent)
         try:
@@ -538,13 +566,15 @@ class Applier:
                                    "while a peer's version was applied; the local change is "
                                    "recorded first")
             self._intend(entry, old.st_ino, old.st_ctime_ns)
-            mode = self._set_attrs(mset, fd, entry, old, mtime=False)
-            return os.fstat(fd), mode
+            given = self._set_attrs(mset, fd, entry, old, mtime=False)
+            st = os.fstat(fd)
+            _check_ours(entry.path, st, given, fd)
+            return st
         finally:
             os.close(fd)
 
     def _new_dir(self, mset: MirrorSet, entry: Entry, parent: int, name: bytes,
-                 old: os.stat_result | None) -> tuple[os.stat_result, int]:
+                 old: os.stat_result | None) -> os.stat_result:
         """Make the directory complete under a temp name (0700 until its owner and mode
         are set, so a directory meant to be private is never open to others), then
         rename it into place: under its name it never has any other mode or owner, and
@@ -561,8 +591,9 @@ class Applier:
                     raise ApplyError(entry.path, None, f"cannot make directory "
                                      f"{show(entry.path)}: its temp directory was replaced "
                                      "by someone else")
-                mode = self._set_attrs(mset, fd, entry, old, mtime=False)
+                given = self._set_attrs(mset, fd, entry, old, mtime=False)
                 st = os.fstat(fd)
+                _check_ours(entry.path, st, given, fd)
             finally:
                 os.close(fd)
             self._intend(entry, st.st_ino)
@@ -580,15 +611,16 @@ class Applier:
                 os.rmdir(temp, dir_fd=parent)
             raise
         self.dirs.placed(parent, name, entry.path)
-        return st, mode
+        return st
 
     def _set_root(self, mset: MirrorSet, entry: Entry) -> Record:
         """A root's own entry: its mode and owner; it exists, or nothing is applied."""
         fd = self.dirs.open_root(entry.path, entry.path)
         try:
             with os_errors(entry.path, "set the attributes of"):
-                self._set_attrs(mset, fd, entry, os.fstat(fd), mtime=False)
+                given = self._set_attrs(mset, fd, entry, os.fstat(fd), mtime=False)
                 st = os.fstat(fd)
+                _check_ours(entry.path, st, given, fd)
         finally:
             os.close(fd)
         return self._record(entry, st)
@@ -798,7 +830,7 @@ class Applier:
         with os_errors(path, "write"):
             old = fsio.lstat_at(dir_fd, name)
             self._guard_target(path, old)
-            mode = self._set_attrs(mset, temp.fd, entry, old)
+            given = self._set_attrs(mset, temp.fd, entry, old)
             if old is not None and stat.S_ISDIR(old.st_mode):
                 self._remove_empty_dir(dir_fd, name, entry)
             # closed before the rename, so that its close is reported under the temp name
@@ -812,11 +844,13 @@ class Applier:
                 _rename_over(dir_fd, temp.name, name, old, path,
                              keep=self._keeper(mset, entry) if keep else None)
                 st = os.fstat(held)
+                intact = given.held_by(st, fsio.through(held))
                 self.dirs.placed(dir_fd, name, path)
                 temp._installed()  # closes dir_fd
             finally:
                 os.close(held)
-        _check_ours(path, st, mode, entry.mtime_ns)
+        if not intact:
+            raise _changed_meanwhile(path)
         return st
 
     def _keeper(self, mset: MirrorSet, entry: Entry) -> Keep | None:
@@ -859,9 +893,9 @@ class Applier:
                                            "recorded first")
 
     def _set_attrs(self, mset: MirrorSet, fd: int, entry: Entry, old: os.stat_result | None,
-                   *, mtime: bool = True) -> int:
+                   *, mtime: bool = True) -> Given:
         """Owner, then mode (a chown may clear set-id bits), then mtime, on an open fd;
-        returns the mode set.
+        returns what was given, for :func:`_check_ours`.
 
         The owner follows the owner rule (omirror/owners.py): a name known here maps to
         its id, an unknown one to the sender's number; set-user-ID and set-group-ID bits
@@ -874,9 +908,12 @@ class Applier:
         ids = owner.chown_args()
         if self.can_chown and ids is not None:
             os.fchown(fd, *ids)
+        else:
+            ids = (-1, -1)
         # attributes before the mode: an ACL moves the group bits, the mode then puts
         # them (and the ACL's mask) where the sender has them
-        self.xattrs.apply(fd, entry.xattrs, xattrs.Policy.of(mset.options), mset.title)
+        attributes = self.xattrs.apply(fd, entry.xattrs, xattrs.Policy.of(mset.options),
+                                       mset.title)
         if mset.options.nochkmode and old is not None and kind_of(old) is entry.kind:
             mode = stat.S_IMODE(old.st_mode)
         else:
@@ -885,7 +922,7 @@ class Applier:
         os.fchmod(fd, mode)
         if mtime:
             os.utime(fd, ns=(time.time_ns(), entry.mtime_ns))
-        return mode
+        return Given(mode, *ids, entry.mtime_ns if mtime else None, attributes)
 
     def _ownership(self, mset: MirrorSet, entry: Entry,
                    old: os.stat_result | None) -> Ownership:
@@ -984,20 +1021,18 @@ def recover(intents: list[Intent], sets: Sequence[MirrorSet], dirs: SetDirs, sto
     return recorded
 
 
-def _as_given(st: os.stat_result, mode: int, mtime_ns: int | None = None) -> bool:
-    """Whether what was just applied still has the attributes it was given."""
-    return stat.S_IMODE(st.st_mode) == mode and (mtime_ns is None
-                                                 or st.st_mtime_ns == mtime_ns)
-
-
-def _check_ours(path: bytes, st: os.stat_result, mode: int,
-                mtime_ns: int | None = None) -> None:
+def _check_ours(path: bytes, st: os.stat_result, given: Given, target: int | str) -> None:
     """Raise :class:`LocalChanged` when what was just applied no longer has the
-    attributes it was given: someone changed it in the instant since. Recording it with
-    that stat would make the change look like ours, and no scan would ever see it."""
-    if not _as_given(st, mode, mtime_ns):
-        raise LocalChanged(path, None, f"{show(path)} changed here as a peer's version "
-                                       "was applied; the local change is recorded first")
+    attributes it was given (its stat ``st``, its extended attributes read at ``target``
+    now): someone changed it in the instant since. Recording it with that stat would
+    make the change look like ours, and no scan would ever see it."""
+    if not given.held_by(st, target):
+        raise _changed_meanwhile(path)
+
+
+def _changed_meanwhile(path: bytes) -> LocalChanged:
+    return LocalChanged(path, None, f"{show(path)} changed here as a peer's version was "
+                                    "applied; the local change is recorded first")
 
 
 def _rename_over(src_dir: int, src: bytes, name: bytes, old: os.stat_result | None,

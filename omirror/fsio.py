@@ -91,6 +91,13 @@ def same_version(now: os.stat_result, then: os.stat_result) -> bool:
 # --------------------------------------------------------------------------- opening
 
 
+def through(held: int) -> str:
+    """The name by which the calls that take no ``O_PATH`` descriptor (the ``*xattr``
+    family) reach the very file ``held`` is open on, whatever its name holds now."""
+    return f"/proc/self/fd/{held}"
+
+
+
 def open_root(where: bytes) -> int:
     """Open a set's root directory by its absolute local path.
 

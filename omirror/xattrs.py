@@ -181,6 +181,22 @@ def merged(read_here: Xattrs | None, recorded: Xattrs, policy: Policy) -> Xattrs
 
 # -- setting --------------------------------------------------------------------------------
 
+@dataclass(frozen=True, slots=True)
+class Given:
+    """The managed attributes :meth:`Writer.apply` left on a file, as the kernel keeps
+    them (ACLs in binary, with this host's ids).
+
+    They are read back once the file's stat is taken (:func:`still_given`): a change a
+    user makes between the last set and that stat is in the stat, and recorded with it
+    it would look like this host's own and never be sent. Names set here is not the
+    version's (refused by this file system or this process, an ACL the kernel folds
+    into the mode) are not checked."""
+
+    policy: Policy
+    values: dict[bytes, bytes]
+    loose: frozenset[bytes]
+
+
 @dataclass
 class Writer:
     """Sets a version's attributes on open files; says once per set what it cannot do."""
@@ -190,8 +206,10 @@ class Writer:
     def __init__(self) -> None:
         self._told = set()
 
-    def apply(self, fd: int, wanted: Xattrs, policy: Policy, where: str) -> None:
-        """Make the managed attributes of ``fd`` exactly ``wanted``'s managed ones.
+    def apply(self, fd: int, wanted: Xattrs, policy: Policy, where: str) -> Given | None:
+        """Make the managed attributes of ``fd`` exactly ``wanted``'s managed ones; what
+        they are then, or None where there is nothing to check (none mirrored, or a file
+        system that keeps none).
 
         ACLs are set before the caller sets the mode (chmod then keeps the ACL's mask
         in step with the group bits, as on the sender). A file system without
@@ -199,7 +217,7 @@ class Writer:
         rest goes on: the content and the other attributes still arrive.
         """
         if not policy.enabled:
-            return
+            return None
         want = {n: v for n, v in wanted if policy.manages(n)}
         try:
             have = {os.fsencode(n) for n in os.listxattr(fd)}
@@ -208,13 +226,19 @@ class Writer:
                 _unsupported(fd)
                 if want:
                     self._no_support(where)
-                return
+                return None
             raise
+        loose = set()
         for name in sorted(have):
-            if policy.manages(name) and name not in want:
-                self._call(os.removexattr, fd, name, where=where)
+            if policy.manages(name) and name not in want \
+                    and not self._call(os.removexattr, fd, name, where=where):
+                loose.add(name)
+        values = {}
         for name, value in want.items():
             raw = text_to_acl(value) if name in ACLS else value
+            values[name] = raw
+            if name == ACL_ACCESS and _minimal(raw):
+                loose.add(name)  # the kernel keeps it as the mode bits alone
             if name in have:
                 try:
                     current = os.getxattr(fd, name)
@@ -222,27 +246,34 @@ class Writer:
                     current = None
                 if current == raw:
                     continue
-            self._call(os.setxattr, fd, name, raw, where=where)
+            if not self._call(os.setxattr, fd, name, raw, where=where):
+                loose.add(name)
+        if loose and _unsupported_devices and os.fstat(fd).st_dev in _unsupported_devices:
+            return None  # found here to keep none: nothing it holds says anything
+        return Given(policy, {n: v for n, v in values.items() if n not in loose},
+                     frozenset(loose))
 
     def _no_support(self, where: str) -> None:
         self._tell(where, "nosupport", "the file system here keeps no extended attributes: "
                    "they are not set on it, and the versions keep the ones they carry")
 
-    def _call(self, call: object, fd: int, name: bytes, *args: bytes, where: str) -> None:
+    def _call(self, call: object, fd: int, name: bytes, *args: bytes, where: str) -> bool:
+        """Whether the set or removal was done; False for one this host cannot do."""
         try:
             call(fd, name, *args)  # type: ignore[operator]
         except OSError as e:
             if e.errno in _UNSUPPORTED:
                 _unsupported(fd)
                 self._no_support(where)
-                return
+                return False
             if e.errno in (errno.EPERM, errno.EACCES, errno.E2BIG,
                            errno.ENOSPC, errno.ERANGE, errno.EINVAL):
                 self._tell(where, f"{name!r}:{e.errno}",
                            f"extended attribute {name.decode('utf-8', 'replace')} cannot be "
                            f"set here: {os.strerror(e.errno or 0)}")
-                return
+                return False
             raise
+        return True
 
     def _tell(self, where: str, what: str, message: str) -> None:
         if (where, what) not in self._told:
@@ -324,3 +355,49 @@ def text_to_acl(text: bytes) -> bytes:
     entries.sort()
     return _HEADER.pack(_ACL_VERSION) + b"".join(
         _ACL_ENTRY.pack(tag, perm, ident) for tag, ident, perm in entries)
+
+
+# -- reading back what was set --------------------------------------------------------------
+
+def still_given(target: int | str, given: Given) -> bool:
+    """Whether the file at ``target`` (a descriptor, or a ``/proc/self/fd`` path for one
+    opened with ``O_PATH``) holds exactly the managed attributes it was given. An ACL's
+    mask is left out: the chmod after it moves the mask with the group bits, and a
+    change of the mask alone moves them too, which the caller compares."""
+    try:
+        names = {os.fsencode(n) for n in os.listxattr(target)}
+    except OSError as e:
+        if e.errno in _UNSUPPORTED:
+            return True
+        raise
+    policy = given.policy
+    if {n for n in names if policy.manages(n) and n not in given.loose} != given.values.keys():
+        return False
+    for name, value in given.values.items():
+        try:
+            now = os.getxattr(target, name)
+        except OSError as e:
+            if e.errno == errno.ENODATA:
+                return False
+            raise
+        if (_unmasked(now) != _unmasked(value)) if name in ACLS else now != value:
+            return False
+    return True
+
+
+def _entries(raw: bytes) -> list[tuple[int, int, int]]:
+    """``(tag, perm, id)`` of a binary ACL; none for a value that is not one."""
+    if len(raw) < _HEADER.size or (len(raw) - _HEADER.size) % _ACL_ENTRY.size:
+        return []
+    return list(_ACL_ENTRY.iter_unpack(raw[_HEADER.size:]))
+
+
+def _unmasked(raw: bytes) -> list[tuple[int, int, int]]:
+    return [entry for entry in _entries(raw) if entry[0] != _MASK]
+
+
+def _minimal(raw: bytes) -> bool:
+    """An access ACL of the owner, group and other entries alone: the mode says it all."""
+    entries = _entries(raw)
+    return len(entries) == 3 and {tag for tag, _, _ in entries} == {_USER_OBJ, _GROUP_OBJ,
+                                                                   _OTHER}

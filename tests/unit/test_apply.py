@@ -1279,6 +1279,7 @@ def test_a_write_landing_as_a_peers_deletion_takes_the_file_away_is_put_back(
 
 # -- extended attributes and ACLs -----------------------------------------------------------
 
+NOBODY_UID = pwd.getpwnam("nobody").pw_uid
 ACL_TEXT = b"user::rw-\nuser:nobody=%d:r--\ngroup::r--\nmask::r--\nother::---" % (
     pwd.getpwnam("nobody").pw_uid)
 DEFAULT_ACL = b"user::rwx\ngroup::r-x\ngroup:nogroup=%d:rwx\nmask::rwx\nother::---" % (
@@ -1315,6 +1316,99 @@ def test_a_change_of_attributes_alone_is_applied_without_content(host: Host) -> 
     f = host.path(b"data/f")
     assert os.listxattr(f) == ["user.new"] and f.read_bytes() == b"same"
     assert host.scan() == 0
+
+
+def _lands_after(monkeypatch: pytest.MonkeyPatch, host: Host,
+                 change: Callable[[], None]) -> None:
+    """A user's change that lands right after the applier's own attributes are set,
+    before the stat it records is taken."""
+    apply_attrs = host.applier.xattrs.apply
+
+    def then_the_user(*args: object, **kw: object) -> object:
+        given = apply_attrs(*args, **kw)  # type: ignore[arg-type]
+        change()
+        return given
+    monkeypatch.setattr(host.applier.xattrs, "apply", then_the_user)
+
+
+def _attribute_change_to_adopt(host: Host) -> tuple[Entry, StatSig]:
+    record = host.write(b"data/f", b"same")
+    assert record.sig is not None
+    return replace(record.entry, stamp=Stamp(record.entry.stamp.time_ns + 1, "beta"),
+                   xattrs=((b"user.new", b"2"),)), record.sig
+
+
+@pytest.mark.parametrize("change", ["setxattr", "chown"])
+def test_a_users_change_landing_as_a_peers_attributes_are_set_is_not_taken_for_ours(
+        host: Host, monkeypatch: pytest.MonkeyPatch, change: str) -> None:
+    """Recorded with the stat taken after it, the user's change would look like the
+    applier's own: no scan and no watcher event would ever send it."""
+    host.scan()
+    newer, sig = _attribute_change_to_adopt(host)
+    f = host.path(b"data/f")
+    if change == "setxattr":
+        _lands_after(monkeypatch, host, lambda: os.setxattr(f, b"user.local", b"mine"))
+    else:
+        _lands_after(monkeypatch, host, lambda: os.chown(f, NOBODY_UID, -1))
+    with pytest.raises(LocalChanged, match="changed here as a peer's version was applied"):
+        host.applier.adopt(host.mset, newer, sig)
+    monkeypatch.undo()
+    assert host.scan() == 1  # the user's change is a new local version
+    held = host.store.get(b"data/f")
+    assert held is not None and held.entry.stamp.origin == "alpha"
+    if change == "setxattr":
+        assert dict(held.entry.xattrs)[b"user.local"] == b"mine"
+    else:
+        assert held.entry.uid == NOBODY_UID
+
+
+def test_an_attribute_set_on_a_file_just_installed_is_not_taken_for_ours(
+        host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    host.scan()
+    f = host.path(b"data/f")
+    rename_over = apply._rename_over
+
+    def then_the_user(*args: object, **kw: object) -> None:
+        rename_over(*args, **kw)  # type: ignore[arg-type]
+        os.setxattr(f, b"user.local", b"mine")
+    monkeypatch.setattr(apply, "_rename_over", then_the_user)
+    with pytest.raises(LocalChanged):
+        host.write(b"data/f", b"new content")
+    monkeypatch.undo()
+    assert f.read_bytes() == b"new content" and host.leftovers() == []
+    assert host.scan() == 1
+    held = host.store.get(b"data/f")
+    assert held is not None and held.entry.stamp.origin == "alpha"
+    assert dict(held.entry.xattrs)[b"user.local"] == b"mine"
+
+
+def test_an_attribute_set_on_a_directory_as_its_mode_is_set_is_not_taken_for_ours(
+        host: Host, monkeypatch: pytest.MonkeyPatch) -> None:
+    host.scan()
+    host.applier.make_dir(host.mset, dir_entry(b"data/d", 0o755))
+    d = host.path(b"data/d")
+    _lands_after(monkeypatch, host, lambda: os.setxattr(d, b"user.local", b"mine"))
+    with pytest.raises(LocalChanged):
+        host.applier.make_dir(host.mset, dir_entry(b"data/d", 0o700))
+    monkeypatch.undo()
+    assert host.scan() == 1
+    held = host.store.get(b"data/d")
+    assert held is not None and dict(held.entry.xattrs)[b"user.local"] == b"mine"
+
+
+@pytest.mark.parametrize("acl", [
+    # the mode's group bits (rwx) are not the mask sent (r--): the chmod moves the mask
+    b"user::rw-\nuser:nobody=%d:r--\ngroup::r--\nmask::r--\nother::---" % NOBODY_UID,
+    # owner, group and other alone: the kernel keeps it as the mode bits, no attribute
+    b"user::rw-\ngroup::r--\nother::---",
+])
+def test_an_acl_the_kernel_keeps_otherwise_than_it_was_set_is_no_local_change(
+        host: Host, acl: bytes) -> None:
+    host.scan()
+    entry = replace(file_entry(b"data/f", b"x", mode=0o670),
+                    xattrs=((b"system.posix_acl_access", acl), (b"user.a", b"1")))
+    record = host.applier.write_file(host.mset, entry, b"x")
+    assert record.sig == lstat_sig(host.path(b"data/f"))
 
 
 def test_a_set_with_noxattrs_leaves_the_attributes_here_alone(tmp_path: Path) -> None:
