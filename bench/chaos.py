@@ -28,6 +28,7 @@ seed passed.
 from __future__ import annotations
 
 import argparse
+import compileall
 import concurrent.futures
 import os
 import shutil
@@ -114,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--io-load", action="store_true",
                     help="with --load: also a writer that fsyncs 1 MiB at a time")
     args = ap.parse_args(argv)
+    # as an installed omirrord has it: each daemon started would compile the package
+    # again where PYTHONDONTWRITEBYTECODE keeps it from being written (bench/_common.py)
+    compileall.compile_dir(Path(__file__).resolve().parent.parent / "omirror", quiet=1)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="omirror-chaos-"))
     work.mkdir(parents=True, exist_ok=True)
     seeds = range(args.first, args.first + args.seeds)

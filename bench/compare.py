@@ -213,6 +213,7 @@ from _common import (  # noqa: E402
     OmirrorPair,
     Proc,
     Sshd,
+    compile_bytecode,
     descendants,
     ensure_tools,
     first_line,
@@ -2097,6 +2098,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     # a shell starts background jobs with SIGINT ignored; this script honours it anyway
     previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    compile_bytecode()
     bench = Bench(args, work)
     try:
         return run(bench)

@@ -74,6 +74,7 @@ from _common import (  # noqa: E402
     OmirrorPair,
     Proc,
     Sshd,
+    compile_bytecode,
     ensure_tools,
     first_line,
     lua_str,
@@ -453,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("need --files >= --rounds >= 1")
     if args.delay < 0 or args.timeout <= 0 or args.gap_ms < 0 or args.warmup < 0:
         ap.error("--delay, --gap-ms, --warmup must be >= 0 and --timeout > 0")
+    compile_bytecode()
 
     if args.workdir:
         work = Path(args.workdir).resolve()
