@@ -79,14 +79,6 @@ BLOCK = 1 << 20
 #: digests must fit one WANT frame); a larger file is fetched whole.
 MAX_DELTA_BLOCKS = 100_000
 _ACK_EVERY = 64
-#: When a receiver has applied all it has read, its ack and cursor write wait this long
-#: for the next entry, and go with it; at most ``ACK_HOLD_S`` after the first applied
-#: entry they acknowledge. An entry that trickles in alone (a burst from one of many
-#: peers, each file a batch of its own) otherwise costs an ack frame and a store
-#: transaction of its own, on top of its apply. An ack still means durable here: it is
-#: only sent later.
-ACK_GATHER_S = 0.01
-ACK_HOLD_S = 0.05
 _BATCH = 128  # entries applied in one tree-worker job and one store transaction
 _RETRY_FIRST_S, _RETRY_MAX_S = 1.0, 60.0
 #: A host whose versions a pusher leaves out, trusting it to send them here itself, may
@@ -111,24 +103,9 @@ class _Entries(asyncio.Queue["EntryMsg | Passed | CaughtUp"]):
     # a queue's own storage, as asyncio's other queues make theirs
     def _init(self, maxsize: int) -> None:
         self._queue: collections.deque[EntryMsg | Passed | CaughtUp] = collections.deque()
-        #: set by each put: what an ack gathering more waits on (Receiver._ack_when_quiet)
-        self.arrived = asyncio.Event()
 
     def _put(self, item: EntryMsg | Passed | CaughtUp) -> None:
         self._queue.append(item)
-        self.arrived.set()
-
-    async def more_within(self, seconds: float) -> bool:
-        """Whether something is queued within ``seconds``; it is left in the queue."""
-        if self._queue:
-            return True
-        self.arrived.clear()
-        timer = asyncio.get_running_loop().call_later(seconds, self.arrived.set)
-        try:
-            await self.arrived.wait()
-        finally:
-            timer.cancel()
-        return bool(self._queue)
 
     def _get(self) -> EntryMsg | Passed | CaughtUp:
         return self._queue.popleft()
@@ -178,8 +155,6 @@ class Receiver(Side):
         self.epoch = ""
         self.done_seq = 0
         self.saved_seq = 0
-        #: loop time of the first entry applied since the last ack (None: all acked)
-        self._unacked_since: float | None = None
         self.retry: dict[bytes, _Failing] = {}
         #: Set each time a path leaves ``retry``: a link with MAX_FAILING paths failing
         #: waits for it before it takes more entries.
@@ -381,7 +356,7 @@ class Receiver(Side):
                             await self._caught_up(passed.mark)
                         passed = None
                     if self.entries.empty():
-                        await self._ack_when_quiet()
+                        await self._save_cursor()
                     await self._room_to_fail()
                     item = await self.entries.get()
                     while not isinstance(item, _Settles):
@@ -493,23 +468,9 @@ class Receiver(Side):
                 log.info("peer=%s path=%s applied after earlier failures", self.peer,
                          show(msg.entry.path))
 
-    async def _ack_when_quiet(self) -> None:
-        """Acknowledge what is settled once no entry follows within ACK_GATHER_S, or
-        ACK_HOLD_S after the first it acknowledges: see ACK_GATHER_S."""
-        if self.done_seq == self.saved_seq:
-            return
-        now = asyncio.get_running_loop().time()
-        if self._unacked_since is None:
-            self._unacked_since = now
-        wait = min(ACK_GATHER_S, self._unacked_since + ACK_HOLD_S - now)
-        if wait > 0 and await self.entries.more_within(wait):
-            return
-        await self._save_cursor()
-
     async def _save_cursor(self) -> None:
         """Acknowledge what is settled; persist the cursor below the oldest failing entry
         so that a restart retries it."""
-        self._unacked_since = None
         if self.done_seq == self.saved_seq:
             return
         durable = self.done_seq

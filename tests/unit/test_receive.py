@@ -13,7 +13,7 @@ from omirror.entry import Entry, Kind, Stamp
 from omirror.link import Context, LinkStats
 from omirror.receive import Receiver
 from omirror.store import Store
-from omirror.wire import ASK_AGAIN, Ack, AskedAgain, Bye, Direct, EntryMsg, Mark
+from omirror.wire import ASK_AGAIN, AskedAgain, Bye, Direct, EntryMsg, Mark
 
 
 def test_a_link_with_too_many_failing_paths_takes_no_more_entries(
@@ -59,67 +59,6 @@ def _context(tmp_path: Path) -> tuple[Context, Store]:
     async def tree(fn, *args):  # type: ignore[no-untyped-def]
         return fn(*args)
     return Context("alpha", store, None, None, b"/", lambda peer: [], tree), store  # type: ignore[arg-type]
-
-
-def _trickle(tmp_path: Path, count: int, gap_s: float) -> tuple[list[int], int]:
-    """The seqs beta's receiver acknowledges while ``count`` entries trickle in, one
-    every ``gap_s``, each applied at once (a batch of its own), and how many of those
-    acks were sent before the last entry came; waits for the last ack."""
-    ctx, store = _context(tmp_path)
-
-    async def run() -> tuple[list[int], int]:
-        frames = Frames()
-        receiver = Receiver(ctx, "beta", None, frames, LinkStats())
-        receiver._apply_batch = lambda msgs, staged=None: [(m, None) for m in msgs]  # type: ignore[method-assign]
-        applying = asyncio.ensure_future(receiver._apply_all())
-        for seq in range(1, count + 1):
-            await receiver.entries.put(EntryMsg(seq, Entry(b"data/f%d" % seq, Kind.FILE,
-                                                           Stamp(seq, "beta")), None))
-            if seq < count:
-                await asyncio.sleep(gap_s)  # the pace of the trickle, not a wait
-        before_last = len(frames.sent)
-        for _ in range(500):
-            if frames.sent and frames.sent[-1] == Ack(count):
-                break
-            await asyncio.sleep(0.01)
-        applying.cancel()
-        assert all(isinstance(m, Ack) for m in frames.sent)
-        return [m.seq for m in frames.sent], before_last  # type: ignore[attr-defined]
-
-    try:
-        return asyncio.run(run())
-    finally:
-        store.close()
-
-
-def test_entries_that_trickle_in_are_acknowledged_together(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each entry applied alone would otherwise cost an ack and a cursor write of its
-    own; the last one is still acknowledged once nothing more comes."""
-    monkeypatch.setattr(receive, "ACK_GATHER_S", 0.5)
-    monkeypatch.setattr(receive, "ACK_HOLD_S", 5.0)
-    acked, _ = _trickle(tmp_path, 6, 0.01)
-    assert acked[-1] == 6 and len(acked) < 6
-    assert store_cursor(tmp_path) == 6
-
-
-def test_a_steady_trickle_is_acknowledged_as_it_goes(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An ack waits for the next entry at most ACK_HOLD_S: a pusher whose entries never
-    stop coming still hears, and the cursor still moves."""
-    monkeypatch.setattr(receive, "ACK_GATHER_S", 0.5)
-    monkeypatch.setattr(receive, "ACK_HOLD_S", 0.1)
-    acked, before_last = _trickle(tmp_path, 40, 0.02)
-    assert before_last >= 1 and acked == sorted(acked) and acked[-1] == 40
-
-
-def store_cursor(tmp_path: Path) -> int:
-    store = Store.open(tmp_path / "state")
-    try:
-        cursor = store.cursor("beta")
-        return 0 if cursor is None else cursor.seq
-    finally:
-        store.close()
 
 
 def test_a_receiver_tells_its_pusher_which_hosts_reach_it_directly_and_records_it_first(
