@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from omirror.bwlimit import Bucket
 from omirror.clock import now_ns
@@ -69,6 +69,12 @@ class LinkStats:
     bwlimit_wait_s: float = 0.0
 
 
+class Listening(Protocol):
+    """A pusher, as the context tells it that the log grew (omirror/push.py)."""
+
+    def log_grew(self, origins: frozenset[str] | None) -> None: ...
+
+
 class Context:
     """What a link needs from its daemon: the store, the tree and the resolver, the sets it
     shares with each peer, and the one thread that touches trees."""
@@ -95,7 +101,8 @@ class Context:
         #: ``(peer, path)`` -> the title of a set holding ``path`` that this host shares
         #: with ``peer`` but has stopped (its root is missing or unmounted), or None.
         self.stopped: Callable[[str, bytes], str | None] = lambda peer, path: None
-        self._changed = asyncio.Event()
+        #: The pushers streaming this host's log, each told when it grows
+        self.pushers: set[Listening] = set()
         #: Peers with a link into this host up (how many: a reconnect overlaps its end)
         self._receiving: dict[str, int] = {}
         self._receiving_changed = asyncio.Event()
@@ -110,9 +117,11 @@ class Context:
         """Concurrent edits met since the start, whichever side won."""
         return self.resolver.conflicts
 
-    def notify(self, _seq: int = 0) -> None:
-        """Wake the pushers: the log grew. Safe to call from any thread via the loop."""
-        self._changed.set()
+    def notify(self, origins: frozenset[str] | None = None) -> None:
+        """Tell the pushers the log grew, with versions of ``origins`` (None: of any
+        host). Called in the loop (the store's listener hands it over)."""
+        for pusher in list(self.pushers):
+            pusher.log_grew(origins)
 
     def receiving(self, peer: str, up: bool, *, anew: bool = False) -> None:
         """A link from ``peer`` into this host began (``up``) or ended. ``anew``: it
@@ -146,17 +155,6 @@ class Context:
         """The peers whose links into this host are up, and an event set when that
         changes: what each receiver tells its pusher (wire.Direct)."""
         return tuple(sorted(self._receiving)), self._receiving_changed
-
-    async def wait_for_change(self, timeout: float) -> bool:
-        """Return once the log grew (True), or after ``timeout`` seconds (False): a
-        pusher looks again either way (a page it could not send yet, a set added by a
-        reload)."""
-        self._changed.clear()
-        try:
-            await asyncio.wait_for(self._changed.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
 
 
 class Stream:

@@ -72,6 +72,11 @@ _READ_AT_ONCE = 8 << 20
 #: PASSED waits until the log has been quiet this long, or has passed this many seqs.
 _PASSED_QUIET_S = 1.0
 _PASSED_EVERY = 4096
+#: A pusher looks at versions the peer does not get from it (the peer's own, those it
+#: gets from their makers) this long after they are logged, with whatever else came
+#: meanwhile, not at each: a host that applies a burst from one peer of ten would
+#: otherwise have its nine pushers page the log after every file.
+SKIPPED_LOOK_S = 0.2
 
 
 class Pusher(Side):
@@ -109,7 +114,10 @@ class Pusher(Side):
         self._again: frozenset[str] = frozenset()
         #: The last MARK read, and the last answered (CAUGHTUP)
         self._mark = self._marked = 0
-        self._marked_now = asyncio.Event()
+        #: Set when the stream should page the log again: it grew with versions for the
+        #: peer (or SKIPPED_LOOK_S after it grew with others), a MARK came, DIRECT changed
+        self._woken = asyncio.Event()
+        self._look_later: asyncio.TimerHandle | None = None
         self.acked = asyncio.Event()
         #: A receiver has one request open at a time; one that sends more and never
         #: reads what it asked for is not read further (its requests are not queued).
@@ -166,9 +174,10 @@ class Pusher(Side):
                 await self.wants.put(msg)
             elif isinstance(msg, Direct):
                 self.direct = frozenset(msg.origins)
+                self._woken.set()  # what was left out for the hosts no longer named
             elif isinstance(msg, Mark):
                 self._mark = max(self._mark, msg.mark)
-                self._marked_now.set()  # the stream looks again, and answers if caught up
+                self._woken.set()  # the stream looks again, and answers if caught up
             elif isinstance(msg, Bye):
                 if msg.why.startswith(ASK_AGAIN):
                     raise AskedAgain(f"peer asks for our log again: {msg.why}")
@@ -267,11 +276,37 @@ class Pusher(Side):
         return out
 
     async def _stream(self, position: int) -> None:
+        """Follow the log from ``position``, told by the context when it grows."""
+        self.ctx.pushers.add(self)
+        try:
+            await self._follow(position)
+        finally:
+            self.ctx.pushers.discard(self)
+            if self._look_later is not None:
+                self._look_later.cancel()
+
+    def log_grew(self, origins: frozenset[str] | None) -> None:
+        """The log grew with versions of ``origins`` (None: of any host): look at once if
+        any may be for the peer, else a little later (SKIPPED_LOOK_S)."""
+        if origins is None or self.index or any(o != self.peer and o not in self.direct
+                                                for o in origins):
+            self._woken.set()
+        elif self._look_later is None:
+            self._look_later = asyncio.get_running_loop().call_later(SKIPPED_LOOK_S,
+                                                                     self._look_now)
+
+    def _look_now(self) -> None:
+        self._look_later = None
+        self._woken.set()
+
+    async def _follow(self, position: int) -> None:
         store = self.ctx.store
         ahead: dict[bytes, int] = {}
         while True:
             sets = self.ctx.sets_with(self.peer)
             await self.io.flush()  # nothing queued waits while the stream does
+            # cleared before the page is read: whatever is logged after this wakes it
+            self._woken.clear()
             # neither the peer's own versions nor those it gets from their makers are
             # sent to it (``_wanted``): not even read, except in an index, which lists all
             page = store.page(position, _PAGE,
@@ -356,22 +391,23 @@ class Pusher(Side):
             self.stats.entries_sent += 1
 
     async def _wait(self, timeout: float) -> bool:
-        """Until the log grows (True), a MARK is to be answered (True), or ``timeout``
-        passes (False). A MARK wakes this pusher only: the others need not page their
-        logs again for it."""
-        if self._mark > self._marked:
+        """Until the stream is woken (True: see ``_woken``) or ``timeout`` passes
+        (False). A MARK wakes this pusher only: the others need not page their logs
+        again for it."""
+        if self._woken.is_set():
             return True
-        self._marked_now.clear()
-        waits = [asyncio.ensure_future(self.ctx.wait_for_change(timeout)),
-                 asyncio.ensure_future(self._marked_now.wait())]
+        expired = False
+
+        def expire() -> None:
+            nonlocal expired
+            expired = True
+            self._woken.set()
+        timer = asyncio.get_running_loop().call_later(timeout, expire)
         try:
-            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            await self._woken.wait()
         finally:
-            for wait in waits:
-                wait.cancel()
-        if waits[1] in done:
-            return True
-        return bool(waits[0].result())
+            timer.cancel()
+        return not expired
 
     async def _say_passed(self) -> None:
         """PASSED for the entries not for this peer at the end of what was read.

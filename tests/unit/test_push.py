@@ -8,13 +8,14 @@ import os
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import xxhash
 from linkfakes import Frames
 from test_fsio import holes_reported, make_sparse
 
-from omirror import config
+from omirror import config, push
 from omirror import store as store_module
 from omirror.apply import Applier
 from omirror.entry import Entry, Kind, Stamp
@@ -406,36 +407,123 @@ def test_a_mark_is_answered_once_everything_for_the_peer_is_sent(tmp_path: Path)
     store.close()
 
 
-def test_a_mark_wakes_an_idle_pusher_alone(tmp_path: Path) -> None:
+def _counting_pages(store: Store, monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """How many pages each peer's pusher reads (by the first origin it skips: its peer)."""
+    pages: dict[str, int] = {}
+    page = store.page
+
+    def counted(*args: Any, **kw: Any) -> list[Record]:
+        skipped = kw.get("skip_origins") or ("",)
+        pages[skipped[0]] = pages.get(skipped[0], 0) + 1
+        return page(*args, **kw)
+    monkeypatch.setattr(store, "page", counted)
+    return pages
+
+
+async def _until_true(cond: Callable[[], bool], what: str) -> None:
+    for _ in range(500):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(what)
+
+
+def test_a_mark_wakes_an_idle_pusher_alone(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A MARK read while the pusher waits for its log to grow is answered at once, and
     wakes no other pusher: a peer that sends MARKs cannot make every link page its log."""
     store = Store.open(tmp_path / "state")
     mset = config.parse(DISTFILE, "test.conf").sets[0]
     store.put(Entry(b"data/d", Kind.DIR, Stamp(1, "alpha"), vector=(("alpha", 1),)), None)
+    pages = _counting_pages(store, monkeypatch)
 
-    async def run() -> tuple[list[object], bool]:
+    async def run() -> list[object]:
         ctx, frames, pusher = _pusher_to_beta(store, mset)
-        streaming = asyncio.ensure_future(pusher._stream(0))
-        for _ in range(200):
-            if pusher.examined == store.last_seq:
-                break
-            await asyncio.sleep(0.01)
-        other_woken = asyncio.ensure_future(ctx.wait_for_change(10.0))
-        await asyncio.sleep(0)
+        other = Pusher(ctx, "gamma", None, Frames(), LinkStats())
+        streams = [asyncio.ensure_future(p._stream(0)) for p in (pusher, other)]
+        await _until_true(lambda: pusher.examined == other.examined == store.last_seq,
+                          "both pushers read the log")
+        before = pages.get("gamma")
         pusher._mark = 1  # as _read_replies does with a MARK
-        pusher._marked_now.set()
-        for _ in range(200):  # well within the 5 s the idle pusher would sleep
-            if any(isinstance(m, CaughtUp) for m in frames.sent):
+        pusher._woken.set()
+        await _until_true(lambda: any(isinstance(m, CaughtUp) for m in frames.sent),
+                          "the MARK is answered well within the 5 s an idle pusher sleeps")
+        assert pages.get("gamma") == before
+        for stream in streams:
+            stream.cancel()
+        return frames.sent
+
+    assert CaughtUp(1, store.last_seq) in asyncio.run(run())
+    store.close()
+
+
+def test_versions_the_peer_gets_elsewhere_do_not_make_its_pusher_page_at_each_commit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host applying a burst from one peer of ten logs a version per file, and its
+    nine pushers have none of them to send (the peer's own, or those it gets from their
+    makers): they look a little later, at all of them at once, not after each commit.
+    A version for the peer still wakes its pusher at once."""
+    monkeypatch.setattr(push, "SKIPPED_LOOK_S", 0.3)
+    store = Store.open(tmp_path / "state")
+    mset = config.parse(DISTFILE, "test.conf").sets[0]
+    pages = _counting_pages(store, monkeypatch)
+
+    async def run() -> list[object]:
+        ctx, frames, pusher = _pusher_to_beta(store, mset)
+        store.add_listener(lambda seq, origins: ctx.notify(origins))
+        pusher.direct = frozenset({"gamma"})
+        streaming = asyncio.ensure_future(pusher._stream(0))
+        await _until_true(lambda: "beta" in pages, "the pusher reads its log")
+        before = pages["beta"]
+        for i in range(1, 21):  # beta's and gamma's versions, one commit each
+            origin = "beta" if i % 2 else "gamma"
+            store.put(Entry(b"data/%s%d" % (origin.encode(), i), Kind.DIR,
+                            Stamp(i, origin), vector=((origin, i),)), None)
+            await asyncio.sleep(0)  # the loop runs between commits, as it does live
+        looked = pages["beta"] - before
+        await _until_true(lambda: pusher.examined == store.last_seq,
+                          "the pusher reads them a little later")
+        store.put(Entry(b"data/mine", Kind.DIR, Stamp(99, "alpha"),
+                        vector=(("alpha", 99),)), None)
+        await _until_true(lambda: any(isinstance(m, EntryMsg) for m in frames.sent),
+                          "alpha's version is sent")
+        streaming.cancel()
+        assert looked < 5, f"{looked} pages read for 20 commits of versions not for beta"
+        return frames.sent
+
+    sent = asyncio.run(run())
+    assert [m.entry.path for m in sent if isinstance(m, EntryMsg)] == [b"data/mine"]
+    store.close()
+
+
+def test_a_version_logged_as_the_pusher_finds_its_log_ended_is_sent_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wake of a version logged between the pusher's last page and its wait must not
+    be lost: the pusher would sleep through it until its next look, seconds later."""
+    store = Store.open(tmp_path / "state")
+    mset = config.parse(DISTFILE, "test.conf").sets[0]
+    page = store.page
+
+    async def run() -> list[object]:
+        ctx, frames, pusher = _pusher_to_beta(store, mset)
+
+        def and_meanwhile(*args: Any, **kw: Any) -> list[Record]:
+            found = page(*args, **kw)
+            if not found and store.last_seq == 0:  # the log ended: a version comes now
+                store.put(Entry(b"data/late", Kind.DIR, Stamp(1, "alpha"),
+                                vector=(("alpha", 1),)), None)
+                ctx.notify()
+            return found
+        monkeypatch.setattr(store, "page", and_meanwhile)
+        streaming = asyncio.ensure_future(pusher._stream(0))
+        for _ in range(200):  # 2 s: well within the 5 s of an idle pusher's sleep
+            if any(isinstance(m, EntryMsg) for m in frames.sent):
                 break
             await asyncio.sleep(0.01)
-        woken = other_woken.done()
         streaming.cancel()
-        other_woken.cancel()
-        return frames.sent, woken
+        return frames.sent
 
-    sent, woken = asyncio.run(run())
-    assert CaughtUp(1, store.last_seq) in sent
-    assert not woken
+    assert any(isinstance(m, EntryMsg) for m in asyncio.run(run()))
     store.close()
 
 
