@@ -81,10 +81,10 @@ class Parts:
         self.specials = Specials(daemon.root, timeout_s=daemon.special_timeout_s)
         self.ctx.resolver.on_applied = lambda applied: _soon(loop, self.specials.applied,
                                                             applied)
-        self.store.add_listener(lambda seq, origins: _soon(loop, self.ctx.notify, origins))
+        self.store.add_listener(lambda seq: _soon(loop, self.ctx.notify))
         self.seq_times = SeqTimes(self.store.last_seq, time.time())
         self.store.add_listener(
-            lambda seq, origins: _soon(loop, self.seq_times.note, seq, time.time()))
+            lambda seq: _soon(loop, self.seq_times.note, seq, time.time()))
         self.indexer = Indexer(daemon.sets, self.scanner, daemon.root, self.worker,
                                delay_s=daemon.delay_s, loop=loop if watch else None,
                                show_scan=daemon.reporter.show)

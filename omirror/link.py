@@ -72,7 +72,7 @@ class LinkStats:
 class Listening(Protocol):
     """A pusher, as the context tells it that the log grew (omirror/push.py)."""
 
-    def log_grew(self, origins: frozenset[str] | None) -> None: ...
+    def log_grew(self) -> None: ...
 
 
 class Context:
@@ -117,11 +117,11 @@ class Context:
         """Concurrent edits met since the start, whichever side won."""
         return self.resolver.conflicts
 
-    def notify(self, origins: frozenset[str] | None = None) -> None:
-        """Tell the pushers the log grew, with versions of ``origins`` (None: of any
-        host). Called in the loop (the store's listener hands it over)."""
+    def notify(self, _seq: int = 0) -> None:
+        """Tell the pushers the log grew. Called in the loop (the store's listener
+        hands it over)."""
         for pusher in list(self.pushers):
-            pusher.log_grew(origins)
+            pusher.log_grew()
 
     def receiving(self, peer: str, up: bool, *, anew: bool = False) -> None:
         """A link from ``peer`` into this host began (``up``) or ended. ``anew``: it

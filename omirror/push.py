@@ -72,11 +72,6 @@ _READ_AT_ONCE = 8 << 20
 #: PASSED waits until the log has been quiet this long, or has passed this many seqs.
 _PASSED_QUIET_S = 1.0
 _PASSED_EVERY = 4096
-#: A pusher looks at versions the peer does not get from it (the peer's own, those it
-#: gets from their makers) this long after they are logged, with whatever else came
-#: meanwhile, not at each: a host that applies a burst from one peer of ten would
-#: otherwise have its nine pushers page the log after every file.
-SKIPPED_LOOK_S = 0.2
 
 
 class Pusher(Side):
@@ -114,10 +109,10 @@ class Pusher(Side):
         self._again: frozenset[str] = frozenset()
         #: The last MARK read, and the last answered (CAUGHTUP)
         self._mark = self._marked = 0
-        #: Set when the stream should page the log again: it grew with versions for the
-        #: peer (or SKIPPED_LOOK_S after it grew with others), a MARK came, DIRECT changed
+        #: Set when the stream should page the log again: it grew, a MARK came, DIRECT
+        #: changed. The stream clears it before it reads a page, so that whatever
+        #: happens while it reads wakes it again: nothing is slept through
         self._woken = asyncio.Event()
-        self._look_later: asyncio.TimerHandle | None = None
         self.acked = asyncio.Event()
         #: A receiver has one request open at a time; one that sends more and never
         #: reads what it asked for is not read further (its requests are not queued).
@@ -282,21 +277,9 @@ class Pusher(Side):
             await self._follow(position)
         finally:
             self.ctx.pushers.discard(self)
-            if self._look_later is not None:
-                self._look_later.cancel()
 
-    def log_grew(self, origins: frozenset[str] | None) -> None:
-        """The log grew with versions of ``origins`` (None: of any host): look at once if
-        any may be for the peer, else a little later (SKIPPED_LOOK_S)."""
-        if origins is None or self.index or any(o != self.peer and o not in self.direct
-                                                for o in origins):
-            self._woken.set()
-        elif self._look_later is None:
-            self._look_later = asyncio.get_running_loop().call_later(SKIPPED_LOOK_S,
-                                                                     self._look_now)
-
-    def _look_now(self) -> None:
-        self._look_later = None
+    def log_grew(self) -> None:
+        """The store committed new versions (Context.notify)."""
         self._woken.set()
 
     async def _follow(self, position: int) -> None:

@@ -99,9 +99,6 @@ _COLUMNS = ("path, seq, kind, stamp_ns, origin, vector, mode, owner, grp, mtime_
 
 _SLOTS = ",".join("?" * (2 + _COLUMNS.count(",") + 1))
 
-#: Told of each commit that logged versions: the last seq, and the hosts that made them.
-Listener = Callable[[int, frozenset[str]], None]
-
 #: The scanner's fast-path signature, ``(kind, ino, size, mtime_ns, ctime_ns)`` packed in
 #: one value: a directory's signatures then load with ``dict(cursor)`` in C, and compare
 #: with one ``==``. A record without a local stat gets ino -1, which never matches.
@@ -211,11 +208,9 @@ class Store:
         #: of the transaction drops all.
         self._cache: dict[bytes, Record | None] | None = None
         self._depth = 0
-        self._listeners: list[Listener] = []
+        self._listeners: list[Callable[[int], None]] = []
         self._on_commit: list[Callable[[], None]] = []
         self._pending_seq = 0
-        #: the hosts whose versions the open transaction logged, told to the listeners
-        self._pending_origins: set[str] = set()
         self.epoch: str = self._meta("epoch") or ""
         self.floor: int = int(self._meta("floor") or 0)
         top = conn.execute("SELECT max(seq) FROM entries").fetchone()[0] or 0
@@ -348,7 +343,6 @@ class Store:
             if outer:
                 self._conn.execute("BEGIN IMMEDIATE")
                 self._pending_seq = 0
-                self._pending_origins = set()
                 self._cache = {}
             self._depth += 1
             try:
@@ -370,24 +364,22 @@ class Store:
                                        (self._last_seq,))
                 self._conn.execute("COMMIT")
                 seq, self._pending_seq = self._pending_seq, 0
-                origins = frozenset(self._pending_origins)
                 for hook in self._on_commit:
                     hook()
         if outer and seq:
             for listener in list(self._listeners):
-                listener(seq, origins)
+                listener(seq)
 
     def add_commit_hook(self, hook: Callable[[], None]) -> None:
         """Call ``hook()`` right after each commit, under the store's lock: before any
         other writer can begin (the intent log is emptied there, omirror/intents.py)."""
         self._on_commit.append(hook)
 
-    def add_listener(self, listener: Listener) -> None:
-        """Call ``listener(last_seq, origins)`` after each commit that logged changes,
-        with the hosts whose versions it logged."""
+    def add_listener(self, listener: Callable[[int], None]) -> None:
+        """Call ``listener(last_seq)`` after each commit that logged changes."""
         self._listeners.append(listener)
 
-    def remove_listener(self, listener: Listener) -> None:
+    def remove_listener(self, listener: Callable[[int], None]) -> None:
         """ValueError for one never added; removed during a notification, it still hears that
         commit."""
         self._listeners.remove(listener)
@@ -450,7 +442,6 @@ class Store:
                  fast_sig(entry.kind, sig), entry.uid, entry.gid,
                  _pack_xattrs(entry.xattrs), entry.link))
             self._pending_seq = seq
-            self._pending_origins.add(entry.stamp.origin)
         return seq
 
     def holds_exactly(self, path: bytes, stamp: Stamp, vector: Vector) -> bool:

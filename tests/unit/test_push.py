@@ -15,7 +15,7 @@ import xxhash
 from linkfakes import Frames
 from test_fsio import holes_reported, make_sparse
 
-from omirror import config, push
+from omirror import config
 from omirror import store as store_module
 from omirror.apply import Applier
 from omirror.entry import Entry, Kind, Stamp
@@ -454,45 +454,6 @@ def test_a_mark_wakes_an_idle_pusher_alone(tmp_path: Path,
         return frames.sent
 
     assert CaughtUp(1, store.last_seq) in asyncio.run(run())
-    store.close()
-
-
-def test_versions_the_peer_gets_elsewhere_do_not_make_its_pusher_page_at_each_commit(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A host applying a burst from one peer of ten logs a version per file, and its
-    nine pushers have none of them to send (the peer's own, or those it gets from their
-    makers): they look a little later, at all of them at once, not after each commit.
-    A version for the peer still wakes its pusher at once."""
-    monkeypatch.setattr(push, "SKIPPED_LOOK_S", 0.3)
-    store = Store.open(tmp_path / "state")
-    mset = config.parse(DISTFILE, "test.conf").sets[0]
-    pages = _counting_pages(store, monkeypatch)
-
-    async def run() -> list[object]:
-        ctx, frames, pusher = _pusher_to_beta(store, mset)
-        store.add_listener(lambda seq, origins: ctx.notify(origins))
-        pusher.direct = frozenset({"gamma"})
-        streaming = asyncio.ensure_future(pusher._stream(0))
-        await _until_true(lambda: "beta" in pages, "the pusher reads its log")
-        before = pages["beta"]
-        for i in range(1, 21):  # beta's and gamma's versions, one commit each
-            origin = "beta" if i % 2 else "gamma"
-            store.put(Entry(b"data/%s%d" % (origin.encode(), i), Kind.DIR,
-                            Stamp(i, origin), vector=((origin, i),)), None)
-            await asyncio.sleep(0)  # the loop runs between commits, as it does live
-        looked = pages["beta"] - before
-        await _until_true(lambda: pusher.examined == store.last_seq,
-                          "the pusher reads them a little later")
-        store.put(Entry(b"data/mine", Kind.DIR, Stamp(99, "alpha"),
-                        vector=(("alpha", 99),)), None)
-        await _until_true(lambda: any(isinstance(m, EntryMsg) for m in frames.sent),
-                          "alpha's version is sent")
-        streaming.cancel()
-        assert looked < 5, f"{looked} pages read for 20 commits of versions not for beta"
-        return frames.sent
-
-    sent = asyncio.run(run())
-    assert [m.entry.path for m in sent if isinstance(m, EntryMsg)] == [b"data/mine"]
     store.close()
 
 
