@@ -250,7 +250,8 @@ class Writer:
                 loose.add(name)
         if loose and _unsupported_devices and os.fstat(fd).st_dev in _unsupported_devices:
             return None  # found here to keep none: nothing it holds says anything
-        return Given(policy, {n: v for n, v in values.items() if n not in loose},
+        return Given(policy, {n: v for n, v in values.items()
+                              if n not in loose and not n.startswith(SECURITY)},
                      frozenset(loose))
 
     def _no_support(self, where: str) -> None:
@@ -361,9 +362,14 @@ def text_to_acl(text: bytes) -> bytes:
 
 def still_given(target: int | str, given: Given) -> bool:
     """Whether the file at ``target`` (a descriptor, or a ``/proc/self/fd`` path for one
-    opened with ``O_PATH``) holds exactly the managed attributes it was given. An ACL's
-    mask is left out: the chmod after it moves the mask with the group bits, and a
-    change of the mask alone moves them too, which the caller compares."""
+    opened with ``O_PATH``) holds exactly the managed attributes it was given.
+
+    An ACL's mask is left out: the chmod after it moves the mask with the group bits,
+    and a change of the mask alone moves them too, which the caller compares.
+    ``security.*`` is left out: only a privileged process changes it, and the kernel
+    may keep it otherwise than it was set (SELinux lists a label on every file, and
+    may write the one it was given in another form; file capabilities change format
+    with the user namespace)."""
     try:
         names = {os.fsencode(n) for n in os.listxattr(target)}
     except OSError as e:
@@ -371,7 +377,8 @@ def still_given(target: int | str, given: Given) -> bool:
             return True
         raise
     policy = given.policy
-    if {n for n in names if policy.manages(n) and n not in given.loose} != given.values.keys():
+    if {n for n in names if policy.manages(n) and n not in given.loose
+            and not n.startswith(SECURITY)} != given.values.keys():
         return False
     for name, value in given.values.items():
         try:

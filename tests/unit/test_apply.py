@@ -14,6 +14,7 @@ import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import xxhash
@@ -1409,6 +1410,29 @@ def test_an_acl_the_kernel_keeps_otherwise_than_it_was_set_is_no_local_change(
                     xattrs=((b"system.posix_acl_access", acl), (b"user.a", b"1")))
     record = host.applier.write_file(host.mset, entry, b"x")
     assert record.sig == lstat_sig(host.path(b"data/f"))
+
+
+def test_a_security_attribute_the_kernel_keeps_otherwise_is_no_local_change(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel may keep a ``security.*`` value in another form than it was given (an
+    SELinux label, a file capability); only privileged processes change them, so they
+    are not read back, or every such file would be taken for a local change."""
+    h = Host(tmp_path, "-osecurityxattrs")
+    setxattr = os.setxattr
+
+    def as_the_kernel_keeps_it(target: Any, name: Any, value: bytes, *args: Any) -> None:
+        if os.fsencode(name).startswith(b"security."):
+            value = value + b"\0"
+        setxattr(target, name, value, *args)
+    monkeypatch.setattr(os, "setxattr", as_the_kernel_keeps_it)
+    try:
+        entry = replace(file_entry(b"data/f", b"x"), xattrs=((b"security.omirror_test", b"v"),
+                                                              (b"user.a", b"1")))
+        record = h.applier.write_file(h.mset, entry, b"x")
+        assert os.getxattr(h.path(b"data/f"), b"security.omirror_test") == b"v\0"
+        assert record.sig == lstat_sig(h.path(b"data/f"))
+    finally:
+        h.store.close()
 
 
 def test_a_set_with_noxattrs_leaves_the_attributes_here_alone(tmp_path: Path) -> None:
