@@ -28,7 +28,6 @@ seed passed.
 from __future__ import annotations
 
 import argparse
-import compileall
 import concurrent.futures
 import os
 import shutil
@@ -42,6 +41,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent / "tests" / "fault"), str(HERE.parent / "tests" / "integration")]
 
+from _common import compile_bytecode  # noqa: E402
 from chaos import Outcome, run_seed  # noqa: E402
 
 
@@ -115,9 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--io-load", action="store_true",
                     help="with --load: also a writer that fsyncs 1 MiB at a time")
     args = ap.parse_args(argv)
-    # as an installed omirrord has it: each daemon started would compile the package
-    # again where PYTHONDONTWRITEBYTECODE keeps it from being written (bench/_common.py)
-    compileall.compile_dir(Path(__file__).resolve().parent.parent / "omirror", quiet=1)
+    compile_bytecode()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="omirror-chaos-"))
     work.mkdir(parents=True, exist_ok=True)
     seeds = range(args.first, args.first + args.seeds)

@@ -97,7 +97,6 @@ def through(held: int) -> str:
     return f"/proc/self/fd/{held}"
 
 
-
 def open_root(where: bytes) -> int:
     """Open a set's root directory by its absolute local path.
 

@@ -117,7 +117,7 @@ class Context:
         """Concurrent edits met since the start, whichever side won."""
         return self.resolver.conflicts
 
-    def notify(self, _seq: int = 0) -> None:
+    def notify(self) -> None:
         """Tell the pushers the log grew. Called in the loop (the store's listener
         hands it over)."""
         for pusher in list(self.pushers):

@@ -95,22 +95,23 @@ MAX_FAILING = 10_000
 
 #: What ends a batch and settles a seq once what came before it is applied.
 _Settles = Passed | CaughtUp
+_Queued = EntryMsg | _Settles
 
 
-class _Entries(asyncio.Queue["EntryMsg | Passed | CaughtUp"]):
+class _Entries(asyncio.Queue[_Queued]):
     """The entries a receiver has read and not yet applied."""
 
     # a queue's own storage, as asyncio's other queues make theirs
     def _init(self, maxsize: int) -> None:
-        self._queue: collections.deque[EntryMsg | Passed | CaughtUp] = collections.deque()
+        self._queue: collections.deque[_Queued] = collections.deque()
 
-    def _put(self, item: EntryMsg | Passed | CaughtUp) -> None:
+    def _put(self, item: _Queued) -> None:
         self._queue.append(item)
 
-    def _get(self) -> EntryMsg | Passed | CaughtUp:
+    def _get(self) -> _Queued:
         return self._queue.popleft()
 
-    def peek(self, count: int) -> list[EntryMsg | Passed | CaughtUp]:
+    def peek(self, count: int) -> list[_Queued]:
         """The first ``count`` queued, left in the queue: what the stager writes ahead."""
         return list(itertools.islice(self._queue, count))
 

@@ -188,9 +188,9 @@ class Given:
 
     They are read back once the file's stat is taken (:func:`still_given`): a change a
     user makes between the last set and that stat is in the stat, and recorded with it
-    it would look like this host's own and never be sent. Names set here is not the
-    version's (refused by this file system or this process, an ACL the kernel folds
-    into the mode) are not checked."""
+    it would look like this host's own and never be sent. Names whose state here is
+    not the version's (refused by this file system or this process, an ACL the kernel
+    folds into the mode) are not checked."""
 
     policy: Policy
     values: dict[bytes, bytes]
@@ -293,11 +293,11 @@ def acl_to_text(raw: bytes) -> bytes:
     """The kernel's binary ACL as the text that travels: one entry per line, named
     entries with name and number (``group:staff=50:rw-``). A value that is not an ACL
     travels as it is, and :func:`check` on the receiver refuses it."""
-    if len(raw) < _HEADER.size or (len(raw) - _HEADER.size) % _ACL_ENTRY.size \
-            or _HEADER.unpack_from(raw)[0] != _ACL_VERSION:
+    entries = _entries(raw)
+    if entries is None:
         return raw
     lines = []
-    for tag, perm, ident in _ACL_ENTRY.iter_unpack(raw[_HEADER.size:]):
+    for tag, perm, ident in entries:
         if tag not in _TAG_TEXT:
             return raw
         who = b""
@@ -392,19 +392,22 @@ def still_given(target: int | str, given: Given) -> bool:
     return True
 
 
-def _entries(raw: bytes) -> list[tuple[int, int, int]]:
-    """``(tag, perm, id)`` of a binary ACL; none for a value that is not one."""
-    if len(raw) < _HEADER.size or (len(raw) - _HEADER.size) % _ACL_ENTRY.size:
-        return []
+def _entries(raw: bytes) -> list[tuple[int, int, int]] | None:
+    """``(tag, perm, id)`` of a binary ACL; None for a value that is not one."""
+    if len(raw) < _HEADER.size or (len(raw) - _HEADER.size) % _ACL_ENTRY.size \
+            or _HEADER.unpack_from(raw)[0] != _ACL_VERSION:
+        return None
     return list(_ACL_ENTRY.iter_unpack(raw[_HEADER.size:]))
 
 
-def _unmasked(raw: bytes) -> list[tuple[int, int, int]]:
-    return [entry for entry in _entries(raw) if entry[0] != _MASK]
+def _unmasked(raw: bytes) -> list[tuple[int, int, int]] | bytes:
+    """An ACL without its mask; a value that is not an ACL as it is."""
+    entries = _entries(raw)
+    return raw if entries is None else [entry for entry in entries if entry[0] != _MASK]
 
 
 def _minimal(raw: bytes) -> bool:
     """An access ACL of the owner, group and other entries alone: the mode says it all."""
-    entries = _entries(raw)
+    entries = _entries(raw) or []
     return len(entries) == 3 and {tag for tag, _, _ in entries} == {_USER_OBJ, _GROUP_OBJ,
                                                                    _OTHER}

@@ -420,8 +420,8 @@ def _counting_pages(store: Store, monkeypatch: pytest.MonkeyPatch) -> dict[str, 
     return pages
 
 
-async def _until_true(cond: Callable[[], bool], what: str) -> None:
-    for _ in range(500):
+async def _until_true(cond: Callable[[], bool], what: str, within_s: float = 5.0) -> None:
+    for _ in range(int(within_s * 100)):
         if cond():
             return
         await asyncio.sleep(0.01)
@@ -477,14 +477,15 @@ def test_a_version_logged_as_the_pusher_finds_its_log_ended_is_sent_at_once(
             return found
         monkeypatch.setattr(store, "page", and_meanwhile)
         streaming = asyncio.ensure_future(pusher._stream(0))
-        for _ in range(200):  # 2 s: well within the 5 s of an idle pusher's sleep
-            if any(isinstance(m, EntryMsg) for m in frames.sent):
-                break
-            await asyncio.sleep(0.01)
-        streaming.cancel()
+        try:  # 2 s: well within the 5 s of an idle pusher's sleep
+            await _until_true(lambda: any(isinstance(m, EntryMsg) for m in frames.sent),
+                              "the version is sent, not slept through", within_s=2.0)
+        finally:
+            streaming.cancel()
         return frames.sent
 
-    assert any(isinstance(m, EntryMsg) for m in asyncio.run(run()))
+    assert [m.entry.path for m in asyncio.run(run()) if isinstance(m, EntryMsg)] == \
+        [b"data/late"]
     store.close()
 
 
