@@ -61,9 +61,12 @@ class PathRefused(OmirrorError):
     it could never succeed, so unlike :class:`ApplyError` it is not retried.
     """
 
-    def __init__(self, path: object, reason: str) -> None:
+    def __init__(self, path: object, reason: str, *, beyond: bytes | None = None) -> None:
         self.path = path
         self.reason = reason
+        #: The path of the component that is a symlink or a file here, where that is
+        #: why: a later version can make it a directory, and the path can be applied then.
+        self.beyond = beyond
         super().__init__(f"refused path {_show_refused(path)}: {reason}")
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from omirror import diskspace, fsio, staging
 from omirror.clock import now_ns
+from omirror.entry import Kind
 from omirror.errors import ApplyError, PathRefused
 from omirror.link import (
     WINDOW_BYTES,
@@ -91,6 +92,9 @@ MARK_GATHER_S = 0.1
 #: from that peer until some apply (a disk full under a flood of files): what a peer
 #: can make this host hold stays bounded, and nothing is dropped.
 MAX_FAILING = 10_000
+#: Paths one link keeps until a component of theirs that is a symlink or a file here
+#: becomes a directory. Beyond it such a path is skipped, as a refused one is.
+MAX_WAITING = 1_000
 
 
 #: What ends a batch and settles a seq once what came before it is applied.
@@ -124,6 +128,15 @@ async def _staged(staging: asyncio.Future[Prepared]) -> Prepared | None:
     except Exception as e:  # an OSError, or a bug: logged, and nothing is lost
         log.warning("writing files ahead failed: %s: %s", type(e).__name__, e)
         return None
+
+
+@dataclass(frozen=True)
+class _Waiting:
+    """An entry refused because ``beyond`` is a symlink or a file here, kept (without
+    its content) until a version makes ``beyond`` a directory."""
+
+    msg: EntryMsg
+    beyond: bytes
 
 
 @dataclass
@@ -175,6 +188,8 @@ class Receiver(Side):
         #: Paths whose content the peer could not send (NODATA), until a later version
         self._unheld: set[bytes] = set()
         self._trusting: dict[str, int] = {}
+        #: Entries refused for a component that is no directory here, by path
+        self.waiting: dict[bytes, _Waiting] = {}
 
     async def run(self) -> None:
         """The handshake, then reading, applying and retrying at once, until the peer
@@ -302,9 +317,10 @@ class Receiver(Side):
         samples = self._sampled[1]
         self._sampled = None
         self._answered.set()
-        if self.retry or self._unheld:
-            # a version of this peer's that failed here, or that it could not send (it
-            # changed, and the newer one is not logged yet), is not held here
+        if self.retry or self._unheld or self.waiting:
+            # a version of this peer's that failed here, that waits for its directory,
+            # or that it could not send (it changed, and the newer one is not logged
+            # yet), is not held here
             return
         await self.ctx.tree(self.ctx.store.advance_trust, self.peer, samples)
         self._answered_at.update(samples)
@@ -439,6 +455,8 @@ class Receiver(Side):
         """What follows an entry's application in the loop: its fetch, its failure or
         refusal, the end of its earlier failures."""
         self._unheld.discard(msg.entry.path)  # a later version of it came
+        waited = self.waiting.pop(msg.entry.path, None)
+        again = waited is not None and waited.msg is msg  # applied again, refused again
         if isinstance(outcome, Need):
             try:
                 await self._fetch(outcome, msg)
@@ -454,8 +472,17 @@ class Receiver(Side):
         elif isinstance(outcome, PathRefused):
             # found while applying: a symlink or a file where the path needs a directory,
             # a set root. Skipped like a path check_path refuses: retrying cannot help,
-            # and closing the link would refuse it again on every reconnect
-            log.warning("peer=%s sent a path that is refused here: %s", self.peer, outcome)
+            # and closing the link would refuse it again on every reconnect. But where
+            # the peer's own next version makes that component a directory (its log
+            # holds the path's latest version, not the order of the changes), the path
+            # waits for it
+            if self._wait_for_directory(msg, outcome):
+                log.log(logging.DEBUG if again else logging.WARNING,
+                        "peer=%s %s; it waits until that is a directory here", self.peer,
+                        outcome)
+            else:
+                log.warning("peer=%s sent a path that is refused here: %s", self.peer,
+                            outcome)
             if self.retry.pop(msg.entry.path, None) is not None:
                 self.ctx.failing.pop(msg.entry.path, None)
                 self._retry_shrank.set()
@@ -475,9 +502,10 @@ class Receiver(Side):
         if self.done_seq == self.saved_seq:
             return
         durable = self.done_seq
-        if self.retry:
-            durable = min(durable, min((f.msg.seq for f in self.retry.values() if f.msg.seq),
-                                       default=durable + 1) - 1)
+        held = [f.msg.seq for f in self.retry.values() if f.msg.seq]
+        held.extend(w.msg.seq for w in self.waiting.values() if w.msg.seq)
+        if held:
+            durable = min(durable, min(held) - 1)
         # while what was left out comes again, the cursor stays where it was: what lies
         # below it but theirs is held here (and their records ask for it again)
         cursor = Cursor(self.epoch, max(durable, self._held))
@@ -506,14 +534,44 @@ class Receiver(Side):
         self.ctx.failing[msg.entry.path] = error
         log.warning("peer=%s %s; retrying in %.0f s", self.peer, error, delay)
 
+    def _wait_for_directory(self, msg: EntryMsg, refused: PathRefused) -> bool:
+        """Keep an entry refused for a component that is no directory here, until a
+        version makes it one; False for a refusal no later version can lift, a deletion
+        (nothing of the tree lies beyond that component to delete), or too many kept.
+
+        The persisted cursor stays below it, as below a failed entry, so that a link
+        that drops meanwhile has it sent again."""
+        if refused.beyond is None or msg.entry.kind is Kind.TOMBSTONE \
+                or len(self.waiting) >= MAX_WAITING:
+            return False
+        self.waiting[msg.entry.path] = _Waiting(replace(msg, data=None), refused.beyond)
+        return True
+
+    def _now_directories(self, waiting: list[_Waiting]) -> list[_Waiting]:
+        """In the tree worker: those whose component is recorded as a directory now."""
+        store = self.ctx.store
+        found = []
+        for w in waiting:
+            record = store.get(w.beyond)
+            if record is not None and record.entry.kind is Kind.DIR:
+                found.append(w)
+        return found
+
     async def _retry_failing(self) -> None:
-        """Apply each failed entry again when its time comes (doubling, up to a minute)."""
+        """Apply each failed entry again when its time comes (doubling, up to a minute),
+        and each waiting one once its component is a directory here."""
         while True:
             await asyncio.sleep(0.5)  # a timer: retries are due on their own schedule
             now = time.monotonic()
             for path, failing in list(self.retry.items()):
                 if failing.due <= now and self.retry.get(path) is failing:
                     await self._apply(failing.msg)
+            if self.waiting:
+                ready: list[_Waiting] = await self.ctx.tree(self._now_directories,
+                                                            list(self.waiting.values()))
+                for waiting in ready:
+                    if self.waiting.get(waiting.msg.entry.path) is waiting:
+                        await self._apply(waiting.msg)
 
     async def _fetch(self, need: Need, msg: EntryMsg) -> None:
         """Ask for the content of a version and build it in a temp file, then install it

@@ -229,8 +229,10 @@ class SetDirs:
                 return held, parts[-1]
         fd = self.open_root(top, path)
         try:
+            at = top
             for part in parts[:-1]:
-                child = self._step(fd, part, path, create, action)
+                at = at + b"/" + part if at else part
+                child = self._step(fd, part, at, path, create, action)
                 os.close(fd)
                 fd = child
                 if fd < 0:
@@ -262,8 +264,10 @@ class SetDirs:
         return opened
 
     @staticmethod
-    def _step(parent: int, part: bytes, path: bytes, create: bool, action: str) -> int:
-        """Open one directory below ``parent``; -1 when it is missing and not made."""
+    def _step(parent: int, part: bytes, at: bytes, path: bytes, create: bool,
+              action: str) -> int:
+        """Open one directory below ``parent`` (``at``, on the way to ``path``); -1 when
+        it is missing and not made."""
         with os_errors(path, action):
             try:
                 return fsio.step(parent, part, path, create=create, on_create=lambda made:
@@ -271,5 +275,5 @@ class SetDirs:
                                            show_name(made)))
             except fsio.NotInTree as e:
                 raise PathRefused(path, f"component '{show_name(part)}' {e.why}"
-                                        + (": writes never go through one" if e.link else "")
-                                  ) from e
+                                        + (": writes never go through one" if e.link else ""),
+                                  beyond=at) from e

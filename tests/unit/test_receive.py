@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
+import xxhash
 from linkfakes import Frames
 
-from omirror import receive
+from omirror import config, receive
+from omirror.apply import Applier
 from omirror.entry import Entry, Kind, Stamp
 from omirror.link import Context, LinkStats
 from omirror.receive import Receiver
-from omirror.store import Store
-from omirror.wire import ASK_AGAIN, AskedAgain, Bye, Direct, EntryMsg, Mark
+from omirror.scanner import MARKER, Scanner
+from omirror.store import Cursor, Store
+from omirror.wire import ASK_AGAIN, AskedAgain, Bye, Data, Direct, EntryMsg, Mark, Want
 
 
 def test_a_link_with_too_many_failing_paths_takes_no_more_entries(
@@ -188,6 +192,68 @@ def test_a_mark_answered_lets_the_other_links_start_from_where_they_had_got(
         assert store.trusts("beta") == {"gamma": 70}
         await from_gamma._caught_up(7)  # never asked: ignored
         asking.cancel()
+
+    asyncio.run(run())
+    store.close()
+
+
+def test_a_path_refused_beyond_a_symlink_here_is_applied_once_that_is_a_directory(
+        tmp_path: Path) -> None:
+    """A peer's log holds each path's latest version, not the order of its changes: its
+    ``d/f`` can come while ``d`` is still a symlink here, and its version making ``d`` a
+    directory after. ``d/f`` is refused then (nothing goes through a symlink), and must
+    not be dropped: it waits, and is applied once ``d`` is a directory here, with the
+    persisted cursor below it meanwhile. Nothing reaches the symlink's target."""
+    root = tmp_path / "root"
+    (root / "data").mkdir(parents=True)
+    (root / "data" / os.fsdecode(MARKER)).write_bytes(b"marker\n")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "data" / "d").symlink_to(outside)
+    mset = config.parse("( /data ) -> ( alpha beta ) install ;\n", "test.conf").sets[0]
+    store = Store.open(tmp_path / "state")
+    scanner = Scanner(store, "alpha")
+    applier = Applier(os.fsencode(root), store, "alpha")
+    scanner.expected_absent = applier.expected_absent
+    scanner.scan_set(mset, os.fsencode(root))
+
+    async def tree(fn, *args):  # type: ignore[no-untyped-def]
+        return fn(*args)
+    ctx = Context("alpha", store, applier, scanner, os.fsencode(root), lambda peer: [mset],
+                  tree)
+    content = b"f, made in d while d is a directory on beta\n"
+    t = 3 * 10**18
+    f = Entry(b"data/d/f", Kind.FILE, Stamp(t, "beta"), vector=(("beta", t),), mode=0o644,
+              owner="root", group="root", mtime_ns=10**18, size=len(content),
+              digest=xxhash.xxh3_128(content).digest())
+    d = Entry(b"data/d", Kind.DIR, Stamp(t + 1, "beta"), vector=(("beta", t + 1),),
+              mode=0o755, owner="root", group="root", mtime_ns=10**18)
+
+    async def run() -> None:
+        frames = Frames()
+        receiver = Receiver(ctx, "beta", None, frames, LinkStats())
+        receiver.epoch = "e1"
+        await receiver._apply(EntryMsg(5, f, content))
+        assert not (outside / "f").exists()
+        assert not (root / "data" / "d" / "f").exists()
+        receiver.done_seq = 6
+        await receiver._apply(EntryMsg(6, d, None))
+        assert (root / "data" / "d").is_dir() and not (root / "data" / "d").is_symlink()
+        await receiver._save_cursor()
+        assert store.cursor("beta") == Cursor("e1", 4)  # below what waits
+        retrying = asyncio.ensure_future(receiver._retry_failing())
+        await _until(frames.sent, 2)  # the ACK, then the WANT of f's content
+        want = frames.sent[-1]
+        assert isinstance(want, Want) and want.path == b"data/d/f"
+        await receiver.content.put(Data(want.want_id, content, True))
+        for _ in range(500):
+            if (root / "data" / "d" / "f").exists():
+                break
+            await asyncio.sleep(0.01)
+        retrying.cancel()
+        assert (root / "data" / "d" / "f").read_bytes() == content
+        assert not receiver.waiting
+        assert os.listdir(outside) == []
 
     asyncio.run(run())
     store.close()
