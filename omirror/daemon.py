@@ -25,7 +25,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncssh
 
@@ -38,7 +38,6 @@ from omirror.errors import OmirrorError
 from omirror.hostsets import HostSets
 from omirror.indexer import Indexer
 from omirror.link import Context
-from omirror.metrics import MetricsFile
 from omirror.peering import Peering
 from omirror.progress import Progress
 from omirror.scanner import Scanner
@@ -47,6 +46,9 @@ from omirror.status import STATUS_EVERY_S, SeqTimes, failing_status, plural, wri
 from omirror.store import TOMBSTONE_RETENTION_NS, Store
 from omirror.treeworker import TreeWorker
 from omirror.versions import DEFAULT_KEEP_DAYS, PRUNE_EVERY_S
+
+if TYPE_CHECKING:
+    from omirror.metrics import MetricsFile
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +152,11 @@ class Daemon:
         #: ``--bwlimit``: KiB/s each link may write; 0, no limit (omirror/bwlimit.py)
         self.bwlimit_kib = bwlimit_kib
         #: ``--metrics-file``: rewritten with status.json (omirror/metrics.py); None: off.
-        self.metrics = None if metrics_file is None else MetricsFile(metrics_file)
-        if self.metrics is not None:
+        self.metrics: MetricsFile | None = None
+        if metrics_file is not None:
+            # only here: prometheus_client costs some 40 ms at every start otherwise
+            from omirror.metrics import MetricsFile
+            self.metrics = MetricsFile(metrics_file)
             self.metrics.check()
         config, me = self._read_config()
         self.sets = HostSets(config, me)

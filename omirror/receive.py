@@ -549,13 +549,11 @@ class Receiver(Side):
 
     def _now_directories(self, waiting: list[_Waiting]) -> list[_Waiting]:
         """In the tree worker: those whose component is recorded as a directory now."""
-        store = self.ctx.store
-        found = []
-        for w in waiting:
-            record = store.get(w.beyond)
-            if record is not None and record.entry.kind is Kind.DIR:
-                found.append(w)
-        return found
+        dirs = {}
+        for beyond in {w.beyond for w in waiting}:  # a peer's many paths below one
+            record = self.ctx.store.get(beyond)
+            dirs[beyond] = record is not None and record.entry.kind is Kind.DIR
+        return [w for w in waiting if dirs[w.beyond]]
 
     async def _retry_failing(self) -> None:
         """Apply each failed entry again when its time comes (doubling, up to a minute),

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -290,3 +292,13 @@ def test_a_failing_write_is_logged_once_and_its_end_too(
     assert [r.levelname for r in caplog.records] == ["WARNING", "INFO"]
     assert "is written again" in caplog.records[1].getMessage()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["omirror.prom"]
+
+
+def test_a_daemon_without_a_metrics_file_never_imports_prometheus_client() -> None:
+    """prometheus_client costs some 40 ms of every start (a restart with nothing changed
+    is measured in bench/compare.py, scenario 5): only --metrics-file loads it."""
+    code = ("import sys, omirror.cli, omirror.daemon; "
+            "print(sorted(m for m in sys.modules if m.startswith('prometheus_client')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert out.strip() == "[]"
