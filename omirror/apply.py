@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 
-from omirror import diskspace, fsio, xattrs
+from omirror import diskspace, fsio, tempnames, xattrs
 from omirror.clock import now_ns
 from omirror.config import MirrorSet, set_for
 from omirror.entry import Entry, Kind, Stamp, conflict_name, first_version, kind_of, next_stamp
@@ -43,7 +43,6 @@ from omirror.staging import (
     TempFile,
     check_temp,
     temp_at,
-    temp_name,
 )
 from omirror.store import Record, StatSig, Store, matches
 from omirror.units import human_bytes
@@ -579,7 +578,7 @@ class Applier:
         are set, so a directory meant to be private is never open to others), then
         rename it into place: under its name it never has any other mode or owner, and
         a crash in between leaves only a temp directory that the next start removes."""
-        temp = temp_name()
+        temp = tempnames.issue()
         os.mkdir(temp, 0o700, dir_fd=parent)
         try:
             fd = os.open(temp, fsio.DIR_FLAGS, dir_fd=parent)
@@ -1114,7 +1113,8 @@ def _kept(keep: Keep, dir_fd: int, name: bytes, old: os.stat_result) -> Iterator
 
 def _take_away_checked(parent: int, name: bytes, path: bytes,
                        old: os.stat_result) -> os.stat_result | None:
-    temp = temp_name()
+    # renamed back only when a local change came meanwhile, which is rescanned anyway
+    temp = tempnames.issue(remember=False)
     os.rename(name, temp, src_dir_fd=parent, dst_dir_fd=parent)
     gone = fsio.lstat_at(parent, temp)
     if gone is None or fsio.same_version(gone, old):

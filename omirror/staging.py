@@ -14,18 +14,17 @@ import contextlib
 import errno
 import logging
 import os
-import secrets
 import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
 
-from omirror import diskspace, fsio
+from omirror import diskspace, fsio, tempnames
 from omirror.config import MirrorSet
 from omirror.diskspace import Reserve
 from omirror.entry import Entry, Kind
 from omirror.errors import ApplyError
-from omirror.paths import PARTIAL_PREFIX, TEMP_PREFIX, show, split
+from omirror.paths import PARTIAL_PREFIX, show, split
 from omirror.setdirs import SetDirs
 from omirror.store import Record, StatSig
 
@@ -45,10 +44,6 @@ WRITEBACK_EVERY = 8 << 20
 SYNCFS_MIN = 2
 
 
-def temp_name() -> bytes:
-    return TEMP_PREFIX + secrets.token_hex(8).encode()
-
-
 #: Less than this of a transfer is not worth keeping.
 PARTIAL_MIN = 1 << 20
 
@@ -64,7 +59,7 @@ def partial_name(name: bytes, digest: bytes) -> bytes:
 def temp_at(parent: int) -> Iterator[bytes]:
     """A fresh temp name in a directory; whatever the block made under it is removed if
     the block fails, so no ``.omirror-tmp-*`` outlives an error."""
-    temp = temp_name()
+    temp = tempnames.issue()
     try:
         yield temp
     except BaseException:
@@ -123,7 +118,7 @@ class TempFile:
         of data (see :data:`RoomCheck`)."""
         self.entry = entry
         self.path = entry.path
-        self.name = temp_name()
+        self.name = tempnames.issue()
         #: Where the content built so far ends (data and holes), the next write's offset.
         self.size = 0
         #: Bytes of data (not holes) written, and whether any hole came.
@@ -312,6 +307,7 @@ class TempFile:
             except OSError as e:
                 log.warning("path=%s cannot remove temp file %s: %s", show(self.path),
                             os.fsdecode(self.name), e.strerror)
+            tempnames.forget(self.name)
         self._created = False
         self._close_dir()
 

@@ -60,6 +60,7 @@ with warnings.catch_warnings():
         IN_UNMOUNT,
     )
 
+from omirror import tempnames
 from omirror.paths import is_own_name, is_under, show_name
 
 log = logging.getLogger(__name__)
@@ -539,7 +540,7 @@ class Watcher:
         if held is None:
             if not own:  # moved in from outside the watched trees
                 out.append(PathEvent(EventKind.CREATED, path, is_dir))
-        elif held.own:
+        elif held.own and (is_dir or tempnames.taken(held.path.rpartition(b"/")[2])):
             # A daemon temp file renamed into place: a peer's version (or a conflict
             # copy) this daemon has just recorded, with the stat it left. Examining it
             # again would only find it unchanged, at a cost per received file; a change
@@ -547,6 +548,9 @@ class Watcher:
             # a temp name still needs its watch, and what went into it before the watch.
             if is_dir:
                 out.append(PathEvent(EventKind.CREATED, path, True))
+        elif held.own:
+            # a name of that form the daemon did not give out: a local user's file
+            out.append(PathEvent(EventKind.CREATED, path, is_dir))
         elif own:
             out.append(self._moved_out(held))  # renamed to a daemon name: gone for us
         else:

@@ -612,3 +612,20 @@ def test_a_peers_log_holding_only_our_versions_is_resumed_not_resent_after_a_res
         f"{c[1].name} resent its whole log to {c[0].name} after a restart"
     write(c[0].data / "after", b"after\n")
     c.wait_converged(CONVERGE_S)
+
+
+def test_a_users_file_of_a_daemon_name_renamed_into_place_reaches_the_peers(
+        make_cluster: MakeCluster) -> None:
+    """A user who writes ``.omirror-tmp-<hex>`` (the form of the daemon's temp files) and
+    renames it over a file of the tree has changed that file like any other write: the
+    change goes out at once, not at the next periodic rescan, an hour later."""
+    c = make_cluster(2)
+    c.start()
+    a = c[0].data
+    write(a / "index.html", b"the old page\n")
+    c.wait_converged(CONVERGE_S)
+    write(a / ".omirror-tmp-0123456789abcdef", b"the new page, put in place by a user\n")
+    os.rename(a / ".omirror-tmp-0123456789abcdef", a / "index.html")
+    c.wait_converged(CONVERGE_S)
+    assert_everywhere(c, "index.html", content=b"the new page, put in place by a user\n")
+    assert_clean(c)

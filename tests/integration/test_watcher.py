@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from omirror import tempnames
 from omirror.watcher import (
     IN_CREATE,
     IN_ISDIR,
@@ -318,8 +319,9 @@ async def test_daemon_names_are_ignored_and_so_are_its_installs(
     """A temp file renamed into place is the daemon's own install, recorded as it was
     made: no event. A change made to it afterwards is reported as any other."""
     os.mkdir(tree + b"/.omirror-tmp-dir")
-    write(tree + b"/.omirror-tmp.1", b"content")
-    os.rename(tree + b"/.omirror-tmp.1", tree + b"/real")
+    temp = tree + b"/" + tempnames.issue()
+    write(temp, b"content")
+    os.rename(temp, tree + b"/real")
     with open(tree + b"/real", "ab") as f:
         f.write(b" changed by a user")
     event = await recorder.wait_event(CHANGED, tree + b"/real", closed=True)
@@ -333,6 +335,27 @@ async def test_daemon_names_are_ignored_and_so_are_its_installs(
     assert not any(b"/.omirror" in p for p in recorder.paths())
     assert watcher.watch_tree(tree + b"/.omirror-tmp-dir") == []
     assert tree + b"/.omirror-tmp-dir" not in watcher._path_wd
+
+
+async def test_a_users_file_of_a_daemon_name_renamed_into_place_is_reported(
+        watcher: Watcher, recorder: Recorder, tree: bytes) -> None:
+    """A local user may write ``.omirror-tmp-<hex>`` and rename it over a file of the
+    tree: a name the daemon did not give out is a change like any other, reported at
+    once (not left to the next scan). The daemon's own install beside it is not."""
+    write(tree + b"/index.html", b"old\n")
+    ours = tempnames.issue()
+    theirs = b".omirror-tmp-" + ours[-16:][::-1]  # the same form, never given out
+    await settle(recorder, watcher, tree)
+    recorder.events.clear()
+    write(tree + b"/" + ours, b"a peer's version\n")
+    os.rename(tree + b"/" + ours, tree + b"/installed")
+    write(tree + b"/" + theirs, b"a user's version\n")
+    os.rename(tree + b"/" + theirs, tree + b"/index.html")
+    event = await recorder.wait_event(CREATED, tree + b"/index.html")
+    assert not event.is_dir
+    await settle(recorder, watcher, tree)
+    assert tree + b"/installed" not in recorder.paths()
+    assert not tempnames.taken(ours), "the install's name is still remembered"
 
 
 async def test_the_versions_area_is_neither_watched_nor_reported(
