@@ -58,7 +58,10 @@ class PathRefused(OmirrorError):
     """A path from a peer fails the safety checks: the entry is dropped and logged.
 
     The link goes on: one hostile or mistaken path must not cut a peer off, and retrying
-    it could never succeed, so unlike :class:`ApplyError` it is not retried.
+    it could never succeed, so unlike :class:`ApplyError` it is not retried. The one
+    refusal a later version can lift (``beyond``: a component that is a symlink or a
+    file here, which the peer's next version may make a directory) waits for it
+    (omirror/receive.py).
     """
 
     def __init__(self, path: object, reason: str, *, beyond: bytes | None = None) -> None:
